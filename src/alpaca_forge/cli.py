@@ -1,0 +1,310 @@
+"""The `alpaca-forge` command. Each subcommand lives in its own module; this file only wires flags.
+
+Errors the user can fix (`UserError`) are printed as a message and a fix with exit status 2;
+Ctrl-C exits with 130. Neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import UserError
+from .models import BUILTIN_MODELS, DEFAULT_MODEL, DTYPES
+from .prompts import FORMATS
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults after each flag and keeps the examples' line breaks."""
+
+
+def _command(
+    sub: argparse._SubParsersAction, name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description, formatter_class=_HelpFormatter)
+
+
+def add_model_args(p: argparse.ArgumentParser, *, need_weights: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a built-in model ({', '.join(BUILTIN_MODELS)}), a local model folder, a .gguf file, "
+        "or a Hugging Face id already in the local cache",
+    )
+    g.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default=None,
+        help="prompt format; default: the one saved with the model, else the model's chat template, else alpaca",
+    )
+    g.add_argument(
+        "--system", default=None, help="system message for the chat format (default: the template's own)"
+    )
+    if need_weights:
+        g.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            default="auto",
+            help="weights dtype; auto = bf16 on a GPU that has it, else fp32",
+        )
+        g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def add_generation_args(p: argparse.ArgumentParser, *, temperature: float) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help="0 = greedy (deterministic); higher = more varied",
+    )
+    g.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling threshold (ignored when greedy)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed, so sampled answers repeat")
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.1,
+        help="above 1 discourages repeating earlier tokens (small models loop without it); 1 = off",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop the answer at TEXT (repeatable); added to the prompt format's own stop strings",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alpaca-forge",
+        description="Make instruction-following models the Stanford Alpaca way, offline-first.",
+        epilog="Run `alpaca-forge COMMAND --help` for each command's flags and an example.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"alpaca-forge {__version__}")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only results and errors (no progress or load messages)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _command(
+        sub,
+        "prompt",
+        "print the exact prompt a model sees for an instruction",
+        "Print the exact prompt string for one instruction (and optional input) to stdout, and nothing\n"
+        "else, so you can check what the model sees.\n\n"
+        "example:\n  alpaca-forge prompt --format alpaca --instruction 'Summarise this.' --input 'Some text.'",
+    )
+    p.add_argument("--instruction", required=True, help="the task, as in a record's 'instruction'")
+    p.add_argument("--input", default="", help="optional context, as in a record's 'input'")
+    add_model_args(p, need_weights=False)
+    p.set_defaults(run=_run_prompt)
+
+    p = _command(
+        sub,
+        "chat",
+        "talk to a model in the terminal, answers streamed",
+        "Chat with a model, answers streamed token by token. Multi-turn with the chat and\n"
+        "user-assistant formats; the alpaca format answers each question on its own.\n"
+        "In the chat: /reset forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer.\n"
+        "With stdin not a terminal, each input line is one question and only answers are printed.\n\n"
+        "example:\n  alpaca-forge chat --model smollm2-135m-instruct --temperature 0.7",
+    )
+    add_model_args(p)
+    add_generation_args(p, temperature=0.7)
+    p.add_argument(
+        "--no-stats", action="store_true", help="do not print tokens and tokens/s after each answer"
+    )
+    p.set_defaults(run=_run_chat)
+
+    p = _command(
+        sub,
+        "infer",
+        "answer every instruction of a file (JSONL out, resumable)",
+        "Answer every instruction in a file and write one JSON line per answer with the\n"
+        "instruction, input, output, model, prompt format and generation settings. Reads Alpaca\n"
+        "records (JSON array or JSONL), seed tasks and evaluation tasks ({instruction, instances}).\n"
+        "Running the same command again resumes: answers already in --output are skipped.\n\n"
+        "example:\n  alpaca-forge infer --input examples/demo_instructions.jsonl --output out/predictions.jsonl",
+    )
+    p.add_argument("--input", required=True, help="instructions: .json array or .jsonl (.gz too)")
+    p.add_argument("--output", required=True, help="predictions, JSONL; appended to and resumed from")
+    add_model_args(p)
+    add_generation_args(p, temperature=0.0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming from --output")
+    p.add_argument(
+        "--print",
+        dest="echo",
+        action="store_true",
+        help="also print each instruction and its answer to stdout",
+    )
+    p.set_defaults(run=_run_infer)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Command bodies (imports inside, so `--help` stays fast)
+
+
+def _format_from_args(args: argparse.Namespace):
+    from .prompts import get_format
+
+    return get_format(args.format, args.system) if args.format else None
+
+
+def _settings_from_args(args: argparse.Namespace):
+    from .generation import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+    )
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    log = logging.getLogger("alpaca_forge")
+    log.info("loading %s ...", args.model)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, prompt_format=_format_from_args(args))
+    if args.system and lm.prompt_format.system is None:
+        lm.prompt_format = type(lm.prompt_format)(system=args.system)
+    log.info(
+        "loaded %s in %.1f s (%.1fM params, %s, %s, %s format)",
+        lm.name,
+        lm.load_s,
+        lm.num_params / 1e6,
+        lm.device,
+        str(lm.model.dtype).removeprefix("torch."),
+        lm.prompt_format.name,
+    )
+    return lm
+
+
+def _run_prompt(args: argparse.Namespace) -> int:
+    from .models import default_format_for, load_tokenizer, saved_format_of
+
+    fmt = _format_from_args(args)
+    tokenizer = None
+    if fmt is None or fmt.name == "chat":
+        fmt = fmt or saved_format_of(args.model)
+        if fmt is None or fmt.name == "chat":
+            tokenizer = load_tokenizer(args.model)
+            fmt = fmt or default_format_for(tokenizer)
+        if args.system and fmt.system is None:
+            fmt = type(fmt)(system=args.system)
+    if not args.instruction.strip():
+        raise UserError(
+            "--instruction is empty", "give the task to perform, e.g. --instruction 'Name three colours.'"
+        )
+    text = fmt.prompt(args.instruction, args.input, tokenizer)
+    sys.stdout.buffer.write(text.encode("utf-8"))
+    if sys.stdout.isatty():
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    settings = _settings_from_args(args)
+    run_chat(_load(args), settings, show_stats=not args.no_stats)
+    return 0
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from .infer import run_infer
+
+    settings = _settings_from_args(args)
+    lm = _load(args)
+    s = run_infer(
+        lm,
+        args.input,
+        args.output,
+        settings,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        echo=args.echo,
+        progress=not args.quiet,
+    )
+    logging.getLogger("alpaca_forge").info(
+        "%d answers written to %s (%d were already there); %d tokens in %.1f s (%.1f tok/s)",
+        s.written,
+        args.output,
+        s.already_done,
+        s.tokens,
+        s.elapsed_s,
+        s.tokens_per_s,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _log_to_stderr(*, quiet: bool) -> None:
+    """Our own messages (loading, summaries) go to stderr; other libraries' logs stay off."""
+    log = logging.getLogger("alpaca_forge")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Offline-first: nothing is downloaded unless the user explicitly sets HF_HUB_OFFLINE=0.
+    # Set before transformers / huggingface_hub are imported, which read it once.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    _log_to_stderr(quiet=args.quiet)
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"alpaca-forge {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `alpaca-forge infer ... --print | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
