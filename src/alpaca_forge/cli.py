@@ -21,8 +21,19 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults after each flag and keeps the examples' line breaks."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; shows a flag's default where it has a real one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        meaningful = not (d is None or d is False or d is argparse.SUPPRESS or d == [] or d == "")
+        if meaningful and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return {int: "N", float: "X"}.get(action.type, action.dest.upper())
 
 
 def _command(
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print only results and errors (no progress or load messages)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="one of the commands below")
 
     p = _command(
         sub,
@@ -110,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         "else, so you can check what the model sees.\n\n"
         "example:\n  alpaca-forge prompt --format alpaca --instruction 'Summarise this.' --input 'Some text.'",
     )
-    p.add_argument("--instruction", required=True, help="the task, as in a record's 'instruction'")
-    p.add_argument("--input", default="", help="optional context, as in a record's 'input'")
+    p.add_argument(
+        "--instruction", required=True, metavar="TEXT", help="the task, as in a record's 'instruction'"
+    )
+    p.add_argument("--input", default="", metavar="TEXT", help="optional context, as in a record's 'input'")
     add_model_args(p, need_weights=False)
     p.set_defaults(run=_run_prompt)
 
@@ -142,8 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Running the same command again resumes: answers already in --output are skipped.\n\n"
         "example:\n  alpaca-forge infer --input examples/demo_instructions.jsonl --output out/predictions.jsonl",
     )
-    p.add_argument("--input", required=True, help="instructions: .json array or .jsonl (.gz too)")
-    p.add_argument("--output", required=True, help="predictions, JSONL; appended to and resumed from")
+    p.add_argument(
+        "--input", required=True, metavar="FILE", help="instructions: .json array or .jsonl (.gz too)"
+    )
+    p.add_argument(
+        "--output", required=True, metavar="FILE", help="predictions, JSONL; appended to and resumed from"
+    )
     add_model_args(p)
     add_generation_args(p, temperature=0.0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
@@ -236,12 +253,14 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 def _run_infer(args: argparse.Namespace) -> int:
     from .infer import run_infer
+    from .records import read_records
 
     settings = _settings_from_args(args)
+    records = read_records(args.input, require_output=False)  # bad input fails before the model loads
     lm = _load(args)
     s = run_infer(
         lm,
-        args.input,
+        records,
         args.output,
         settings,
         batch_size=args.batch_size,

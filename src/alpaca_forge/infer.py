@@ -20,7 +20,7 @@ from typing import Any
 from .errors import UserError
 from .generation import GenerationSettings, generate_batch
 from .models import LoadedModel
-from .records import Record, read_records
+from .records import Record
 
 
 @dataclass
@@ -94,7 +94,7 @@ def pending_records(records: list[Record], done: Counter) -> list[Record]:
 
 def run_infer(
     lm: LoadedModel,
-    input_path: str | os.PathLike,
+    records: list[Record],
     output_path: str | os.PathLike,
     settings: GenerationSettings,
     *,
@@ -108,7 +108,6 @@ def run_infer(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}", "use --batch-size 8 on a CPU")
-    records = read_records(input_path, require_output=False)
     if limit is not None:
         records = records[:limit]
     output = Path(output_path)

@@ -110,7 +110,7 @@ class ChatFormat(PromptFormat):
     def conversation(self, turns: list[Turn], tokenizer: Any = None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError(
-                "the 'chat' prompt format needs a model whose tokenizer has a chat template, and this one has none",
+                "the 'chat' prompt format needs a chat template, and this model's tokenizer has no chat template",
                 "use --format alpaca or --format user-assistant, or name a model that ships a chat template",
             )
         messages = [{"role": "system", "content": self.system}] if self.system else []

@@ -107,7 +107,7 @@ def _iter_jsonl(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            text = _decode_line(raw, where, problems)
+            text = _decode_line(raw, where, problems).rstrip("\r\n")
             if lineno == 1:
                 text = text.lstrip("\ufeff")
             if not text.strip():
@@ -118,7 +118,7 @@ def _iter_jsonl(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]
                 problems.append(
                     Problem(
                         where,
-                        f"not valid JSON ({e.msg} at column {e.colno})",
+                        f"not valid JSON ({e.msg}: column {e.colno})",
                         f"each line of a .jsonl file must be one JSON object, e.g. {_RECORD_EXAMPLE}",
                     )
                 )
@@ -187,7 +187,8 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
                 except json.JSONDecodeError as e:
                     if not eof and more():
                         continue  # the item goes on over the next line
-                    cut_off = e.pos >= len(buf.rstrip())
+                    # At the end of the file an unclosed item means the file was cut short.
+                    cut_off = e.pos >= len(buf.rstrip()) or e.msg.startswith("Unterminated string")
                     problems.append(
                         Problem(
                             f"{path}[{index}] (line {line_at(e.pos)})",

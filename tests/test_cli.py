@@ -1,0 +1,265 @@
+"""The real `alpaca-forge` CLI on the tiny model: infer (resume, kill -9), chat (Ctrl-C), --help."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from alpaca_forge import get_format, save_model
+from alpaca_forge.cli import build_parser
+from conftest import CLI, assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
+
+
+def _instructions(path, n):
+    rows = [
+        {
+            "instruction": f"Question number {i}: what is the capital of France?",
+            "input": "" if i % 3 else f"ctx {i}",
+        }
+        for i in range(n)
+    ]
+    rows.append(dict(rows[0]))  # the same question twice: both must be answered
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _keys(rows):
+    return Counter((r["instruction"], r["input"]) for r in rows)
+
+
+def test_infer_writes_predictions_and_resumes(tmp_path, tiny_model_dir):
+    rows = _instructions(tmp_path / "in.jsonl", 7)
+    out = tmp_path / "out" / "pred.jsonl"
+    args = [
+        "infer",
+        "--model",
+        str(tiny_model_dir),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(out),
+    ]
+    r = run_cli(*args, "--max-new-tokens", "12", "--limit", "3")
+    assert r.returncode == 0, r.stderr
+    first = _lines(out)
+    assert len(first) == 3
+    row = first[0]
+    assert row["model"] == str(tiny_model_dir) and row["prompt_format"] == "alpaca"
+    assert row["generation"]["max_new_tokens"] == 12 and row["generation"]["temperature"] == 0.0
+    assert set(row) >= {"instruction", "input", "output", "finish_reason", "num_tokens"}
+
+    r = run_cli(*args, "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert "5 answers written" in r.stderr and "(3 were already there)" in r.stderr
+    done = _lines(out)
+    assert done[:3] == first
+    assert _keys(done) == _keys(rows)
+
+    r = run_cli(*args, "--max-new-tokens", "12")
+    assert "0 answers written" in r.stderr and len(_lines(out)) == len(rows)
+
+
+def test_infer_survives_kill_9_and_resumes_to_the_same_result(tmp_path, tiny_model_dir):
+    rows = _instructions(tmp_path / "in.jsonl", 40)
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "48",
+    ]
+    out = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen([str(CLI), "infer", *common, "--output", str(out)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = out.read_bytes()
+    assert 5 <= before.count(b"\n") < len(rows), "killed mid-run"
+
+    r = run_cli("infer", *common, "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    resumed = _lines(out)
+    assert _keys(resumed) == _keys(rows), "nothing lost, nothing duplicated"
+    assert out.read_bytes().startswith(before[: before.rfind(b"\n") + 1])
+
+    straight = tmp_path / "straight.jsonl"
+    assert run_cli("infer", *common, "--output", str(straight)).returncode == 0
+    by_key = {(r["instruction"], r["input"]): r["output"] for r in _lines(straight)}
+    assert {(r["instruction"], r["input"]): r["output"] for r in resumed} == by_key
+
+
+def test_infer_drops_a_line_cut_by_a_kill(tmp_path, tiny_model_dir):
+    rows = _instructions(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "pred.jsonl"
+    args = [
+        "infer",
+        "--model",
+        str(tiny_model_dir),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "8",
+    ]
+    assert run_cli(*args, "--limit", "2").returncode == 0
+    with open(out, "ab") as f:
+        f.write(b'{"instruction": "Question number 2: wha')  # a write cut off by a kill
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert _keys(_lines(out)) == _keys(rows)
+
+
+def test_infer_refuses_to_mix_settings(tmp_path, tiny_model_dir):
+    _instructions(tmp_path / "in.jsonl", 2)
+    args = [
+        "infer",
+        "--model",
+        str(tiny_model_dir),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert run_cli(*args, "--max-new-tokens", "8").returncode == 0
+    assert_user_error(run_cli(*args, "--max-new-tokens", "9"), "different settings", "--overwrite")
+    r = run_cli(*args, "--max-new-tokens", "9", "--overwrite")
+    assert r.returncode == 0 and {
+        row["generation"]["max_new_tokens"] for row in _lines(tmp_path / "o.jsonl")
+    } == {9}
+
+
+def test_infer_reads_seed_and_evaluation_tasks(tmp_path, tiny_model_dir, shared_data):
+    for name, first_id in [
+        ("seed_tasks.jsonl", "seed_task_0"),
+        ("eval/user_oriented_instructions.jsonl", "user_oriented_task_0"),
+    ]:
+        out = tmp_path / f"{first_id}.jsonl"
+        r = run_cli(
+            "infer", "--model", str(tiny_model_dir), "--input", str(shared_data / name), "--output", str(out),
+            "--limit", "3", "--max-new-tokens", "4", "--print",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows = _lines(out)
+        assert next(row["id"] for row in rows) == first_id and len(rows) == 3
+        assert rows[0]["instruction"] in r.stdout, "--print shows each instruction"
+
+
+def test_infer_rejects_an_unwritable_output(tmp_path, tiny_model_dir):
+    _instructions(tmp_path / "in.jsonl", 1)
+    (tmp_path / "file").write_text("")
+    r = run_cli(
+        "infer",
+        "--model",
+        str(tiny_model_dir),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "file" / "o.jsonl"),
+    )
+    assert_user_error(r, "cannot be written")
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def test_chat_answers_each_piped_line(tiny_model_dir):
+    r = run_cli(
+        "chat",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "10",
+        input="Hello\n/reset\n\nWhat is 2+2?\n",
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2, r.stdout
+    assert "(conversation forgotten)" in r.stderr
+    assert r.stderr.count(" tok/s, ") == 2
+
+
+@pytest.fixture(scope="module")
+def endless_model_dir(tmp_path_factory):
+    """A tiny model that never emits EOS, so only Ctrl-C or the length limit ends an answer."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok)
+    model.generation_config.suppress_tokens = [tok.eos_token_id, tok.pad_token_id]
+    return save_model(model, tok, tmp_path_factory.mktemp("endless"), get_format("user-assistant"))
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(endless_model_dir):
+    proc = subprocess.Popen(
+        [
+            str(CLI),
+            "chat",
+            "--model",
+            str(endless_model_dir),
+            "--max-new-tokens",
+            "4000",
+            "--repetition-penalty",
+            "1",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out = bytearray()
+    reader = threading.Thread(
+        target=lambda: [out.extend(b) for b in iter(lambda: os.read(proc.stdout.fileno(), 4096), b"")]
+    )
+    reader.start()
+
+    def ask_and_interrupt(question: bytes) -> None:
+        seen = len(out)
+        proc.stdin.write(question)
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while len(out) <= seen + 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        while b"[stopped]" not in out[seen:] and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    ask_and_interrupt(b"Tell me a long story.\n")
+    ask_and_interrupt(b"And another one.\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    reader.join()
+    stderr = proc.stderr.read().decode()
+    assert out.count(b"[stopped]") == 2, (bytes(out[-300:]), stderr)
+    assert stderr.count("cancelled]") == 2, stderr
+    assert "Traceback" not in stderr
+
+
+# --- help ---------------------------------------------------------------------------------------
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse has no public accessor for these
+    assert set(commands) >= {"prompt", "chat", "infer"}
+    for name, sub in [("alpaca-forge", parser), *commands.items()]:
+        for action in sub._actions:
+            assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+
+
+@pytest.mark.parametrize("command", [[], ["prompt"], ["chat"], ["infer"]])
+def test_help_runs(command):
+    r = run_cli(*command, "--help")
+    assert r.returncode == 0 and "usage: alpaca-forge" in r.stdout
+    if command:
+        assert "example:" in r.stdout
