@@ -12,6 +12,7 @@ import pytest
 
 from alpaca_forge import get_format, save_model
 from alpaca_forge.cli import build_parser
+
 from conftest import CLI, assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from alpaca_forge import UserError, get_format, read_saved_format, save_format
 from alpaca_forge.prompts import FORMAT_FILE, Turn
+
 from conftest import assert_user_error, build_tiny_tokenizer, run_cli
 
 # The Alpaca template, spelled out independently of the package, byte for byte.

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from alpaca_forge import Record, UserError, ValidationError, read_records, write_records
+
 from conftest import assert_user_error, run_cli
 
 RECORDS = [
