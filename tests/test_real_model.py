@@ -67,12 +67,10 @@ def test_alpaca_format_stops_before_a_new_instruction(smollm2):
     assert "### Instruction" not in answer.text and answer.text
 
 
-def test_cli_infer_and_chat_on_the_real_model(tmp_path, shared_data):
+def test_cli_infer_and_chat_on_the_real_model(tmp_path):
     out = tmp_path / "pred.jsonl"
-    r = run_cli(
-        "infer", "--input", str(shared_data / "eval" / "user_oriented_instructions.jsonl"), "--output", str(out),
-        "--limit", "2", "--max-new-tokens", "48",
-    )  # fmt: skip
+    demo = Path(__file__).parent.parent / "examples" / "demo_instructions.jsonl"
+    r = run_cli("infer", "--input", str(demo), "--output", str(out), "--limit", "2", "--max-new-tokens", "48")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(row["output"].strip() for row in rows)
