@@ -26,7 +26,7 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/alpaca-forge infer --input examples/demo_instructions.jsonl \
-	    --output demo-out/predictions.jsonl --print
+	    --output demo-out/predictions.jsonl --print --overwrite
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -264,3 +264,45 @@ def test_help_runs(command):
     assert r.returncode == 0 and "usage: alpaca-forge" in r.stdout
     if command:
         assert "example:" in r.stdout
+
+
+def test_interactive_chat_in_a_terminal(endless_model_dir):
+    """A real pseudo-terminal: the prompt, Ctrl-C typed mid-answer and at the prompt, /exit."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI, attached to the terminal
+        os.execv(
+            str(CLI),
+            [str(CLI), "chat", "--model", str(endless_model_dir), "--max-new-tokens", "4000", "--no-stats"],
+        )
+    screen = bytearray()
+
+    def read_until(marker: bytes, start: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in screen[start:]:
+            assert time.monotonic() < deadline, (marker, bytes(screen[-400:]))
+            try:
+                screen.extend(os.read(fd, 4096))
+            except OSError:
+                break
+
+    try:
+        read_until(b"you> ", 0)
+        mark = len(screen)
+        os.write(fd, b"Tell me a long story.\r")
+        read_until(b"bot> ", mark)
+        answer_start = len(screen)
+        read_until(b" ", answer_start + 40)  # the answer is streaming
+        os.write(fd, b"\x03")  # Ctrl-C, as typed: the terminal sends SIGINT
+        read_until(b"[stopped]", answer_start)
+        read_until(b"you> ", answer_start)
+        mark = len(screen)
+        os.write(fd, b"\x03")  # Ctrl-C at the prompt: a hint, not an exit
+        read_until(b"Ctrl-D or /exit quits", mark)
+        os.write(fd, b"/exit\r")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"Traceback" not in screen

@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,6 +231,20 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
+@contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    """Silence transformers' own bars for steps that take a second (loading or saving dense weights)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:
     """Dequantize a GGUF file into a dense fp32 model and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -270,8 +286,9 @@ def _dense_dir_for_gguf(gguf: Path) -> Path | tuple[Any, Any]:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _no_hf_progress_bars():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         (tmp / ".complete").write_text(str(gguf) + "\n")
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
@@ -293,13 +310,11 @@ def _dense_dir_for_gguf(gguf: Path) -> Path | tuple[Any, Any]:
 
 def _from_pretrained(location: str, *, hub: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a dense load takes about a second: no bar needed
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=hub_offline())
-        model = AutoModelForCausalLM.from_pretrained(location, local_files_only=hub_offline())
+        with _no_hf_progress_bars():  # a dense load takes about a second: no bar needed
+            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=hub_offline())
+            model = AutoModelForCausalLM.from_pretrained(location, local_files_only=hub_offline())
     except OSError as e:
         what = "the Hugging Face cache" if hub else location
         raise UserError(
@@ -311,9 +326,6 @@ def _from_pretrained(location: str, *, hub: bool) -> tuple[Any, Any]:
             f"{location}: not a causal language model transformers can load ({str(e).splitlines()[0]})",
             "alpaca-forge works with causal LMs (Llama, Mistral, Qwen, SmolLM, GPT-2 ...)",
         ) from e
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
