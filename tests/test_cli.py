@@ -37,18 +37,24 @@ def _keys(rows):
     return Counter((r["instruction"], r["input"]) for r in rows)
 
 
+def _infer(model_dir, input_path, output_path, *extra: str) -> list[str]:
+    """The argument list of an `infer` run."""
+    return [
+        "infer",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(input_path),
+        "--output",
+        str(output_path),
+        *extra,
+    ]
+
+
 def test_infer_writes_predictions_and_resumes(tmp_path, tiny_model_dir):
     rows = _instructions(tmp_path / "in.jsonl", 7)
     out = tmp_path / "out" / "pred.jsonl"
-    args = [
-        "infer",
-        "--model",
-        str(tiny_model_dir),
-        "--input",
-        str(tmp_path / "in.jsonl"),
-        "--output",
-        str(out),
-    ]
+    args = _infer(tiny_model_dir, tmp_path / "in.jsonl", out)
     r = run_cli(*args, "--max-new-tokens", "12", "--limit", "3")
     assert r.returncode == 0, r.stderr
     first = _lines(out)
@@ -106,17 +112,7 @@ def test_infer_survives_kill_9_and_resumes_to_the_same_result(tmp_path, tiny_mod
 def test_infer_drops_a_line_cut_by_a_kill(tmp_path, tiny_model_dir):
     rows = _instructions(tmp_path / "in.jsonl", 3)
     out = tmp_path / "pred.jsonl"
-    args = [
-        "infer",
-        "--model",
-        str(tiny_model_dir),
-        "--input",
-        str(tmp_path / "in.jsonl"),
-        "--output",
-        str(out),
-        "--max-new-tokens",
-        "8",
-    ]
+    args = _infer(tiny_model_dir, tmp_path / "in.jsonl", out, "--max-new-tokens", "8")
     assert run_cli(*args, "--limit", "2").returncode == 0
     with open(out, "ab") as f:
         f.write(b'{"instruction": "Question number 2: wha')  # a write cut off by a kill
@@ -127,15 +123,7 @@ def test_infer_drops_a_line_cut_by_a_kill(tmp_path, tiny_model_dir):
 
 def test_infer_refuses_to_mix_settings(tmp_path, tiny_model_dir):
     _instructions(tmp_path / "in.jsonl", 2)
-    args = [
-        "infer",
-        "--model",
-        str(tiny_model_dir),
-        "--input",
-        str(tmp_path / "in.jsonl"),
-        "--output",
-        str(tmp_path / "o.jsonl"),
-    ]
+    args = _infer(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "o.jsonl")
     assert run_cli(*args, "--max-new-tokens", "8").returncode == 0
     assert_user_error(run_cli(*args, "--max-new-tokens", "9"), "different settings", "--overwrite")
     r = run_cli(*args, "--max-new-tokens", "9", "--overwrite")
@@ -151,9 +139,10 @@ def test_infer_reads_seed_and_evaluation_tasks(tmp_path, tiny_model_dir, shared_
     ]:
         out = tmp_path / f"{first_id}.jsonl"
         r = run_cli(
-            "infer", "--model", str(tiny_model_dir), "--input", str(shared_data / name), "--output", str(out),
-            "--limit", "3", "--max-new-tokens", "4", "--print",
-        )  # fmt: skip
+            *_infer(
+                tiny_model_dir, shared_data / name, out, "--limit", "3", "--max-new-tokens", "4", "--print"
+            )
+        )
         assert r.returncode == 0, r.stderr
         rows = _lines(out)
         assert next(row["id"] for row in rows) == first_id and len(rows) == 3
@@ -163,15 +152,7 @@ def test_infer_reads_seed_and_evaluation_tasks(tmp_path, tiny_model_dir, shared_
 def test_infer_rejects_an_unwritable_output(tmp_path, tiny_model_dir):
     _instructions(tmp_path / "in.jsonl", 1)
     (tmp_path / "file").write_text("")
-    r = run_cli(
-        "infer",
-        "--model",
-        str(tiny_model_dir),
-        "--input",
-        str(tmp_path / "in.jsonl"),
-        "--output",
-        str(tmp_path / "file" / "o.jsonl"),
-    )
+    r = run_cli(*_infer(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "file" / "o.jsonl"))
     assert_user_error(r, "cannot be written")
 
 

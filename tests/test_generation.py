@@ -103,3 +103,14 @@ def test_stream_cancel_stops_generation_early(tiny_lm):
     assert got.is_set()
     assert stream.completion.finish_reason == "cancelled"
     assert stream.completion.num_tokens < 3000
+
+
+def test_tokenizers_without_a_pad_token_still_batch(tiny_model_dir):
+    """Llama-2 and GPT-2 style tokenizers have no pad token: padding falls back to EOS."""
+    from alpaca_forge import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    lm.tokenizer.pad_token = None
+    assert lm.tokenizer.pad_token_id is None
+    prompts = _prompts(lm)
+    assert generate_batch(lm, prompts, GREEDY) == [generate(lm, p, GREEDY) for p in prompts]

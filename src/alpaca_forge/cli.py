@@ -186,6 +186,11 @@ def _format_from_args(args: argparse.Namespace):
     return get_format(args.format, args.system) if args.format else None
 
 
+def _with_system(fmt, system: str | None):
+    """`--system` also applies when the format comes from the model rather than `--format`."""
+    return type(fmt)(system=system) if system and fmt.system is None else fmt
+
+
 def _settings_from_args(args: argparse.Namespace):
     from .generation import GenerationSettings
 
@@ -205,8 +210,7 @@ def _load(args: argparse.Namespace):
     log = logging.getLogger("alpaca_forge")
     log.info("loading %s ...", args.model)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, prompt_format=_format_from_args(args))
-    if args.system and lm.prompt_format.system is None:
-        lm.prompt_format = type(lm.prompt_format)(system=args.system)
+    lm.prompt_format = _with_system(lm.prompt_format, args.system)
     log.info(
         "loaded %s in %.1f s (%.1fM params, %s, %s, %s format)",
         lm.name,
@@ -222,19 +226,14 @@ def _load(args: argparse.Namespace):
 def _run_prompt(args: argparse.Namespace) -> int:
     from .models import default_format_for, load_tokenizer, saved_format_of
 
-    fmt = _format_from_args(args)
-    tokenizer = None
-    if fmt is None or fmt.name == "chat":
-        fmt = fmt or saved_format_of(args.model)
-        if fmt is None or fmt.name == "chat":
-            tokenizer = load_tokenizer(args.model)
-            fmt = fmt or default_format_for(tokenizer)
-        if args.system and fmt.system is None:
-            fmt = type(fmt)(system=args.system)
     if not args.instruction.strip():
         raise UserError(
             "--instruction is empty", "give the task to perform, e.g. --instruction 'Name three colours.'"
         )
+    fmt = _format_from_args(args) or saved_format_of(args.model)
+    # Only the chat format, or a model with no saved format, needs the model's tokenizer.
+    tokenizer = load_tokenizer(args.model) if fmt is None or fmt.name == "chat" else None
+    fmt = _with_system(fmt or default_format_for(tokenizer), args.system)
     text = fmt.prompt(args.instruction, args.input, tokenizer)
     sys.stdout.buffer.write(text.encode("utf-8"))
     if sys.stdout.isatty():

@@ -196,6 +196,20 @@ def generate(lm: LoadedModel, prompt: str, settings: GenerationSettings) -> Comp
     return generate_batch(lm, [prompt], settings)[0]
 
 
+class _StopWhenSet:
+    """A generate() stopping criterion: stop every sequence once `event` is set (Ctrl-C)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
 class TokenStream:
     """Iterate over the text of one answer as it is generated; `cancel()` stops it early.
 
@@ -206,7 +220,7 @@ class TokenStream:
 
     def __init__(self, lm: LoadedModel, prompt: str, settings: GenerationSettings):
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         self.lm, self.settings = lm, settings
         self._cancel = threading.Event()
@@ -217,21 +231,13 @@ class TokenStream:
         self.elapsed_s = 0.0
         self.cancelled = False
 
-        cancel = self._cancel
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full(
-                    (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
-                )
-
         enc = {k: v.to(lm.device) for k, v in encode(lm, [prompt]).items()}
         self._width = enc["input_ids"].shape[1]
         kwargs = {
             **enc,
             **_generate_kwargs(lm, settings),
             "streamer": self._streamer,
-            "stopping_criteria": StoppingCriteriaList([_Cancelled()]),
+            "stopping_criteria": StoppingCriteriaList([_StopWhenSet(self._cancel)]),
         }
         torch.manual_seed(settings.seed)
         self._start = time.perf_counter()
