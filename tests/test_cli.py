@@ -1,5 +1,6 @@
 """The real `alpaca-forge` CLI on the tiny model: infer (resume, kill -9), chat (Ctrl-C), --help."""
 
+import argparse
 import json
 import os
 import signal
@@ -230,16 +231,41 @@ def test_ctrl_c_stops_the_answer_not_the_chat(endless_model_dir):
 # --- help ---------------------------------------------------------------------------------------
 
 
+def _all_parsers(parser, name="alpaca-forge"):
+    """Every parser and sub-parser (argparse has no public accessor for sub-parsers)."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _all_parsers(sub, f"{name} {sub_name}")
+
+
 def test_every_flag_has_help():
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # argparse has no public accessor for these
-    assert set(commands) >= {"prompt", "chat", "infer"}
-    for name, sub in [("alpaca-forge", parser), *commands.items()]:
-        for action in sub._actions:
+    parsers = dict(_all_parsers(build_parser()))
+    assert {
+        "alpaca-forge prompt",
+        "alpaca-forge chat",
+        "alpaca-forge infer",
+        "alpaca-forge data dedupe",
+    } <= set(parsers)
+    for name, parser in parsers.items():
+        for action in parser._actions:
             assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
 
 
-@pytest.mark.parametrize("command", [[], ["prompt"], ["chat"], ["infer"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["prompt"],
+        ["chat"],
+        ["infer"],
+        ["data", "validate"],
+        ["data", "dedupe"],
+        ["data", "split"],
+        ["data", "convert"],
+    ],
+)
 def test_help_runs(command):
     r = run_cli(*command, "--help")
     assert r.returncode == 0 and "usage: alpaca-forge" in r.stdout

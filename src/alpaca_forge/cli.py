@@ -173,7 +173,89 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print each instruction and its answer to stdout",
     )
     p.set_defaults(run=_run_infer)
+
+    _add_data_commands(sub)
     return parser
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = _command(
+        sub,
+        "data",
+        "tools over Alpaca datasets: validate, dedupe, split, convert",
+        "Tools over Alpaca datasets (.json array or .jsonl, .gz too). Run `alpaca-forge data TOOL --help`.",
+    )
+    tools = data.add_subparsers(dest="tool", metavar="TOOL", help="one of the tools below")
+
+    p = _command(
+        tools,
+        "validate",
+        "check every record; report every problem with file, line and field",
+        "Check every record (instruction, input, output) and report every problem at once, with\n"
+        "file, line (or array index) and field, and a fix. Exit status 2 if any.\n\n"
+        "example:\n  alpaca-forge data validate alpaca_data.json more.jsonl",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="datasets to check")
+    p.set_defaults(run=_run_data_validate)
+
+    p = _command(
+        tools,
+        "dedupe",
+        "drop near-duplicates by ROUGE-L (exact, greedy in file order)",
+        "Keep each record unless its ROUGE-L F1 with an earlier kept record is above the threshold\n"
+        "(self-instruct's filter; scores identical to the rouge-score package). Writes the kept\n"
+        "records, and the dropped ones with the record each collided with.\n\n"
+        "example:\n  alpaca-forge data dedupe data.jsonl --output data.dedup.jsonl --threshold 0.7",
+    )
+    p.add_argument("file", metavar="FILE", help="the dataset")
+    p.add_argument("--output", required=True, metavar="FILE", help="kept records (.json array or .jsonl)")
+    p.add_argument(
+        "--dropped",
+        metavar="FILE",
+        help="dropped records with their duplicate (default: OUTPUT's name + .dropped.jsonl)",
+    )
+    p.add_argument("--threshold", type=float, default=0.7, help="drop when ROUGE-L F1 is above this")
+    p.add_argument(
+        "--key",
+        choices=["instruction", "instruction+input", "output"],
+        default="instruction",
+        help="which text is compared",
+    )
+    p.set_defaults(run=_run_data_dedupe)
+
+    p = _command(
+        tools,
+        "split",
+        "seeded train/validation split",
+        "Split a dataset into DIR/train.jsonl and DIR/val.jsonl, at random but seeded; both keep\n"
+        "the file's order.\n\nexample:\n  alpaca-forge data split data.jsonl --output-dir splits --val-size 0.05",
+    )
+    p.add_argument("file", metavar="FILE", help="the dataset")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="where train.jsonl and val.jsonl go")
+    p.add_argument(
+        "--val-size", type=float, default=0.05, help="validation share (0 to 1) or count (1 or more)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed for the split")
+    p.set_defaults(run=_run_data_split)
+
+    p = _command(
+        tools,
+        "convert",
+        "Alpaca <-> chat messages <-> seed-task format",
+        "Rewrite a dataset in another format. Input may be Alpaca records, chat `messages` (one\n"
+        "exchange each), or seed/evaluation tasks; output is the --to format.\n\n"
+        "example:\n  alpaca-forge data convert alpaca_data.json --to messages --output chat.jsonl",
+    )
+    p.add_argument("file", metavar="FILE", help="the dataset")
+    p.add_argument("--to", required=True, choices=["alpaca", "messages", "seed"], help="output format")
+    p.add_argument("--output", required=True, metavar="FILE", help="where to write (.json array or .jsonl)")
+    p.set_defaults(run=_run_data_convert)
+    data.set_defaults(run=lambda args: _missing_tool(data))
+
+
+def _missing_tool(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_USER_ERROR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +362,62 @@ def _run_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(message: str, *args: object) -> None:
+    logging.getLogger("alpaca_forge").info(message, *args)
+
+
+def _run_data_validate(args: argparse.Namespace) -> int:
+    from .data import validate
+
+    for path in args.files:
+        print(f"{path}: {len(validate(path))} records, all valid")
+    return 0
+
+
+def _run_data_dedupe(args: argparse.Namespace) -> int:
+    import time
+
+    from .data import dedupe, dropped_path_for
+    from .records import read_records, write_records
+
+    records = read_records(args.file, require_output=False)
+    start = time.perf_counter()
+    result = dedupe(records, args.threshold, args.key, progress=not args.quiet)
+    elapsed = time.perf_counter() - start
+    kept_path = write_records(args.output, result.kept)
+    dropped_path = write_records(args.dropped or dropped_path_for(args.output), result.dropped)
+    _say(
+        "kept %d of %d records (%d dropped, ROUGE-L F1 > %s on %s) in %.1f s",
+        len(result.kept),
+        len(records),
+        len(result.dropped),
+        args.threshold,
+        args.key,
+        elapsed,
+    )
+    _say("kept: %s; dropped, each with its duplicate: %s", kept_path, dropped_path)
+    return 0
+
+
+def _run_data_split(args: argparse.Namespace) -> int:
+    from .data import split, write_split
+    from .records import read_records
+
+    train, val = split(read_records(args.file, require_output=False), args.val_size, args.seed)
+    train_path, val_path = write_split(train, val, args.output_dir)
+    _say("%d training records -> %s; %d validation records -> %s", len(train), train_path, len(val), val_path)
+    return 0
+
+
+def _run_data_convert(args: argparse.Namespace) -> int:
+    from .data import convert
+    from .records import read_records, write_records
+
+    rows = convert(read_records(args.file, require_output=False), args.to)
+    _say("%d records -> %s (%s format)", len(rows), write_records(args.output, rows), args.to)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -314,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as e:
-        print(f"alpaca-forge {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "tool", None)]))
+        print(f"alpaca-forge {command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ field and a fix. Three input shapes are understood:
 - Alpaca: `{"instruction", "input", "output"}`, as in the 52K `alpaca_data.json`;
 - seed tasks and evaluation tasks: `{"id", "instruction", "instances": [{"input", "output"}]}`,
   one record per instance;
+- chat messages: `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`, one exchange;
 - anything else is reported, never dropped silently.
 """
 
@@ -268,13 +269,16 @@ def records_from_item(value: Any, where: str, *, require_output: bool) -> tuple[
         )
         return [], problems
 
+    raw_id = value.get("id")
+    rec_id = None if raw_id is None else str(raw_id)
+    if "messages" in value:  # chat format: the first user turn and the assistant's answer to it
+        return _records_from_messages(value["messages"], where, rec_id, require_output)
+
     instruction = _check_text(value.get("instruction"), "instruction", where, problems, required=True)
     if instruction is not None and not instruction.strip():
         problems.append(
             Problem(where, "field 'instruction' is empty", "write the task to perform in 'instruction'")
         )
-    raw_id = value.get("id")
-    rec_id = None if raw_id is None else str(raw_id)
 
     if "instances" in value:  # seed-task and evaluation-task format
         instances = value["instances"]
@@ -309,6 +313,40 @@ def records_from_item(value: Any, where: str, *, require_output: bool) -> tuple[
     if problems:
         return [], problems
     return [Record(instruction or "", inp or "", out or "", rec_id)], []
+
+
+def _records_from_messages(
+    messages: Any, where: str, rec_id: str | None, require_output: bool
+) -> tuple[list[Record], list[Problem]]:
+    example = '"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return [], [
+            Problem(
+                where, "field 'messages' must be a list of {role, content} objects", f"write it as {example}"
+            )
+        ]
+    turns = [m for m in messages if m.get("role") != "system"]
+    user = turns[0] if turns else {}
+    if user.get("role") != "user" or not isinstance(user.get("content"), str) or not user["content"].strip():
+        return [], [
+            Problem(where, "'messages' must start with a user message with text", f"write it as {example}")
+        ]
+    reply = turns[1] if len(turns) > 1 else None
+    if reply is not None and (reply.get("role") != "assistant" or not isinstance(reply.get("content"), str)):
+        return [], [
+            Problem(where, "the second message must be the assistant's, with text", f"write it as {example}")
+        ]
+    if reply is None and require_output:
+        return [], [Problem(where, "'messages' has no assistant answer", f"add it: {example}")]
+    if len(turns) > 2:
+        return [], [
+            Problem(
+                where,
+                f"'messages' has {len(turns)} turns; an Alpaca record holds one exchange",
+                "split multi-turn conversations into one record per exchange",
+            )
+        ]
+    return [Record(user["content"], "", reply["content"] if reply else "", rec_id)], []
 
 
 def read_records(path: str | os.PathLike, *, require_output: bool = True) -> list[Record]:

@@ -16,7 +16,7 @@ and the same F1 arithmetic. Speed comes from two places:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -261,12 +261,14 @@ class _GreedyDeduper:
                 return chunk[best], float(scores[best])
         return None
 
-    def run(self) -> tuple[list[int], list[Dropped]]:
+    def run(self, progress: Callable[[int], None] | None = None) -> tuple[list[int], list[Dropped]]:
         dropped: list[Dropped] = []
         exact: dict[tuple[int, ...], int] = {}  # identical token sequences score 1.0: no search
         for i, ids in enumerate(self.encoded):
             if i and i % self.BLOCK == 0:
                 self._fold()
+                if progress:
+                    progress(self.BLOCK)
             key = tuple(ids)
             if not ids:
                 match = None  # rouge-score scores an empty text 0 against anything
@@ -281,14 +283,18 @@ class _GreedyDeduper:
             if ids:
                 exact[key] = i
                 self._remember(i)
+        if progress and self.encoded:  # the texts since the last fold
+            progress(len(self.encoded) - (len(self.encoded) - 1) // self.BLOCK * self.BLOCK)
         return self.kept_docs, dropped
 
 
-def greedy_dedupe(texts: Sequence[str], threshold: float = 0.7) -> tuple[list[int], list[Dropped]]:
+def greedy_dedupe(
+    texts: Sequence[str], threshold: float = 0.7, progress: Callable[[int], None] | None = None
+) -> tuple[list[int], list[Dropped]]:
     """Keep each text unless its ROUGE-L F1 with an earlier kept text is above `threshold`.
 
     Returns the kept positions and, for each dropped text, a kept text it collided with. Exact:
     the filters only skip pairs that provably cannot score above the threshold.
     """
     vocab = Vocabulary()
-    return _GreedyDeduper(vocab.encode_many(texts), threshold).run()
+    return _GreedyDeduper(vocab.encode_many(texts), threshold).run(progress)
