@@ -1,0 +1,146 @@
+"""Self-instruct's pure steps: the teacher prompt, parsing what teachers write, the filters."""
+
+import pytest
+
+from alpaca_forge import Record
+from alpaca_forge.generate import (
+    FILTERS,
+    FilterConfig,
+    build_prompt,
+    filter_reason,
+    parse_tasks,
+    sample_demos,
+)
+
+SEEDS = [
+    Record(f"Seed instruction number {i}.", "" if i % 2 else f"input {i}", f"output {i}") for i in range(10)
+]
+
+
+def test_prompt_shows_three_numbered_demos_and_stops_at_the_next_instruction():
+    demos = sample_demos(SEEDS, request_number=0, seed=42)
+    prompt = build_prompt(demos)
+    assert len(demos) == 3 and prompt.endswith("###\n4. Instruction:")
+    for n, d in enumerate(demos, start=1):
+        assert (
+            f"###\n{n}. Instruction: {d.instruction}\n{n}. Input:\n{d.input or '<noinput>'}\n{n}. Output:\n{d.output}\n"
+            in prompt
+        )
+    assert "20 new tasks" in prompt
+
+
+def test_demo_sampling_is_a_function_of_seed_and_request():
+    assert sample_demos(SEEDS, 7, seed=1) == sample_demos(SEEDS, 7, seed=1)
+    assert len({tuple(r.instruction for r in sample_demos(SEEDS, k, seed=1)) for k in range(20)}) > 10
+    assert sample_demos(SEEDS, 7, seed=1) != sample_demos(SEEDS, 7, seed=2)
+
+
+CONTINUATION = """ Summarise the paragraph in one sentence.
+4. Input:
+The council voted on Tuesday to extend the library's opening hours to 9 pm on weekdays.
+4. Output:
+The council extended the library's weekday hours to 9 pm.
+###
+5. Instruction:   List three uses of baking soda around the house.
+5. Input:
+<No Input>
+5. Output:
+Cleaning ovens, deodorising fridges and softening water.
+
+###
+7. Instruction: Is the sentence in the past tense?
+7. Input:
+She walked home.
+7. Output:
+Yes.
+###
+8. Instruction: Give a synonym for "happy".
+8. Input:
+<noinput>
+8. Output:
+Joyful
+###
+9. Instruction: Translate "good night" into Spanish.
+9. Input:
+<noinput>
+9. Output:
+Buenas no"""
+
+
+def test_parses_a_plain_continuation_with_skipped_numbers_and_noinput_variants():
+    parsed = parse_tasks(CONTINUATION, first_number=4)
+    assert [r.instruction for r in parsed.records] == [
+        "Summarise the paragraph in one sentence.",
+        "List three uses of baking soda around the house.",
+        "Is the sentence in the past tense?",
+        'Give a synonym for "happy".',
+        'Translate "good night" into Spanish.',
+    ]
+    assert parsed.records[0].input.startswith("The council voted")
+    assert parsed.records[1].input == "" and parsed.records[3].input == ""
+    assert parsed.records[2] == Record("Is the sentence in the past tense?", "She walked home.", "Yes.")
+
+
+def test_a_completion_cut_by_the_length_limit_loses_its_last_task():
+    parsed = parse_tasks(CONTINUATION, first_number=4, finish_reason="length")
+    assert len(parsed.records) == 4 and parsed.truncated == 1
+    assert parsed.records[-1].instruction == 'Give a synonym for "happy".'
+
+
+def test_chat_style_answers_with_preamble_and_bold_labels():
+    reply = (
+        "Sure! Here are some more tasks for you:\n\n"
+        "**4. Instruction:** Name the largest planet in the solar system.\n"
+        "**4. Input:** <noinput>\n"
+        "**4. Output:** Jupiter.\n\n"
+        "5) Instruction: Sort the numbers in ascending order.\n"
+        "5) Input: 5, 2, 9\n"
+        "5) Output: 2, 5, 9\n"
+        "6. Instruction: Explain recursion.\n"  # no output: dropped, counted
+    )
+    parsed = parse_tasks(reply, first_number=4)
+    assert parsed.records == [
+        Record("Name the largest planet in the solar system.", "", "Jupiter."),
+        Record("Sort the numbers in ascending order.", "5, 2, 9", "2, 5, 9"),
+    ]
+    assert parsed.unparseable == 1
+
+
+def test_a_short_separator_line_is_not_part_of_the_output():
+    parsed = parse_tasks(
+        "Name a colour.\n4. Input:\n<noinput>\n4. Output:\nRed, as in C#\n#\n5. Instruction: x",
+        first_number=4,
+    )
+    assert parsed.records == [Record("Name a colour.", "", "Red, as in C#")]
+
+
+def test_garbage_yields_nothing_and_does_not_raise():
+    for junk in ["", "I cannot help with that.", "###\n###", "Output: 42", "4. Input: x\n4. Output: y"]:
+        assert parse_tasks(junk, first_number=4).records == []
+
+
+@pytest.mark.parametrize(
+    ("instruction", "reason"),
+    [
+        ("Say hi now", "too_short"),
+        (" ".join(["word"] * 151), "too_long"),
+        ("Describe the picture of the sunset.", "blacklisted"),
+        ("Please GO TO the shop and buy milk.", "blacklisted"),
+        ("Summarise the attached FILES for me.", "blacklisted"),
+        ("Write a program that sorts a list.", "banned_prefix"),
+        ("- List three fruits that are red.", "starts_with_punctuation"),
+        ("Éxplique la photosynthèse en une phrase.", "starts_non_ascii"),
+        ("Explain the mapping between keys and values.", None),  # "map" is a whole word only
+        ("Give three tips for staying healthy.", None),
+    ],
+)
+def test_filters(instruction, reason):
+    assert filter_reason(instruction, FilterConfig()) == reason
+    assert reason is None or reason in FILTERS
+
+
+def test_filters_are_configurable():
+    config = FilterConfig(min_words=2, blacklist=("banana",), banned_prefixes=())
+    assert filter_reason("Say hi", config) is None
+    assert filter_reason("Peel a banana quickly.", config) == "blacklisted"
+    assert filter_reason("Write a program that sorts.", config) is None
