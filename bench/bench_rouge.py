@@ -52,6 +52,8 @@ def reference_greedy(texts: list[str], workers: int) -> tuple[list[int], int]:
             pairs += len(kept_texts)
             if best <= THRESHOLD:
                 kept.append(i)
+            if i % 100 == 99:
+                print(f"  reference: {i + 1}/{len(texts)} records, {len(kept)} kept, {pairs} pairs", flush=True)
     return kept, pairs
 
 

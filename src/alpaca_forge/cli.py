@@ -174,8 +174,119 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_run_infer)
 
+    _add_generate_command(sub)
     _add_data_commands(sub)
     return parser
+
+
+def _add_generate_command(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "generate",
+        "self-instruct: new instruction records from seed tasks and a teacher model",
+        "Make new Alpaca records the self-instruct way: each request shows the teacher 3 seed tasks\n"
+        "and asks for 20 more; candidates are parsed, filtered (length, blacklist, prefixes, first\n"
+        "character) and dropped when their ROUGE-L F1 with any seed or accepted instruction is above\n"
+        "0.7. Records are appended and flushed one by one: kill the run at any moment and run the\n"
+        "same command again to resume. A summary (accepted, drops per filter, tokens, cost) is\n"
+        "printed and written next to the output.\n\n"
+        "examples:\n"
+        "  # offline, with the embedded model as teacher (messy but real):\n"
+        "  alpaca-forge generate --seeds seed_tasks.jsonl --output gen.jsonl --num-instructions 20\n"
+        "  # any OpenAI-compatible server, 32 requests in flight, priced:\n"
+        "  alpaca-forge generate --seeds seed_tasks.jsonl --output gen.jsonl --num-instructions 52000 \\\n"
+        "      --teacher-url https://api.openai.com/v1 --teacher-model gpt-4o-mini --concurrency 32 \\\n"
+        "      --price-prompt-per-1m 0.15 --price-completion-per-1m 0.60 --max-cost-usd 50",
+    )
+    p.add_argument(
+        "--seeds", required=True, metavar="FILE", help="seed tasks (seed-task format or Alpaca records)"
+    )
+    p.add_argument(
+        "--output", required=True, metavar="FILE", help="accepted records, JSONL; resumed from if it exists"
+    )
+    p.add_argument(
+        "--num-instructions", type=int, required=True, help="stop once this many records are accepted"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the choice of demonstrations (request k always shows the same 3)",
+    )
+    g = p.add_argument_group("teacher")
+    g.add_argument(
+        "--teacher-url",
+        metavar="URL",
+        help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1; without it the teacher runs in this process",
+    )
+    g.add_argument(
+        "--teacher-model",
+        default=None,
+        metavar="MODEL",
+        help="with --teacher-url: the API's model name; without: a model as for --model elsewhere (default: smollm2-135m-instruct)",
+    )
+    g.add_argument(
+        "--teacher-api",
+        choices=["chat", "completions"],
+        default="chat",
+        help="which endpoint of the server to use",
+    )
+    g.add_argument(
+        "--teacher-key-env",
+        default="OPENAI_API_KEY",
+        metavar="NAME",
+        help="environment variable holding the API key (never a flag, so it stays out of shell history)",
+    )
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight at once (a server: 8-64; the in-process teacher: 1)",
+    )
+    g.add_argument("--timeout-s", type=float, default=120.0, help="one request's time limit, in seconds")
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        default=6,
+        help="retries of a failed request (429, 5xx, timeout), with exponential backoff and jitter",
+    )
+    g.add_argument("--max-tokens", type=int, default=3072, help="completion length limit per request")
+    g.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
+    g.add_argument("--top-p", type=float, default=1.0, help="teacher nucleus sampling")
+    g = p.add_argument_group("cost")
+    g.add_argument("--price-prompt-per-1m", type=float, default=0.0, help="USD per million prompt tokens")
+    g.add_argument(
+        "--price-completion-per-1m", type=float, default=0.0, help="USD per million completion tokens"
+    )
+    g.add_argument(
+        "--max-cost-usd", type=float, default=None, help="send no new request once this much is spent"
+    )
+    g.add_argument(
+        "--max-requests", type=int, default=None, help="send no more than this many requests in all"
+    )
+    g = p.add_argument_group("filters")
+    g.add_argument("--min-words", type=int, default=4, help="drop instructions with fewer words")
+    g.add_argument("--max-words", type=int, default=150, help="drop instructions with more words")
+    g.add_argument(
+        "--rouge-threshold",
+        type=float,
+        default=0.7,
+        help="drop when ROUGE-L F1 with a pool instruction is above this",
+    )
+    g.add_argument(
+        "--blacklist",
+        default=None,
+        metavar="WORDS",
+        help="comma-separated words (whole word, any case) that drop an instruction; default: image, graph, picture, file, map, draw, plot, go to, video, audio, music, flowchart, diagram and plurals",
+    )
+    g.add_argument(
+        "--banned-prefix",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help='drop instructions starting with TEXT (repeatable; default: "Write a program")',
+    )
+    p.set_defaults(run=_run_generate)
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -360,6 +471,92 @@ def _run_infer(args: argparse.Namespace) -> int:
         s.tokens_per_s,
     )
     return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .generate import FilterConfig, GenerateConfig, Generator
+    from .records import read_records
+    from .teachers import HttpTeacher, LocalTeacher, RetryPolicy, SamplingParams
+
+    seeds = read_records(args.seeds)  # bad seed files fail here, before any request
+    filters = FilterConfig(
+        min_words=args.min_words,
+        max_words=args.max_words,
+        rouge_threshold=args.rouge_threshold,
+        **(
+            {"blacklist": tuple(w.strip() for w in args.blacklist.split(",") if w.strip())}
+            if args.blacklist is not None
+            else {}
+        ),
+        **({"banned_prefixes": tuple(args.banned_prefix)} if args.banned_prefix is not None else {}),
+    )
+    config = GenerateConfig(
+        num_instructions=args.num_instructions,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        filters=filters,
+        sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p),
+        price_prompt_usd_per_1m=args.price_prompt_per_1m,
+        price_completion_usd_per_1m=args.price_completion_per_1m,
+        max_cost_usd=args.max_cost_usd,
+        max_requests=args.max_requests,
+    )
+    if args.teacher_url:
+        if not args.teacher_model:
+            raise UserError(
+                "--teacher-url needs --teacher-model (the model name the server knows)",
+                "e.g. --teacher-model gpt-4o-mini",
+            )
+        retry = RetryPolicy(max_retries=args.max_retries, timeout_s=args.timeout_s)
+        teacher = HttpTeacher(
+            args.teacher_url,
+            args.teacher_model,
+            api=args.teacher_api,
+            api_key=os.environ.get(args.teacher_key_env),
+            retry=retry,
+            seed=args.seed,
+        )
+    else:
+        from .models import DEFAULT_MODEL, load_model
+
+        lm = load_model(args.teacher_model or DEFAULT_MODEL)
+        _say("teacher: %s in this process (%.1f s to load)", lm.name, lm.load_s)
+        teacher = LocalTeacher(lm)
+    generator = Generator(teacher, seeds, args.output, config)
+    if generator.resumed_with:
+        _say(
+            "resuming: %d records already in %s, %d requests done",
+            generator.resumed_with,
+            args.output,
+            generator.tally.requests,
+        )
+    summary = generator.run(progress=not args.quiet)
+    drops = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()) or "none"
+    _say(
+        "%s: %d of %d accepted (%d this run) from %d requests (%.2f per request, %d retries) in %.1f s",
+        summary["stop_reason"],
+        summary["accepted"],
+        summary["target"],
+        summary["accepted_this_run"],
+        summary["requests"],
+        summary["accepted_per_request"],
+        summary["retries"],
+        summary["wall_time_s_this_run"],
+    )
+    _say("dropped: %s", drops)
+    _say(
+        "tokens: %d prompt + %d completion = $%.4f; summary: %s",
+        summary["prompt_tokens"],
+        summary["completion_tokens"],
+        summary["cost_usd"],
+        generator.summary_path,
+    )
+    return (
+        0
+        if summary["stop_reason"] in ("done",)
+        or summary["stop_reason"].startswith(("cost limit", "request limit"))
+        else 1
+    )
 
 
 def _say(message: str, *args: object) -> None:

@@ -9,13 +9,28 @@ This module holds the pure steps; they are what decides which records a run prod
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import json
+import os
 import random
 import re
 import string
+import sys
+import time
+from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from .errors import UserError
 from .records import Record
+from .rouge import Vocabulary, f1_many
+from .teachers import SamplingParams, Teacher, TeacherReply
 
 TASKS_PER_PROMPT = 20  # tasks the teacher is asked for in one completion
 DEMOS_PER_PROMPT = 3  # seed tasks shown as examples in each prompt
@@ -169,3 +184,290 @@ def filter_reason(
     if not instruction[0].isascii():
         return "starts_non_ascii"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool: seeds plus everything accepted, scored against each candidate
+
+
+class Pool:
+    """Instructions a candidate must differ from: the seeds, then every accepted one, in order."""
+
+    def __init__(self, instructions: Sequence[str]):
+        self.vocab = Vocabulary()
+        self.texts: list[str] = []
+        self.ids: list[list[int]] = []
+        for text in instructions:
+            self.add(text)
+
+    def add(self, instruction: str) -> None:
+        self.texts.append(instruction)
+        self.ids.append(self.vocab.encode(instruction))
+
+    def scores(self, instruction: str) -> np.ndarray:
+        """ROUGE-L F1 against every pool instruction (exact, as rouge-score computes it)."""
+        return f1_many(self.vocab.encode(instruction), self.ids)
+
+
+def similarity_summary(pool: Pool, scores: np.ndarray, top: int = 10) -> dict[str, Any]:
+    """What the original kept with each record: its most similar instructions and the mean score."""
+    best = np.argsort(-scores, kind="stable")[:top]
+    return {
+        "most_similar_instructions": {pool.texts[i]: round(float(scores[i]), 6) for i in best},
+        "avg_similarity_score": round(float(scores.mean()), 6) if len(scores) else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# A run: requests in flight, candidates filtered, records appended, everything resumable
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    num_instructions: int  # stop once this many records are accepted (across resumed runs)
+    seed: int = 0  # demos of request k depend only on (seed, k)
+    concurrency: int = 1  # requests in flight at once
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    price_prompt_usd_per_1m: float = 0.0  # teacher price per million prompt tokens
+    price_completion_usd_per_1m: float = 0.0  # and per million completion tokens
+    max_cost_usd: float | None = None  # no new request once this much is spent
+    max_requests: int | None = None  # no new request after this many (all runs together)
+    max_barren_requests: int = 100  # stop if this many requests in a row yield nothing accepted
+
+
+@dataclass
+class Tally:
+    """Accounting for the whole job, rebuilt from the request log when a run resumes."""
+
+    requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    accepted: int = 0
+    parsed: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+
+    def cost_usd(self, config: GenerateConfig) -> float:
+        return (
+            self.prompt_tokens * config.price_prompt_usd_per_1m
+            + self.completion_tokens * config.price_completion_usd_per_1m
+        ) / 1e6
+
+    def add(self, log: dict[str, Any]) -> None:
+        self.requests += 1
+        self.retries += log["retries"]
+        self.prompt_tokens += log["prompt_tokens"]
+        self.completion_tokens += log["completion_tokens"]
+        self.accepted += log["accepted"]
+        self.parsed += log["parsed"]
+        self.dropped.update(log["dropped"])
+
+
+def side_paths(output: Path) -> tuple[Path, Path]:
+    """`data.jsonl` -> `data.requests.jsonl` (one line per request) and `data.summary.json`."""
+    stem = output.name.removesuffix(".jsonl").removesuffix(".json")
+    return output.with_name(f"{stem}.requests.jsonl"), output.with_name(f"{stem}.summary.json")
+
+
+def _read_jsonl_tail_safe(path: Path) -> list[dict[str, Any]]:
+    """Lines of an append-only file; a last line cut by a kill is removed from the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    rows = []
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(
+                f"{path}:{lineno}: not a line that `alpaca-forge generate` wrote",
+                "choose another --output, or move this file away to start over",
+            ) from None
+    return rows
+
+
+class Generator:
+    """One `generate` job: setup (resume state) -> run (requests until N accepted) -> summary."""
+
+    def __init__(
+        self, teacher: Teacher, seeds: list[Record], output: str | os.PathLike, config: GenerateConfig
+    ):
+        if config.num_instructions < 1:
+            raise UserError(
+                f"--num-instructions must be at least 1, got {config.num_instructions}",
+                "e.g. --num-instructions 52000",
+            )
+        if config.concurrency < 1:
+            raise UserError(
+                f"--concurrency must be at least 1, got {config.concurrency}",
+                "use 1 for a local model, 8-64 for a server",
+            )
+        self.teacher, self.seeds, self.config = teacher, seeds, config
+        self.output = Path(output)
+        self.log_path, self.summary_path = side_paths(self.output)
+        self.blacklist = config.filters.blacklist_pattern()
+        try:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            accepted = _read_jsonl_tail_safe(self.output)
+            logs = _read_jsonl_tail_safe(self.log_path)
+            self._out = open(self.output, "a", encoding="utf-8")  # noqa: SIM115 (closed in run)
+            self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise UserError(
+                f"{self.output}: cannot be written ({e.strerror})",
+                "choose an --output in a folder you can write to",
+            ) from e
+        self.pool = Pool([s.instruction for s in seeds] + [r["instruction"] for r in accepted])
+        self.tally = Tally()
+        for log in logs:
+            self.tally.add(log)
+        self.tally.accepted = len(accepted)  # the records themselves are the truth
+        self.done_requests = {log["request"] for log in logs}
+        self.resumed_with = len(accepted)
+        self.stop_reason = ""
+
+    # -- one request ------------------------------------------------------------------------
+
+    def _ask(self, request: int) -> tuple[int, TeacherReply]:
+        demos = sample_demos(self.seeds, request, self.config.seed)
+        params = dataclasses.replace(self.config.sampling, seed=self.config.seed * 1_000_003 + request)
+        return request, self.teacher.complete(build_prompt(demos), params)
+
+    def _take(self, request: int, reply: TeacherReply) -> int:
+        """Filter the reply's tasks, append the accepted ones, log the request. Returns accepted."""
+        parsed = parse_tasks(reply.text, DEMOS_PER_PROMPT + 1, reply.finish_reason)
+        dropped: Counter = Counter(unparseable=parsed.unparseable, truncated=parsed.truncated)
+        accepted = 0
+        for record in parsed.records:
+            if self.tally.accepted + accepted >= self.config.num_instructions:
+                dropped["over_target"] += 1
+                continue
+            reason = filter_reason(record.instruction, self.config.filters, self.blacklist)
+            scores = self.pool.scores(record.instruction) if reason is None else None
+            if scores is not None and len(scores) and scores.max() > self.config.filters.rouge_threshold:
+                reason = "rouge_similar"
+            if reason:
+                dropped[reason] += 1
+                continue
+            row = {
+                "instruction": record.instruction,
+                "input": record.input,
+                "output": record.output,
+                **similarity_summary(self.pool, scores),
+                "request": request,
+            }
+            self._out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._out.flush()
+            os.fsync(self._out.fileno())  # an accepted record survives a kill from here on
+            self.pool.add(record.instruction)
+            accepted += 1
+        log = {
+            "request": request,
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "retries": reply.retries,
+            "finish_reason": reply.finish_reason,
+            "parsed": len(parsed.records),
+            "accepted": accepted,
+            "dropped": {k: v for k, v in dropped.items() if v},
+        }
+        self._log.write(json.dumps(log) + "\n")
+        self._log.flush()
+        self.tally.add(log)
+        self.done_requests.add(request)
+        return accepted
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _may_ask(self) -> bool:
+        """Whether to send another request now; sets `stop_reason` once the job should end."""
+        c, t = self.config, self.tally
+        if t.accepted >= c.num_instructions:
+            self.stop_reason = self.stop_reason or "done"
+            return False
+        if c.max_cost_usd is not None and t.cost_usd(c) >= c.max_cost_usd:
+            self.stop_reason = f"cost limit reached (${t.cost_usd(c):.4f} of ${c.max_cost_usd:g})"
+            return False
+        if c.max_requests is not None and t.requests + self._in_flight >= c.max_requests:
+            self.stop_reason = self.stop_reason or f"request limit reached ({c.max_requests})"
+            return False
+        # What is already asked for should cover the rest: do not pay for more.
+        return not (self._in_flight and self._expected_from_in_flight() >= c.num_instructions - t.accepted)
+
+    def _expected_from_in_flight(self) -> float:
+        """Records the requests in flight should bring, at the yield seen so far (none seen: 0)."""
+        per_request = self.tally.accepted / self.tally.requests if self.tally.requests else 0.0
+        return self._in_flight * per_request
+
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        self._in_flight = 0
+        requests = (k for k in itertools.count() if k not in self.done_requests)
+        barren = 0
+        bar = tqdm(
+            total=self.config.num_instructions, initial=min(self.tally.accepted, self.config.num_instructions),
+            desc="generate", unit="record", disable=not progress, file=sys.stderr,
+        )  # fmt: skip
+        pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="teacher")
+        pending: set[Future] = set()
+        try:
+            while True:
+                while len(pending) < self.config.concurrency and self._may_ask():
+                    pending.add(pool.submit(self._ask, next(requests)))
+                    self._in_flight += 1
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    self._in_flight -= 1
+                    request, reply = future.result()  # a TeacherError stops the run here
+                    got = self._take(request, reply)
+                    barren = 0 if got else barren + 1
+                    bar.update(min(got, bar.total - bar.n))
+                    bar.set_postfix_str(
+                        f"{self.tally.requests} req, ${self.tally.cost_usd(self.config):.4f}, "
+                        f"{self.tally.prompt_tokens + self.tally.completion_tokens} tok"
+                    )
+                if barren >= self.config.max_barren_requests and not self.stop_reason:
+                    self.stop_reason = f"the last {barren} requests gave no acceptable record"
+                    self.config = dataclasses.replace(self.config, max_requests=0)
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+            self._out.close()
+            self._log.close()
+        return self._write_summary(time.perf_counter() - start)
+
+    def _write_summary(self, elapsed_s: float) -> dict[str, Any]:
+        t, c = self.tally, self.config
+        summary = {
+            "teacher": self.teacher.name,
+            "stop_reason": self.stop_reason or "done",
+            "accepted": t.accepted,
+            "target": c.num_instructions,
+            "accepted_this_run": t.accepted - self.resumed_with,
+            "requests": t.requests,
+            "retries": t.retries,
+            "parsed": t.parsed,
+            "dropped": dict(sorted(t.dropped.items())),
+            "accepted_per_request": round(t.accepted / t.requests, 3) if t.requests else 0.0,
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+            "cost_usd": round(t.cost_usd(c), 6),
+            "wall_time_s_this_run": round(elapsed_s, 2),
+            "output": str(self.output),
+        }
+        tmp = self.summary_path.with_name(self.summary_path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.summary_path)
+        return summary

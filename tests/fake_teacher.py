@@ -1,0 +1,139 @@
+"""A real OpenAI-compatible HTTP server on loopback, for tests and benchmarks of `generate`.
+
+It answers /v1/chat/completions and /v1/completions with 19 new tasks in the layout the prompt
+asks for, continuing from the number the prompt ends on. Each instruction is made of invented
+words drawn at random, so distinct tasks stay far apart under ROUGE-L. Behaviour can be scripted:
+fail the first N requests with a status, always refuse with 401, answer garbage, add latency.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vi", "po", "de", "nu", "fa", "zo", "bre", "ti", "gul"]
+_VERBS = [
+    "Explain",
+    "Describe",
+    "Compare",
+    "Summarise",
+    "List",
+    "Classify",
+    "Rewrite",
+    "Suggest",
+    "Evaluate",
+    "Outline",
+]
+
+
+def invented_word(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(3))
+
+
+def tasks_text(
+    first_number: int, rng: random.Random, count: int = 19, *, with_label: bool = False, repeat: bool = False
+) -> str:
+    """`count` tasks numbered from `first_number`; the first without its label, as a continuation."""
+    blocks = []
+    fixed = " ".join(invented_word(rng) for _ in range(6))
+    for k in range(count):
+        n = first_number + k
+        words = fixed if repeat else " ".join(invented_word(rng) for _ in range(6))
+        instruction = f"{rng.choice(_VERBS)} how {words} works."
+        inp = "<noinput>" if rng.random() < 0.5 else f"The {invented_word(rng)} of {invented_word(rng)}."
+        head = f"{n}. Instruction: {instruction}" if k or with_label else f" {instruction}"
+        blocks.append(
+            f"{head}\n{n}. Input:\n{inp}\n{n}. Output:\n{' '.join(invented_word(rng) for _ in range(8))}."
+        )
+    return "\n###\n".join(blocks)
+
+
+@dataclass
+class Script:
+    latency_s: float = 0.0  # added to every answer
+    fail_first: int = 0  # the first N requests get `fail_status`
+    fail_status: int = 503
+    always_status: int | None = None  # e.g. 401: every request refused
+    garbage: bool = False  # 200 with a body that is not the API's shape
+    chat_style: bool = False  # a chat preamble and labelled first task
+    repeat_task: bool = False  # every task of a completion is the same one (tests within-batch dedupe)
+    seen: list[dict] = field(default_factory=list)  # request bodies, in order of arrival
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FakeTeacher:
+    """`with FakeTeacher(Script(...)) as url:` gives the API base, e.g. http://127.0.0.1:PORT/v1."""
+
+    def __init__(self, script: Script | None = None):
+        self.script = script or Script()
+        script_ref = self.script
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                with script_ref.lock:
+                    script_ref.seen.append(body)
+                    number = len(script_ref.seen)
+                time.sleep(script_ref.latency_s)
+                status = script_ref.always_status or (
+                    script_ref.fail_status if number <= script_ref.fail_first else 200
+                )
+                if status != 200:
+                    return self._send(status, {"error": {"message": f"scripted {status}"}})
+                if script_ref.garbage:
+                    return self._send(200, "<html>502 Bad Gateway from a proxy</html>", raw=True)
+                prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+                first = int(re.search(r"(\d+)\. Instruction:\s*$", prompt).group(1))
+                rng = random.Random(body.get("seed", number))
+                text = tasks_text(first, rng, with_label=script_ref.chat_style, repeat=script_ref.repeat_task)
+                if script_ref.chat_style:
+                    text = "Sure! Here are more tasks:\n\n" + text
+                choice = {"index": 0, "finish_reason": "stop"}
+                if "messages" in body:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+                self._send(
+                    200,
+                    {
+                        "id": f"cmpl-{number}",
+                        "object": "chat.completion",
+                        "choices": [choice],
+                        "usage": usage,
+                    },
+                )
+
+            def _send(self, status, payload, raw=False):
+                data = (payload if raw else json.dumps(payload)).encode()
+                self.send_response(status)
+                self.send_header("content-type", "text/html" if raw else "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

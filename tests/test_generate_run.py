@@ -1,0 +1,199 @@
+"""`alpaca-forge generate` end to end: the real CLI against a real HTTP teacher on loopback."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from alpaca_forge import Record, write_records
+from alpaca_forge.generate import Pool
+from alpaca_forge.rouge import rouge_l
+from fake_teacher import FakeTeacher, Script
+
+from conftest import CLI, assert_user_error, run_cli
+
+
+@pytest.fixture
+def seeds(tmp_path):
+    """Twelve short seed tasks (the real 175 are used where the shared data is at hand)."""
+    rows = [
+        Record(f"Explain the idea number {w} in simple words.", "", f"Idea {w} means ...")
+        for w in "abcdefghijkl"
+    ]
+    return write_records(tmp_path / "seeds.jsonl", rows)
+
+
+def _generate(seeds, out, url, *extra):
+    return [
+        "generate", "--seeds", str(seeds), "--output", str(out), "--teacher-url", url, "--teacher-model", "fake",
+        "--max-retries", "2", "--timeout-s", "10", *extra,
+    ]  # fmt: skip
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_accepts_exactly_n_with_accounting(tmp_path, seeds):
+    script = Script(fail_first=2, fail_status=503)
+    with FakeTeacher(script) as url:
+        r = run_cli(*_generate(seeds, tmp_path / "gen.jsonl", url, "--num-instructions", "60", "--concurrency", "4",
+                               "--price-prompt-per-1m", "2", "--price-completion-per-1m", "8"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = _rows(tmp_path / "gen.jsonl")
+    assert len(rows) == 60 and len({row["instruction"] for row in rows}) == 60
+    assert all(
+        len(row["most_similar_instructions"]) == 10 and 0 <= row["avg_similarity_score"] < 0.7 for row in rows
+    )
+    summary = json.loads((tmp_path / "gen.summary.json").read_text())
+    assert summary["accepted"] == 60 and summary["stop_reason"] == "done" and summary["retries"] >= 2
+    assert summary["cost_usd"] == pytest.approx(
+        (summary["prompt_tokens"] * 2 + summary["completion_tokens"] * 8) / 1e6, abs=1e-6
+    )
+    assert summary["requests"] <= 6, "no more requests than the target needs"
+    assert "60 of 60 accepted" in r.stderr and "$" in r.stderr
+    assert all(body["messages"][0]["content"].endswith("4. Instruction:") for body in script.seen)
+
+
+def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path, seeds):
+    out = tmp_path / "gen.jsonl"
+    with FakeTeacher(Script(latency_s=0.05)) as url:
+        args = _generate(seeds, out, url, "--num-instructions", "500", "--concurrency", "2")
+        proc = subprocess.Popen([str(CLI), *args], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 60):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = out.read_bytes()
+        assert 60 <= before.count(b"\n") < 500
+        with open(out, "ab") as f:
+            f.write(b'{"instruction": "cut off mid-wri')  # as a kill during a write would leave it
+        r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "resuming:" in r.stderr
+    rows = _rows(out)
+    assert len(rows) == 500
+    assert max(Counter(row["instruction"] for row in rows).values()) == 1
+    assert out.read_bytes().startswith(before[: before.rfind(b"\n") + 1])
+    assert json.loads((tmp_path / "gen.summary.json").read_text())["accepted"] == 500
+
+
+def test_near_duplicates_within_one_completion_are_dropped(tmp_path, seeds):
+    with FakeTeacher(Script(repeat_task=True)) as url:
+        r = run_cli(
+            *_generate(seeds, tmp_path / "g.jsonl", url, "--num-instructions", "5", "--max-requests", "2")
+        )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "g.summary.json").read_text())
+    assert summary["accepted"] == 2 and summary["dropped"]["rouge_similar"] == 36  # 19 alike per request
+    assert "request limit reached" in summary["stop_reason"]
+
+
+def test_chat_preamble_and_the_completions_api(tmp_path, seeds):
+    with FakeTeacher(Script(chat_style=True)) as url:
+        r = run_cli(*_generate(seeds, tmp_path / "a.jsonl", url, "--num-instructions", "10"))
+        assert r.returncode == 0 and len(_rows(tmp_path / "a.jsonl")) == 10, r.stderr
+    script = Script()
+    with FakeTeacher(script) as url:
+        r = run_cli(
+            *_generate(
+                seeds, tmp_path / "b.jsonl", url, "--num-instructions", "10", "--teacher-api", "completions"
+            )
+        )
+    assert r.returncode == 0 and len(_rows(tmp_path / "b.jsonl")) == 10, r.stderr
+    assert "prompt" in script.seen[0] and "messages" not in script.seen[0]
+
+
+def test_cost_limit_stops_cleanly(tmp_path, seeds):
+    with FakeTeacher(Script()) as url:
+        r = run_cli(*_generate(seeds, tmp_path / "c.jsonl", url, "--num-instructions", "1000",
+                               "--price-completion-per-1m", "100000", "--max-cost-usd", "10"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "c.summary.json").read_text())
+    assert summary["stop_reason"].startswith("cost limit reached") and summary["requests"] == 1
+    assert len(_rows(tmp_path / "c.jsonl")) == summary["accepted"] > 0
+
+
+def test_teacher_failures_are_clear_errors(tmp_path, seeds):
+    with FakeTeacher(Script(always_status=401)) as url:
+        assert_user_error(
+            run_cli(*_generate(seeds, tmp_path / "x.jsonl", url, "--num-instructions", "5")),
+            "HTTP 401",
+            "API key",
+        )
+    with FakeTeacher(Script(garbage=True)) as url:
+        r = run_cli(
+            *_generate(seeds, tmp_path / "y.jsonl", url, "--num-instructions", "5", "--max-retries", "1")
+        )
+        assert_user_error(r, "not an OpenAI-compatible chat response", "failed 2 times")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_cli(
+        *_generate(
+            seeds,
+            tmp_path / "z.jsonl",
+            f"http://127.0.0.1:{port}/v1",
+            "--num-instructions",
+            "5",
+            "--max-retries",
+            "0",
+        )
+    )
+    assert_user_error(r, "cannot connect")
+
+
+def test_bad_seeds_and_unwritable_output(tmp_path, seeds):
+    bad = tmp_path / "bad_seeds.jsonl"
+    bad.write_text(
+        '{"instruction": "ok", "instances": [{"input": "", "output": "x"}]}\n{"instruction": "", "instances": []}\n'
+    )
+    r = run_cli(
+        "generate",
+        "--seeds",
+        str(bad),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--num-instructions",
+        "5",
+        "--teacher-url",
+        "http://127.0.0.1:9/v1",
+        "--teacher-model",
+        "m",
+    )
+    assert_user_error(r, f"{bad}:2:")
+    (tmp_path / "file").write_text("")
+    with FakeTeacher(Script()) as url:
+        r = run_cli(*_generate(seeds, tmp_path / "file" / "o.jsonl", url, "--num-instructions", "5"))
+    assert_user_error(r, "cannot be written")
+
+
+def test_pool_scores_are_rouge_l():
+    texts = ["Give three tips for staying healthy.", "Name the capital of France.", ""]
+    pool = Pool(texts)
+    query = "Give three tips for staying very healthy."
+    assert pool.scores(query).tolist() == [rouge_l(query, t) for t in texts]
+
+
+def test_the_embedded_model_as_teacher(tmp_path, shared_data):
+    """SmolLM2 writes messy tasks; the parser copes and the run ends on its own."""
+    out = tmp_path / "smol.jsonl"
+    r = run_cli(
+        "generate", "--seeds", str(shared_data / "seed_tasks.jsonl"), "--output", str(out),
+        "--num-instructions", "5", "--max-requests", "2", "--max-tokens", "160",
+        env={"HF_HUB_OFFLINE": "1"}, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "smol.summary.json").read_text())
+    assert summary["requests"] == 2 and summary["teacher"] == "smollm2-135m-instruct"
+    assert summary["completion_tokens"] > 0
+    assert (
+        summary["accepted"] == len(out.read_text().splitlines()) if out.exists() else summary["accepted"] == 0
+    )
+    assert os.path.exists(tmp_path / "smol.requests.jsonl")
