@@ -53,7 +53,9 @@ def reference_greedy(texts: list[str], workers: int) -> tuple[list[int], int]:
             if best <= THRESHOLD:
                 kept.append(i)
             if i % 100 == 99:
-                print(f"  reference: {i + 1}/{len(texts)} records, {len(kept)} kept, {pairs} pairs", flush=True)
+                print(
+                    f"  reference: {i + 1}/{len(texts)} records, {len(kept)} kept, {pairs} pairs", flush=True
+                )
     return kept, pairs
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import UserError
 from .records import Record
-from .rouge import Vocabulary, f1_many
+from .rouge import Vocabulary, f1_from_lcs_matrix, lcs_matrix
 from .teachers import SamplingParams, Teacher, TeacherReply
 
 TASKS_PER_PROMPT = 20  # tasks the teacher is asked for in one completion
@@ -197,21 +197,38 @@ class Pool:
         self.vocab = Vocabulary()
         self.texts: list[str] = []
         self.ids: list[list[int]] = []
+        self._lens = np.zeros(1024, dtype=np.int64)  # grows by doubling; first len(texts) are real
         for text in instructions:
             self.add(text)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lens[: len(self.ids)]
+
     def add(self, instruction: str) -> None:
+        ids = self.vocab.encode(instruction)
+        if len(self.ids) == len(self._lens):
+            self._lens = np.concatenate([self._lens, np.zeros_like(self._lens)])
+        self._lens[len(self.ids)] = len(ids)
         self.texts.append(instruction)
-        self.ids.append(self.vocab.encode(instruction))
+        self.ids.append(ids)
 
     def scores(self, instruction: str) -> np.ndarray:
         """ROUGE-L F1 against every pool instruction (exact, as rouge-score computes it)."""
-        return f1_many(self.vocab.encode(instruction), self.ids)
+        return self.scores_many([instruction])[0]
+
+    def scores_many(self, instructions: Sequence[str]) -> np.ndarray:
+        """(len(instructions), len(pool)) F1 matrix, in one multi-core LCS call."""
+        queries = [self.vocab.encode(t) for t in instructions]
+        lcs = lcs_matrix(queries, self.ids)
+        return f1_from_lcs_matrix(lcs, np.array([len(q) for q in queries]), self.lengths)
 
 
 def similarity_summary(pool: Pool, scores: np.ndarray, top: int = 10) -> dict[str, Any]:
     """What the original kept with each record: its most similar instructions and the mean score."""
-    best = np.argsort(-scores, kind="stable")[:top]
+    top = min(top, len(scores))
+    best = np.argpartition(-scores, top - 1)[:top] if top else np.zeros(0, dtype=np.int64)
+    best = best[np.lexsort((best, -scores[best]))]  # highest first; ties by pool order
     return {
         "most_similar_instructions": {pool.texts[i]: round(float(scores[i]), 6) for i in best},
         "avg_similarity_score": round(float(scores.mean()), 6) if len(scores) else 0.0,
@@ -331,6 +348,7 @@ class Generator:
         self.done_requests = {log["request"] for log in logs}
         self.resumed_with = len(accepted)
         self.stop_reason = ""
+        self._synced_at = time.monotonic()
 
     # -- one request ------------------------------------------------------------------------
 
@@ -343,17 +361,26 @@ class Generator:
         """Filter the reply's tasks, append the accepted ones, log the request. Returns accepted."""
         parsed = parse_tasks(reply.text, DEMOS_PER_PROMPT + 1, reply.finish_reason)
         dropped: Counter = Counter(unparseable=parsed.unparseable, truncated=parsed.truncated)
-        accepted = 0
+        candidates = []
         for record in parsed.records:
-            if self.tally.accepted + accepted >= self.config.num_instructions:
-                dropped["over_target"] += 1
-                continue
             reason = filter_reason(record.instruction, self.config.filters, self.blacklist)
-            scores = self.pool.scores(record.instruction) if reason is None else None
-            if scores is not None and len(scores) and scores.max() > self.config.filters.rouge_threshold:
-                reason = "rouge_similar"
             if reason:
                 dropped[reason] += 1
+            else:
+                candidates.append(record)
+        # Greedy in order, as if scored one by one: each candidate against the pool as it was
+        # before this reply, and against the candidates of this reply accepted before it.
+        texts = [c.instruction for c in candidates]
+        vs_pool = self.pool.scores_many(texts)
+        vs_batch = Pool(texts).scores_many(texts)
+        accepted_here: list[int] = []
+        for k, record in enumerate(candidates):
+            if self.tally.accepted + len(accepted_here) >= self.config.num_instructions:
+                dropped["over_target"] += 1
+                continue
+            scores = np.concatenate([vs_pool[k], vs_batch[k, accepted_here]])
+            if len(scores) and scores.max() > self.config.filters.rouge_threshold:
+                dropped["rouge_similar"] += 1
                 continue
             row = {
                 "instruction": record.instruction,
@@ -363,10 +390,10 @@ class Generator:
                 "request": request,
             }
             self._out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self._out.flush()
-            os.fsync(self._out.fileno())  # an accepted record survives a kill from here on
+            self._out.flush()  # in the OS's hands: survives a kill of this process from here on
             self.pool.add(record.instruction)
-            accepted += 1
+            accepted_here.append(k)
+        accepted = len(accepted_here)
         log = {
             "request": request,
             "prompt_tokens": reply.prompt_tokens,
@@ -379,6 +406,10 @@ class Generator:
         }
         self._log.write(json.dumps(log) + "\n")
         self._log.flush()
+        if time.monotonic() - self._synced_at >= 1.0:  # on disk too: a power cut costs at most ~1 s
+            os.fsync(self._out.fileno())
+            os.fsync(self._log.fileno())
+            self._synced_at = time.monotonic()
         self.tally.add(log)
         self.done_requests.add(request)
         return accepted
@@ -420,22 +451,24 @@ class Generator:
         pending: set[Future] = set()
         try:
             while True:
+                # Keep the teacher busy: top up before taking the next reply, one reply at a time.
                 while len(pending) < self.config.concurrency and self._may_ask():
                     pending.add(pool.submit(self._ask, next(requests)))
                     self._in_flight += 1
                 if not pending:
                     break
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    self._in_flight -= 1
-                    request, reply = future.result()  # a TeacherError stops the run here
-                    got = self._take(request, reply)
-                    barren = 0 if got else barren + 1
-                    bar.update(min(got, bar.total - bar.n))
-                    bar.set_postfix_str(
-                        f"{self.tally.requests} req, ${self.tally.cost_usd(self.config):.4f}, "
-                        f"{self.tally.prompt_tokens + self.tally.completion_tokens} tok"
-                    )
+                future = finished.pop()
+                pending |= finished
+                self._in_flight -= 1
+                request, reply = future.result()  # a TeacherError stops the run here
+                got = self._take(request, reply)
+                barren = 0 if got else barren + 1
+                bar.update(min(got, bar.total - bar.n))
+                bar.set_postfix_str(
+                    f"{self.tally.requests} req, ${self.tally.cost_usd(self.config):.4f}, "
+                    f"{self.tally.prompt_tokens + self.tally.completion_tokens} tok"
+                )
                 if barren >= self.config.max_barren_requests and not self.stop_reason:
                     self.stop_reason = f"the last {barren} requests gave no acceptable record"
                     self.config = dataclasses.replace(self.config, max_requests=0)
@@ -444,8 +477,10 @@ class Generator:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
-            self._out.close()
-            self._log.close()
+            for f in (self._out, self._log):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         return self._write_summary(time.perf_counter() - start)
 
     def _write_summary(self, elapsed_s: float) -> dict[str, Any]:

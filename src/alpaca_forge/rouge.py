@@ -73,24 +73,36 @@ class Vocabulary:
 
 def _lcs_many(query: Sequence[int], choices: Sequence[Sequence[int]]) -> np.ndarray:
     """LCS length of `query` with each of `choices` (one C++ call)."""
+    return lcs_matrix([query], choices)[0]
+
+
+def lcs_matrix(queries: Sequence[Sequence[int]], choices: Sequence[Sequence[int]]) -> np.ndarray:
+    """LCS lengths of every query with every choice; large jobs use every core (the GIL is released)."""
     from rapidfuzz import process
     from rapidfuzz.distance import LCSseq
 
-    if not choices:
-        return np.zeros(0, dtype=np.int64)
-    return process.cdist([query], choices, scorer=LCSseq.similarity, dtype=np.int32, workers=1)[0]
+    if not queries or not choices:
+        return np.zeros((len(queries), len(choices)), dtype=np.int32)
+    workers = -1 if len(queries) * len(choices) > 20_000 else 1
+    return process.cdist(queries, choices, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
+
+
+def f1_from_lcs_matrix(lcs: np.ndarray, query_lens: np.ndarray, choice_lens: np.ndarray) -> np.ndarray:
+    """ROUGE-L F1 from LCS lengths, element-wise, with `f1_from_lcs`'s exact float operations."""
+    lcs = lcs.astype(np.float64)
+    m = np.asarray(query_lens, dtype=np.float64)[:, None]  # queries are the targets
+    n = np.asarray(choice_lens, dtype=np.float64)[None, :]  # choices the predictions
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = lcs / n
+        recall = lcs / m
+        f1 = 2 * precision * recall / (precision + recall)
+    return np.where((lcs > 0) & (n > 0) & (m > 0), f1, 0.0)
 
 
 def f1_many(query: Sequence[int], choices: Sequence[Sequence[int]]) -> np.ndarray:
     """ROUGE-L F1 of `query` against every choice, exactly as `f1_from_lcs` computes it."""
-    lcs = _lcs_many(query, choices).astype(np.float64)
-    lens = np.fromiter((len(c) for c in choices), dtype=np.float64, count=len(choices))
-    m = float(len(query))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = lcs / lens  # query is the target, each choice the prediction
-        recall = lcs / m if m else np.zeros_like(lcs)
-        f1 = 2 * precision * recall / (precision + recall)
-    return np.where((lcs > 0) & (lens > 0) & (m > 0), f1, 0.0)
+    lens = np.fromiter((len(c) for c in choices), dtype=np.int64, count=len(choices))
+    return f1_from_lcs_matrix(_lcs_many(query, choices)[None, :], np.array([len(query)]), lens)[0]
 
 
 def _min_overlap(m: int, threshold: float) -> int:
