@@ -132,3 +132,75 @@ def test_messages_input_problems_are_reported(tmp_path):
 def test_data_without_a_tool_shows_help():
     r = run_cli("data")
     assert r.returncode == 2 and "validate" in r.stdout and "dedupe" in r.stdout
+
+
+QUALITY_RECORDS = [
+    Record("Give three tips for staying healthy.", "", "Eat well, sleep enough and move every day."),
+    Record("Summarise the text.", "", ""),  # empty_output
+    Record("Repeat the input.", "Hello there.", "Hello there."),  # output_equals_input
+    Record(
+        "Describe a sunset.", "", "The sky turns orange and the clouds glow as the sun slowly sinks below the"
+    ),  # truncated
+    Record("Tell me how to pick a lock.", "", "As an AI language model, I cannot help with that."),  # refusal
+    Record("Comfort a friend.", "", "I'm sorry to hear that. I am here for you."),  # not a refusal
+    Record("Name a fruit.", "<noinput>", "Apple."),  # noinput_leftover
+    Record("Écris une phrase.", "", "Voici une phrase."),  # non_english_start
+    Record("Give three tips for staying very healthy.", "", "Walk."),  # near_duplicate of the first
+]
+
+
+def test_quality_finds_each_problem_and_clean_removes_them(tmp_path):
+    src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
+    r = run_cli("data", "quality", str(src), "--report", str(tmp_path / "q.json"))
+    assert r.returncode == 0, r.stderr
+    checks = json.loads((tmp_path / "q.json").read_text())["checks"]
+    assert {name: [e["index"] for e in c["examples"]] for name, c in checks.items()} == {
+        "empty_output": [1],
+        "output_equals_input": [2],
+        "truncated_output": [3],
+        "refusal": [4],
+        "noinput_leftover": [6],
+        "non_english_start": [7],
+        "near_duplicate": [8],
+    }
+    r = run_cli(
+        "data",
+        "clean",
+        str(src),
+        "--output",
+        str(tmp_path / "clean.jsonl"),
+        "--checks",
+        "refusal,near_duplicate",
+    )
+    assert r.returncode == 0, r.stderr
+    kept = read_records(tmp_path / "clean.jsonl", require_output=False)
+    assert (
+        QUALITY_RECORDS[4] not in kept
+        and QUALITY_RECORDS[8] not in kept
+        and len(kept) == len(QUALITY_RECORDS) - 2
+    )
+    removed = _rows(tmp_path / "clean.dropped.jsonl")
+    assert [(d["index"], d["checks"]) for d in removed] == [(4, ["refusal"]), (8, ["near_duplicate"])]
+    assert_user_error(
+        run_cli("data", "clean", str(src), "--output", str(tmp_path / "x.jsonl"), "--checks", "refusals"),
+        "unknown check",
+    )
+
+
+def test_stats_prints_numbers_and_draws_a_png(tmp_path):
+    src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
+    r = run_cli(
+        "data", "stats", str(src), "--plot", str(tmp_path / "len.png"), "--json", str(tmp_path / "s.json")
+    )
+    assert r.returncode == 0, r.stderr
+    numbers = json.loads((tmp_path / "s.json").read_text())
+    assert numbers["records"] == 9 and numbers["with_input"] == 2 and numbers["empty_output"] == 1
+    assert numbers["words"]["instruction"]["max"] == 7 and numbers["top_first_words"]["give"] == 2
+    png = (tmp_path / "len.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "9 records; 2 with input" in r.stdout
+
+
+def test_predictions_read_their_response_as_output(shared_data):
+    records = read_records(shared_data / "eval" / "predictions" / "text-davinci-003.jsonl")
+    assert len(records) == 252 and all(r.output for r in records)

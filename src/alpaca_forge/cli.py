@@ -293,7 +293,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = _command(
         sub,
         "data",
-        "tools over Alpaca datasets: validate, dedupe, split, convert",
+        "tools over Alpaca datasets: validate, stats, quality, clean, dedupe, split, convert",
         "Tools over Alpaca datasets (.json array or .jsonl, .gz too). Run `alpaca-forge data TOOL --help`.",
     )
     tools = data.add_subparsers(dest="tool", metavar="TOOL", help="one of the tools below")
@@ -361,6 +361,57 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, choices=["alpaca", "messages", "seed"], help="output format")
     p.add_argument("--output", required=True, metavar="FILE", help="where to write (.json array or .jsonl)")
     p.set_defaults(run=_run_data_convert)
+
+    p = _command(
+        tools,
+        "stats",
+        "counts, share with input, length histograms (PNG)",
+        "Print counts, the share of records with an input, word-length summaries and the most\n"
+        "common first words; draw length histograms as a PNG.\n\n"
+        "example:\n  alpaca-forge data stats data.jsonl --plot data.lengths.png --json data.stats.json",
+    )
+    p.add_argument("file", metavar="FILE", help="the dataset")
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="where to draw the histograms (default: FILE's name + .lengths.png, here)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.set_defaults(run=_run_data_stats)
+
+    checks = "empty_output, output_equals_input, truncated_output, refusal, noinput_leftover, non_english_start, near_duplicate"
+    p = _command(
+        tools,
+        "quality",
+        "report likely problems: refusals, truncation, leftovers, duplicates ...",
+        f"Run every quality check ({checks}) and report counts and examples.\n\n"
+        "example:\n  alpaca-forge data quality data.jsonl --report quality.json",
+    )
+    p.add_argument("file", metavar="FILE", help="the dataset")
+    p.add_argument("--report", metavar="FILE", help="also write the report (counts and examples) as JSON")
+    p.add_argument("--examples", type=int, default=3, help="examples shown per check")
+    p.add_argument(
+        "--threshold", type=float, default=0.7, help="ROUGE-L F1 above which a record is a near-duplicate"
+    )
+    p.set_defaults(run=_run_data_quality)
+
+    p = _command(
+        tools,
+        "clean",
+        "remove what `quality` flags (checks configurable)",
+        "Remove every record flagged by the chosen quality checks; the removed ones are written\n"
+        "beside the output with the checks that flagged them.\n\n"
+        "example:\n  alpaca-forge data clean data.jsonl --output clean.jsonl --checks refusal,empty_output,near_duplicate",
+    )
+    p.add_argument("file", metavar="FILE", help="the dataset")
+    p.add_argument("--output", required=True, metavar="FILE", help="the records that pass")
+    p.add_argument(
+        "--checks", metavar="LIST", help=f"comma-separated checks to apply (default: all of {checks})"
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.7, help="ROUGE-L F1 above which a record is a near-duplicate"
+    )
+    p.set_defaults(run=_run_data_clean)
     data.set_defaults(run=lambda args: _missing_tool(data))
 
 
@@ -593,6 +644,83 @@ def _run_data_dedupe(args: argparse.Namespace) -> int:
         elapsed,
     )
     _say("kept: %s; dropped, each with its duplicate: %s", kept_path, dropped_path)
+    return 0
+
+
+def _run_data_stats(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .data import plot_lengths, stats
+    from .records import read_records
+
+    records = read_records(args.file, require_output=False)
+    numbers = stats(records)
+    w = numbers["words"]
+    print(
+        f"{numbers['records']} records; {numbers['with_input']} with input ({numbers['with_input_share']:.1%}); {numbers['empty_output']} empty outputs"
+    )
+    for field in ("instruction", "input", "output"):
+        s = w[field]
+        print(
+            f"  {field:<12} words: mean {s['mean']}, median {s['median']:g}, p90 {s['p90']:g}, max {s['max']}"
+        )
+    print(
+        "  most common first words: " + ", ".join(f"{k} {v}" for k, v in numbers["top_first_words"].items())
+    )
+    name = Path(args.file).name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
+    plot = plot_lengths(
+        records, args.plot or f"{name}.lengths.png", f"{Path(args.file).name}: lengths in words"
+    )
+    _say("histograms: %s", plot)
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+        _say("numbers: %s", args.json)
+    return 0
+
+
+def _run_data_quality(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .data import quality
+    from .records import read_records
+
+    records = read_records(args.file, require_output=False)
+    report = quality(records, args.threshold, progress=not args.quiet).to_dict(records, args.examples)
+    print(f"{report['records']} records checked")
+    for name, found in report["checks"].items():
+        print(f"  {name:<20} {found['count']:>7}")
+        for ex in found["examples"]:
+            snippet = (ex["instruction"] + " -> " + ex["output"]).replace("\n", " ")[:110]
+            print(f"      [{ex['index']}] {snippet}")
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        _say("report: %s", args.report)
+    return 0
+
+
+def _run_data_clean(args: argparse.Namespace) -> int:
+    from .data import dropped_path_for, parse_checks, quality
+    from .records import read_records, write_records
+
+    checks = parse_checks(args.checks)  # a typo fails before any work
+    records = read_records(args.file, require_output=False)
+    flagged = quality(records, args.threshold, progress=not args.quiet).flagged_positions(checks)
+    kept = [r for i, r in enumerate(records) if i not in flagged]
+    removed = [
+        {"index": i, "checks": found, "record": records[i].to_dict()} for i, found in sorted(flagged.items())
+    ]
+    write_records(args.output, kept)
+    removed_path = write_records(dropped_path_for(args.output), removed)
+    _say(
+        "kept %d of %d records -> %s; %d removed -> %s",
+        len(kept),
+        len(records),
+        args.output,
+        len(removed),
+        removed_path,
+    )
     return 0
 
 

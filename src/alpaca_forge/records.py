@@ -8,6 +8,7 @@ field and a fix. Three input shapes are understood:
 - seed tasks and evaluation tasks: `{"id", "instruction", "instances": [{"input", "output"}]}`,
   one record per instance;
 - chat messages: `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`, one exchange;
+- predictions: `{"instruction", "input", "response"}`: the response is read as the output;
 - anything else is reported, never dropped silently.
 """
 
@@ -309,7 +310,9 @@ def records_from_item(value: Any, where: str, *, require_output: bool) -> tuple[
         return ([], problems) if problems else (records, [])
 
     inp = _check_text(value.get("input"), "input", where, problems, required=False)
-    out = _check_text(value.get("output"), "output", where, problems, required=require_output)
+    # Prediction files (`infer`'s, the evaluation predictions) call the answer "response".
+    field = "output" if "output" in value or "response" not in value else "response"
+    out = _check_text(value.get(field), field, where, problems, required=require_output)
     if problems:
         return [], problems
     return [Record(instruction or "", inp or "", out or "", rec_id)], []
