@@ -242,12 +242,8 @@ def _all_parsers(parser, name="alpaca-forge"):
 
 def test_every_flag_has_help():
     parsers = dict(_all_parsers(build_parser()))
-    assert {
-        "alpaca-forge prompt",
-        "alpaca-forge chat",
-        "alpaca-forge infer",
-        "alpaca-forge data dedupe",
-    } <= set(parsers)
+    expected = {"prompt", "chat", "infer", "generate", "data quality", "data clean", "data stats"}
+    assert {f"alpaca-forge {name}" for name in expected} <= set(parsers)
     for name, parser in parsers.items():
         for action in parser._actions:
             assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
@@ -255,16 +251,8 @@ def test_every_flag_has_help():
 
 @pytest.mark.parametrize(
     "command",
-    [
-        [],
-        ["prompt"],
-        ["chat"],
-        ["infer"],
-        ["data", "validate"],
-        ["data", "dedupe"],
-        ["data", "split"],
-        ["data", "convert"],
-    ],
+    [[], ["prompt"], ["chat"], ["infer"], ["generate"]]
+    + [["data", tool] for tool in ("validate", "stats", "quality", "clean", "dedupe", "split", "convert")],
 )
 def test_help_runs(command):
     r = run_cli(*command, "--help")
