@@ -258,7 +258,7 @@ def test_help_runs(command):
     r = run_cli(*command, "--help")
     assert r.returncode == 0 and "usage: alpaca-forge" in r.stdout
     if command:
-        assert "example:" in r.stdout
+        assert "example" in r.stdout
 
 
 def test_interactive_chat_in_a_terminal(endless_model_dir):
