@@ -197,3 +197,12 @@ def test_the_embedded_model_as_teacher(tmp_path, shared_data):
         summary["accepted"] == len(out.read_text().splitlines()) if out.exists() else summary["accepted"] == 0
     )
     assert os.path.exists(tmp_path / "smol.requests.jsonl")
+
+
+def test_an_output_that_generate_did_not_write_is_refused(tmp_path, seeds):
+    foreign = tmp_path / "other.jsonl"
+    foreign.write_text('{"text": "something else"}\n')
+    with FakeTeacher(Script()) as url:
+        r = run_cli(*_generate(seeds, foreign, url, "--num-instructions", "5"))
+    assert_user_error(r, f"{foreign}:1: not a line that `alpaca-forge generate` wrote")
+    assert foreign.read_text() == '{"text": "something else"}\n'

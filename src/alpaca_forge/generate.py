@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .records import Record
+from .records import Record, read_appended_jsonl
 from .rouge import Vocabulary, f1_from_lcs_matrix, lcs_matrix
 from .teachers import SamplingParams, Teacher, TeacherReply
 
@@ -287,28 +287,6 @@ def side_paths(output: Path) -> tuple[Path, Path]:
     return output.with_name(f"{stem}.requests.jsonl"), output.with_name(f"{stem}.summary.json")
 
 
-def _read_jsonl_tail_safe(path: Path) -> list[dict[str, Any]]:
-    """Lines of an append-only file; a last line cut by a kill is removed from the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    rows = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(
-                f"{path}:{lineno}: not a line that `alpaca-forge generate` wrote",
-                "choose another --output, or move this file away to start over",
-            ) from None
-    return rows
-
-
 class Generator:
     """One `generate` job: setup (resume state) -> run (requests until N accepted) -> summary."""
 
@@ -331,8 +309,9 @@ class Generator:
         self.blacklist = config.filters.blacklist_pattern()
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
-            accepted = _read_jsonl_tail_safe(self.output)
-            logs = _read_jsonl_tail_safe(self.log_path)
+            fix = "choose another --output, or move this file away to start over"
+            accepted = [row for _, row in read_appended_jsonl(self.output, ("instruction",), "generate", fix)]
+            logs = [row for _, row in read_appended_jsonl(self.log_path, (), "generate", fix)]
             self._out = open(self.output, "a", encoding="utf-8")  # noqa: SIM115 (closed in run)
             self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as e:

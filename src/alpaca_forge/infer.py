@@ -20,7 +20,7 @@ from typing import Any
 from .errors import UserError
 from .generation import GenerationSettings, generate_batch
 from .models import LoadedModel
-from .records import Record
+from .records import Record, read_appended_jsonl
 
 
 @dataclass
@@ -46,36 +46,24 @@ def _settings_of(lm: LoadedModel, settings: GenerationSettings) -> dict[str, Any
 def _read_done(output: Path, expected: dict[str, Any]) -> Counter:
     """What an earlier run already answered, counted by (instruction, input).
 
-    A line cut off by a kill in mid-write is removed; lines written with other settings stop the
-    run, because mixing them would make one file answer the same question two ways.
+    Lines written with other settings stop the run: mixing them would make one file answer the
+    same question two ways.
     """
     done: Counter = Counter()
-    if not output.exists():
-        return done
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):  # the last write was cut off: drop the partial line
-        keep = data.rfind(b"\n") + 1
-        with open(output, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            key = _content_key(row["instruction"], row["input"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(
-                f"{output}:{lineno}: not a line that `alpaca-forge infer` wrote ({e})",
-                "choose another --output, or add --overwrite to replace this file",
-            ) from None
+    rows = read_appended_jsonl(
+        output,
+        ("instruction", "input"),
+        "infer",
+        "choose another --output, or add --overwrite to replace this file",
+    )
+    for lineno, row in rows:
         for field, want in expected.items():
             if row.get(field) != want:
                 raise UserError(
                     f"{output}:{lineno}: was written with different settings ({field}: {row.get(field)!r}, now {want!r})",
                     "use the same settings to resume, another --output for a new run, or --overwrite to start over",
                 )
-        done[key] += 1
+        done[_content_key(row["instruction"], row["input"])] += 1
     return done
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -408,3 +408,39 @@ def write_records(path: str | os.PathLike, records: Iterable[Record | dict]) -> 
 
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# Append-only JSONL outputs (infer, generate): what a killed run left behind
+
+
+def read_appended_jsonl(
+    path: str | os.PathLike, required: Sequence[str], command: str, fix: str
+) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each line of a file that `command` appends to, to resume from.
+
+    A last line cut off by a kill in mid-write is removed from the file (its record is redone);
+    any other line that is not a JSON object with the `required` string fields stops the run.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    rows = []
+    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in required)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise UserError(f"{path}:{lineno}: not a line that `alpaca-forge {command}` wrote", fix)
+        rows.append((lineno, row))
+    return rows
