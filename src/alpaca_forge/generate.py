@@ -398,14 +398,16 @@ class Generator:
     def _may_ask(self) -> bool:
         """Whether to send another request now; sets `stop_reason` once the job should end."""
         c, t = self.config, self.tally
+        if self.stop_reason:
+            return False
         if t.accepted >= c.num_instructions:
-            self.stop_reason = self.stop_reason or "done"
+            self.stop_reason = "done"
             return False
         if c.max_cost_usd is not None and t.cost_usd(c) >= c.max_cost_usd:
             self.stop_reason = f"cost limit reached (${t.cost_usd(c):.4f} of ${c.max_cost_usd:g})"
             return False
         if c.max_requests is not None and t.requests + self._in_flight >= c.max_requests:
-            self.stop_reason = self.stop_reason or f"request limit reached ({c.max_requests})"
+            self.stop_reason = f"request limit reached ({c.max_requests})"
             return False
         # What is already asked for should cover the rest: do not pay for more.
         return not (self._in_flight and self._expected_from_in_flight() >= c.num_instructions - t.accepted)
@@ -450,7 +452,6 @@ class Generator:
                 )
                 if barren >= self.config.max_barren_requests and not self.stop_reason:
                     self.stop_reason = f"the last {barren} requests gave no acceptable record"
-                    self.config = dataclasses.replace(self.config, max_requests=0)
         finally:
             for future in pending:
                 future.cancel()
@@ -466,7 +467,7 @@ class Generator:
         t, c = self.tally, self.config
         summary = {
             "teacher": self.teacher.name,
-            "stop_reason": self.stop_reason or "done",
+            "stop_reason": "done" if t.accepted >= c.num_instructions else self.stop_reason or "done",
             "accepted": t.accepted,
             "target": c.num_instructions,
             "accepted_this_run": t.accepted - self.resumed_with,
