@@ -206,3 +206,33 @@ def test_an_output_that_generate_did_not_write_is_refused(tmp_path, seeds):
         r = run_cli(*_generate(seeds, foreign, url, "--num-instructions", "5"))
     assert_user_error(r, f"{foreign}:1: not a line that `alpaca-forge generate` wrote")
     assert foreign.read_text() == '{"text": "something else"}\n'
+
+
+def test_a_teacher_slower_than_the_timeout_fails_clearly(tmp_path, seeds):
+    with FakeTeacher(Script(latency_s=3)) as url:
+        r = run_cli(
+            *_generate(
+                seeds,
+                tmp_path / "t.jsonl",
+                url,
+                "--num-instructions",
+                "5",
+                "--timeout-s",
+                "0.5",
+                "--max-retries",
+                "1",
+            )
+        )
+    assert_user_error(r, "no answer within 0.5 s", "failed 2 times")
+
+
+def test_backoff_doubles_with_jitter_up_to_a_cap_and_honours_retry_after():
+    import random as _random
+
+    from alpaca_forge.teachers import RetryPolicy
+
+    policy, rng = RetryPolicy(base_delay_s=1.0, max_delay_s=10.0), _random.Random(0)
+    for attempt, full in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (6, 10.0)]:
+        delays = {policy.delay_s(attempt, None, rng) for _ in range(50)}
+        assert all(full * 0.5 <= d <= full for d in delays) and len(delays) > 40  # jittered, never in step
+    assert policy.delay_s(0, "3", rng) == 3.0 and policy.delay_s(0, "99", rng) == 10.0
