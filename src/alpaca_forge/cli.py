@@ -228,8 +228,9 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--teacher-api",
         choices=["chat", "completions"],
-        default="chat",
-        help="which endpoint of the server to use",
+        default=None,
+        help="server: which endpoint (default chat); in-process: completions continues the prompt as plain "
+        "text (default; small models follow the layout better), chat wraps it in the model's prompt format",
     )
     g.add_argument(
         "--teacher-key-env",
@@ -562,7 +563,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         teacher = HttpTeacher(
             args.teacher_url,
             args.teacher_model,
-            api=args.teacher_api,
+            api=args.teacher_api or "chat",
             api_key=os.environ.get(args.teacher_key_env),
             retry=retry,
             seed=args.seed,
@@ -572,7 +573,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
         lm = load_model(args.teacher_model or DEFAULT_MODEL)
         _say("teacher: %s in this process (%.1f s to load)", lm.name, lm.load_s)
-        teacher = LocalTeacher(lm)
+        teacher = LocalTeacher(lm, api=args.teacher_api or "completions")
     generator = Generator(teacher, seeds, args.output, config)
     if generator.resumed_with:
         _say(

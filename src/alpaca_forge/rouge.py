@@ -117,6 +117,8 @@ def _min_overlap(m: int, threshold: float) -> int:
 # Candidates are scored in chunks of this many, most promising first, so that a text with an
 # obvious duplicate is settled after one small LCS call.
 _CHUNK = 32
+# How many of a text's rarest elements the quick first look uses.
+_QUICK_ELEMENTS = 3
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -240,6 +242,9 @@ class _GreedyDeduper:
         """An earlier kept text with F1 above the threshold against text i, or None."""
         m, tau = int(self.lengths[i]), self.tau
         prefix = self.elements(i)[: self.prefix_len[i]]
+        quick = self._quick_match(i, prefix)
+        if quick is not None:
+            return quick
         docs, j, qi = self._candidates(i, prefix)
         if not len(docs):
             return None
@@ -272,6 +277,18 @@ class _GreedyDeduper:
             if scores[best] > tau:
                 return chunk[best], float(scores[best])
         return None
+
+    def _quick_match(self, i: int, prefix: np.ndarray) -> tuple[int, float] | None:
+        """Most dropped texts have a near-copy among the few kept texts that share their rarest
+        elements: score those first. Any match above the threshold decides a drop exactly; on a
+        miss the full search runs as if this had not happened."""
+        docs = np.unique(self._candidates(i, prefix[:_QUICK_ELEMENTS])[0])
+        if not 0 < len(docs) <= _CHUNK:
+            return None
+        chunk = docs.tolist()
+        scores = f1_many(self.encoded[i], [self.encoded[d] for d in chunk])
+        best = int(np.argmax(scores))
+        return (chunk[best], float(scores[best])) if scores[best] > self.tau else None
 
     def run(self, progress: Callable[[int], None] | None = None) -> tuple[list[int], list[Dropped]]:
         dropped: list[Dropped] = []

@@ -190,13 +190,23 @@ class _Garbage(Exception):
 class LocalTeacher:
     """A model in this process. One request at a time (a model is no faster split across threads)."""
 
-    def __init__(self, lm: LoadedModel):
-        self.lm = lm
+    def __init__(self, lm: LoadedModel, api: str = "completions"):
+        if api not in ("chat", "completions"):
+            raise UserError(
+                f"unknown teacher API {api!r}", "use --teacher-api completions or --teacher-api chat"
+            )
+        self.lm, self.api = lm, api
         self.name = lm.name
         self._lock = threading.Lock()
 
     def complete(self, prompt: str, params: SamplingParams) -> TeacherReply:
-        text = self.lm.prompt_format.prompt(prompt, tokenizer=self.lm.tokenizer)
+        # "completions": the model continues the numbered list as plain text (small models follow
+        # the layout far better so); "chat": the prompt goes through the model's prompt format.
+        text = (
+            prompt
+            if self.api == "completions"
+            else self.lm.prompt_format.prompt(prompt, tokenizer=self.lm.tokenizer)
+        )
         with self._lock:
             settings = GenerationSettings(
                 max_new_tokens=params.max_tokens,
