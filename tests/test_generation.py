@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from alpaca_forge import GenerationSettings, TokenStream, UserError, generate, generate_batch
+from alpaca_forge import GenerationSettings, TokenStream, UserError, generate_batch, generate_text
 from alpaca_forge.generation import StopStringFilter, cut_at_stop
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
@@ -51,14 +51,14 @@ def test_batched_generation_matches_one_at_a_time(tiny_lm):
     """Left padding must not change what each prompt gets (greedy, so it is deterministic)."""
     prompts = _prompts(tiny_lm)
     batched = generate_batch(tiny_lm, prompts, GREEDY)
-    alone = [generate(tiny_lm, p, GREEDY) for p in prompts]
+    alone = [generate_text(tiny_lm, p, GREEDY) for p in prompts]
     assert batched == alone
     assert all(c.num_tokens > 0 for c in batched)
 
 
 def test_length_limit_is_reported(tiny_lm):
     settings = GenerationSettings(max_new_tokens=3, temperature=0.0, repetition_penalty=1.0)
-    c = generate(tiny_lm, _prompts(tiny_lm)[0], settings)
+    c = generate_text(tiny_lm, _prompts(tiny_lm)[0], settings)
     if c.finish_reason != "length":  # the random model happened to emit EOS within 3 tokens
         pytest.skip("tiny model stopped early for this seed")
     assert c.num_tokens == 3
@@ -66,10 +66,10 @@ def test_length_limit_is_reported(tiny_lm):
 
 def test_stop_string_cuts_generation(tiny_lm):
     prompt = _prompts(tiny_lm)[0]
-    full = generate(tiny_lm, prompt, GREEDY)
+    full = generate_text(tiny_lm, prompt, GREEDY)
     assert len(full.text) > 6, full
     stop = full.text[3:6]
-    cut = generate(tiny_lm, prompt, dataclasses.replace(GREEDY, stop=(stop,)))
+    cut = generate_text(tiny_lm, prompt, dataclasses.replace(GREEDY, stop=(stop,)))
     assert cut.text == full.text[: full.text.index(stop)].strip()
     assert cut.finish_reason == "stop"
     assert cut.num_tokens < full.num_tokens
@@ -78,8 +78,8 @@ def test_stop_string_cuts_generation(tiny_lm):
 def test_sampling_is_seeded(tiny_lm):
     prompt = _prompts(tiny_lm)[0]
     s = GenerationSettings(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
-    assert generate(tiny_lm, prompt, s) == generate(tiny_lm, prompt, s)
-    others = {generate(tiny_lm, prompt, dataclasses.replace(s, seed=k)).text for k in range(5)}
+    assert generate_text(tiny_lm, prompt, s) == generate_text(tiny_lm, prompt, s)
+    others = {generate_text(tiny_lm, prompt, dataclasses.replace(s, seed=k)).text for k in range(5)}
     assert len(others) > 1
 
 
@@ -88,7 +88,7 @@ def test_stream_yields_the_same_answer_as_batch(tiny_lm):
     stream = TokenStream(tiny_lm, prompt, GREEDY)
     pieces = list(stream)
     assert len(pieces) > 1
-    assert "".join(pieces).strip() == stream.completion.text == generate(tiny_lm, prompt, GREEDY).text
+    assert "".join(pieces).strip() == stream.completion.text == generate_text(tiny_lm, prompt, GREEDY).text
     assert stream.tokens_per_s > 0
 
 
@@ -113,4 +113,4 @@ def test_tokenizers_without_a_pad_token_still_batch(tiny_model_dir):
     lm.tokenizer.pad_token = None
     assert lm.tokenizer.pad_token_id is None
     prompts = _prompts(lm)
-    assert generate_batch(lm, prompts, GREEDY) == [generate(lm, p, GREEDY) for p in prompts]
+    assert generate_batch(lm, prompts, GREEDY) == [generate_text(lm, p, GREEDY) for p in prompts]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alpaca_forge import GenerationSettings, generate, get_format, load_model
+from alpaca_forge import GenerationSettings, generate_text, get_format, load_model
 from alpaca_forge.models import BUILTIN_MODELS, _load_gguf, builtin_gguf_path, cache_root
 
 from conftest import run_cli
@@ -47,7 +47,7 @@ def test_the_cached_copy_is_exactly_the_gguf(smollm2):
 
 
 def test_a_real_answer(smollm2):
-    answer = generate(
+    answer = generate_text(
         smollm2,
         smollm2.prompt_format.prompt("What is the capital of France?", tokenizer=smollm2.tokenizer),
         GREEDY,
@@ -59,7 +59,7 @@ def test_a_real_answer(smollm2):
 def test_alpaca_format_stops_before_a_new_instruction(smollm2):
     """SmolLM2 was not trained on the Alpaca template; stop strings still keep its answer to itself."""
     fmt = get_format("alpaca")
-    answer = generate(
+    answer = generate_text(
         smollm2,
         fmt.prompt("Name three primary colours."),
         GenerationSettings(max_new_tokens=96, temperature=0.0),

@@ -6,7 +6,7 @@ The public API is re-exported here; everything else is internal.
 __version__ = "0.1.0"
 
 from .errors import Problem, UserError, ValidationError
-from .generation import Completion, GenerationSettings, TokenStream, generate, generate_batch
+from .generation import Completion, GenerationSettings, TokenStream, generate_batch, generate_text
 from .models import DEFAULT_MODEL, LoadedModel, load_model, load_tokenizer, resolve_model, save_model
 from .prompts import (
     ALPACA_PROMPT_NO_INPUT,
@@ -36,8 +36,8 @@ __all__ = [
     "UserError",
     "ValidationError",
     "__version__",
-    "generate",
     "generate_batch",
+    "generate_text",
     "get_format",
     "load_model",
     "load_tokenizer",

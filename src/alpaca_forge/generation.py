@@ -192,7 +192,8 @@ def generate_batch(lm: LoadedModel, prompts: Sequence[str], settings: Generation
     return completions
 
 
-def generate(lm: LoadedModel, prompt: str, settings: GenerationSettings) -> Completion:
+def generate_text(lm: LoadedModel, prompt: str, settings: GenerationSettings) -> Completion:
+    """One answer (the name `generate` belongs to the self-instruct stage module)."""
     return generate_batch(lm, [prompt], settings)[0]
 
 
