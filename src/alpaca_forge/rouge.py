@@ -15,7 +15,6 @@ and the same F1 arithmetic. Speed comes from two places:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -71,11 +70,6 @@ class Vocabulary:
         return [[ids.setdefault(t, len(ids)) for t in part.split()] for part in joined.split(b"\x00")]
 
 
-def _lcs_many(query: Sequence[int], choices: Sequence[Sequence[int]]) -> np.ndarray:
-    """LCS length of `query` with each of `choices` (one C++ call)."""
-    return lcs_matrix([query], choices)[0]
-
-
 def lcs_matrix(queries: Sequence[Sequence[int]], choices: Sequence[Sequence[int]]) -> np.ndarray:
     """LCS lengths of every query with every choice; large jobs use every core (the GIL is released)."""
     from rapidfuzz import process
@@ -102,16 +96,7 @@ def f1_from_lcs_matrix(lcs: np.ndarray, query_lens: np.ndarray, choice_lens: np.
 def f1_many(query: Sequence[int], choices: Sequence[Sequence[int]]) -> np.ndarray:
     """ROUGE-L F1 of `query` against every choice, exactly as `f1_from_lcs` computes it."""
     lens = np.fromiter((len(c) for c in choices), dtype=np.int64, count=len(choices))
-    return f1_from_lcs_matrix(_lcs_many(query, choices)[None, :], np.array([len(query)]), lens)[0]
-
-
-def _min_overlap(m: int, threshold: float) -> int:
-    """Fewest shared tokens any partner of an m-token text needs for F1 > threshold.
-
-    The best partner has exactly the shared tokens (n = L): 2L/(m+L) > τ  <=>  L > τm/(2-τ).
-    The small epsilon only ever lowers the bound, so the filter stays exact under rounding.
-    """
-    return math.floor(threshold * m / (2 - threshold) - 1e-9) + 1
+    return f1_from_lcs_matrix(lcs_matrix([query], choices), np.array([len(query)]), lens)[0]
 
 
 # Candidates are scored in chunks of this many, most promising first, so that a text with an
@@ -191,6 +176,9 @@ class _GreedyDeduper:
         self.encoded = encoded
         self.flat, self.ptr = element_ranks(encoded)
         self.lengths = np.diff(self.ptr)
+        # Fewest shared tokens any partner of an m-token text needs: the best partner has just the
+        # shared tokens (n = L), and 2L/(m+L) > τ <=> L > τm/(2-τ). The epsilon only lowers the
+        # bound, so the prefix stays long enough under rounding and the filter stays exact.
         need_any = np.floor(threshold * self.lengths / (2 - threshold) - 1e-9).astype(np.int64) + 1
         self.prefix_len = np.where(self.lengths > 0, self.lengths - need_any + 1, 0)
         self.len_span = int(self.lengths.max()) + 2 if len(self.lengths) else 2
