@@ -8,6 +8,7 @@ answer being generated and returns to the prompt; Ctrl-D or `/exit` quits.
 
 from __future__ import annotations
 
+import select
 import sys
 from typing import TextIO
 
@@ -16,6 +17,23 @@ from .models import LoadedModel
 from .prompts import Turn
 
 HELP = "commands: /reset forgets the conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer"
+
+
+def _read_line(prompt: str, stdin: TextIO, stdout: TextIO) -> str:
+    """Like `input()`, but Ctrl-C is never lost.
+
+    A Ctrl-C from the terminal may be delivered to any thread of the process (torch's workers
+    included); Python then only notices it when the main thread next runs. A read blocked in the
+    kernel would not return until Enter, so the wait is done in short slices instead.
+    """
+    stdout.write(prompt)
+    stdout.flush()
+    while not select.select([stdin], [], [], 0.1)[0]:
+        pass  # each slice lets a pending Ctrl-C raise KeyboardInterrupt here
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line
 
 
 def _context_limit(lm: LoadedModel) -> int | None:
@@ -57,7 +75,7 @@ def run_chat(
     while True:
         try:
             if interactive:
-                line = input("you> ")
+                line = _read_line("you> ", stdin, stdout)
             else:
                 line = stdin.readline()
                 if not line:

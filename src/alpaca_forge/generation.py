@@ -8,6 +8,7 @@ stop string is held back until it is clear that it is not).
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -226,7 +227,11 @@ class TokenStream:
         self.lm, self.settings = lm, settings
         self._cancel = threading.Event()
         self._filter = StopStringFilter(_stop_strings(lm, settings))
-        self._streamer = TextIteratorStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # The timeout only makes the consumer wake every 0.1 s, so that a Ctrl-C delivered to
+        # another thread is noticed promptly (see `_pieces`).
+        self._streamer = TextIteratorStreamer(
+            lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
+        )
         self._result: dict[str, Any] = {}
         self.completion: Completion | None = None
         self.elapsed_s = 0.0
@@ -255,9 +260,20 @@ class TokenStream:
             self._result["error"] = e
             self._streamer.end()
 
+    def _pieces(self) -> Iterator[str]:
+        """The streamer's text pieces, waiting in short slices: Python runs a pending Ctrl-C
+        handler only when this (main) thread runs, never while it is blocked on the queue."""
+        while True:
+            try:
+                yield next(self._streamer)
+            except queue.Empty:
+                continue
+            except StopIteration:
+                return
+
     def __iter__(self) -> Iterator[str]:
         started = False
-        for piece in self._streamer:
+        for piece in self._pieces():
             text = self._filter.push(piece)
             if not started:  # the template's space or newline before the answer
                 text = text.lstrip()
