@@ -3,10 +3,20 @@
 import json
 import random
 
+import numpy as np
 import pytest
+from rapidfuzz.distance import LCSseq
 
 from alpaca_forge import read_records
-from alpaca_forge.rouge import f1_from_lcs, greedy_dedupe, rouge_l, rouge_tokens
+from alpaca_forge.rouge import (
+    _as_strings,
+    _GreedyDeduper,
+    f1_from_lcs,
+    greedy_dedupe,
+    rouge_l,
+    rouge_tokens,
+    tokenize_corpus,
+)
 
 rouge_scorer = pytest.importorskip(
     "rouge_score.rouge_scorer", reason="rouge-score is a dev dependency (make test installs it)"
@@ -22,6 +32,8 @@ TRICKY = [
     "tabs\tand\nnewlines\r\nand  double  spaces",
     "ΣΟΦΙΑ Σοφία! 日本語のテキスト 123abc ABC123",
     "emoji 🙂 inside👍words",
+    "nul\x00inside and \x00\x00 at ends\x00",
+    "eightchr eightchr ninechars ninechars sixteen_chars_xx averyveryverylongtokenindeedindeed 12345678 123456789",
 ]
 
 
@@ -38,6 +50,46 @@ def test_tokens_match_rouge_score(shared_data):
         corpus = [json.loads(next(f))["instruction"] for _ in range(2000)]
     for text in TRICKY + _short_texts(shared_data) + corpus:
         assert rouge_tokens(text) == rs_tokenize.tokenize(text, None), text
+
+
+def test_corpus_tokenizer_names_the_same_tokens(shared_data):
+    """The vectorised tokenizer gives each text rouge-score's tokens: equal ids <=> equal tokens."""
+    import gzip
+
+    with gzip.open(shared_data / "corpus" / "t0_55k.alpaca.jsonl.gz", "rt") as f:
+        corpus = [json.loads(next(f))["instruction"] for _ in range(2000)]
+    texts = TRICKY + _short_texts(shared_data) + corpus + TRICKY
+    ids, ptr = tokenize_corpus(texts)
+    names: dict[int, str] = {}
+    for k, text in enumerate(texts):
+        expected = rs_tokenize.tokenize(text, None)
+        got = ids[ptr[k] : ptr[k + 1]].tolist()
+        assert len(got) == len(expected), text
+        for i, t in zip(got, expected, strict=True):
+            assert names.setdefault(i, t) == t, (text, t, names[i])
+    assert len(set(names.values())) == len(names)  # and distinct tokens get distinct ids
+
+
+def test_corpus_tokenizer_edges():
+    assert [a.tolist() for a in tokenize_corpus([])] == [[], [0]]
+    ids, ptr = tokenize_corpus(["", "...", "a"])
+    assert ptr.tolist() == [0, 0, 0, 1] and len(ids) == 1
+
+
+def test_token_strings_skip_the_surrogates():
+    """Token ids become code points; those from the surrogate range up are moved past it, and the
+    LCS of the strings is the LCS of the id lists."""
+    rnd = random.Random(0)
+    seqs = [
+        [rnd.choice([1, 0xD7FF, 0xD800, 0xDFFF, 0xE000, 70000]) for _ in range(rnd.randint(0, 12))]
+        for _ in range(60)
+    ]
+    ptr = np.cumsum([0] + [len(x) for x in seqs])
+    strings = _as_strings(np.array([t for x in seqs for t in x], dtype=np.int64), ptr)
+    for k in range(len(seqs) - 1):
+        a, b, sa, sb = seqs[k], seqs[k + 1], strings[k], strings[k + 1]
+        assert len(sa) == len(a) and len(set(sa)) == len(set(a))
+        assert LCSseq.similarity(sa, sb) == LCSseq.similarity(a, b)
 
 
 def test_f1_matches_rouge_score_bit_for_bit(shared_data):
@@ -80,12 +132,17 @@ def test_greedy_dedupe_is_exact_on_near_duplicates(threshold):
         ta, tb = rouge_tokens(a), rouge_tokens(b)
         return f1_from_lcs(_lcs(ta, tb), len(ta), len(tb))
 
-    kept, dropped = greedy_dedupe(texts, threshold)
-    assert kept == _brute_force_greedy(texts, threshold, score)
-    assert sorted(kept + [d.index for d in dropped]) == list(range(len(texts)))
-    for d in dropped:
-        assert d.kept_index in kept and d.kept_index < d.index
-        assert d.score == score(texts[d.index], texts[d.kept_index]) > threshold
+    expected = _brute_force_greedy(texts, threshold, score)
+    # Blocks and groups of several sizes, so that every path (joins with earlier blocks, with
+    # earlier groups of one block, and inside a group) decides some of the drops.
+    for block, group in [(2048, 64), (50, 7), (7, 3), (1, 1)]:
+        kept, dropped = _GreedyDeduper(texts, threshold, block=block, group=group).run()
+        assert kept == expected, (block, group)
+        assert sorted(kept + [d.index for d in dropped]) == list(range(len(texts)))
+        for d in dropped:
+            assert d.kept_index in kept and d.kept_index < d.index
+            assert d.score == score(texts[d.index], texts[d.kept_index]) > threshold
+    assert greedy_dedupe(texts, threshold)[0] == expected
 
 
 def test_greedy_dedupe_matches_the_rouge_score_reference(shared_data):
