@@ -7,6 +7,7 @@ Ctrl-C exits with 130. Neither prints a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_generate_command(sub)
     _add_data_commands(sub)
+    _add_train_command(sub)
     return parser
 
 
@@ -413,7 +415,135 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         "--threshold", type=float, default=0.7, help="ROUGE-L F1 above which a record is a near-duplicate"
     )
     p.set_defaults(run=_run_data_clean)
+
+    p = _command(
+        tools,
+        "tokenize",
+        "write the exact input_ids and labels training will use; --show prints masked vs trained",
+        "Tokenise records exactly as `train` does (prompt format, masking, truncation that keeps\n"
+        "the EOS) and write one JSON line per example, in input order, with input_ids and labels\n"
+        "(-100 = masked, not learnt). --show N prints N examples with masked text dimmed (or in\n"
+        "⟦brackets⟧ when not a terminal) and trained text bright, to check masking before paying\n"
+        "for GPUs.\n\n"
+        "example:\n  alpaca-forge data tokenize --model smollm2-135m-instruct train.jsonl --output ids.jsonl --show 2",
+    )
+    p.add_argument("file", metavar="FILE", help="the training records")
+    p.add_argument(
+        "--output", metavar="FILE", help="JSONL of {record, input_ids, labels}; omit to only --show"
+    )
+    p.add_argument(
+        "--show", type=int, default=0, metavar="N", help="print the first N examples, masking visible"
+    )
+    p.add_argument("--max-seq-len", type=int, default=512, help="the training window in tokens")
+    p.add_argument("--train-on-inputs", action="store_true", help="also learn the prompt tokens (as `train`)")
+    add_model_args(p, need_weights=False)
+    p.set_defaults(run=_run_data_tokenize)
     data.set_defaults(run=lambda args: _missing_tool(data))
+
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    from .train import _FIELDS
+
+    p = _command(
+        sub,
+        "train",
+        "supervised fine-tuning: full, LoRA or QLoRA; packed batches; resumable",
+        "Fine-tune a causal LM on Alpaca records (HF Trainer + peft + accelerate). Settings come\n"
+        "from --config FILE (YAML) and flags; flags win. The prompt is masked (only the response\n"
+        "and its EOS are learnt), examples are packed into full rows without attending across\n"
+        "each other, and checkpoints are written every --save-steps: after a crash or kill -9,\n"
+        "run the same command with --resume. The output folder gets the model (or LoRA adapter),\n"
+        "tokenizer, prompt format, train_summary.json, loss.png and TensorBoard logs.\n"
+        "Several GPUs: `accelerate launch --config_file configs/accelerate/fsdp.yaml -m alpaca_forge train ...`.\n\n"
+        "examples:\n"
+        "  alpaca-forge train --data train.jsonl --output runs/smol --method lora --epochs 1\n"
+        "  alpaca-forge train --config configs/smollm2-cpu.yaml\n"
+        "  alpaca-forge train --config configs/smollm2-cpu.yaml --resume",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings (names as the flags, with _)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last complete checkpoint in --output"
+    )
+    for name, f in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        t = str(f.type)
+        kwargs: dict = {"default": None, "help": f.metadata.get("help", "")}
+        if "bool" in t:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = (
+                "LIST" if "list" in t else ("N" if "int" in t else ("X" if "float" in t else name.upper()))
+            )
+            if f.metadata.get("choices"):
+                kwargs["choices"] = list(f.metadata["choices"])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default not in (None, "", [], False):
+            kwargs["help"] += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        p.add_argument(flag, dest=name, **kwargs)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import _FIELDS, resolve_config, run
+
+    cfg = resolve_config(args.config, {name: getattr(args, name) for name in _FIELDS})
+    result = run(cfg, resume=args.resume, progress=not args.quiet)
+    s = result.summary
+    _say(
+        "trained %d steps in %.0f s: loss %s -> %s%s; padding %.1f%% of batch tokens",
+        s["steps"],
+        s["wall_time_s"],
+        _fmt_loss(s["first_loss"]),
+        _fmt_loss(s["last_loss"]),
+        f", validation {s['last_eval_loss']:.4f}" if s.get("last_eval_loss") is not None else "",
+        100 * s["padding_share"],
+    )
+    _say("model: %s (summary: train_summary.json, curve: loss.png)", result.output)
+    return 0
+
+
+def _fmt_loss(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _run_data_tokenize(args: argparse.Namespace) -> int:
+    import sys as _sys
+
+    from . import sft
+    from .models import load_tokenizer, saved_format_of
+    from .prompts import get_format
+    from .records import read_records
+
+    if not args.output and not args.show:
+        raise UserError(
+            "nothing to do", "give --output FILE to write the examples, or --show N to print some"
+        )
+    records = read_records(args.file)
+    tokenizer = load_tokenizer(args.model)
+    fmt = (
+        get_format(args.format, args.system)
+        if args.format
+        else (saved_format_of(args.model) or get_format("alpaca"))
+    )
+    examples, report = sft.tokenize_records(records, tokenizer, fmt, args.max_seq_len, args.train_on_inputs)
+    if args.output:
+        from .records import write_records
+
+        write_records(
+            args.output,
+            ({"record": e.record, "input_ids": e.input_ids, "labels": e.labels} for e in examples),
+        )
+    color = _sys.stdout.isatty()
+    for e in examples[: args.show]:
+        print(
+            f"--- record {e.record + 1}: {len(e.input_ids)} tokens, {e.trained_tokens} trained"
+            + (" (response cut, EOS kept)" if e.truncated else "")
+        )
+        print(sft.describe_example(e, tokenizer, color))
+    _say(
+        "%s (format: %s)%s", report.summary(), fmt.name, f"; written to {args.output}" if args.output else ""
+    )
+    return 0
 
 
 def _missing_tool(parser: argparse.ArgumentParser) -> int:

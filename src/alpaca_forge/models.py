@@ -55,6 +55,8 @@ BUILTIN_MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# A LoRA adapter `train` wrote names its base model here (key "base_model").
+ADAPTER_BASE_FILE = "alpaca_forge_train.json"
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -64,7 +66,7 @@ class ModelSource:
     """Where a model's files are, once the user's `--model` string is resolved."""
 
     spec: str  # what the user wrote
-    kind: str  # "builtin" | "dir" | "gguf" | "hub"
+    kind: str  # "builtin" | "dir" | "gguf" | "hub" | "adapter"
     location: str  # directory, GGUF file path, or hub id
 
     @property
@@ -132,6 +134,8 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if _has_weights(path):
             return ModelSource(spec, "dir", str(path))
+        if (path / "adapter_config.json").is_file() and (path / ADAPTER_BASE_FILE).is_file():
+            return ModelSource(spec, "adapter", str(path))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return ModelSource(spec, "gguf", str(ggufs[0]))
@@ -329,6 +333,31 @@ def _from_pretrained(location: str, *, hub: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def adapter_base(folder: Path) -> str:
+    import json
+
+    try:
+        return json.loads((folder / ADAPTER_BASE_FILE).read_text())["base_model"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(
+            f"{folder}: a LoRA adapter whose base model is not recorded ({e})",
+            "load it with peft yourself, or train again with alpaca-forge train",
+        ) from e
+
+
+def _load_adapter(folder: Path) -> tuple[Any, Any]:
+    """A LoRA adapter on its base model, merged, for inference (peft does the merge)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = load_model(adapter_base(folder), dtype="float32", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if len(tokenizer) > base.model.get_input_embeddings().weight.shape[0]:
+        base.model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base.model, str(folder)).merge_and_unload()
+    return model, tokenizer
+
+
 def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
     """Only the tokenizer of a model (fast: no weights are read once a GGUF is cached)."""
     from transformers import AutoTokenizer
@@ -337,6 +366,8 @@ def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
     if source.kind in ("gguf", "builtin"):
         found = _dense_dir_for_gguf(Path(source.location))
         return found[1] if isinstance(found, tuple) else AutoTokenizer.from_pretrained(str(found))
+    if source.kind == "adapter":
+        return AutoTokenizer.from_pretrained(source.location)
     return AutoTokenizer.from_pretrained(source.location, local_files_only=hub_offline())
 
 
@@ -348,7 +379,7 @@ def default_format_for(tokenizer: Any) -> PromptFormat:
 def saved_format_of(spec: str) -> PromptFormat | None:
     """The prompt format saved next to a model (None for models this project did not write)."""
     source = resolve_model(spec)
-    return read_saved_format(source.location) if source.kind == "dir" else None
+    return read_saved_format(source.location) if source.kind in ("dir", "adapter") else None
 
 
 def load_model(
@@ -364,7 +395,10 @@ def load_model(
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     saved = None
-    if source.kind in ("gguf", "builtin"):
+    if source.kind == "adapter":
+        model, tokenizer = _load_adapter(Path(source.location))
+        saved = read_saved_format(source.location)
+    elif source.kind in ("gguf", "builtin"):
         found = _dense_dir_for_gguf(Path(source.location))
         model, tokenizer = found if isinstance(found, tuple) else _from_pretrained(str(found), hub=False)
     else:

@@ -1,0 +1,161 @@
+"""Trainer callbacks: self-describing checkpoints, a NaN guard, the progress bar, TensorBoard, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCallback(TrainerCallback):
+    """After the Trainer writes `checkpoint-N` (weights, optimiser, scheduler, RNG states), add what
+    makes it stand alone (tokenizer, prompt format, the whole config, the data's fingerprint, the
+    step), then mark it complete; only then are older checkpoints rotated out. A kill at any
+    moment leaves the newest complete checkpoint untouched."""
+
+    def __init__(self, tokenizer: Any, fmt: Any, description: dict[str, Any], keep: int):
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.description = description
+        self.keep = keep
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from .prompts import save_format
+        from .train import COMPLETE, CONFIG_FILE, _fsync_dir, _write_atomic, checkpoints
+
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.tokenizer.save_pretrained(folder)
+        save_format(folder, self.fmt)
+        about = {**self.description, "step": state.global_step, "epoch": state.epoch}
+        _write_atomic(folder / CONFIG_FILE, json.dumps(about, indent=2, default=str) + "\n")
+        for f in folder.iterdir():  # everything on disk before the mark
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    import os
+
+                    os.fsync(fh.fileno())
+        _write_atomic(folder / COMPLETE, f"{state.global_step}\n")
+        _fsync_dir(folder)
+        for old in checkpoints(Path(args.output_dir))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class GuardCallback(TrainerCallback):
+    """Stop at the first non-finite loss, with a fix, rather than train on into garbage."""
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise UserError(
+                f"the training loss became {loss} at step {state.global_step}",
+                "lower --learning-rate; with --dtype float16 prefer bfloat16 where the GPU has it; "
+                "resume from the last checkpoint with --resume",
+            )
+
+
+class ProgressBar(TrainerCallback):
+    """Steps done, loss, tokens per second and the time left."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+        self.bar = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                unit="step",
+                desc="train",
+                dynamic_ncols=True,
+            )
+            self.start = time.perf_counter()
+            self.tokens0 = self.collator.real_tokens
+            self.loss = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(state.global_step - self.bar.n)
+        elapsed = time.perf_counter() - self.start
+        world = max(1, args.world_size)
+        rate = (self.collator.real_tokens - self.tokens0) * world / elapsed if elapsed else 0.0
+        post = {"tok/s": f"{rate:,.0f}"}
+        if self.loss is not None:
+            post["loss"] = f"{self.loss:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+        if self.bar is not None and logs and "eval_loss" in logs:
+            self.bar.write(f"step {state.global_step}: validation loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def tensorboard_callback(folder: Path) -> Any:
+    """Transformers' TensorBoard callback writing into `folder`, or None without a writer package."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("no TensorBoard writer installed (pip install tensorboardX): TensorBoard logs are off")
+            return None
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training (and validation) loss against step, as a PNG; None without matplotlib."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no loss plot (pip install 'alpaca-forge[plot]')")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="#d62728")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (nats per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
