@@ -231,10 +231,10 @@ class SFTDataset:
 class Collator:
     """Pads a batch to its longest item (right side) and counts real and padded tokens.
 
-    Packed rows carry position ids and no attention mask: the model then keeps attention inside
-    each example (a new example starts wherever the position ids restart), and the padding, last
-    in its row with its own positions, is seen by nothing before it. Other batches get an
-    attention mask.
+    Packed rows carry position ids, no attention mask and `use_cache=False`: the model then keeps
+    attention inside each example (a new example starts wherever the position ids restart), and
+    the padding, last in its row with its own positions, is seen by nothing before it. Other
+    batches get an attention mask.
     """
 
     def __init__(self, pad_id: int, packed: bool):
@@ -262,7 +262,12 @@ class Collator:
             self.real_tokens += n
             self.padded_tokens += pad
             self.trained_tokens += sum(1 for t in x["labels"] if t != IGNORE_INDEX)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if self.packed:
+            # With a cache the model takes the position ids for a continuation and attends across
+            # the whole row; without one it reads where each example starts from them.
+            out["use_cache"] = False
+        return out
 
     @property
     def padding_share(self) -> float:
