@@ -4,7 +4,6 @@ import random
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tiny_tokenizer
 
 from alpaca_forge import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, Record, get_format
 from alpaca_forge.sft import (
@@ -17,6 +16,8 @@ from alpaca_forge.sft import (
     split_validation,
     tokenize_records,
 )
+
+from conftest import build_tiny_model, build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,15 @@ def test_masks_match_a_hand_computed_example(tok):
 
     # Training on inputs: every token but the first (which nothing predicts) is a target.
     full = encode_record(record, 0, tok, get_format("alpaca"), 512, train_on_inputs=True)
-    assert full.labels == [IGNORE_INDEX] + (p + o + [eos])[1:]
+    assert full.labels == [IGNORE_INDEX, *(p + o + [eos])[1:]]
 
 
 def test_input_and_chat_prompts_are_masked_exactly(tok):
     record = Record("Summarise.", "the cat sat on the mat", "A cat sat.")
     ex = encode_record(record, 0, tok, get_format("alpaca"), 512)
-    p = tok(ALPACA_PROMPT_WITH_INPUT.format(instruction="Summarise.", input="the cat sat on the mat"))["input_ids"]
+    p = tok(ALPACA_PROMPT_WITH_INPUT.format(instruction="Summarise.", input="the cat sat on the mat"))[
+        "input_ids"
+    ]
     assert ex.labels[: len(p)] == [IGNORE_INDEX] * len(p) and ex.input_ids[: len(p)] == p
     chat = encode_record(record, 0, tok, get_format("chat"), 512)
     text = "<|user|>\nSummarise.\n\nthe cat sat on the mat\n<|assistant|>\n"
@@ -64,7 +67,11 @@ def test_input_and_chat_prompts_are_masked_exactly(tok):
 
 
 def test_report_counts_records_whose_prompt_fills_the_window(tok):
-    records = [Record("short", "", "ok"), Record("a much longer instruction " * 20, "", "ok"), Record("x", "", "y" * 400)]
+    records = [
+        Record("short", "", "ok"),
+        Record("a much longer instruction " * 20, "", "ok"),
+        Record("x", "", "y" * 400),
+    ]
     examples, report = tokenize_records(records, tok, get_format("alpaca"), 80)
     assert [e.record for e in examples] == [0, 2]
     assert report.no_room == [1] and report.truncated == 1 and report.examples == 2
@@ -72,7 +79,9 @@ def test_report_counts_records_whose_prompt_fills_the_window(tok):
 
 
 def test_describe_marks_masked_text(tok):
-    ex = encode_record(Record("What is the capital of France?", "", "Paris."), 0, tok, get_format("alpaca"), 512)
+    ex = encode_record(
+        Record("What is the capital of France?", "", "Paris."), 0, tok, get_format("alpaca"), 512
+    )
     text = describe_example(ex, tok, color=False)
     assert text.startswith("⟦Below is an instruction") and text.endswith("### Response:⟧Paris.</s>")
 
@@ -92,7 +101,11 @@ def test_pack_places_every_example_once_within_capacity():
 def test_packed_rows_do_not_attend_across_examples(tok):
     """A packed row gives every example the logits and loss it gets alone."""
     model = build_tiny_model(tok).train()  # as in training (dropout is 0 in this config)
-    records = [Record("What is 2 plus 2?", "", "4."), Record("Name a colour.", "", "Red."), Record("Hi", "", "Hello there.")]
+    records = [
+        Record("What is 2 plus 2?", "", "4."),
+        Record("Name a colour.", "", "Red."),
+        Record("Hi", "", "Hello there."),
+    ]
     examples, _ = tokenize_records(records, tok, get_format("alpaca"), 512)
     data = SFTDataset(examples, "packed", 512)
     assert len(data) == 1
@@ -109,7 +122,10 @@ def test_packed_rows_do_not_attend_across_examples(tok):
 
 def test_collator_pads_and_counts(tok):
     examples, _ = tokenize_records(
-        [Record("a", "", "b"), Record("a longer instruction here", "", "and a longer answer")], tok, get_format("alpaca"), 512
+        [Record("a", "", "b"), Record("a longer instruction here", "", "and a longer answer")],
+        tok,
+        get_format("alpaca"),
+        512,
     )
     data = SFTDataset(examples, "padded", 512)
     c = Collator(tok.pad_token_id, packed=False)

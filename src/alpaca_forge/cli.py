@@ -531,7 +531,7 @@ def _run_data_tokenize(args: argparse.Namespace) -> int:
 
         write_records(
             args.output,
-            ({"record": e.record, "input_ids": e.input_ids, "labels": e.labels} for e in examples),
+            ({"index": e.record, "input_ids": e.input_ids, "labels": e.labels} for e in examples),
         )
     color = _sys.stdout.isatty()
     for e in examples[: args.show]:

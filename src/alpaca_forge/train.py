@@ -437,14 +437,14 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     output = Path(cfg.output).expanduser()
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is not a folder", "give --output a folder path")
+    if (output / CONFIG_FILE).is_file():
+        raise UserError(f"{output} already holds a finished model", "train into a new --output")
     done = checkpoints(output) if output.is_dir() else []
     if done and not resume:
         raise UserError(
             f"{output} already holds checkpoints of a run (latest: {done[-1].name})",
             "add --resume to continue it, or train into a new --output",
         )
-    if not done and (output / CONFIG_FILE).is_file():
-        raise UserError(f"{output} already holds a finished model", "train into a new --output")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, autocast = _pick_precision(cfg)
@@ -558,12 +558,28 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
     hf_logging.disable_progress_bar()  # no "writing shards" bar at every checkpoint
     try:
         trainer.train(resume_from_checkpoint=resume_from)
-    except OSError as e:
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
         raise UserError(
-            f"{output}: a write failed during training ({e.strerror or e}); the last complete checkpoint is intact",
+            f"{output}: a write failed during training ({_first_line(e)}); the last complete checkpoint is intact",
             "free disk space, then run the same command with --resume",
         ) from e
     return _finish(cfg, trainer, tokenizer, fmt, output, description, collator, started)
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """Out of disk (or quota, or a file-size limit) while saving, whichever library was writing."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return (type(e).__name__ == "SafetensorError" and "I/O error" in text) or (
+        isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text)
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (getattr(e, "strerror", None) or str(e)).splitlines()[0][:200]
 
 
 def _is_main_process() -> bool:
@@ -798,9 +814,11 @@ def _finish(
             if plot:
                 summary["loss_plot"] = str(plot)
             _write_atomic(output / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    except OSError as e:
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
         raise UserError(
-            f"{output}: saving the final model failed ({e.strerror or e}); the checkpoints are intact",
+            f"{output}: saving the final model failed ({_first_line(e)}); the checkpoints are intact",
             "free disk space, then run the same command with --resume",
         ) from e
     finally:
