@@ -476,6 +476,7 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
             )
             if f.metadata.get("choices"):
                 kwargs["choices"] = list(f.metadata["choices"])
+                del kwargs["metavar"]  # argparse then shows the choices
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default not in (None, "", [], False):
             kwargs["help"] += f" (default: {','.join(default) if isinstance(default, list) else default})"
