@@ -825,6 +825,11 @@ def _finish(
         if trainer.is_world_process_zero():
             shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave together: a process exiting while another still talks to it aborts (gloo).
+        torch.distributed.destroy_process_group()
     return TrainResult(output, summary)
 
 
