@@ -25,16 +25,14 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def build_model(folder: Path) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     sys.path.insert(0, str(REPO / "tests"))
     from alpaca_forge import get_format, save_model
 
-    from conftest import build_tiny_tokenizer
+    from conftest import build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()  # ids < 320; the model keeps a real 32K vocabulary
-    config = LlamaConfig(
+    model = build_tiny_model(
+        tok,
         vocab_size=32000,
         hidden_size=2048,
         intermediate_size=5632,
@@ -42,13 +40,9 @@ def build_model(folder: Path) -> int:
         num_attention_heads=32,
         num_key_value_heads=4,
         max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     save_model(model, tok, folder, get_format("alpaca"))
     return sum(p.numel() for p in model.parameters())
 

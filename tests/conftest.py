@@ -68,27 +68,27 @@ def build_tiny_tokenizer():
     return hf
 
 
-def build_tiny_model(tokenizer, seed: int = 0):
-    """A 2-layer Llama with ~0.1M parameters: random, but with peaked logits so greedy is stable."""
+def build_tiny_model(tokenizer, seed: int = 0, **shape):
+    """A 2-layer Llama with ~0.1M parameters: random, but with peaked logits so greedy is stable.
+    `shape` overrides any LlamaConfig setting (benchmarks build larger ones the same way)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "initializer_range": 0.2,
+        "tie_word_embeddings": True,
+        **shape,
+    }
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return LlamaForCausalLM(LlamaConfig(**settings, **ids, pad_token_id=tokenizer.pad_token_id))
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,30 @@ def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return result
 
 
+def _io(model: Path, data: Path, out: Path | None = None) -> list[str]:
+    """The model, data and (when given) output flags every run names."""
+    return ["--model", str(model), "--data", str(data), *(["--output", str(out)] if out else [])]
+
+
+def _flags(text: str) -> list[str]:
+    return text.split()
+
+
+def _assert_infers(model: Path, data: Path, tmp_path: Path, limit: int) -> None:
+    """The trained output is a model `infer` loads, with its prompt format."""
+    result = run_cli(
+        "infer",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "p.jsonl"),
+        *f"--max-new-tokens 4 --limit {limit}".split(),
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
@@ -52,22 +76,8 @@ def _weights(folder: Path) -> dict:
 def test_full_fine_tune_learns_and_changes_every_parameter(tiny_model_dir, data, tmp_path):
     out = tmp_path / "full"
     _train(
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--epochs",
-        "4",
-        "--learning-rate",
-        "3e-3",
-        "--batch-size",
-        "2",
-        "--val-size",
-        "8",
-        "--save-steps",
-        "5",
+        *_io(tiny_model_dir, data, out),
+        *_flags("--epochs 4 --learning-rate 3e-3 --batch-size 2 --val-size 8 --save-steps 5"),
     )
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["last_loss"] < summary["first_loss"] * 0.8, summary
@@ -79,41 +89,14 @@ def test_full_fine_tune_learns_and_changes_every_parameter(tiny_model_dir, data,
     assert not unchanged
     assert (out / "loss.png").stat().st_size > 1000 and any((out / "tensorboard").iterdir())
     assert json.loads((out / "prompt_format.json").read_text())["format"] == "alpaca"
-    # The output is a model the other commands load, with its prompt format.
-    result = run_cli(
-        "infer",
-        "--model",
-        str(out),
-        "--input",
-        str(data),
-        "--output",
-        str(tmp_path / "p.jsonl"),
-        "--max-new-tokens",
-        "4",
-        "--limit",
-        "2",
-    )
-    assert result.returncode == 0, result.stderr
+    _assert_infers(out, data, tmp_path, limit=2)
 
 
 def test_lora_trains_only_the_adapters(tiny_model_dir, data, tmp_path):
     out = tmp_path / "lora"
     _train(
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--method",
-        "lora",
-        "--lora-targets",
-        "q_proj,v_proj",
-        "--epochs",
-        "2",
-        "--learning-rate",
-        "1e-2",
-        "--merge",
+        *_io(tiny_model_dir, data, out),
+        *_flags("--method lora --lora-targets q_proj,v_proj --epochs 2 --learning-rate 1e-2 --merge"),
     )
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
@@ -125,40 +108,14 @@ def test_lora_trains_only_the_adapters(tiny_model_dir, data, tmp_path):
     changed = {k for k in before if not (before[k] == merged[k]).all()}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
     # The adapter folder itself loads for inference (base + adapter, merged).
-    result = run_cli(
-        "infer",
-        "--model",
-        str(out),
-        "--input",
-        str(data),
-        "--output",
-        str(tmp_path / "p.jsonl"),
-        "--max-new-tokens",
-        "4",
-        "--limit",
-        "1",
-    )
-    assert result.returncode == 0, result.stderr
+    _assert_infers(out, data, tmp_path, limit=1)
 
 
 def test_kill_and_resume_gives_the_same_weights(tiny_model_dir, data, tmp_path):
     common = [
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--max-steps",
-        "80",
-        "--save-steps",
-        "10",
-        "--batch-size",
-        "1",
-        "--learning-rate",
-        "1e-3",
-        "--batching",
-        "padded",
-        "--save-total-limit",
-        "2",
+        *_io(tiny_model_dir, data),
+        *_flags("--max-steps 80 --save-steps 10 --batch-size 1 --learning-rate 1e-3 --batching padded"),
+        *_flags("--save-total-limit 2"),
     ]
     straight = tmp_path / "straight"
     _train(*common, "--output", str(straight))
@@ -202,18 +159,8 @@ def test_two_processes_agree(tiny_model_dir, data, tmp_path):
             "alpaca_forge",
             "-q",
             "train",
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(data),
-            "--output",
-            str(out),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--save-steps",
-            "3",
+            *_io(tiny_model_dir, data, out),
+            *_flags("--epochs 1 --batch-size 2 --save-steps 3"),
         ],
         capture_output=True,
         text=True,
@@ -233,13 +180,11 @@ def test_two_processes_agree(tiny_model_dir, data, tmp_path):
 
 
 def test_bad_input_is_refused_before_training(tiny_model_dir, data, tmp_path):
-    base = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o")]
+    base = ["train", *_io(tiny_model_dir, data, tmp_path / "o")]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert_user_error(
-        run_cli(
-            "train", "--model", str(tiny_model_dir), "--data", str(empty), "--output", str(tmp_path / "e")
-        ),
+        run_cli("train", *_io(tiny_model_dir, empty, tmp_path / "e")),
         "empty",
     )
     assert_user_error(run_cli(*base, "--max-seq-len", "8"), "no record fits")
@@ -254,17 +199,7 @@ def test_bad_input_is_refused_before_training(tiny_model_dir, data, tmp_path):
     cfg.pop("chat_template", None)
     (no_template / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert_user_error(
-        run_cli(
-            "train",
-            "--model",
-            str(no_template),
-            "--data",
-            str(data),
-            "--output",
-            str(tmp_path / "c"),
-            "--format",
-            "chat",
-        ),
+        run_cli("train", *_io(no_template, data, tmp_path / "c"), "--format", "chat"),
         "chat template",
     )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("checkpoint-*"))
@@ -277,18 +212,8 @@ def test_a_failed_write_leaves_the_last_checkpoint_intact(tiny_model_dir, data, 
         str(CLI),
         "-q",
         "train",
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--max-steps",
-        "6",
-        "--save-steps",
-        "2",
-        "--batch-size",
-        "2",
+        *_io(tiny_model_dir, data, out),
+        *_flags("--max-steps 6 --save-steps 2 --batch-size 2"),
     ]
 
     def small_files():

@@ -393,9 +393,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="the dataset")
     p.add_argument("--report", metavar="FILE", help="also write the report (counts and examples) as JSON")
     p.add_argument("--examples", type=int, default=3, help="examples shown per check")
-    p.add_argument(
-        "--threshold", type=float, default=0.7, help="ROUGE-L F1 above which a record is a near-duplicate"
-    )
+    _add_near_duplicate_threshold(p)
     p.set_defaults(run=_run_data_quality)
 
     p = _command(
@@ -411,9 +409,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checks", metavar="LIST", help=f"comma-separated checks to apply (default: all of {checks})"
     )
-    p.add_argument(
-        "--threshold", type=float, default=0.7, help="ROUGE-L F1 above which a record is a near-duplicate"
-    )
+    _add_near_duplicate_threshold(p)
     p.set_defaults(run=_run_data_clean)
 
     p = _command(
@@ -511,9 +507,9 @@ def _run_data_tokenize(args: argparse.Namespace) -> int:
     import sys as _sys
 
     from . import sft
-    from .models import load_tokenizer, saved_format_of
-    from .prompts import get_format
+    from .models import load_tokenizer
     from .records import read_records
+    from .train import training_format
 
     if not args.output and not args.show:
         raise UserError(
@@ -521,11 +517,7 @@ def _run_data_tokenize(args: argparse.Namespace) -> int:
         )
     records = read_records(args.file)
     tokenizer = load_tokenizer(args.model)
-    fmt = (
-        get_format(args.format, args.system)
-        if args.format
-        else (saved_format_of(args.model) or get_format("alpaca"))
-    )
+    fmt = training_format(args.model, args.format, args.system)
     examples, report = sft.tokenize_records(records, tokenizer, fmt, args.max_seq_len, args.train_on_inputs)
     if args.output:
         from .records import write_records
@@ -545,6 +537,12 @@ def _run_data_tokenize(args: argparse.Namespace) -> int:
         "%s (format: %s)%s", report.summary(), fmt.name, f"; written to {args.output}" if args.output else ""
     )
     return 0
+
+
+def _add_near_duplicate_threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threshold", type=float, default=0.7, help="ROUGE-L F1 above which a record is a near-duplicate"
+    )
 
 
 def _missing_tool(parser: argparse.ArgumentParser) -> int:

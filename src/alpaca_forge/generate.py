@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .records import Record, read_appended_jsonl
+from .records import Record, read_appended_jsonl, write_text_atomic
 from .rouge import Vocabulary, f1_from_lcs_matrix, lcs_matrix
 from .teachers import SamplingParams, Teacher, TeacherReply
 
@@ -482,7 +482,5 @@ class Generator:
             "wall_time_s_this_run": round(elapsed_s, 2),
             "output": str(self.output),
         }
-        tmp = self.summary_path.with_name(self.summary_path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.summary_path)
+        write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")
         return summary

@@ -312,13 +312,15 @@ def _dense_dir_for_gguf(gguf: Path) -> Path | tuple[Any, Any]:
 # Loading
 
 
-def _from_pretrained(location: str, *, hub: bool) -> tuple[Any, Any]:
+def _from_pretrained(location: str, *, hub: bool, **model_kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         with _no_hf_progress_bars():  # a dense load takes about a second: no bar needed
             tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=hub_offline())
-            model = AutoModelForCausalLM.from_pretrained(location, local_files_only=hub_offline())
+            model = AutoModelForCausalLM.from_pretrained(
+                location, local_files_only=hub_offline(), **model_kwargs
+            )
     except OSError as e:
         what = "the Hugging Face cache" if hub else location
         raise UserError(
@@ -382,6 +384,23 @@ def saved_format_of(spec: str) -> PromptFormat | None:
     return read_saved_format(source.location) if source.kind in ("dir", "adapter") else None
 
 
+def load_pretrained(spec: str, **model_kwargs: Any) -> tuple[Any, Any, ModelSource]:
+    """Weights and tokenizer as stored, on the CPU, whatever `spec` names (`model_kwargs`, such
+    as a quantization config, go to `from_pretrained`). A GGUF is read through its dense cache."""
+    source = resolve_model(spec)
+    if source.kind == "adapter":
+        model, tokenizer = _load_adapter(Path(source.location))
+    elif source.kind in ("gguf", "builtin"):
+        found = _dense_dir_for_gguf(Path(source.location))
+        if isinstance(found, tuple):  # no cache could be written: the converted pair itself
+            model, tokenizer = found
+        else:
+            model, tokenizer = _from_pretrained(str(found), hub=False, **model_kwargs)
+    else:
+        model, tokenizer = _from_pretrained(source.location, hub=source.kind == "hub", **model_kwargs)
+    return model, tokenizer, source
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -391,19 +410,10 @@ def load_model(
 ) -> LoadedModel:
     """Load a model for generation. `prompt_format` overrides the one saved with the model."""
     start = time.perf_counter()
-    source = resolve_model(spec)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    saved = None
-    if source.kind == "adapter":
-        model, tokenizer = _load_adapter(Path(source.location))
-        saved = read_saved_format(source.location)
-    elif source.kind in ("gguf", "builtin"):
-        found = _dense_dir_for_gguf(Path(source.location))
-        model, tokenizer = found if isinstance(found, tuple) else _from_pretrained(str(found), hub=False)
-    else:
-        model, tokenizer = _from_pretrained(source.location, hub=source.kind == "hub")
-        saved = read_saved_format(source.location) if source.kind == "dir" else None
+    model, tokenizer, source = load_pretrained(spec)
+    saved = read_saved_format(source.location) if source.kind in ("dir", "adapter") else None
     if prompt_format is not None and saved is not None and prompt_format != saved:
         log.warning(
             "this model was trained with the %r prompt format, but %r was asked for; answers may suffer",

@@ -406,6 +406,18 @@ def write_records(path: str | os.PathLike, records: Iterable[Record | dict]) -> 
     return path
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Replace a small text file all at once: readers see the old content or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 

@@ -79,16 +79,21 @@ def lcs_matrix(queries: Sequence[Sequence[int]], choices: Sequence[Sequence[int]
     return process.cdist(queries, choices, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
 
 
-def f1_from_lcs_matrix(lcs: np.ndarray, query_lens: np.ndarray, choice_lens: np.ndarray) -> np.ndarray:
-    """ROUGE-L F1 from LCS lengths, element-wise, with `f1_from_lcs`'s exact float operations."""
-    lcs = lcs.astype(np.float64)
-    m = np.asarray(query_lens, dtype=np.float64)[:, None]  # queries are the targets
-    n = np.asarray(choice_lens, dtype=np.float64)[None, :]  # choices the predictions
+def f1_from_lcs_array(lcs: np.ndarray, target_lens: np.ndarray, prediction_lens: np.ndarray) -> np.ndarray:
+    """ROUGE-L F1 element-wise (arrays broadcast), with `f1_from_lcs`'s exact float operations."""
+    lcs = np.asarray(lcs, dtype=np.float64)
+    m = np.asarray(target_lens, dtype=np.float64)
+    n = np.asarray(prediction_lens, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = lcs / n
         recall = lcs / m
         f1 = 2 * precision * recall / (precision + recall)
     return np.where((lcs > 0) & (n > 0) & (m > 0), f1, 0.0)
+
+
+def f1_from_lcs_matrix(lcs: np.ndarray, query_lens: np.ndarray, choice_lens: np.ndarray) -> np.ndarray:
+    """ROUGE-L F1 of every query (the targets) with every choice (the predictions)."""
+    return f1_from_lcs_array(lcs, np.asarray(query_lens)[:, None], np.asarray(choice_lens)[None, :])
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -304,7 +309,7 @@ class _GreedyDeduper:
         ok = np.minimum(self.buckets[q], self.buckets[d]).sum(axis=1, dtype=np.int64) >= need
         q, d = q[ok], d[ok]
         lcs = _pair_lcs([self.strings[k] for k in q.tolist()], [self.strings[k] for k in d.tolist()])
-        f1 = _f1_pairs(lcs, self.lengths[q], self.lengths[d])
+        f1 = f1_from_lcs_array(lcs, self.lengths[q], self.lengths[d])
         above = f1 > self.tau
         return q[above], d[above], f1[above]
 
@@ -364,16 +369,6 @@ def _pair_lcs(a: list, b: list) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     workers = -1 if len(a) > 2000 else 1
     return process.cpdist(a, b, scorer=LCSseq.similarity, dtype=np.int32, workers=workers).astype(np.int64)
-
-
-def _f1_pairs(lcs: np.ndarray, target_lens: np.ndarray, prediction_lens: np.ndarray) -> np.ndarray:
-    """`f1_from_lcs` element-wise (same float operations), for texts that are not empty."""
-    lcs = lcs.astype(np.float64)
-    precision = lcs / prediction_lens
-    recall = lcs / target_lens
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = 2 * precision * recall / (precision + recall)
-    return np.where(lcs > 0, f1, 0.0)
 
 
 def greedy_dedupe(

@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import Problem, UserError, ValidationError
 from .models import DEFAULT_MODEL
+from .records import write_text_atomic
 from .sft import BATCHING
 
 log = logging.getLogger(__name__)
@@ -35,95 +36,64 @@ COMPLETE = ".complete"  # written last into a checkpoint: only then is it one to
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: its default, the help text `--help` shows, the values it may take."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run. Defaults are the Alpaca recipe where it has one; `None` = derived."""
 
-    model: str = field(
-        default=DEFAULT_MODEL, metadata={"help": "base model: built-in name, folder, .gguf or cached HF id"}
+    model: str = _setting(DEFAULT_MODEL, "base model: built-in name, folder, .gguf or cached HF id")
+    data: str = _setting("", "training records (Alpaca JSON/JSONL, gz too)")
+    output: str = _setting("", "folder for checkpoints, the final model and reports")
+    val: str | None = _setting(None, "validation records (a file)")
+    val_size: int = _setting(0, "or hold out this many training records (seeded)")
+    method: str = _setting("full", "full | lora | qlora (4-bit base, CUDA only)", METHODS)
+    format: str | None = _setting(
+        None, "prompt format: alpaca | chat | user-assistant; default: the model's saved one, else alpaca"
     )
-    data: str = field(default="", metadata={"help": "training records (Alpaca JSON/JSONL, gz too)"})
-    output: str = field(default="", metadata={"help": "folder for checkpoints, the final model and reports"})
-    val: str | None = field(default=None, metadata={"help": "validation records (a file)"})
-    val_size: int = field(default=0, metadata={"help": "or hold out this many training records (seeded)"})
-    method: str = field(
-        default="full", metadata={"help": "full | lora | qlora (4-bit base, CUDA only)", "choices": METHODS}
+    system: str | None = _setting(None, "system message for the chat format")
+    max_seq_len: int = _setting(512, "longest example in tokens; longer responses are cut, EOS kept")
+    train_on_inputs: bool = _setting(False, "also learn the prompt tokens (off: prompts are masked)")
+    batching: str = _setting(
+        "packed", "packed | grouped (by length) | padded (random, as the original)", BATCHING
     )
-    format: str | None = field(
-        default=None,
-        metadata={
-            "help": "prompt format: alpaca | chat | user-assistant; default: the model's saved one, else alpaca"
-        },
+    epochs: float = _setting(3.0, "passes over the data")
+    max_steps: int = _setting(-1, "stop after this many optimiser steps (-1: run the epochs)")
+    batch_size: int = _setting(4, "items per device per forward pass (packed: rows)")
+    global_batch_size: int | None = _setting(
+        None, "items per optimiser step over all devices; sets gradient accumulation (the original: 128)"
     )
-    system: str | None = field(default=None, metadata={"help": "system message for the chat format"})
-    max_seq_len: int = field(
-        default=512, metadata={"help": "longest example in tokens; longer responses are cut, EOS kept"}
+    gradient_accumulation: int = _setting(1, "forward passes per optimiser step (if no global batch size)")
+    learning_rate: float | None = _setting(None, "peak learning rate (default: 2e-5 full, 2e-4 LoRA)")
+    lr_schedule: str = _setting("cosine", "learning-rate schedule", SCHEDULES)
+    warmup_ratio: float = _setting(0.03, "share of steps warming the learning rate up")
+    weight_decay: float = _setting(0.0, "AdamW weight decay")
+    max_grad_norm: float = _setting(1.0, "gradient clipping norm")
+    dtype: str = _setting(
+        "auto",
+        "auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16 (CUDA, loss-scaled)",
+        DTYPES,
     )
-    train_on_inputs: bool = field(
-        default=False, metadata={"help": "also learn the prompt tokens (off: prompts are masked)"}
+    seed: int = _setting(42, "seeds initialisation, data order and dropout")
+    gradient_checkpointing: bool = _setting(False, "trade compute for memory")
+    lora_r: int = _setting(8, "LoRA rank")
+    lora_alpha: int = _setting(16, "LoRA scaling numerator")
+    lora_dropout: float = _setting(0.05, "dropout on the LoRA path")
+    lora_targets: list[str] = _setting(  # noqa: RUF009 (a field with a default_factory)
+        ["all-linear"], "module names LoRA adapts (e.g. q_proj,v_proj); all-linear = every linear projection"
     )
-    batching: str = field(
-        default="packed",
-        metadata={
-            "help": "packed | grouped (by length) | padded (random, as the original)",
-            "choices": BATCHING,
-        },
-    )
-    epochs: float = field(default=3.0, metadata={"help": "passes over the data"})
-    max_steps: int = field(
-        default=-1, metadata={"help": "stop after this many optimiser steps (-1: run the epochs)"}
-    )
-    batch_size: int = field(default=4, metadata={"help": "items per device per forward pass (packed: rows)"})
-    global_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "items per optimiser step over all devices; sets gradient accumulation (the original: 128)"
-        },
-    )
-    gradient_accumulation: int = field(
-        default=1, metadata={"help": "forward passes per optimiser step (if no global batch size)"}
-    )
-    learning_rate: float | None = field(
-        default=None, metadata={"help": "peak learning rate (default: 2e-5 full, 2e-4 LoRA)"}
-    )
-    lr_schedule: str = field(
-        default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES}
-    )
-    warmup_ratio: float = field(
-        default=0.03, metadata={"help": "share of steps warming the learning rate up"}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16 (CUDA, loss-scaled)",
-            "choices": DTYPES,
-        },
-    )
-    seed: int = field(default=42, metadata={"help": "seeds initialisation, data order and dropout"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["all-linear"],
-        metadata={
-            "help": "module names LoRA adapts (e.g. q_proj,v_proj); all-linear = every linear projection"
-        },
-    )
-    merge: bool = field(
-        default=False, metadata={"help": "LoRA: also write base+adapter merged, to OUTPUT/merged"}
-    )
-    logging_steps: int = field(default=10, metadata={"help": "log loss every N steps"})
-    eval_steps: int | None = field(
-        default=None, metadata={"help": "validation loss every N steps (default: as save_steps)"}
-    )
-    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps"})
-    save_total_limit: int = field(default=2, metadata={"help": "keep this many newest checkpoints"})
-    threads: int | None = field(
-        default=None, metadata={"help": "CPU threads for torch (default: torch's choice)"}
-    )
+    merge: bool = _setting(False, "LoRA: also write base+adapter merged, to OUTPUT/merged")
+    logging_steps: int = _setting(10, "log loss every N steps")
+    eval_steps: int | None = _setting(None, "validation loss every N steps (default: as save_steps)")
+    save_steps: int = _setting(200, "checkpoint every N steps")
+    save_total_limit: int = _setting(2, "keep this many newest checkpoints")
+    threads: int | None = _setting(None, "CPU threads for torch (default: torch's choice)")
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -293,15 +263,6 @@ def checkpoints(output: Path, complete_only: bool = True) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -313,10 +274,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def describe_run(cfg: TrainConfig, facts: dict[str, Any]) -> dict[str, Any]:
-    return {"config": cfg.to_dict(), **facts}
 
 
 def check_resumable(cfg: TrainConfig, facts: dict[str, Any], checkpoint: Path) -> None:
@@ -430,7 +387,6 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
 
     from . import sft
     from .models import load_tokenizer
-    from .prompts import get_format
     from .records import read_records
 
     started = time.perf_counter()
@@ -470,7 +426,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         check_resumable(cfg, facts, done[-1])
 
     tokenizer = load_tokenizer(cfg.model)
-    fmt = get_format(cfg.format, cfg.system) if cfg.format else _saved_or_alpaca(cfg.model, cfg.system)
+    fmt = training_format(cfg.model, cfg.format, cfg.system)
     added_pad = tokenizer.pad_token_id is None
     if added_pad:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
@@ -532,7 +488,7 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
             "learning_rate": cfg.resolved_learning_rate(),
         }
     )
-    description = describe_run(cfg, facts)
+    description = {"config": cfg.to_dict(), **facts}
 
     trainer = _build_trainer(
         cfg,
@@ -587,16 +543,18 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _saved_or_alpaca(spec: str, system: str | None) -> Any:
+def training_format(spec: str, name: str | None, system: str | None) -> Any:
+    """The prompt format a model is trained with: the one asked for, else the one saved with the
+    model, else Alpaca; `system` overrides the format's own system message."""
     from .models import saved_format_of
     from .prompts import get_format
 
-    saved = saved_format_of(spec)
-    return (
-        saved
-        if saved is not None and system is None
-        else get_format(saved.name if saved else "alpaca", system)
-    )
+    if name is None:
+        saved = saved_format_of(spec)
+        if saved is not None and system is None:
+            return saved
+        name = saved.name if saved else "alpaca"
+    return get_format(name, system)
 
 
 def _check_qlora(device: str) -> None:
@@ -615,32 +573,22 @@ def _load_model(cfg: TrainConfig, autocast: Any) -> Any:
     """Weights in fp32 (the master copy mixed precision needs), or 4-bit for QLoRA."""
     import torch
 
-    from .models import _dense_dir_for_gguf, _from_pretrained, resolve_model
+    from .models import load_pretrained
 
-    source = resolve_model(cfg.model)
-    location = source.location
-    if source.kind in ("gguf", "builtin"):
-        found = _dense_dir_for_gguf(Path(source.location))
-        if isinstance(found, tuple):
-            return found[0].float()
-        location = str(found)
-    if cfg.method == "qlora":
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if cfg.method != "qlora":
+        return load_pretrained(cfg.model)[0].float()
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=autocast or torch.bfloat16,
-        )
-        from peft import prepare_model_for_kbit_training
-
-        model = AutoModelForCausalLM.from_pretrained(
-            location, quantization_config=quant, dtype=autocast or torch.bfloat16
-        )
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model, _ = _from_pretrained(location, hub=source.kind == "hub")
-    return model.float()
+    compute = autocast or torch.bfloat16
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+    model = load_pretrained(cfg.model, quantization_config=quant, dtype=compute)[0]
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def _add_pad_embedding(model: Any, tokenizer: Any) -> None:
@@ -813,7 +761,9 @@ def _finish(
             plot = plot_losses(history, output / "loss.png")
             if plot:
                 summary["loss_plot"] = str(plot)
-            _write_atomic(output / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            write_text_atomic(
+                output / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n"
+            )
     except Exception as e:
         if not _is_write_failure(e):
             raise
@@ -858,7 +808,7 @@ def _save_final(
     save_format(tmp, fmt)
     if cfg.method != "full":
         summary["adapter"] = verify_adapter(tmp, model)
-    _write_atomic(tmp / CONFIG_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(tmp / CONFIG_FILE, json.dumps(summary, indent=2, default=str) + "\n")
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_FILE):
         if item.name != "training_args.bin":
             os.replace(item, output / item.name)

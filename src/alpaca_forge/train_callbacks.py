@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ class CheckpointCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from .prompts import save_format
-        from .train import COMPLETE, CONFIG_FILE, _fsync_dir, _write_atomic, checkpoints
+        from .records import write_text_atomic
+        from .train import COMPLETE, CONFIG_FILE, _fsync_dir, checkpoints
 
         if not state.is_world_process_zero:
             return
@@ -39,14 +41,12 @@ class CheckpointCallback(TrainerCallback):
         self.tokenizer.save_pretrained(folder)
         save_format(folder, self.fmt)
         about = {**self.description, "step": state.global_step, "epoch": state.epoch}
-        _write_atomic(folder / CONFIG_FILE, json.dumps(about, indent=2, default=str) + "\n")
+        write_text_atomic(folder / CONFIG_FILE, json.dumps(about, indent=2, default=str) + "\n")
         for f in folder.iterdir():  # everything on disk before the mark
             if f.is_file():
                 with open(f, "rb") as fh:
-                    import os
-
                     os.fsync(fh.fileno())
-        _write_atomic(folder / COMPLETE, f"{state.global_step}\n")
+        write_text_atomic(folder / COMPLETE, f"{state.global_step}\n")
         _fsync_dir(folder)
         for old in checkpoints(Path(args.output_dir))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
