@@ -86,3 +86,82 @@ def test_cli_infer_and_chat_on_the_real_model(tmp_path):
 
 def test_cache_location_is_configurable():
     assert cache_root() == Path(os.environ["ALPACA_FORGE_CACHE"])
+
+
+def _alpaca_slice(shared: Path) -> tuple[list[dict], list[dict]]:
+    """Seed tasks with short texts, as Alpaca records: 48 to train on and 8 held out."""
+    rows = [json.loads(line) for line in (shared / "seed_tasks.jsonl").read_text().splitlines()]
+    records = [
+        {
+            "instruction": r["instruction"],
+            "input": r["instances"][0]["input"],
+            "output": r["instances"][0]["output"],
+        }
+        for r in rows
+    ]
+    records = [r for r in records if len(r["output"]) < 300 and len(r["input"]) < 300]
+    return records[:48], records[-8:]
+
+
+def _answers_and_loss(spec: str, held_out: list[dict]) -> tuple[list[tuple[bool, str]], float]:
+    """Greedy answers (did the model emit EOS within 64 tokens; the text) to the Alpaca prompts, with
+    no stop strings, and the mean loss per response token of the held-out reference answers."""
+    from alpaca_forge import Record
+    from alpaca_forge.sft import IGNORE_INDEX, tokenize_records
+
+    lm = load_model(spec, device="cpu")
+    tok, fmt = lm.tokenizer, get_format("alpaca")
+    answers = []
+    for r in held_out:
+        ids = tok(fmt.prompt(r["instruction"], r["input"]), return_tensors="pt")
+        with torch.no_grad():
+            out = lm.model.generate(
+                **ids,
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
+        answers.append((tok.eos_token_id in new, tok.decode(new, skip_special_tokens=False)))
+    examples, _ = tokenize_records([Record(**r) for r in held_out], tok, fmt, 512)
+    total = count = 0.0
+    with torch.no_grad():
+        for e in examples:
+            labels = torch.tensor([e.labels])
+            logits = lm.model(input_ids=torch.tensor([e.input_ids])).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            total += float(loss)
+            count += int((labels[0, 1:] != IGNORE_INDEX).sum())
+    return answers, total / count
+
+
+def test_fine_tuning_smollm2_teaches_the_alpaca_format_and_to_stop(tmp_path, shared_data):
+    """A real run on the embedded model: 48 seed tasks in the Alpaca format, 3 epochs on the CPU.
+    Before, SmolLM2 (a chat model) runs on past its answer on half the held-out prompts; after, it
+    answers and emits EOS on all of them, and the held-out answers' loss falls."""
+    train, held_out = _alpaca_slice(shared_data)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in train))
+    before, loss_before = _answers_and_loss("smollm2-135m-instruct", held_out)
+
+    out = tmp_path / "run"
+    flags = ["--format", "alpaca", "--epochs", "3", "--max-seq-len", "256", "--learning-rate", "5e-5"]
+    r = run_cli(
+        "train", "--data", str(data), "--output", str(out), *flags, "--warmup-ratio", "0", timeout=900
+    )
+    assert r.returncode == 0, r.stderr
+    after, loss_after = _answers_and_loss(str(out), held_out)
+
+    for r_, (b_stop, b_text), (a_stop, a_text) in zip(held_out, before, after, strict=True):
+        print(
+            f"\n{r_['instruction'][:70]}\n  before (EOS {b_stop}): {b_text!r}\n  after  (EOS {a_stop}): {a_text!r}"
+        )
+    print(f"held-out loss per response token: {loss_before:.3f} -> {loss_after:.3f}")
+    stops_before = sum(s for s, _ in before)
+    assert stops_before <= 6, "the base model already stops on the Alpaca format: the test shows nothing"
+    assert all(s for s, _ in after), after
+    assert not any("### Instruction" in t or t.startswith("\n") for _, t in after), after
+    assert loss_after < 0.9 * loss_before

@@ -7,6 +7,7 @@ import torch
 
 from alpaca_forge import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, Record, get_format
 from alpaca_forge.sft import (
+    COUNTS,
     IGNORE_INDEX,
     Collator,
     SFTDataset,
@@ -111,6 +112,7 @@ def test_packed_rows_do_not_attend_across_examples(tok):
     assert len(data) == 1
     batch = Collator(tok.pad_token_id, packed=True)([data[0]])
     assert "attention_mask" not in batch
+    batch.pop(COUNTS)  # the trainer takes the counts out before the model sees the batch
     with torch.no_grad():
         packed = model(**batch).logits[0]  # exactly what the trainer passes, labels aside
         at = 0
@@ -135,7 +137,8 @@ def test_collator_pads_and_counts(tok):
     assert batch["input_ids"].shape == (2, width)
     assert batch["attention_mask"].sum().item() == n0 + n1
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
-    assert c.padded_tokens == 2 * width - n0 - n1 and c.real_tokens == n0 + n1
+    trained = examples[0].trained_tokens + examples[1].trained_tokens
+    assert batch[COUNTS] == (n0 + n1, 2 * width - n0 - n1, trained)
 
 
 def test_validation_split_is_seeded_and_checked():

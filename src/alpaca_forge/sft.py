@@ -13,7 +13,8 @@ One example is `prompt ids + response ids + EOS`:
 
 Batching: `packed` puts several examples in one row (position ids restart at each, so attention
 stays inside each example), `grouped` batches examples of similar length, `padded` is the
-original's random batches padded to the longest. Collators count the padding they add.
+original's random batches padded to the longest. Each batch carries its own token counts (real,
+padding, trained), which the trainer takes out before the model sees the batch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .records import Record
 
 IGNORE_INDEX = -100
 BATCHING = ("packed", "grouped", "padded")
+COUNTS = "alpaca_forge_token_counts"  # batch key: (real, padding, trained) tokens; not a model input
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,8 @@ class SFTDataset:
 
 
 class Collator:
-    """Pads a batch to its longest item (right side) and counts real and padded tokens.
+    """Pads a batch to its longest item (right side) and notes its real, padding and trained tokens
+    under `COUNTS`.
 
     Packed rows carry position ids, no attention mask and `use_cache=False`: the model then keeps
     attention inside each example (a new example starts wherever the position ids restart), and
@@ -240,9 +243,6 @@ class Collator:
     def __init__(self, pad_id: int, packed: bool):
         self.pad_id = pad_id
         self.packed = packed
-        self.real_tokens = 0
-        self.padded_tokens = 0
-        self.trained_tokens = 0
 
     def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
@@ -250,6 +250,7 @@ class Collator:
         width = max(len(x["input_ids"]) for x in items)
         batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
         batch["position_ids" if self.packed else "attention_mask"] = []
+        real = trained = 0
         for x in items:
             n = len(x["input_ids"])
             pad = width - n
@@ -259,20 +260,34 @@ class Collator:
                 batch["position_ids"].append(x["position_ids"] + list(range(pad)))
             else:
                 batch["attention_mask"].append([1] * n + [0] * pad)
-            self.real_tokens += n
-            self.padded_tokens += pad
-            self.trained_tokens += sum(1 for t in x["labels"] if t != IGNORE_INDEX)
+            real += n
+            trained += sum(1 for t in x["labels"] if t != IGNORE_INDEX)
         out: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         if self.packed:
             # With a cache the model takes the position ids for a continuation and attends across
             # the whole row; without one it reads where each example starts from them.
             out["use_cache"] = False
+        out[COUNTS] = (real, width * len(items) - real, trained)
         return out
+
+
+@dataclass
+class TokenCounts:
+    """Tokens trained on by this process so far: real ones, padding, and those carrying loss."""
+
+    real: int = 0
+    padding: int = 0
+    trained: int = 0
+
+    def add(self, counts: tuple[int, int, int]) -> None:
+        self.real += counts[0]
+        self.padding += counts[1]
+        self.trained += counts[2]
 
     @property
     def padding_share(self) -> float:
-        total = self.real_tokens + self.padded_tokens
-        return self.padded_tokens / total if total else 0.0
+        total = self.real + self.padding
+        return self.padding / total if total else 0.0
 
 
 def describe_example(example: Example, tokenizer: Any, color: bool) -> str:

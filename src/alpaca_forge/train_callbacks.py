@@ -1,4 +1,5 @@
-"""Trainer callbacks: self-describing checkpoints, a NaN guard, the progress bar, TensorBoard, plots."""
+"""Around HF's Trainer: a subclass that counts the tokens it trains on, and callbacks for
+self-describing checkpoints, a NaN guard, step timing, the progress bar, TensorBoard, plots."""
 
 from __future__ import annotations
 
@@ -11,11 +12,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .errors import UserError
+from .sft import COUNTS, TokenCounts
 
 log = logging.getLogger(__name__)
+
+
+class CountingTrainer(Trainer):
+    """HF's Trainer, taking each batch's token counts (put there by our collator) out before the
+    model sees it, and adding those of training batches to `counts`."""
+
+    def __init__(self, *args: Any, counts: TokenCounts, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.counts = counts
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self.counts.add(inputs.pop(COUNTS))
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        inputs.pop(COUNTS, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
 
 
 class CheckpointCallback(TrainerCallback):
@@ -67,11 +86,44 @@ class GuardCallback(TrainerCallback):
             )
 
 
+class StepTimer(TrainerCallback):
+    """Wall time and real (unpadded) tokens of every optimiser step on this process, so the summary
+    can give the steady throughput apart from the first step's start-up cost."""
+
+    def __init__(self, counts: TokenCounts):
+        self.counts = counts
+        self.steps: list[tuple[float, int]] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.mark = (time.perf_counter(), self.counts.real)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = (time.perf_counter(), self.counts.real)
+        self.steps.append((now[0] - self.mark[0], now[1] - self.mark[1]))
+        self.mark = now
+
+    def summary(self, world_size: int) -> dict[str, Any]:
+        """First step's seconds, the median step's, and tokens/s (all processes) over every step
+        after the first."""
+        if not self.steps:
+            return {}
+        seconds = sorted(s for s, _ in self.steps)
+        out: dict[str, Any] = {
+            "first_step_s": round(self.steps[0][0], 4),
+            "median_step_s": round(seconds[len(seconds) // 2], 4),
+        }
+        rest = self.steps[1:]
+        elapsed = sum(s for s, _ in rest)
+        if elapsed:
+            out["steady_tokens_per_s"] = round(sum(t for _, t in rest) * max(1, world_size) / elapsed, 2)
+        return out
+
+
 class ProgressBar(TrainerCallback):
     """Steps done, loss, tokens per second and the time left."""
 
-    def __init__(self, collator: Any):
-        self.collator = collator
+    def __init__(self, counts: TokenCounts):
+        self.counts = counts
         self.bar = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -86,7 +138,7 @@ class ProgressBar(TrainerCallback):
                 dynamic_ncols=True,
             )
             self.start = time.perf_counter()
-            self.tokens0 = self.collator.real_tokens
+            self.tokens0 = self.counts.real
             self.loss = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -95,7 +147,7 @@ class ProgressBar(TrainerCallback):
         self.bar.update(state.global_step - self.bar.n)
         elapsed = time.perf_counter() - self.start
         world = max(1, args.world_size)
-        rate = (self.collator.real_tokens - self.tokens0) * world / elapsed if elapsed else 0.0
+        rate = (self.counts.real - self.tokens0) * world / elapsed if elapsed else 0.0
         post = {"tok/s": f"{rate:,.0f}"}
         if self.loss is not None:
             post["loss"] = f"{self.loss:.4f}"
