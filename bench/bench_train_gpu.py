@@ -5,7 +5,7 @@ shape), bf16, full fine-tune and LoRA, on the real length mix of the 55K corpus.
 
 Each run goes through the real command (`python -m alpaca_forge train`), packed rows of 1,024
 tokens, 8 rows per step. Reported: tokens per second over the Trainer's own runtime (every step,
-the first included) and MFU = 6 x parameters x tokens/s / the GPU's dense bf16 peak (attention's own
+the first included), the steady rate after the first step (from train_summary.json), and MFU = 6 x parameters x tokens/s / the GPU's dense bf16 peak (attention's own
 FLOPs left out, so MFU is slightly understated). Needs a CUDA GPU.
 """
 
@@ -122,6 +122,12 @@ def main() -> int:
             "tokens_per_step": round(tokens_per_step),
             "tokens_per_s": round(tok_s),
             "mfu": round(mfu, 3) if mfu else None,
+            "first_step_s": s.get("first_step_s"),
+            "median_step_s": s.get("median_step_s"),
+            "steady_tokens_per_s": s.get("steady_tokens_per_s"),
+            "steady_mfu": round(s["steady_tokens_per_s"] * flops_per_token / peak, 3)
+            if peak and s.get("steady_tokens_per_s")
+            else None,
             "padding_share": s["padding_share"],
             "train_runtime_s": s["train_runtime_s"],
             "wall_s": round(r["wall_s"], 1),

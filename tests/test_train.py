@@ -83,6 +83,10 @@ def test_full_fine_tune_learns_and_changes_every_parameter(tiny_model_dir, data,
     assert summary["last_loss"] < summary["first_loss"] * 0.8, summary
     assert summary["last_eval_loss"] is not None
     assert summary["tokenized"]["examples"] == 40 and summary["padding_share"] < 0.2
+    # exact counts: 4 passes over the training rows; validation batches are not training tokens
+    assert summary["tokens_seen_this_run"] == 4 * summary["tokenized"]["tokens"]
+    assert summary["trained_tokens_this_run"] == 4 * summary["tokenized"]["trained_tokens"]
+    assert summary["steady_tokens_per_s"] > 0 and summary["median_step_s"] > 0
     before, after = _weights(tiny_model_dir), _weights(out)
     assert before.keys() == after.keys()
     unchanged = [k for k in before if (before[k] == after[k]).all()]
@@ -289,3 +293,16 @@ def test_data_tokenize_writes_what_the_trainer_sees(tiny_model_dir, data, tmp_pa
     assert [(r["index"], r["input_ids"], r["labels"]) for r in rows] == [
         (e.record, e.input_ids, e.labels) for e in examples
     ]
+
+
+def test_bf16_on_a_cpu_is_checked_against_its_flags(tmp_path):
+    from alpaca_forge.train import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_has_native_bf16(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(str(info)) is True
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # Arm
+    assert cpu_has_native_bf16(str(info)) is True
+    assert cpu_has_native_bf16(str(tmp_path / "absent")) is None
