@@ -115,6 +115,35 @@ def test_lora_trains_only_the_adapters(tiny_model_dir, data, tmp_path):
     _assert_infers(out, data, tmp_path, limit=1)
 
 
+def test_qlora_trains_adapters_on_a_4bit_base_and_merges_in_full_precision(
+    tiny_model_dir, data, tmp_path, monkeypatch
+):
+    """The whole QLoRA path. bitsandbytes (0.49 and later) also runs 4-bit layers on a CPU, so the
+    run's CUDA guard is lifted for this test; the guard itself is tested with the bad input."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev install (make test installs it)")
+    from alpaca_forge import train
+
+    monkeypatch.setattr(train, "_check_qlora", lambda device: None)
+    out = tmp_path / "qlora"
+    settings = {"model": str(tiny_model_dir), "data": str(data), "output": str(out), "method": "qlora"}
+    cfg = resolve_config(
+        None, {**settings, "epochs": 3, "learning_rate": 1e-2, "merge": True, "logging_steps": 1}
+    )
+    summary = train.run(cfg, progress=False).summary
+    assert summary["layers_in_4bit"] == 2 * 7  # every projection of both layers
+    assert summary["last_loss"] < summary["first_loss"]
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    merged_config = json.loads((out / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_config  # a plain model, loadable without bitsandbytes
+    before, merged = _weights(tiny_model_dir), _weights(out / "merged")
+    assert all(merged[k].dtype == before[k].dtype for k in before)
+    changed = {k for k in before if not (before[k] == merged[k]).all()}
+    assert changed and all(k.endswith("proj.weight") for k in changed)
+    _assert_infers(out / "merged", data, tmp_path, limit=1)
+
+
 def test_kill_and_resume_gives_the_same_weights(tiny_model_dir, data, tmp_path):
     common = [
         *_io(tiny_model_dir, data),

@@ -473,6 +473,8 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         )
 
     model = _load_model(cfg, autocast)
+    if cfg.method == "qlora":
+        facts["layers_in_4bit"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if added_pad:
         _add_pad_embedding(model, tokenizer)
         log.info(
@@ -866,9 +868,11 @@ def _save_final(
             os.replace(item, output / item.name)
     _fsync_dir(output)
     if cfg.method != "full" and cfg.merge:
-        from .models import save_model
+        from .models import load_pretrained, save_model
 
-        merged = model.merge_and_unload()
+        # QLoRA: merging into the 4-bit base would quantise the update away and need bitsandbytes
+        # to load; the adapter goes onto the base in full precision instead.
+        merged = load_pretrained(str(output))[0] if cfg.method == "qlora" else model.merge_and_unload()
         save_model(merged, tokenizer, output / "merged", fmt)
         summary["merged"] = str(output / "merged")
         log.info("merged model: %s", output / "merged")
