@@ -47,14 +47,12 @@ def sample_records(corpus: Path, n: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, n)
 
 
-def full_window_records(records: list[dict], window: int, need: int) -> list[dict]:
+def full_window_records(records: list[dict], tok, window: int, need: int) -> list[dict]:
     """Records whose example (prompt + response + EOS, response cut to fit) is exactly `window` long."""
     from alpaca_forge import sft
-    from alpaca_forge.models import load_tokenizer
     from alpaca_forge.prompts import get_format
     from alpaca_forge.records import Record
 
-    tok = load_tokenizer(MODEL)
     fmt = get_format("alpaca")
     picked = []
     for i, r in enumerate(records):
@@ -155,11 +153,12 @@ def main() -> int:
         "rounds": args.rounds,
     }
     records = sample_records(args.corpus, args.records, seed=0)
+    tok = load_tokenizer(MODEL)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     started = time.perf_counter()
     try:
         # 1. Raw step speed at 4 x 256.
-        full = full_window_records(records, 256, 4 * (args.steps + 1))
+        full = full_window_records(records, tok, 256, 4 * (args.steps + 1))
         full_path = work / "full256.jsonl"
         full_path.write_text("".join(json.dumps(r) + "\n" for r in full))
         (work / "runs").mkdir()
@@ -201,9 +200,7 @@ def main() -> int:
         # 2. Packed rows against random batches padded to their longest item, window 512.
         mix_path = work / "mix.jsonl"
         mix_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        examples, _ = sft.tokenize_records(
-            read_records(mix_path), load_tokenizer(MODEL), get_format("alpaca"), 512
-        )
+        examples, _ = sft.tokenize_records(read_records(mix_path), tok, get_format("alpaca"), 512)
         lengths = [len(e.input_ids) for e in examples]
         rates: dict[str, list[float]] = {"padded": [], "packed": []}
         padding: dict[str, list[float]] = {"padded": [], "packed": []}

@@ -250,7 +250,7 @@ class Collator:
         width = max(len(x["input_ids"]) for x in items)
         batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
         batch["position_ids" if self.packed else "attention_mask"] = []
-        real = trained = 0
+        real = 0
         for x in items:
             n = len(x["input_ids"])
             pad = width - n
@@ -261,12 +261,12 @@ class Collator:
             else:
                 batch["attention_mask"].append([1] * n + [0] * pad)
             real += n
-            trained += sum(1 for t in x["labels"] if t != IGNORE_INDEX)
         out: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         if self.packed:
             # With a cache the model takes the position ids for a continuation and attends across
             # the whole row; without one it reads where each example starts from them.
             out["use_cache"] = False
+        trained = int(out["labels"].ne(IGNORE_INDEX).sum())
         out[COUNTS] = (real, width * len(items) - real, trained)
         return out
 

@@ -821,18 +821,23 @@ def _finish(
     return TrainResult(output, summary)
 
 
-def _all_counts(counts: Any) -> Any:
-    """Token counts summed over every process."""
+def _gather(value: Any) -> list[Any]:
+    """`value` from every process, in rank order (just `[value]` without distribution)."""
     import torch
 
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _all_counts(counts: Any) -> Any:
+    """Token counts summed over every process."""
     from .sft import TokenCounts
 
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return counts
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, (counts.real, counts.padding, counts.trained))
     total = TokenCounts()
-    for c in gathered:
+    for c in _gather((counts.real, counts.padding, counts.trained)):
         total.add(c)
     return total
 
@@ -844,11 +849,7 @@ def _rank_checksums(trainer: Any) -> list[float]:
     model = trainer.accelerator.unwrap_model(trainer.model)
     with torch.no_grad():
         total = sum(float(p.detach().double().sum()) for p in model.parameters() if p.is_floating_point())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, total)
-        return gathered
-    return [total]
+    return _gather(total)
 
 
 def _save_final(
