@@ -6,11 +6,14 @@ whole session, so the real embedded model's first load (GGUF -> dense) is exerci
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -108,6 +111,54 @@ def tiny_lm(tiny_model_dir):
     return load_model(str(tiny_model_dir), device="cpu")
 
 
+VENDORED_DATA = Path(__file__).resolve().parent / "fixtures" / "data"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A data folder laid out like ../shared/data: the real one, or our small vendored one (our
+    own text, tests/fixtures/data), so a property checked on real data is checked everywhere."""
+
+    root: Path
+    seeds: int  # seed tasks in seed_tasks.jsonl
+    evals: int  # evaluation tasks, and how many of them have an input
+    evals_with_input: int
+    corpus: Path
+    corpus_records: int
+    predictions: Path  # one model's answers to the evaluation tasks
+    first_seed_starts: str
+
+    @property
+    def seed_file(self) -> Path:
+        return self.root / "seed_tasks.jsonl"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.root / "eval" / "user_oriented_instructions.jsonl"
+
+
+def _vendored() -> DataSet:
+    d = VENDORED_DATA
+    return DataSet(d, 24, 16, 8, d / "corpus" / "small.alpaca.jsonl.gz", 400, d / "eval" / "predictions" / "model-a.jsonl", "Suggest")
+
+
+def _shared() -> DataSet:
+    d = SHARED_DATA
+    return DataSet(
+        d, 175, 252, 208, d / "corpus" / "t0_55k.alpaca.jsonl.gz", 55_185,
+        d / "eval" / "predictions" / "text-davinci-003.jsonl", "Is there anything I can eat",
+    )  # fmt: skip
+
+
+@pytest.fixture(params=["vendored", "shared"])
+def dataset(request) -> DataSet:
+    """Each test that takes it runs on the vendored data, and again on the real data where present."""
+    if request.param == "shared":
+        request.getfixturevalue("shared_data")  # skips, saying why, without the real data
+        return _shared()
+    return _vendored()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
@@ -117,10 +168,53 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@dataclass
+class CliResult:
+    """What a command left: its exit status and what it printed (as `subprocess` would give)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    stdout_bytes: bytes = b""
+
+
 def run_cli(
+    *args: str, input: str | None = None, timeout: float | None = None, env: dict | None = None
+) -> CliResult:
+    """Run `alpaca-forge ARGS` in this process through `cli.main`, as a user would on the
+    command line, with stdin, stdout, stderr and the environment swapped for the call. (No
+    start-up cost per call; `run_cli_process` is for tests where the process itself is the point.)"""
+    from alpaca_forge.cli import main
+
+    out_bytes = io.BytesIO()
+    out = io.TextIOWrapper(out_bytes, encoding="utf-8", write_through=True)
+    err = io.StringIO()
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    saved_stdin = sys.stdin
+    sys.stdin = io.StringIO(input or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse: --help, or a flag it cannot parse
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        sys.stdin = saved_stdin
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out.flush()
+    data = out_bytes.getvalue()
+    return CliResult(code, data.decode("utf-8", errors="replace"), err.getvalue(), data)
+
+
+def run_cli_process(
     *args: str, input: str | None = None, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the installed `alpaca-forge` console script, as a user would."""
+    """Run the installed `alpaca-forge` console script in its own process."""
     return subprocess.run(
         [str(CLI), *args],
         input=input,
@@ -131,7 +225,7 @@ def run_cli(
     )
 
 
-def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_user_error(result: CliResult | subprocess.CompletedProcess, *needles: str) -> None:
     """A user mistake: exit status 2, a message with a fix, and never a traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr

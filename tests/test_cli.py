@@ -134,17 +134,10 @@ def test_infer_refuses_to_mix_settings(tmp_path, tiny_model_dir):
     } == {9}
 
 
-def test_infer_reads_seed_and_evaluation_tasks(tmp_path, tiny_model_dir, shared_data):
-    for name, first_id in [
-        ("seed_tasks.jsonl", "seed_task_0"),
-        ("eval/user_oriented_instructions.jsonl", "user_oriented_task_0"),
-    ]:
+def test_infer_reads_seed_and_evaluation_tasks(tmp_path, tiny_model_dir, dataset):
+    for path, first_id in [(dataset.seed_file, "seed_task_0"), (dataset.eval_file, "user_oriented_task_0")]:
         out = tmp_path / f"{first_id}.jsonl"
-        r = run_cli(
-            *_infer(
-                tiny_model_dir, shared_data / name, out, "--limit", "3", "--max-new-tokens", "4", "--print"
-            )
-        )
+        r = run_cli(*_infer(tiny_model_dir, path, out, "--limit", "3", "--max-new-tokens", "4", "--print"))
         assert r.returncode == 0, r.stderr
         rows = _lines(out)
         assert next(row["id"] for row in rows) == first_id and len(rows) == 3
@@ -155,7 +148,36 @@ def test_infer_rejects_an_unwritable_output(tmp_path, tiny_model_dir):
     _instructions(tmp_path / "in.jsonl", 1)
     (tmp_path / "file").write_text("")
     r = run_cli(*_infer(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "file" / "o.jsonl"))
-    assert_user_error(r, "cannot be written")
+    assert_user_error(r, "nothing can be written under it", str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize("case", ["a folder", "under a file", "the input", "missing folders"])
+def test_infer_checks_its_output_before_any_work(tmp_path, tiny_model_dir, case):
+    """Output paths a careless user gives: each a clear error naming the path, before the model
+    loads; missing folders are simply made."""
+    src = tmp_path / "in.jsonl"
+    _instructions(src, 1)
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    out = {
+        "a folder": tmp_path / "a-folder",
+        "under a file": tmp_path / "a-file" / "o.jsonl",
+        "the input": src,
+        "missing folders": tmp_path / "new" / "deeper" / "o.jsonl",
+    }[case]
+    before = src.read_bytes()
+    r = run_cli(*_infer(tiny_model_dir, src, out, "--max-new-tokens", "2"))
+    if case == "missing folders":
+        assert r.returncode == 0, r.stderr
+        assert len(_lines(out)) == 2
+        return
+    assert_user_error(
+        r,
+        str(out),
+        {"a folder": "is a folder", "under a file": "is a file", "the input": "is the input file"}[case],
+    )
+    assert "loading" not in r.stderr, "the model is not loaded for a command that cannot finish"
+    assert src.read_bytes() == before
 
 
 # --- chat ---------------------------------------------------------------------------------------

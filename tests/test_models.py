@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alpaca_forge import UserError, get_format, load_model, resolve_model, save_model
-from alpaca_forge.models import pick_dtype
+from alpaca_forge.core.models import pick_dtype
 
 from conftest import assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
 
@@ -33,7 +33,7 @@ def test_a_folder_without_a_saved_format_uses_the_chat_template(tmp_path):
 
 
 def test_an_explicit_format_overrides_the_saved_one(tiny_model_dir, caplog):
-    lm = load_model(str(tiny_model_dir), device="cpu", prompt_format=get_format("user-assistant"))
+    lm = load_model(str(tiny_model_dir), device="cpu", format="user-assistant")
     assert lm.prompt_format.name == "user-assistant"
     assert "trained with the 'alpaca' prompt format" in caplog.text
 

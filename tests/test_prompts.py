@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from alpaca_forge import UserError, get_format, read_saved_format, save_format
-from alpaca_forge.prompts import FORMAT_FILE, Turn
+from alpaca_forge import Message, UserError, get_format, read_saved_format, save_format
+from alpaca_forge.core.prompts import FORMAT_FILE
 
 from conftest import assert_user_error, build_tiny_tokenizer, run_cli
 
@@ -34,7 +34,13 @@ def test_alpaca_template_keeps_braces_and_unicode_in_records():
 
 def test_alpaca_is_single_turn():
     fmt = get_format("alpaca")
-    text = fmt.conversation([Turn("first", "one"), Turn("Name three primary colours.")])
+    text = fmt.render(
+        [
+            Message("user", "first"),
+            Message("assistant", "one"),
+            Message("user", "Name three primary colours."),
+        ]
+    )
     assert text.encode() == EXPECTED_NO_INPUT
 
 
@@ -42,14 +48,14 @@ def test_user_assistant_turns():
     fmt = get_format("user-assistant")
     assert fmt.prompt("Hi") == "<|user|>\nHi\n<|assistant|>"
     assert fmt.prompt("Translate.", "Bonjour") == "<|user|>\nTranslate.\n\nBonjour\n<|assistant|>"
-    two = fmt.conversation([Turn("Hi", "Hello!"), Turn("How are you?")])
+    two = fmt.render([Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "How are you?")])
     assert two == "<|user|>\nHi\n<|assistant|>\nHello!\n<|user|>\nHow are you?\n<|assistant|>"
 
 
 def test_chat_format_uses_the_tokenizers_template():
     tok = build_tiny_tokenizer()
     fmt = get_format("chat", system="Be brief.")
-    text = fmt.conversation([Turn("Hi", "Hello!"), Turn("Why?")], tok)
+    text = fmt.render([Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Why?")], tok)
     assert (
         text == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!\n<|user|>\nWhy?\n<|assistant|>\n"
     )

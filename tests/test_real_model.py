@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from alpaca_forge import GenerationSettings, generate_text, get_format, load_model
-from alpaca_forge.models import BUILTIN_MODELS, _load_gguf, builtin_gguf_path, cache_root
+from alpaca_forge import FinishReason, GenerationSettings, Message, get_format, load_model
+from alpaca_forge.core.models import BUILTIN_MODELS, _load_gguf, builtin_gguf_path, cache_root
+from alpaca_forge.engines.transformers_engine import TransformersEngine
 
 from conftest import run_cli
 
@@ -47,23 +48,23 @@ def test_the_cached_copy_is_exactly_the_gguf(smollm2):
 
 
 def test_a_real_answer(smollm2):
-    answer = generate_text(
-        smollm2,
-        smollm2.prompt_format.prompt("What is the capital of France?", tokenizer=smollm2.tokenizer),
-        GREEDY,
-    )
+    answer = TransformersEngine(smollm2).chat([[Message("user", "What is the capital of France?")]], GREEDY)[
+        0
+    ]
     assert "Paris" in answer.text, answer
-    assert answer.finish_reason == "stop"
+    assert answer.finish_reason == FinishReason.STOP
 
 
 def test_alpaca_format_stops_before_a_new_instruction(smollm2):
     """SmolLM2 was not trained on the Alpaca template; stop strings still keep its answer to itself."""
-    fmt = get_format("alpaca")
-    answer = generate_text(
-        smollm2,
-        fmt.prompt("Name three primary colours."),
-        GenerationSettings(max_new_tokens=96, temperature=0.0),
-    )
+    smollm2.prompt_format, chat_format = get_format("alpaca"), smollm2.prompt_format
+    try:
+        answer = TransformersEngine(smollm2).chat(
+            [[Message("user", "Name three primary colours.")]],
+            GenerationSettings(max_new_tokens=96, temperature=0.0),
+        )[0]
+    finally:
+        smollm2.prompt_format = chat_format
     assert "### Instruction" not in answer.text and answer.text
 
 
@@ -107,7 +108,7 @@ def _answers_and_loss(spec: str, held_out: list[dict]) -> tuple[list[tuple[bool,
     """Greedy answers (did the model emit EOS within 64 tokens; the text) to the Alpaca prompts, with
     no stop strings, and the mean loss per response token of the held-out reference answers."""
     from alpaca_forge import Record
-    from alpaca_forge.sft import IGNORE_INDEX, tokenize_records
+    from alpaca_forge.core.examples import IGNORE_INDEX, tokenize_records
 
     lm = load_model(spec, device="cpu")
     tok, fmt = lm.tokenizer, get_format("alpaca")

@@ -123,17 +123,17 @@ def test_empty_and_missing_files(tmp_path):
         read_records(tmp_path)
 
 
-def test_seed_tasks_and_eval_tasks_become_records(shared_data):
-    seeds = read_records(shared_data / "seed_tasks.jsonl")
-    assert len(seeds) == 175
-    assert seeds[0].id == "seed_task_0" and seeds[0].instruction.startswith("Is there anything I can eat")
-    evals = read_records(shared_data / "eval" / "user_oriented_instructions.jsonl")
-    assert len(evals) == 252 and sum(1 for r in evals if r.input) == 208
+def test_seed_tasks_and_eval_tasks_become_records(dataset):
+    seeds = read_records(dataset.seed_file)
+    assert len(seeds) == dataset.seeds
+    assert seeds[0].id == "seed_task_0" and seeds[0].instruction.startswith(dataset.first_seed_starts)
+    evals = read_records(dataset.eval_file)
+    assert len(evals) == dataset.evals and sum(1 for r in evals if r.input) == dataset.evals_with_input
 
 
-def test_the_55k_corpus_streams_from_gzip(shared_data):
-    records = read_records(shared_data / "corpus" / "t0_55k.alpaca.jsonl.gz")
-    assert len(records) == 55_185
+def test_the_corpus_streams_from_gzip(dataset):
+    records = read_records(dataset.corpus)
+    assert len(records) == dataset.corpus_records
 
 
 def test_instances_with_several_entries_get_sub_ids(tmp_path):

@@ -1,22 +1,14 @@
-"""Training data: exact masks, truncation that keeps the EOS, packing without cross-talk."""
+"""Training data: exact masks, truncation that keeps the EOS (core.examples), packing without
+cross-talk (train.batching)."""
 
 import random
 
 import pytest
 import torch
 
-from alpaca_forge import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, Record, get_format
-from alpaca_forge.sft import (
-    COUNTS,
-    IGNORE_INDEX,
-    Collator,
-    SFTDataset,
-    describe_example,
-    encode_record,
-    pack,
-    split_validation,
-    tokenize_records,
-)
+from alpaca_forge import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, Record, get_format, split_records
+from alpaca_forge.core.examples import IGNORE_INDEX, describe_example, encode_record, tokenize_records
+from alpaca_forge.train.batching import COUNTS, Collator, SFTDataset, pack
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -142,10 +134,12 @@ def test_collator_pads_and_counts(tok):
 
 
 def test_validation_split_is_seeded_and_checked():
+    """The split `train --val-size` holds out (the one in core.records, shared with `data split`)."""
     records = [Record(f"task {i}", "", "x") for i in range(10)]
-    train, val = split_validation(records, 3, seed=1)
-    assert len(train) == 7 and len(val) == 3 and split_validation(records, 3, seed=1) == (train, val)
+    train, val = split_records(records, 3, seed=1)
+    assert len(train) == 7 and len(val) == 3 and split_records(records, 3, seed=1) == (train, val)
+    assert split_records(records, 0.3, seed=1) == (train, val)  # a share of 10 records: the same 3
     from alpaca_forge import UserError
 
-    with pytest.raises(UserError, match="leaves nothing to train on"):
-        split_validation(records, 10, seed=1)
+    with pytest.raises(UserError, match="nothing to train on"):
+        split_records(records, 10, seed=1)

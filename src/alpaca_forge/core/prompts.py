@@ -14,7 +14,9 @@ read back by every command that loads it, so training and inference cannot drift
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,12 +38,26 @@ ALPACA_PROMPT_NO_INPUT = (
 FORMAT_FILE = "prompt_format.json"
 
 
-@dataclass(frozen=True)
-class Turn:
-    """One exchange of a conversation; `assistant` is None for the turn being asked."""
+ROLES = ("system", "user", "assistant")
 
-    user: str
-    assistant: str | None = None
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation. A user message made from an Alpaca record keeps the
+    record's `input` apart, so the Alpaca template can put it under `### Input:`; every other
+    rendering (chat templates, servers) reads `text`: the instruction, then the input."""
+
+    role: str  # "system" | "user" | "assistant"
+    content: str
+    input: str = ""
+
+    @property
+    def text(self) -> str:
+        return user_message(self.content, self.input)
+
+    @classmethod
+    def from_record(cls, instruction: str, input: str = "") -> Message:
+        return cls("user", instruction, input)
 
 
 def user_message(instruction: str, input: str = "") -> str:
@@ -49,8 +65,19 @@ def user_message(instruction: str, input: str = "") -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
+def check_conversation(messages: Sequence[Message]) -> None:
+    """A conversation ends in a user message; roles are system, user or assistant."""
+    bad = [m.role for m in messages if m.role not in ROLES]
+    if bad or not messages or messages[-1].role != "user":
+        raise UserError(
+            "a conversation must end in a user message, and roles are system, user or assistant"
+            + (f" (got {bad[0]!r})" if bad else ""),
+            'send e.g. [{"role": "user", "content": "Hi"}]',
+        )
+
+
 class PromptFormat:
-    """Base of the formats. Subclasses set the class attributes and `conversation`."""
+    """Base of the formats. Subclasses set the class attributes and `render`."""
 
     name: ClassVar[str]
     help: ClassVar[str]
@@ -66,11 +93,15 @@ class PromptFormat:
 
     def prompt(self, instruction: str, input: str = "", tokenizer: Any = None) -> str:
         """The prompt for one Alpaca record (instruction plus optional input)."""
-        return self.conversation([Turn(user_message(instruction, input))], tokenizer)
+        return self.render([Message.from_record(instruction, input)], tokenizer)
 
-    def conversation(self, turns: list[Turn], tokenizer: Any = None) -> str:
-        """The prompt for a conversation whose last turn awaits the assistant's answer."""
+    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        """The prompt for a conversation whose last message, the user's, awaits the answer."""
         raise NotImplementedError
+
+    def system_of(self, messages: Sequence[Message]) -> str | None:
+        """A system message in the conversation wins over the format's own."""
+        return next((m.content for m in messages if m.role == "system"), self.system)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.name, "system": self.system}
@@ -91,14 +122,12 @@ class AlpacaFormat(PromptFormat):
     multi_turn = False
     stop_strings = ("### Instruction:", "### Input:", "### Response:")
 
-    def prompt(self, instruction: str, input: str = "", tokenizer: Any = None) -> str:
-        if input:
-            return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-        return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-
-    def conversation(self, turns: list[Turn], tokenizer: Any = None) -> str:
+    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         # Single-turn: earlier turns are not part of what an Alpaca model was trained to read.
-        return self.prompt(turns[-1].user)
+        last = messages[-1]
+        if last.input:
+            return ALPACA_PROMPT_WITH_INPUT.format(instruction=last.content, input=last.input)
+        return ALPACA_PROMPT_NO_INPUT.format(instruction=last.content)
 
 
 class ChatFormat(PromptFormat):
@@ -107,18 +136,16 @@ class ChatFormat(PromptFormat):
     multi_turn = True
     add_special_tokens = False
 
-    def conversation(self, turns: list[Turn], tokenizer: Any = None) -> str:
+    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 "the 'chat' prompt format needs a chat template, and this model's tokenizer has no chat template",
                 "use --format alpaca or --format user-assistant, or name a model that ships a chat template",
             )
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        for turn in turns:
-            messages.append({"role": "user", "content": turn.user})
-            if turn.assistant is not None:
-                messages.append({"role": "assistant", "content": turn.assistant})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        system = self.system_of(messages)
+        chat = [{"role": "system", "content": system}] if system else []
+        chat += [{"role": m.role, "content": m.text} for m in messages if m.role != "system"]
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
 class UserAssistantFormat(PromptFormat):
@@ -127,10 +154,10 @@ class UserAssistantFormat(PromptFormat):
     multi_turn = True
     stop_strings = ("<|user|>",)
 
-    def conversation(self, turns: list[Turn], tokenizer: Any = None) -> str:
-        parts = [f"<|user|>\n{t.user}\n<|assistant|>\n{t.assistant}" for t in turns[:-1]]
-        parts.append(f"<|user|>\n{turns[-1].user}\n<|assistant|>")
-        return "\n".join(parts)
+    def render(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        tags = {"user": "<|user|>", "assistant": "<|assistant|>"}
+        parts = [f"{tags[m.role]}\n{m.text}" for m in messages if m.role in tags]
+        return "\n".join([*parts, "<|assistant|>"])
 
 
 FORMATS: dict[str, type[PromptFormat]] = {f.name: f for f in (AlpacaFormat, ChatFormat, UserAssistantFormat)}
@@ -168,3 +195,36 @@ def read_saved_format(model_dir: str | os.PathLike) -> PromptFormat | None:
             f"{path}: not a valid prompt-format file ({e})",
             f'it should read {{"format": "alpaca", "system": null}}; formats: {", ".join(FORMATS)}',
         ) from e
+
+
+def resolve_format(
+    name: str | None,
+    system: str | None,
+    *,
+    saved: PromptFormat | None,
+    tokenizer: Any = None,
+    for_training: bool = False,
+) -> PromptFormat:
+    """The one rule for which prompt format a model gets, everywhere:
+
+    1. the format asked for (`--format`), with a warning when the model was trained with another;
+    2. else the one saved with the model (`prompt_format.json`), so inference reads what training wrote;
+    3. else, for inference, the model's chat template if it has one and Alpaca if not; for
+       training, Alpaca (the recipe), unless `--format chat` asks for the template.
+
+    `system` (`--system`) replaces the format's system message whichever way it was chosen.
+    """
+    if name is not None:
+        if saved is not None and saved.name != name:
+            logging.getLogger("alpaca_forge").warning(
+                "this model was trained with the %r prompt format, but %r was asked for; answers may suffer",
+                saved.name,
+                name,
+            )
+        return get_format(
+            name, system if system is not None else (saved.system if saved and saved.name == name else None)
+        )
+    if saved is not None:
+        return saved if system is None else get_format(saved.name, system)
+    default = "alpaca" if for_training or not getattr(tokenizer, "chat_template", None) else "chat"
+    return get_format(default, system)

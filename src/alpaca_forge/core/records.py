@@ -17,12 +17,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import Problem, UserError, ValidationError
+from .files import atomic_writer
 
 _RECORD_EXAMPLE = (
     '{"instruction": "Name three primary colours.", "input": "", "output": "Red, yellow and blue."}'
@@ -382,39 +384,18 @@ def write_records(path: str | os.PathLike, records: Iterable[Record | dict]) -> 
     anything else JSONL (gzip when the name ends in `.gz`). A crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     as_array = path.suffix == ".json"
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(tmp, "wt", encoding="utf-8") as f:
+    with atomic_writer(path) as f:
+        if as_array:
+            f.write("[")
+        for i, rec in enumerate(records):
+            d = rec.to_dict() if isinstance(rec, Record) else rec
             if as_array:
-                f.write("[")
-            for i, rec in enumerate(records):
-                d = rec.to_dict() if isinstance(rec, Record) else rec
-                if as_array:
-                    f.write(("," if i else "") + "\n" + _indent(json.dumps(d, ensure_ascii=False, indent=4)))
-                else:
-                    f.write(json.dumps(d, ensure_ascii=False) + "\n")
-            if as_array:
-                f.write("\n]\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Replace a small text file all at once: readers see the old content or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+                f.write(("," if i else "") + "\n" + _indent(json.dumps(d, ensure_ascii=False, indent=4)))
+            else:
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        if as_array:
+            f.write("\n]\n")
     return path
 
 
@@ -422,37 +403,26 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-# ---------------------------------------------------------------------------------------------
-# Append-only JSONL outputs (infer, generate): what a killed run left behind
-
-
-def read_appended_jsonl(
-    path: str | os.PathLike, required: Sequence[str], command: str, fix: str
-) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each line of a file that `command` appends to, to resume from.
-
-    A last line cut off by a kill in mid-write is removed from the file (its record is redone);
-    any other line that is not a JSON object with the `required` string fields stops the run.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    rows = []
-    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            ok = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in required)
-        except json.JSONDecodeError:
-            ok = False
-        if not ok:
-            raise UserError(f"{path}:{lineno}: not a line that `alpaca-forge {command}` wrote", fix)
-        rows.append((lineno, row))
-    return rows
+def split_records(
+    records: Sequence[Record], val_size: float, seed: int = 0
+) -> tuple[list[Record], list[Record]]:
+    """The one seeded train/validation split (`data split` and `train --val-size` hold out the same
+    records for the same seed and size). `val_size` below 1 is a share, otherwise a count; both
+    halves keep the file's order, so a split is easy to read and to diff."""
+    n = len(records)
+    if val_size <= 0 or (val_size >= 1 and val_size != int(val_size)):
+        raise UserError(
+            f"--val-size must be a share in (0, 1) or a whole count, got {val_size:g}",
+            "e.g. --val-size 0.05 or --val-size 200",
+        )
+    count = round(val_size * n) if val_size < 1 else int(val_size)
+    if not 0 < count < n:
+        raise UserError(
+            f"--val-size {val_size:g} holds out {count} of {n} records, leaving "
+            + ("nothing to train on" if count >= n else "no validation record"),
+            f"leave at least one record on each side: a count from 1 to {n - 1}, or a share that gives one",
+        )
+    held = set(random.Random(seed).sample(range(n), count))
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .prompts import PromptFormat, get_format, read_saved_format, save_format
+from .prompts import PromptFormat, read_saved_format, resolve_format, save_format
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,53 @@ def pick_dtype(dtype: str, device: Any) -> Any:
     return getattr(torch, dtype)
 
 
+def training_precision(dtype: str) -> tuple[str, Any]:
+    """(device type, autocast dtype or None for fp32) for training: the same policy as `pick_dtype`
+    (bf16 on a GPU that has it, fp32 elsewhere), plus what only training needs (fp16 loss scaling
+    runs on CUDA alone)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        return ("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else None) if cuda else ("cpu", None)
+    if dtype == "float16":
+        if not cuda:
+            raise UserError(
+                "float16 training needs a CUDA GPU (it relies on loss scaling, which runs there)",
+                "on a CPU use --dtype bfloat16 or float32",
+            )
+        return "cuda", torch.float16
+    if dtype == "bfloat16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU has no bfloat16", "use --dtype float16 (loss-scaled) or float32")
+        if not cuda and cpu_has_native_bf16() is False:
+            log.warning(
+                "warning: this CPU has no bfloat16 instructions (no AVX512-BF16 or AMX): bfloat16 "
+                "matrix products are emulated and run far slower than float32 (130x, measured on an "
+                "AVX2 EPYC); use --dtype float32 here"
+            )
+        return ("cuda" if cuda else "cpu"), torch.bfloat16
+    return ("cuda" if cuda else "cpu"), None
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); None where
+    the CPU's flags cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    flags = {
+        word
+        for line in text.splitlines()
+        if line.lower().startswith(("flags", "features"))
+        for word in line.split(":", 1)[-1].split()
+    }
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF: dequantized once, cached dense
 
@@ -347,16 +394,19 @@ def adapter_base(folder: Path) -> str:
         ) from e
 
 
-def _load_adapter(folder: Path) -> tuple[Any, Any]:
-    """A LoRA adapter on its base model, merged, for inference (peft does the merge)."""
+def merge_adapter(folder: Path) -> tuple[Any, Any]:
+    """A LoRA (or QLoRA) adapter merged into its base model in full precision, on the CPU: the one
+    merge path, used to load an adapter for inference and by `train --merge`. (Merging into a
+    4-bit base would quantise the update away and need bitsandbytes to load.)"""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    base = load_model(adapter_base(folder), dtype="float32", device="cpu")
+    base, _, _ = load_pretrained(adapter_base(folder))
+    base = base.float()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if len(tokenizer) > base.model.get_input_embeddings().weight.shape[0]:
-        base.model.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(base.model, str(folder)).merge_and_unload()
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     return model, tokenizer
 
 
@@ -373,15 +423,19 @@ def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
     return AutoTokenizer.from_pretrained(source.location, local_files_only=hub_offline())
 
 
-def default_format_for(tokenizer: Any) -> PromptFormat:
-    """A model with no saved format: its chat template if it has one, else the Alpaca template."""
-    return get_format("chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
-
-
 def saved_format_of(spec: str) -> PromptFormat | None:
     """The prompt format saved next to a model (None for models this project did not write)."""
     source = resolve_model(spec)
     return read_saved_format(source.location) if source.kind in ("dir", "adapter") else None
+
+
+def model_format(
+    spec: str, name: str | None, system: str | None, tokenizer: Any = None, *, for_training: bool = False
+) -> PromptFormat:
+    """The prompt format for the model `spec` names, by the one rule (`prompts.resolve_format`)."""
+    return resolve_format(
+        name, system, saved=saved_format_of(spec), tokenizer=tokenizer, for_training=for_training
+    )
 
 
 def load_pretrained(spec: str, **model_kwargs: Any) -> tuple[Any, Any, ModelSource]:
@@ -389,11 +443,22 @@ def load_pretrained(spec: str, **model_kwargs: Any) -> tuple[Any, Any, ModelSour
     as a quantization config, go to `from_pretrained`). A GGUF is read through its dense cache."""
     source = resolve_model(spec)
     if source.kind == "adapter":
-        model, tokenizer = _load_adapter(Path(source.location))
+        model, tokenizer = merge_adapter(Path(source.location))
     elif source.kind in ("gguf", "builtin"):
         found = _dense_dir_for_gguf(Path(source.location))
-        if isinstance(found, tuple):  # no cache could be written: the converted pair itself
+        if isinstance(found, tuple) and not model_kwargs:  # no cache could be written: the pair itself
             model, tokenizer = found
+        elif isinstance(found, tuple):
+            # The load options (a 4-bit quantization config for QLoRA) only apply to a load from
+            # files, so the dense copy goes to a temporary folder for this one load.
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="alpaca-forge-dense-") as tmp:
+                with _no_hf_progress_bars():
+                    found[0].save_pretrained(tmp)
+                    found[1].save_pretrained(tmp)
+                del found
+                model, tokenizer = _from_pretrained(tmp, hub=False, **model_kwargs)
         else:
             model, tokenizer = _from_pretrained(str(found), hub=False, **model_kwargs)
     else:
@@ -406,23 +471,17 @@ def load_model(
     *,
     dtype: str = "auto",
     device: str = "auto",
-    prompt_format: PromptFormat | None = None,
+    format: str | None = None,
+    system: str | None = None,
 ) -> LoadedModel:
-    """Load a model for generation. `prompt_format` overrides the one saved with the model."""
+    """Load a model for generation; its prompt format by the one rule (`model_format`)."""
     start = time.perf_counter()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     model, tokenizer, source = load_pretrained(spec)
-    saved = read_saved_format(source.location) if source.kind in ("dir", "adapter") else None
-    if prompt_format is not None and saved is not None and prompt_format != saved:
-        log.warning(
-            "this model was trained with the %r prompt format, but %r was asked for; answers may suffer",
-            saved.name,
-            prompt_format.name,
-        )
+    fmt = model_format(spec, format, system, tokenizer)
     model = model.to(device=dev, dtype=torch_dtype)
     model.eval()
-    fmt = prompt_format or saved or default_format_for(tokenizer)
     return LoadedModel(model, tokenizer, fmt, source, time.perf_counter() - start)
 
 

@@ -1,21 +1,20 @@
 """Around HF's Trainer: a subclass that counts the tokens it trains on, and callbacks for
-self-describing checkpoints, a NaN guard, step timing, the progress bar, TensorBoard, plots."""
+self-describing checkpoints, a NaN guard, step timing, the progress bar and TensorBoard."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from .errors import UserError
-from .sft import COUNTS, TokenCounts
+from ..core.errors import UserError
+from ..core.prompts import save_format
+from .batching import COUNTS, TokenCounts
+from .checkpoints import mark_complete, rotate
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +49,13 @@ class CheckpointCallback(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from .prompts import save_format
-        from .records import write_text_atomic
-        from .train import COMPLETE, CONFIG_FILE, _fsync_dir, checkpoints
-
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self.tokenizer.save_pretrained(folder)
         save_format(folder, self.fmt)
-        about = {**self.description, "step": state.global_step, "epoch": state.epoch}
-        write_text_atomic(folder / CONFIG_FILE, json.dumps(about, indent=2, default=str) + "\n")
-        for f in folder.iterdir():  # everything on disk before the mark
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        write_text_atomic(folder / COMPLETE, f"{state.global_step}\n")
-        _fsync_dir(folder)
-        for old in checkpoints(Path(args.output_dir))[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        mark_complete(folder, {**self.description, "step": state.global_step, "epoch": state.epoch})
+        rotate(Path(args.output_dir), self.keep)
 
 
 class GuardCallback(TrainerCallback):
@@ -181,33 +168,3 @@ def tensorboard_callback(folder: Path) -> Any:
 
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
 
-
-def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training (and validation) loss against step, as a PNG; None without matplotlib."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    if not train and not evals:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: no loss plot (pip install 'alpaca-forge[plot]')")
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="training loss", color="#1f77b4")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="#d62728")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

@@ -1,0 +1,1 @@
+"""What every stage shares: errors, records, files, prompt formats, models, examples, configs."""

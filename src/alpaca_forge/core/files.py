@@ -1,0 +1,179 @@
+"""Files every stage writes: checked before any work, replaced atomically, appended durably.
+
+- `check_output` looks at an output path before a stage does any work: it creates missing parent
+  folders and refuses a directory, a path under a regular file, or the stage's own input, each
+  with the path named and a fix. `user_paths` turns any later OSError into the same kind of error.
+- `atomic_writer` / `write_text_atomic`: a reader sees the old file or the new one, never half.
+- `open_append` / `read_appended_jsonl`: the append-only JSONL files of resumable jobs (infer,
+  generate); a line a kill cut short is dropped on the next start and its work redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import UserError
+
+
+def _under_a_file(path: Path) -> Path | None:
+    for parent in path.parents:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    flag: str = "--output",
+    inputs: Iterable[str | os.PathLike] = (),
+    folder: bool = False,
+) -> Path:
+    """An output path a stage may write: parents made, never a folder (or, with `folder`, never a
+    file), never under a file, never one of the stage's `inputs`."""
+    out = Path(path).expanduser()
+    blocker = _under_a_file(out)
+    if blocker is not None:
+        raise UserError(
+            f"{flag} {out}: {blocker} is a file, so nothing can be written under it",
+            f"choose a {flag} whose folders are folders (or move {blocker} away)",
+        )
+    if folder and out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file, not a folder", f"give {flag} a folder path")
+    if not folder and out.is_dir():
+        raise UserError(
+            f"{flag} {out}: is a folder, not a file",
+            f"name a file inside it, e.g. {flag} {out / 'out.jsonl'}",
+        )
+    for source in inputs:
+        src = Path(source).expanduser()
+        if src.exists() and out.exists() and os.path.samefile(src, out):
+            raise UserError(
+                f"{flag} {out}: is the input file; writing it would destroy the data being read",
+                f"choose another {flag}, e.g. {out.with_name(out.stem + '.out' + out.suffix)}",
+            )
+    target = out if folder else out.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"{flag} {out}: cannot create {target} ({e.strerror})",
+            f"choose a {flag} in a folder you can write to",
+        ) from e
+    return out
+
+
+@contextlib.contextmanager
+def user_paths(what: str = "a file") -> Iterator[None]:
+    """An OSError on a user's path becomes a UserError naming the path (never a traceback)."""
+    try:
+        yield
+    except OSError as e:
+        name = e.filename or what
+        raise UserError(
+            f"{name}: cannot be written or read ({e.strerror or e})",
+            "check the path, its permissions and the free disk space",
+        ) from e
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(
+    path: str | os.PathLike, *, binary: bool = False, gzip_gz: bool = True
+) -> Iterator[IO[Any]]:
+    """Write into a temporary file beside `path`, fsync, then rename over it (gzip for `.gz`
+    unless `gzip_gz` is off)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    opener: Any = gzip.open if gzip_gz and path.suffix == ".gz" else open
+    mode = "wb" if binary else "wt"
+    try:
+        with opener(tmp, mode, **({} if binary else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+        with open(tmp, "rb+") as raw:
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Replace a small text file all at once: readers see the old content or the new, never half."""
+    with atomic_writer(path, gzip_gz=False) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def open_append(path: Path, flag: str = "--output") -> IO[str]:
+    """An append-only output, opened for a resumable job."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise UserError(
+            f"{flag} {path}: cannot be written ({e.strerror})",
+            f"choose a {flag} in a folder you can write to",
+        ) from e
+
+
+def sync(f: IO[Any]) -> None:
+    """Flushed and on disk: survives a kill and a power cut from here on."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_appended_jsonl(
+    path: str | os.PathLike, required: Sequence[str], command: str, fix: str
+) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each line of a file that `command` appends to, to resume from.
+
+    A last line cut off by a kill in mid-write is removed from the file (its record is redone);
+    any other line that is not a JSON object with the `required` string fields stops the run.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    rows = []
+    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in required)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise UserError(f"{path}:{lineno}: not a line that `alpaca-forge {command}` wrote", fix)
+        rows.append((lineno, row))
+    return rows

@@ -1,0 +1,104 @@
+"""Settings of the `alpaca-forge data` tools, one config per tool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..core.config import REQUIRED, Config, setting
+from ..core.models import BUILTIN_MODELS, DEFAULT_MODEL
+from ..core.prompts import FORMATS
+from .tools import CHECK_NAMES
+
+_FILE = "the dataset: a .json array or .jsonl (.gz too)"
+_THRESHOLD = "ROUGE-L F1 above which a record is a near-duplicate (self-instruct: 0.7)"
+
+
+@dataclass(frozen=True)
+class ValidateConfig(Config):
+    files: tuple[str, ...] = setting(REQUIRED, "datasets to check", positional=True)
+
+
+@dataclass(frozen=True)
+class StatsConfig(Config):
+    file: str = setting(REQUIRED, _FILE, positional=True)
+    plot: str | None = setting(
+        None,
+        "where to draw the histograms (default: FILE's name + .lengths.png, in the current folder; skipped "
+        "with a note when matplotlib is not installed)",
+        metavar="PNG",
+    )
+    json_path: str | None = setting(None, "also write the numbers as JSON", metavar="FILE", flag="--json")
+
+
+@dataclass(frozen=True)
+class QualityConfig(Config):
+    file: str = setting(REQUIRED, _FILE, positional=True)
+    report: str | None = setting(None, "also write the report (counts and examples) as JSON", metavar="FILE")
+    examples: int = setting(3, "examples shown per check", ge=0)
+    threshold: float = setting(0.7, _THRESHOLD, gt=0, le=1)
+
+
+@dataclass(frozen=True)
+class CleanConfig(Config):
+    file: str = setting(REQUIRED, _FILE, positional=True)
+    output: str = setting(REQUIRED, "the records that pass (.json array or .jsonl)", metavar="FILE")
+    checks: tuple[str, ...] = setting(
+        CHECK_NAMES, "comma-separated checks to apply (only these run)", sep=",", metavar="LIST"
+    )
+    threshold: float = setting(0.7, _THRESHOLD + "; used by near_duplicate", gt=0, le=1)
+
+    def check(self):
+        unknown = [c for c in self.checks if c not in CHECK_NAMES]
+        if unknown:
+            yield "checks", f"unknown check(s): {', '.join(unknown)}", f"choose from: {', '.join(CHECK_NAMES)}"
+        elif not self.checks:
+            yield "checks", "no check given", f"choose from: {', '.join(CHECK_NAMES)}"
+
+
+@dataclass(frozen=True)
+class DedupeConfig(Config):
+    file: str = setting(REQUIRED, _FILE, positional=True)
+    output: str = setting(REQUIRED, "kept records (.json array or .jsonl)", metavar="FILE")
+    dropped: str | None = setting(
+        None, "dropped records with their duplicate (default: OUTPUT's name + .dropped.jsonl)", metavar="FILE"
+    )
+    threshold: float = setting(0.7, "drop when ROUGE-L F1 with an earlier kept record is above this", gt=0, le=1)
+    key: Literal["instruction", "instruction+input", "output"] = setting("instruction", "which text is compared")
+
+
+@dataclass(frozen=True)
+class SplitConfig(Config):
+    file: str = setting(REQUIRED, _FILE, positional=True)
+    output_dir: str = setting(REQUIRED, "where train.jsonl and val.jsonl go", metavar="DIR")
+    val_size: float = setting(0.05, "validation share (below 1) or count (1 or more)", gt=0)
+    seed: int = setting(0, "random seed for the split (train --val-size with the same seed holds out the same)", ge=0)
+
+
+@dataclass(frozen=True)
+class ConvertConfig(Config):
+    file: str = setting(REQUIRED, "the dataset: Alpaca records, chat messages or seed tasks", positional=True)
+    to: Literal["alpaca", "messages", "seed"] = setting(REQUIRED, "output format")
+    output: str = setting(REQUIRED, "where to write (.json array or .jsonl)", metavar="FILE")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig(Config):
+    file: str = setting(REQUIRED, "the training records", positional=True)
+    output: str | None = setting(None, "JSONL of {index, input_ids, labels}; omit to only --show", metavar="FILE")
+    show: int = setting(0, "print the first N examples, masking visible", ge=0)
+    max_seq_len: int = setting(512, "the training window, in tokens", ge=2)
+    train_on_inputs: bool = setting(False, "also learn the prompt tokens (as `train --train-on-inputs`)")
+    model: str = setting(
+        DEFAULT_MODEL,
+        f"whose tokenizer: a built-in model ({', '.join(BUILTIN_MODELS)}), a model folder, a .gguf file or a "
+        "cached Hugging Face id",
+    )
+    format: Literal[tuple(FORMATS)] | None = setting(  # type: ignore[valid-type]
+        None, "prompt format; default: the one saved with the model, else alpaca (as `train`)"
+    )
+    system: str | None = setting(None, "system message for the chat format (default: the template's own)", metavar="TEXT")
+
+    def check(self):
+        if self.output is None and self.show == 0:
+            yield "output", "nothing to do", "give --output FILE to write the examples, or --show N to print some"

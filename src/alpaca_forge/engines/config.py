@@ -1,0 +1,119 @@
+"""Naming an engine, the same way on every command that makes text:
+
+--engine transformers [--model NAME]                  a model in this process (the default)
+--engine openai --base-url URL --model NAME [--api-key-env VAR]   an OpenAI-compatible server
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from ..core.config import Config, setting
+from ..core.models import DEFAULT_MODEL, DTYPES
+from ..core.prompts import FORMATS
+from .base import Engine
+
+log = logging.getLogger("alpaca_forge")
+
+EngineName = Literal["transformers", "openai"]
+FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+DtypeName = Literal[DTYPES]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class EngineConfig(Config):
+    engine: EngineName = setting(
+        "transformers",
+        "what makes the text: transformers (a model in this process) or openai (an OpenAI-compatible server)",
+    )
+    model: str | None = setting(
+        None,
+        f"transformers: a built-in name ({DEFAULT_MODEL}, the default), a model folder, a .gguf file or a cached "
+        "Hugging Face id; openai: the model name the server serves",
+    )
+    base_url: str | None = setting(None, "openai: the API base, e.g. http://127.0.0.1:8000/v1", metavar="URL")
+    api_key_env: str = setting(
+        "OPENAI_API_KEY",
+        "openai: the environment variable holding the API key (never a flag, so it stays out of shell history)",
+        metavar="VAR",
+    )
+    format: FormatName | None = setting(  # type: ignore[valid-type]
+        None,
+        "transformers: prompt format; default: the one saved with the model, else its chat template, else alpaca",
+    )
+    system: str | None = setting(None, "system message (default: the prompt format's own)", metavar="TEXT")
+    dtype: DtypeName = setting(
+        "auto", "transformers: weights dtype; auto = bf16 on a GPU that has it, else fp32"
+    )  # type: ignore[valid-type]
+    device: str = setting("auto", "transformers: auto, cpu, cuda, cuda:N or mps")
+    timeout_s: float = setting(120.0, "openai: one request's time limit, in seconds", gt=0)
+    max_retries: int = setting(
+        6, "openai: retries of a failed request (429, 5xx, timeout), with backoff and jitter", ge=0
+    )
+
+    def check(self):
+        if self.engine == "openai":
+            if not self.base_url:
+                yield (
+                    "base_url",
+                    "--engine openai needs --base-url (the server's API base)",
+                    "e.g. --base-url http://127.0.0.1:8000/v1",
+                )
+            if not self.model:
+                yield (
+                    "model",
+                    "--engine openai needs --model (the name the server serves)",
+                    "e.g. --model gpt-4o-mini",
+                )
+            if self.format:
+                yield (
+                    "format",
+                    "--format applies to --engine transformers; a server renders prompts with its own template",
+                    "drop --format",
+                )
+            if self.base_url and not self.base_url.startswith(("http://", "https://")):
+                yield (
+                    "base_url",
+                    f"--base-url {self.base_url!r} is not an http(s) URL",
+                    "e.g. --base-url http://127.0.0.1:8000/v1",
+                )
+        elif self.base_url:
+            yield (
+                "base_url",
+                "--base-url is for --engine openai; the transformers engine runs the model in this process",
+                "add --engine openai, or drop --base-url",
+            )
+
+
+def open_engine(cfg: EngineConfig, *, seed: int = 0) -> Engine:
+    """The engine `cfg` names, ready to use (a model is loaded here)."""
+    if cfg.engine == "openai":
+        from .openai_http import OpenAIEngine, RetryPolicy
+
+        return OpenAIEngine(
+            cfg.base_url or "",
+            cfg.model or "",
+            api_key=os.environ.get(cfg.api_key_env),
+            system=cfg.system,
+            retry=RetryPolicy(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s),
+            seed=seed,
+        )
+    from ..core.models import load_model
+    from .transformers_engine import TransformersEngine
+
+    spec = cfg.model or DEFAULT_MODEL
+    log.info("loading %s ...", spec)
+    lm = load_model(spec, dtype=cfg.dtype, device=cfg.device, format=cfg.format, system=cfg.system)
+    log.info(
+        "loaded %s in %.1f s (%.1fM params, %s, %s, %s format)",
+        lm.name,
+        lm.load_s,
+        lm.num_params / 1e6,
+        lm.device,
+        str(lm.model.dtype).removeprefix("torch."),
+        lm.prompt_format.name,
+    )
+    return TransformersEngine(lm)

@@ -1,0 +1,50 @@
+"""`alpaca-forge train` on the command line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.cli import add_command, say
+from .config import TrainConfig
+
+DESCRIPTION = """\
+Fine-tune a causal LM on Alpaca records (HF Trainer + peft + accelerate). Settings come from
+--config FILE (YAML) and flags; flags win. The prompt is masked (only the response and its EOS
+are learnt), examples are packed into full rows without attending across each other, and
+checkpoints are written every --save-steps: after a crash or kill -9, run the same command with
+--resume. The output folder gets the model (or LoRA adapter), tokenizer, prompt format,
+train_summary.json, loss.png and TensorBoard logs.
+Several GPUs: `accelerate launch --config_file configs/accelerate/fsdp.yaml -m alpaca_forge train ...`.
+
+examples:
+  alpaca-forge train --data train.jsonl --output runs/smol --method lora --epochs 1
+  alpaca-forge train --config configs/smollm2-cpu.yaml
+  alpaca-forge train --config configs/smollm2-cpu.yaml --resume"""
+
+
+def register(sub: Any) -> None:
+    p = add_command(
+        sub, "train", "supervised fine-tuning: full, LoRA or QLoRA; packed batches; resumable", DESCRIPTION, TrainConfig, _main
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output")
+
+
+def _main(config: TrainConfig, args: Any) -> int:
+    from .runner import run
+
+    r = run(config, resume=args.resume, progress=not args.quiet)
+    say(
+        "trained %d steps in %.0f s: loss %s -> %s%s; padding %.1f%% of batch tokens",
+        r.steps,
+        r.summary["wall_time_s"],
+        _loss(r.first_loss),
+        _loss(r.last_loss),
+        f", validation {r.eval_loss:.4f}" if r.eval_loss is not None else "",
+        100 * r.padding_share,
+    )
+    say("model: %s (summary: train_summary.json, curve: loss.png)", r.output)
+    return 0
+
+
+def _loss(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,99 @@
+"""Settings of `alpaca-forge train`: one field each, its help line and its valid range.
+
+The same names are the flags (`--learning-rate`) and the YAML keys (`learning_rate:`); defaults
+are the Alpaca recipe where it has one, `None` means derived (see each help line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from ..core.config import REQUIRED, Config, setting
+from ..core.models import DEFAULT_MODEL, DTYPES
+from ..core.prompts import FORMATS
+from .batching import Batching
+
+Method = Literal["full", "lora", "qlora"]
+Schedule = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+Dtype = Literal[DTYPES]  # type: ignore[valid-type]
+FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Every setting of a run (`--resume` is not one: it says how to run, not what to train)."""
+
+    data: str = setting(REQUIRED, "training records (Alpaca JSON/JSONL, gz too)", metavar="FILE")
+    output: str = setting(REQUIRED, "folder for checkpoints, the final model and reports", metavar="DIR")
+    model: str = setting(DEFAULT_MODEL, "base model: built-in name, folder, .gguf or cached HF id")
+    val: str | None = setting(None, "validation records (a file)", metavar="FILE")
+    val_size: float = setting(
+        0, "or hold out this many training records, or this share if below 1 (seeded)", ge=0, metavar="N"
+    )
+    method: Method = setting("full", "full | lora | qlora (4-bit base, CUDA only)")
+    format: FormatName | None = setting(  # type: ignore[valid-type]
+        None, "prompt format; default: the model's saved one, else alpaca"
+    )
+    system: str | None = setting(None, "system message for the chat format", metavar="TEXT")
+    max_seq_len: int = setting(512, "longest example in tokens; longer responses are cut, EOS kept", ge=2)
+    train_on_inputs: bool = setting(False, "also learn the prompt tokens (off: prompts are masked)")
+    batching: Batching = setting("packed", "packed | grouped (by length) | padded (random, as the original)")
+    epochs: float = setting(3.0, "passes over the data", gt=0)
+    max_steps: int = setting(-1, "stop after this many optimiser steps (-1: run the epochs)", ge=-1)
+    batch_size: int = setting(4, "items per device per forward pass (packed: rows)", ge=1)
+    global_batch_size: int | None = setting(
+        None, "items per optimiser step over all devices; sets gradient accumulation (the original: 128)", ge=1
+    )
+    gradient_accumulation: int = setting(1, "forward passes per optimiser step (if no global batch size)", ge=1)
+    learning_rate: float | None = setting(None, "peak learning rate (default: 2e-5 full, 2e-4 LoRA)", gt=0)
+    lr_schedule: Schedule = setting("cosine", "learning-rate schedule")
+    warmup_ratio: float = setting(0.03, "share of steps warming the learning rate up", ge=0, lt=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0: no clipping)", ge=0)
+    dtype: Dtype = setting(  # type: ignore[valid-type]
+        "auto", "auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16 (CUDA, loss-scaled)"
+    )
+    seed: int = setting(42, "seeds initialisation, data order, dropout and the --val-size split", ge=0)
+    gradient_checkpointing: bool = setting(False, "trade compute for memory")
+    lora_r: int = setting(8, "LoRA rank; higher = more capacity and memory", ge=1)
+    lora_alpha: int = setting(16, "LoRA scaling numerator (the update is scaled by alpha / r)", ge=1)
+    lora_dropout: float = setting(0.05, "dropout on the LoRA path", ge=0, lt=1)
+    lora_targets: tuple[str, ...] = setting(
+        ("all-linear",),
+        "module names LoRA adapts (e.g. q_proj,v_proj); all-linear = every linear projection",
+        sep=",",
+        metavar="NAMES",
+    )
+    merge: bool = setting(False, "LoRA: also write base+adapter merged, to OUTPUT/merged")
+    logging_steps: int = setting(10, "log loss every N steps", ge=1)
+    eval_steps: int | None = setting(None, "validation loss every N steps (default: as save_steps)", ge=1)
+    save_steps: int = setting(200, "checkpoint every N steps", ge=1)
+    save_total_limit: int = setting(2, "keep this many newest checkpoints", ge=1)
+    threads: int | None = setting(None, "CPU threads for torch (default: torch's choice)", ge=1)
+
+    def check(self) -> Iterator[tuple[str, str, str]]:
+        if self.val and self.val_size:
+            yield "val_size", "both a validation file and a validation size given", "use --val FILE or --val-size N, not both"
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            yield (
+                "val_size",
+                f"val_size {self.val_size:g} is neither a share below 1 nor a whole count of records",
+                "e.g. --val-size 0.05 (a share) or --val-size 200 (records)",
+            )
+        if self.global_batch_size and self.gradient_accumulation != 1:
+            yield (
+                "gradient_accumulation",
+                "both a global batch size and a gradient accumulation given (the first sets the second)",
+                "use --global-batch-size N or --gradient-accumulation N, not both",
+            )
+        if not self.lora_targets or not all(t.strip() for t in self.lora_targets):
+            yield "lora_targets", "no LoRA target named", "e.g. --lora-targets q_proj,v_proj, or all-linear"
+        if self.merge and self.method == "full":
+            yield "merge", "--merge merges a LoRA adapter, but --method full trains no adapter", "drop --merge, or use --method lora"
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-5 if self.method == "full" else 2e-4

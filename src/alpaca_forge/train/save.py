@@ -1,0 +1,159 @@
+"""Save: the final model (or LoRA adapter) with its tokenizer, prompt format and description,
+checked and moved in whole; the merged model with --merge; the summary and the loss curve.
+
+Every process takes part in the Trainer's save (FSDP and DeepSpeed gather the weights there);
+only the first writes the rest. The description goes into the output last, so a kill during
+the save leaves nothing there that loads half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import UserError
+from ..core.files import fsync_dir, write_json_atomic
+from ..core.models import merge_adapter, save_model
+from ..core.prompts import save_format
+from .batching import TokenCounts
+from .checkpoints import CONFIG_FILE, write_failures
+from .config import TrainConfig
+from .distributed import gather
+from .setup import Prepared
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "train_summary.json"
+LOSS_PLOT = "loss.png"
+
+
+def summarize(trainer: Any, description: dict[str, Any], started: float) -> dict[str, Any]:
+    """The run's description and outcome: losses, steps, exact token counts (all processes), step
+    times. Every process must call it (the counts are gathered)."""
+    from .callbacks import StepTimer
+
+    state = trainer.state
+    history = state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    counts = TokenCounts()
+    for c in gather((trainer.counts.real, trainer.counts.padding, trainer.counts.trained)):
+        counts.add(c)
+    timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
+    return {
+        **description,
+        "steps": state.global_step,
+        "epochs_done": state.epoch,
+        "first_loss": train_losses[0] if train_losses else None,
+        "last_loss": train_losses[-1] if train_losses else None,
+        "last_eval_loss": eval_losses[-1] if eval_losses else None,
+        "train_runtime_s": next((h["train_runtime"] for h in history if "train_runtime" in h), None),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "padding_share": round(counts.padding_share, 4),
+        "tokens_seen_this_run": counts.real,
+        "trained_tokens_this_run": counts.trained,
+        **timer.summary(trainer.args.world_size),
+    }
+
+
+def save(config: TrainConfig, trainer: Any, prep: Prepared, summary: dict[str, Any]) -> None:
+    """Write the outputs into `prep.output`; `summary` gains what saving learnt (adapter, merged
+    model, plot). Every process must call it."""
+    output = prep.output
+    tmp = output / ".final-tmp"
+    main = trainer.is_world_process_zero()
+    with write_failures(f"{output}: saving the final model failed", "the checkpoints are intact"):
+        try:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            trainer.accelerator.wait_for_everyone()
+            trainer.save_model(str(tmp))  # every process takes part (FSDP and DeepSpeed gather here)
+            if main:
+                model = trainer.accelerator.unwrap_model(trainer.model)
+                _move_in(config, model, prep, tmp, summary)
+                if config.method != "full" and config.merge:
+                    summary["merged"] = str(merge(output, prep))
+                plot = plot_losses(trainer.state.log_history, output / LOSS_PLOT)
+                if plot:
+                    summary["loss_plot"] = str(plot)
+                write_json_atomic(output / SUMMARY_FILE, summary)
+        finally:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_in(config: TrainConfig, model: Any, prep: Prepared, tmp: Path, summary: dict[str, Any]) -> None:
+    """Complete what the Trainer wrote into `tmp`, then move it into the output, description last."""
+    prep.tokenizer.save_pretrained(tmp)
+    save_format(tmp, prep.fmt)
+    if config.method != "full":
+        summary["adapter"] = verify_adapter(tmp, model)
+    write_json_atomic(tmp / CONFIG_FILE, summary)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_FILE):
+        if item.name != "training_args.bin":
+            os.replace(item, prep.output / item.name)
+    fsync_dir(prep.output)
+
+
+def verify_adapter(folder: Path, model: Any) -> dict[str, Any]:
+    """The saved adapter holds every trained LoRA tensor (the alpaca-lora empty-adapter bug)."""
+    from safetensors import safe_open
+
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{folder}: the adapter was not written as safetensors", "report this as a bug")
+    with safe_open(str(path), "pt") as f:
+        keys = [k for k in f.keys() if "lora_" in k]  # noqa: SIM118 (safe_open is no dict)
+        numel = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    if not keys or numel != trainable:
+        raise UserError(
+            f"{path}: the saved adapter holds {numel} values in {len(keys)} tensors, but {trainable} were trained",
+            "report this as a bug; the checkpoints hold the trained weights",
+        )
+    return {"file": path.name, "tensors": len(keys), "parameters": numel, "bytes": path.stat().st_size}
+
+
+def merge(output: Path, prep: Prepared) -> Path:
+    """OUTPUT/merged: the saved adapter on its base in full precision, by the one merge path
+    (`core.models.merge_adapter`, which also loads adapters for inference), for LoRA and QLoRA
+    alike: merging into a 4-bit base would quantise the update away."""
+    model, tokenizer = merge_adapter(output)
+    folder = save_model(model, tokenizer, output / "merged", prep.fmt)
+    log.info("merged model: %s", folder)
+    return folder
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training (and validation) loss against step, as a PNG; None without matplotlib."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no loss plot (pip install 'alpaca-forge[plot]')")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="#d62728")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (nats per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

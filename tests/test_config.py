@@ -1,0 +1,167 @@
+"""The config machinery every stage uses: flags from the dataclass, YAML with file:line, every
+problem at once, ranges checked before any work. The sweep at the end goes through every numeric
+flag of every command with an out-of-range value."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from alpaca_forge import GenerationSettings, ValidationError
+from alpaca_forge.cli import build_parser
+from alpaca_forge.core.config import REQUIRED, Config, base_type, build_config, leaves, nested, setting
+from alpaca_forge.engines import EngineConfig
+
+from conftest import run_cli
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner(Config):
+    size: int = setting(3, "how many", ge=1)
+    name: str | None = setting(None, "a name")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer(Config):
+    data: str = setting(REQUIRED, "the data")
+    rate: float = setting(0.5, "a share", gt=0, lt=1)
+    tags: tuple[str, ...] = setting(("a",), "labels", sep=",")
+    inner: Inner = nested(Inner, "inner")
+
+    def check(self):
+        if self.inner.size > 5 and self.rate > 0.9:
+            yield "rate", "a large size needs a small rate", "lower --rate"
+
+
+def test_python_construction_is_checked_and_coerced():
+    assert Inner(size="4").size == 4
+    with pytest.raises(ValidationError) as e:
+        Inner(size=0)
+    assert "--size" in str(e.value) and "at least 1" in str(e.value)
+
+
+def test_every_problem_at_once_with_its_flag():
+    with pytest.raises(ValidationError) as e:
+        build_config(Outer, {"rate": "2", "size": "zero"})
+    text = str(e.value)
+    assert (
+        "--data: is required" in text
+        and "--rate: must be below 1" in text
+        and "--size: must be a whole number" in text
+    )
+    assert "3 problems" in text
+
+
+def test_yaml_flat_and_nested_with_file_and_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: x.jsonl\ntags: [b, c]\ninner:\n  size: 4\n")
+    got = build_config(Outer, {"rate": 0.25}, cfg)
+    assert (got.data, got.rate, got.tags, got.inner.size) == ("x.jsonl", 0.25, ("b", "c"), 4)
+    assert build_config(Outer, {}, cfg).rate == 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nrat: 0.3\nsize: -1\ninner:\n  nmae: q\n")
+    with pytest.raises(ValidationError) as e:
+        build_config(Outer, {}, bad)
+    text = str(e.value)
+    assert f"{bad}:2: unknown setting 'rat'" in text and "rate" in text  # the close name is suggested
+    assert f"{bad}:5: unknown setting 'nmae'" in text
+    assert f"{bad}:3: 'size' must be at least 1" in text
+
+
+def test_flags_win_over_the_file_and_cross_field_checks_run(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: x\nrate: 0.95\n")
+    with pytest.raises(ValidationError, match=r"c.yaml:2: a large size needs a small rate"):
+        build_config(Outer, {"size": 9}, cfg)
+    assert build_config(Outer, {"size": 9, "rate": 0.1}, cfg).rate == 0.1
+
+
+def test_settings_record_as_json():
+    assert GenerationSettings(stop=("a",)).to_dict()["stop"] == ["a"]
+    assert EngineConfig().to_dict()["engine"] == "transformers"
+
+
+# ---------------------------------------------------------------------------------------------
+# Every command: every numeric flag's range, every flag's help
+
+
+def _commands():
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from walk(sub, f"{name} {sub_name}".strip())
+        cls = parser.get_default("config_class")
+        if cls is not None:
+            yield name, cls
+
+    return dict(walk(build_parser(), ""))
+
+
+def _out_of_range(bounds: dict, t: type) -> str:
+    if "ge" in bounds:
+        v = bounds["ge"] - 1
+    elif "gt" in bounds:
+        v = bounds["gt"] - (1 if t is int else 0)
+    elif "le" in bounds:
+        v = bounds["le"] + 1
+    else:
+        v = bounds["lt"]
+    return str(int(v) if t is int else float(v))
+
+
+def _required_args(cls) -> list[str]:
+    args = []
+    for leaf in leaves(cls):
+        if leaf.default is REQUIRED:
+            if leaf.field.metadata.get("positional"):
+                args.append("x")
+            else:
+                args += [leaf.flag, "x"]
+    return args
+
+
+COMMANDS = _commands()
+
+
+def test_every_stage_registers_a_config():
+    assert {
+        "generate",
+        "data validate",
+        "data stats",
+        "data tokenize",
+        "train",
+        "prompt",
+        "chat",
+        "infer",
+    } <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_numeric_flag_rejects_an_out_of_range_value(tmp_path, command):
+    """All of a command's out-of-range numbers in one run: exit 2, every flag named with its
+    range, no traceback, nothing loaded or written."""
+    cls = COMMANDS[command]
+    numeric = [
+        leaf
+        for leaf in leaves(cls)
+        if leaf.bounds and base_type(leaf.type) in (int, float) and leaf.field.metadata.get("cli", True)
+    ]
+    if not numeric:
+        pytest.skip(f"{command} has no numeric settings")
+    bad = []
+    for leaf in numeric:
+        bad += [f"{leaf.flag}={_out_of_range(leaf.bounds, base_type(leaf.type))}"]
+    r = run_cli(*command.split(), *_required_args(cls), *bad)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "loading" not in r.stderr
+    for leaf in numeric:
+        assert f"{leaf.flag}: must be" in r.stderr, (leaf.flag, r.stderr)
+    assert f"{len(numeric)} problem" in r.stderr
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_setting_has_help_and_a_config_file_flag(command):
+    for leaf in leaves(COMMANDS[command]):
+        assert leaf.help, f"{command}: {leaf.flag} has no help line"
+    assert run_cli(*command.split(), "--help").returncode == 0

@@ -1,0 +1,295 @@
+"""The engine conformance suite: every engine answers the same calls the same way.
+
+Run against the in-process transformers engine (tiny random model, and the real SmolLM2) and the
+OpenAI-compatible HTTP engine (against a loopback server answering with the tiny model). Then the
+commands that make text (`infer`, `chat`) are run on both engines and must agree.
+"""
+
+import dataclasses
+import json
+import threading
+
+import pytest
+import torch
+
+from alpaca_forge import FinishReason, GenerationSettings, Message, UserError, load_model
+from alpaca_forge.engines import StopStringFilter, cut_at_stop, tokens_per_s
+from alpaca_forge.engines.openai_http import OpenAIEngine
+from alpaca_forge.engines.transformers_engine import TransformersEngine
+from openai_server import LoopbackServer
+
+from conftest import run_cli
+
+GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings (shared by every engine)
+
+
+def test_cut_at_stop_takes_the_earliest_stop():
+    assert cut_at_stop("Paris.\n### Instruction:\nmore", ["### Instruction:", "\n"]) == ("Paris.", True)
+    assert cut_at_stop("no stop here", ["###"]) == ("no stop here", False)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 100])
+def test_stop_filter_holds_back_partial_stop_strings(split):
+    text = "The answer is 4.\n### Instruction:\nWhat is 2+3?"
+    f = StopStringFilter(["### Instruction:"])
+    out = "".join(f.push(text[i : i + split]) for i in range(0, len(text), split)) + f.flush()
+    assert out == "The answer is 4.\n"
+    assert f.stopped
+
+
+def test_stop_filter_releases_a_false_alarm():
+    f = StopStringFilter(["### Instruction:"])
+    assert f.push("Use ##") == "Use "  # could be the start of the stop string: held
+    assert f.push("# headings") == "### headings"
+    assert f.flush() == ""
+    assert not f.stopped
+
+
+def test_settings_are_validated_together():
+    with pytest.raises(UserError) as e:
+        GenerationSettings(max_new_tokens=0, temperature=-1, top_p=1.5)
+    assert (
+        "--max-new-tokens" in str(e.value) and "--temperature" in str(e.value) and "--top-p" in str(e.value)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Conformance: the same calls on every engine
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_lm):
+    return TransformersEngine(tiny_lm)
+
+
+@pytest.fixture(scope="module")
+def loopback(tiny_engine):
+    with LoopbackServer(tiny_engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine():
+    return TransformersEngine(load_model("smollm2-135m-instruct", device="cpu"))
+
+
+@pytest.fixture(params=["transformers", "openai", pytest.param("smollm2", marks=pytest.mark.real_model)])
+def engine(request):
+    if request.param == "transformers":
+        yield request.getfixturevalue("tiny_engine")
+    elif request.param == "smollm2":
+        yield request.getfixturevalue("smollm2_engine")
+    else:
+        http = OpenAIEngine(request.getfixturevalue("loopback"), "tiny")
+        yield http
+        http.close()
+
+
+def _conversations():
+    return [
+        [Message.from_record("What is the capital of France?")],
+        [Message.from_record("Translate to French.", "the cat sat on the mat, and then the cat sat again")],
+        [Message.from_record("Hi")],
+    ]
+
+
+def test_a_batch_answers_as_one_at_a_time(engine):
+    """Left padding (or concurrent requests) must not change what each prompt gets (greedy)."""
+    batched = engine.chat(_conversations(), GREEDY)
+    alone = [engine.chat([c], GREEDY)[0] for c in _conversations()]
+    assert batched == alone
+    assert all(c.completion_tokens > 0 and c.prompt_tokens > 0 for c in batched)
+    assert all(isinstance(c.finish_reason, FinishReason) for c in batched)
+
+
+def test_complete_continues_a_raw_prompt(engine):
+    prompts = ["the cat sat on the", "What is the capital of"]
+    got = engine.complete(prompts, GREEDY)
+    assert len(got) == 2 and got == [engine.complete([p], GREEDY)[0] for p in prompts]
+
+
+def test_length_limit_is_reported(engine):
+    settings = GenerationSettings(max_new_tokens=3, temperature=0.0, repetition_penalty=1.0)
+    c = engine.chat(_conversations()[:1], settings)[0]
+    if c.finish_reason != FinishReason.LENGTH:  # the model happened to emit EOS within 3 tokens
+        pytest.skip("the model stopped early for this prompt")
+    assert c.completion_tokens == 3
+
+
+def test_stop_string_cuts_generation(engine):
+    conv = _conversations()[:1]
+    full = engine.chat(conv, GREEDY)[0]
+    assert len(full.text) > 6, full
+    stop = full.text[3:6]
+    cut = engine.chat(conv, dataclasses.replace(GREEDY, stop=(stop,)))[0]
+    assert cut.text == full.text[: full.text.index(stop)].strip()
+    assert cut.finish_reason == FinishReason.STOP
+    assert cut.completion_tokens < full.completion_tokens
+
+
+def test_sampling_is_seeded(engine):
+    conv = _conversations()[:1]
+    s = GenerationSettings(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
+    assert engine.chat(conv, s) == engine.chat(conv, s)
+    others = {engine.chat(conv, dataclasses.replace(s, seed=k))[0].text for k in range(5)}
+    assert len(others) > 1
+
+
+def test_stream_yields_the_same_answer_as_chat(engine):
+    conv = _conversations()[1]
+    stream = engine.stream(conv, GREEDY)
+    pieces = list(stream)
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == stream.completion.text == engine.chat([conv], GREEDY)[0].text
+    assert tokens_per_s(stream) > 0
+
+
+def test_stream_cancel_stops_generation_early(engine):
+    settings = GenerationSettings(max_new_tokens=3000, temperature=1.0, repetition_penalty=1.0)
+    stream = engine.stream(_conversations()[0], settings)
+    got = False
+    for _ in stream:
+        got = True
+        stream.cancel()
+        break
+    assert got
+    assert stream.completion.finish_reason == FinishReason.CANCELLED
+    assert stream.completion.completion_tokens < 3000
+
+
+def test_concurrent_callers_get_what_they_would_alone(engine):
+    """Threads sharing one engine (a server's) each get the answer they get alone: no shared
+    tokenizer state, no RNG one call leaks into another."""
+    calls = [
+        (c, GenerationSettings(max_new_tokens=12, temperature=1.0, seed=k))
+        for k, c in enumerate(_conversations() * 2)
+    ]
+    alone = [engine.chat([c], s)[0] for c, s in calls]
+    together: list = [None] * len(calls)
+
+    def ask(i: int) -> None:
+        together[i] = engine.chat([calls[i][0]], calls[i][1])[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def test_a_conversation_must_end_with_the_user(engine):
+    with pytest.raises(UserError, match="must end in a user message"):
+        engine.chat([[Message("user", "Hi"), Message("assistant", "Hello")]], GREEDY)
+
+
+def test_the_global_rng_is_left_alone(tiny_engine):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_engine.chat(_conversations()[:1], GenerationSettings(max_new_tokens=8, temperature=1.0, seed=5))
+    assert torch.equal(torch.rand(3), expected)
+    assert tiny_engine.lm.tokenizer.padding_side == "right"  # never flipped for left padding
+
+
+def test_tokenizers_without_a_pad_token_still_batch(tiny_model_dir):
+    """Llama-2 and GPT-2 style tokenizers have no pad token: padding falls back to EOS."""
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    lm.tokenizer.pad_token = None
+    assert lm.tokenizer.pad_token_id is None
+    engine = TransformersEngine(lm)
+    assert engine.chat(_conversations(), GREEDY) == [engine.chat([c], GREEDY)[0] for c in _conversations()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands on both engines
+
+
+def _instructions(path, with_input: bool = True):
+    rows = [
+        {
+            "instruction": f"Question {i}: what is the capital of France?",
+            "input": f"ctx {i}" if with_input and i % 2 else "",
+        }
+        for i in range(5)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_infer_gives_the_same_answers_on_both_engines(tmp_path, tiny_model_dir, loopback):
+    # Without inputs: a server receives a record as one message (instruction, then input), so only
+    # in-process can the Alpaca template put an input under its own "### Input:" heading.
+    _instructions(tmp_path / "in.jsonl", with_input=False)
+    common = ("--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "10", "--batch-size", "3")
+    local = run_cli(
+        "infer", "--model", str(tiny_model_dir), "--output", str(tmp_path / "local.jsonl"), *common
+    )
+    assert local.returncode == 0, local.stderr
+    http = run_cli(
+        "infer",
+        "--engine",
+        "openai",
+        "--base-url",
+        loopback,
+        "--model",
+        "tiny",
+        "--output",
+        str(tmp_path / "http.jsonl"),
+        *common,
+    )
+    assert http.returncode == 0, http.stderr
+    rows = {
+        name: [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("local", "http")
+    }
+    assert [r["output"] for r in rows["local"]] == [r["output"] for r in rows["http"]]
+    assert rows["http"][0]["model"] == f"tiny @ {loopback}" and rows["http"][0]["prompt_format"] == "server"
+    assert [r["finish_reason"] for r in rows["local"]] == [r["finish_reason"] for r in rows["http"]]
+
+
+def test_chat_gives_the_same_answers_on_both_engines(tiny_model_dir, loopback):
+    lines = "What is the capital of France?\nAnd of Spain?\n"
+    common = ("--temperature", "0", "--max-new-tokens", "10", "--no-stats")
+    local = run_cli("chat", "--model", str(tiny_model_dir), *common, input=lines)
+    http = run_cli(
+        "chat", "--engine", "openai", "--base-url", loopback, "--model", "tiny", *common, input=lines
+    )
+    assert local.returncode == 0 and http.returncode == 0, (local.stderr, http.stderr)
+    assert local.stdout == http.stdout and len(local.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--engine", "openai"], ["--base-url", "--model"]),
+        (["--engine", "openai", "--base-url", "127.0.0.1:8000"], ["not an http(s) URL", "--model"]),
+        (["--base-url", "http://127.0.0.1:8000/v1"], ["--base-url is for --engine openai"]),
+        (
+            ["--engine", "openai", "--base-url", "http://x/v1", "--model", "m", "--format", "alpaca"],
+            ["--format applies"],
+        ),
+        (["--engine", "vllm"], ["--engine", "transformers", "openai"]),
+    ],
+)
+def test_a_bad_engine_combination_names_what_is_missing(tmp_path, flags, needles):
+    from conftest import assert_user_error
+
+    _instructions(tmp_path / "in.jsonl")
+    r = run_cli("infer", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), *flags)
+    assert_user_error(r, *needles)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_server_that_does_not_know_the_model(tmp_path, loopback):
+    from conftest import assert_user_error
+
+    _instructions(tmp_path / "in.jsonl")
+    r = run_cli(
+        "infer", "--engine", "openai", "--base-url", loopback, "--model", "other",
+        "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+    )  # fmt: skip
+    assert_user_error(r, "HTTP 404", "--model")
