@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from alpaca_forge.rouge import greedy_dedupe, rouge_tokens
+from alpaca_forge.core.rouge import greedy_dedupe, rouge_tokens
 
 CORPUS = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus" / "t0_55k.alpaca.jsonl.gz"

@@ -49,15 +49,15 @@ def sample_records(corpus: Path, n: int, seed: int) -> list[dict]:
 
 def full_window_records(records: list[dict], tok, window: int, need: int) -> list[dict]:
     """Records whose example (prompt + response + EOS, response cut to fit) is exactly `window` long."""
-    from alpaca_forge import sft
-    from alpaca_forge.prompts import get_format
-    from alpaca_forge.records import Record
+    from alpaca_forge.core.examples import encode_record
+    from alpaca_forge.core.prompts import get_format
+    from alpaca_forge.core.records import Record
 
     fmt = get_format("alpaca")
     picked = []
     for i, r in enumerate(records):
         rec = Record(instruction=r["instruction"], input=r.get("input", ""), output=r["output"])
-        ex = sft.encode_record(rec, i, tok, fmt, window, False)
+        ex = encode_record(rec, i, tok, fmt, window, False)
         if ex is not None and len(ex.input_ids) == window:
             picked.append(r)
             if len(picked) == need:
@@ -69,7 +69,7 @@ def plain_pytorch(batch: int, seq: int, steps: int, bf16: bool) -> float:
     """Median seconds per step of a bare training loop (steps + 1 run)."""
     import torch
 
-    from alpaca_forge.models import load_pretrained
+    from alpaca_forge.core.models import load_pretrained
 
     model, _, _ = load_pretrained(MODEL)
     model.train()
@@ -91,7 +91,7 @@ def plain_pytorch(batch: int, seq: int, steps: int, bf16: bool) -> float:
 
 def ours(data: Path, work: Path, steps: int, **flags) -> dict:
     """One `alpaca-forge train` run of steps + 1 steps in this process; its train_summary."""
-    from alpaca_forge.train import resolve_config, run
+    from alpaca_forge.train import TrainConfig, run
 
     out = work / f"run-{len(list(work.iterdir()))}"
     settings = {
@@ -104,7 +104,7 @@ def ours(data: Path, work: Path, steps: int, **flags) -> dict:
         "warmup_ratio": 0.0,
         **flags,
     }
-    result = run(resolve_config(None, settings), progress=False)
+    result = run(TrainConfig(**settings), progress=False)
     shutil.rmtree(out, ignore_errors=True)
     return result.summary
 
@@ -137,11 +137,11 @@ def main() -> int:
         return 0
     import torch
 
-    from alpaca_forge import sft
-    from alpaca_forge.models import load_tokenizer
-    from alpaca_forge.prompts import get_format
-    from alpaca_forge.records import read_records
-    from alpaca_forge.train import cpu_has_native_bf16
+    from alpaca_forge.core.examples import tokenize_records
+    from alpaca_forge.core.models import cpu_has_native_bf16, load_tokenizer
+    from alpaca_forge.core.prompts import get_format
+    from alpaca_forge.core.records import read_records
+    from alpaca_forge.train.batching import pack
 
     torch.set_num_threads(args.threads)
     results: dict = {
@@ -200,7 +200,7 @@ def main() -> int:
         # 2. Packed rows against random batches padded to their longest item, window 512.
         mix_path = work / "mix.jsonl"
         mix_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        examples, _ = sft.tokenize_records(read_records(mix_path), tok, get_format("alpaca"), 512)
+        examples, _ = tokenize_records(read_records(mix_path), tok, get_format("alpaca"), 512)
         lengths = [len(e.input_ids) for e in examples]
         rates: dict[str, list[float]] = {"padded": [], "packed": []}
         padding: dict[str, list[float]] = {"padded": [], "packed": []}
@@ -226,7 +226,7 @@ def main() -> int:
                 random_batch_padding(lengths, 4, seed=0), 4
             ),
             "packed_rows_padding_share_whole_sample": round(
-                1 - sum(lengths) / (512 * len(sft.pack(lengths, 512))), 4
+                1 - sum(lengths) / (512 * len(pack(lengths, 512))), 4
             ),
         }
         for mode in rates:

@@ -139,7 +139,16 @@ class DataSet:
 
 def _vendored() -> DataSet:
     d = VENDORED_DATA
-    return DataSet(d, 24, 16, 8, d / "corpus" / "small.alpaca.jsonl.gz", 400, d / "eval" / "predictions" / "model-a.jsonl", "Suggest")
+    return DataSet(
+        d,
+        24,
+        16,
+        8,
+        d / "corpus" / "small.alpaca.jsonl.gz",
+        400,
+        d / "eval" / "predictions" / "model-a.jsonl",
+        "Suggest",
+    )
 
 
 def _shared() -> DataSet:

@@ -1,9 +1,11 @@
 """A real OpenAI-compatible HTTP server on loopback, for tests and benchmarks of `generate`.
 
-It answers /v1/chat/completions and /v1/completions with 19 new tasks in the layout the prompt
-asks for, continuing from the number the prompt ends on. Each instruction is made of invented
-words drawn at random, so distinct tasks stay far apart under ROUGE-L. Behaviour can be scripted:
-fail the first N requests with a status, always refuse with 401, answer garbage, add latency.
+It answers /v1/chat/completions and /v1/completions with 19 new tasks (or `tasks_per_reply`) in
+the layout the prompt asks for, continuing from the number the prompt ends on, and honours
+`stop` as a real server does: the text ends before the first stop string (which is not
+returned). Each instruction is made of invented words drawn at random, so distinct tasks stay
+far apart under ROUGE-L. Behaviour can be scripted: fail the first N requests with a status,
+always refuse with 401, answer garbage or nothing usable, add latency.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Script:
     garbage: bool = False  # 200 with a body that is not the API's shape
     chat_style: bool = False  # a chat preamble and labelled first task
     repeat_task: bool = False  # every task of a completion is the same one (tests within-batch dedupe)
+    tasks_per_reply: int = 19  # tasks written before any stop string applies
+    no_tasks: bool = False  # a well-formed answer with no task in it (a teacher not following)
+    raw_texts: list[str] = field(default_factory=list)  # what was written, before the stop strings
     seen: list[dict] = field(default_factory=list)  # request bodies, in order of arrival
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,9 +100,21 @@ class FakeTeacher:
                 prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
                 first = int(re.search(r"(\d+)\. Instruction:\s*$", prompt).group(1))
                 rng = random.Random(body.get("seed", number))
-                text = tasks_text(first, rng, with_label=script_ref.chat_style, repeat=script_ref.repeat_task)
+                text = tasks_text(
+                    first,
+                    rng,
+                    script_ref.tasks_per_reply,
+                    with_label=script_ref.chat_style,
+                    repeat=script_ref.repeat_task,
+                )
                 if script_ref.chat_style:
                     text = "Sure! Here are more tasks:\n\n" + text
+                if script_ref.no_tasks:
+                    text = "I would rather not write tasks today."
+                with script_ref.lock:
+                    script_ref.raw_texts.append(text)
+                cuts = [i for i in (text.find(s) for s in body.get("stop") or []) if i >= 0]
+                text = text[: min(cuts)] if cuts else text
                 choice = {"index": 0, "finish_reason": "stop"}
                 if "messages" in body:
                     choice["message"] = {"role": "assistant", "content": text}

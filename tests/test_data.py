@@ -1,10 +1,19 @@
-"""`alpaca-forge data ...` through the real CLI."""
+"""`alpaca-forge data ...` through the real CLI (in this process)."""
 
 import json
+import sys
 
-from alpaca_forge import Record, read_records, write_records
+import pytest
+
+from alpaca_forge import Record, read_records, split_records, write_records
 
 from conftest import assert_user_error, run_cli
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """`data stats` draws its default picture in the current folder: keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 def _rows(path):
@@ -71,7 +80,7 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     assert sorted(train + val["a"], key=lambda r: int(r.output)) == records
     assert train == sorted(train, key=lambda r: int(r.output)), "file order is kept"
     r = run_cli("data", "split", str(src), "--output-dir", str(tmp_path / "d"), "--val-size", "100")
-    assert_user_error(r, "gives 100 validation records out of 100")
+    assert_user_error(r, "holds out 100 of 100 records, leaving nothing to train on")
 
 
 def test_convert_between_the_three_formats(tmp_path, shared_data):
@@ -204,3 +213,207 @@ def test_stats_prints_numbers_and_draws_a_png(tmp_path):
 def test_predictions_read_their_response_as_output(shared_data):
     records = read_records(shared_data / "eval" / "predictions" / "text-davinci-003.jsonl")
     assert len(records) == 252 and all(r.output for r in records)
+
+
+def test_split_is_the_one_seeded_split_train_uses(tmp_path):
+    records = [Record(f"Task {i}.", "", str(i)) for i in range(50)]
+    src = write_records(tmp_path / "in.jsonl", records)
+    for val_size in ("0.2", "7"):
+        r = run_cli(
+            "data",
+            "split",
+            str(src),
+            "--output-dir",
+            str(tmp_path / val_size),
+            "--val-size",
+            val_size,
+            "--seed",
+            "3",
+        )
+        assert r.returncode == 0, r.stderr
+        train, val = split_records(records, float(val_size), seed=3)
+        assert read_records(tmp_path / val_size / "val.jsonl") == val
+        assert read_records(tmp_path / val_size / "train.jsonl") == train
+
+
+def _without_matplotlib(monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+
+
+def test_stats_without_matplotlib_writes_the_numbers_first(tmp_path, monkeypatch):
+    src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
+    _without_matplotlib(monkeypatch)
+    r = run_cli("data", "stats", str(src), "--json", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["records"] == 9
+    assert (
+        "9 records; 2 with input" in r.stdout
+        and "histograms skipped: matplotlib is not installed" in r.stderr
+    )
+    assert not list(tmp_path.glob("*.png"))
+    # Asked for by name, the picture is an error, but only once the numbers are out.
+    (tmp_path / "s.json").unlink()
+    r = run_cli(
+        "data", "stats", str(src), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "p.png")
+    )
+    assert_user_error(
+        r, f"--plot {tmp_path / 'p.png'}: drawing needs matplotlib", "pip install 'alpaca-forge[plot]'"
+    )
+    assert json.loads((tmp_path / "s.json").read_text())["records"] == 9 and "9 records" in r.stdout
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_stats_draws_its_default_picture_in_the_current_folder(tmp_path):
+    src = write_records(tmp_path / "sub" / "d.jsonl.gz", QUALITY_RECORDS)
+    r = run_cli("data", "stats", str(src))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "d.lengths.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_clean_runs_only_the_checks_asked_for(tmp_path, monkeypatch):
+    import alpaca_forge.data.tools as tools
+
+    calls = []
+    real = tools.greedy_dedupe
+    monkeypatch.setattr(tools, "greedy_dedupe", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
+    r = run_cli(
+        "data", "clean", str(src), "--output", str(tmp_path / "c.jsonl"), "--checks", "refusal,empty_output"
+    )
+    assert r.returncode == 0, r.stderr
+    assert calls == [], "no ROUGE-L pass without near_duplicate"
+    removed = _rows(tmp_path / "c.dropped.jsonl")
+    assert [(d["index"], d["checks"]) for d in removed] == [(1, ["empty_output"]), (4, ["refusal"])]
+    r = run_cli(
+        "data", "clean", str(src), "--output", str(tmp_path / "d.jsonl.out"), "--checks", "near_duplicate"
+    )
+    assert r.returncode == 0 and calls == [1], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Every output path is checked before any work
+
+
+def _tool_args(tool, flag, src, out, model):
+    return {
+        "dedupe --output": ["dedupe", src, "--output", out],
+        "dedupe --dropped": ["dedupe", src, "--output", "kept.jsonl", "--dropped", out],
+        "clean --output": ["clean", src, "--output", out],
+        "convert --output": ["convert", src, "--to", "messages", "--output", out],
+        "split --output-dir": ["split", src, "--output-dir", out, "--val-size", "2"],
+        "stats --json": ["stats", src, "--json", out],
+        "stats --plot": ["stats", src, "--plot", out],
+        "quality --report": ["quality", src, "--report", out],
+        "tokenize --output": ["tokenize", src, "--model", model, "--output", out],
+    }[f"{tool} {flag}"]
+
+
+OUTPUTS = [
+    ("dedupe", "--output"), ("dedupe", "--dropped"), ("clean", "--output"), ("convert", "--output"),
+    ("split", "--output-dir"), ("stats", "--json"), ("stats", "--plot"), ("quality", "--report"),
+    ("tokenize", "--output"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["folder", "under_a_file", "the_input", "missing_folder", "name_too_long"])
+@pytest.mark.parametrize(("tool", "flag"), OUTPUTS)
+def test_every_output_is_checked_before_any_work(tmp_path, tiny_model_dir, tool, flag, case):
+    folder_output = flag == "--output-dir"
+    name = "out" if folder_output else "out.png" if flag == "--plot" else "out.json"
+    src = tmp_path / "in.jsonl"
+    (tmp_path / "a_file").write_text("")
+    out = {
+        "folder": tmp_path / name,
+        "under_a_file": tmp_path / "a_file" / name,
+        "the_input": src,
+        "missing_folder": tmp_path / "new" / "deeper" / name,
+        "name_too_long": tmp_path / ("x" * 300 + name),  # an OSError, reported as the user's mistake
+    }[case]
+    named = out
+    if folder_output and case == "folder":  # a folder is what --output-dir wants: its file is the folder
+        named = out / "train.jsonl"
+        named.mkdir(parents=True)
+    elif folder_output and case == "the_input":  # the input is where a split would write
+        out, named = tmp_path / "splits", tmp_path / "splits" / "train.jsonl"
+        src = named
+    elif case == "folder":
+        out.mkdir()
+    write_records(src, QUALITY_RECORDS[:4] + [Record("Name a colour.", "", "Red.")] * 3)
+    before = src.read_bytes()
+    r = run_cli("data", *_tool_args(tool, flag, str(src), str(out), str(tiny_model_dir)))
+    if case == "missing_folder":
+        assert r.returncode == 0, r.stderr
+        assert (out / "train.jsonl").is_file() if folder_output else out.is_file()
+        return
+    why = {
+        "folder": "is a folder",
+        "under_a_file": "is a file, so nothing can be written",
+        "the_input": "is the input file",
+        "name_too_long": "File name too long",
+    }[case]
+    needle = f"{flag} {named}"
+    if flag == "--plot" and case == "the_input":  # a dataset's name is no picture's: refused sooner
+        needle, why = f"{flag}: {named}", "is not a picture's name"
+    elif case == "name_too_long":
+        needle = str(named)
+    assert_user_error(r, needle, why)
+    assert src.read_bytes() == before
+    assert r.stdout == "", "nothing done before the check"
+    assert not (tmp_path / "kept.jsonl").exists() and not [p for p in tmp_path.glob("*.png") if p.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every numeric flag is range-checked, all problems of one command reported together
+
+
+@pytest.mark.parametrize(
+    "tool_args",
+    [
+        ["dedupe", "--output", "o.jsonl", "--threshold", "0"],
+        ["dedupe", "--output", "o.jsonl", "--threshold", "1.5", "--key", "inputs"],
+        ["quality", "--threshold", "2", "--examples", "-1"],
+        ["clean", "--output", "o.jsonl", "--threshold", "0"],
+        ["clean", "--output", "o.jsonl", "--checks", "refusals,near_duplicate"],
+        ["split", "--output-dir", "out", "--val-size", "-1", "--seed", "-1"],
+        ["split", "--output-dir", "out", "--val-size", "0"],
+        ["convert", "--to", "csv", "--output", "o.jsonl"],
+        ["stats", "--plot", "lengths.json"],
+        ["tokenize", "--max-seq-len", "1", "--show", "-1", "--format", "plain"],
+    ],
+    ids=" ".join,
+)
+def test_out_of_range_flags_are_reported_together(tmp_path, tool_args):
+    src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
+    tool, *flags = tool_args
+    r = run_cli("data", tool, str(src), *flags)
+    named = [f for f in flags if f.startswith("--") and f not in ("--output", "--output-dir")]
+    assert_user_error(r, *(f"{f}: " for f in named))
+    if len(named) > 1:
+        assert f"{len(named)} problems" in r.stderr
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "out").exists()
+
+
+def test_validate_reports_the_problems_of_every_file_together(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"instruction": "x"}\n')
+    b.write_text('{"instruction": "", "output": "y"}\n')
+    r = run_cli("data", "validate", str(a), str(b))
+    assert_user_error(
+        r, f"{a}:1: field 'output' is missing", f"{b}:1: field 'instruction' is empty", "2 problems"
+    )
+
+
+def test_the_tools_from_python_return_typed_results(tmp_path):
+    from alpaca_forge.data import DedupeConfig, DedupeResult, SplitConfig, run_dedupe, run_split
+
+    src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
+    r = run_dedupe(DedupeConfig(file=str(src), output=str(tmp_path / "k.jsonl")), progress=False)
+    assert isinstance(r, DedupeResult) and (r.records, r.kept, r.dropped) == (9, 8, 1)
+    assert (
+        r.dropped_path == tmp_path / "k.dropped.jsonl"
+        and len(read_records(r.output, require_output=False)) == 8
+    )
+    s = run_split(SplitConfig(file=str(src), output_dir=str(tmp_path / "s"), val_size=3))
+    assert (s.train, s.val) == (6, 3) and s.val_path.is_file()

@@ -1,16 +1,23 @@
-"""Self-instruct's pure steps: the teacher prompt, parsing what teachers write, the filters."""
+"""Self-instruct's pure steps: the teacher prompt, parsing what teachers write, the filters,
+and the settings that pick the teacher's endpoint and sampling."""
+
+import random
 
 import pytest
 
-from alpaca_forge import Record
-from alpaca_forge.generate import (
+from alpaca_forge import EngineConfig, Record, ValidationError
+from alpaca_forge.engines import cut_at_stop
+from alpaca_forge.generate import FilterConfig, GenerateConfig
+from alpaca_forge.generate.steps import (
     FILTERS,
-    FilterConfig,
+    MAX_TASKS_PER_REPLY,
+    TEACHER_STOP,
     build_prompt,
     filter_reason,
     parse_tasks,
     sample_demos,
 )
+from fake_teacher import tasks_text
 
 SEEDS = [
     Record(f"Seed instruction number {i}.", "" if i % 2 else f"input {i}", f"output {i}") for i in range(10)
@@ -144,3 +151,51 @@ def test_filters_are_configurable():
     assert filter_reason("Say hi", config) is None
     assert filter_reason("Peel a banana quickly.", config) == "blacklisted"
     assert filter_reason("Write a program that sorts.", config) is None
+
+
+def test_an_empty_blacklist_drops_nothing():
+    assert filter_reason("Give three tips for staying healthy.", FilterConfig(blacklist=())) is None
+
+
+def test_filter_settings_are_checked_together():
+    with pytest.raises(ValidationError) as e:
+        FilterConfig(min_words=0, rouge_threshold=1.5)
+    assert {p.where for p in e.value.problems} == {"--min-words", "--rouge-threshold"}
+    with pytest.raises(ValidationError, match="below --min-words 10"):
+        FilterConfig(min_words=10, max_words=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cap: the stop strings end a reply before task 20
+
+
+def test_the_stop_strings_keep_at_most_16_new_tasks_per_reply():
+    """The prompt asks for 20 tasks after 3 demonstrations, but "\n20" (and "20.", "20 .") end
+    the reply where task 20 would begin: tasks 4 to 19, 16 at most, as in the original."""
+    assert MAX_TASKS_PER_REPLY == 16 and TEACHER_STOP == ("\n20", "20.", "20 .")
+    written = tasks_text(4, random.Random(0), count=25)  # a teacher that runs on to task 28
+    assert len(parse_tasks(written, first_number=4).records) == 25
+    text, stopped = cut_at_stop(written, TEACHER_STOP)
+    parsed = parse_tasks(text, first_number=4)
+    assert stopped and len(parsed.records) == MAX_TASKS_PER_REPLY and parsed.unparseable == 0
+    assert GenerateConfig(seeds="s", output="o", num_instructions=1).generation.stop == TEACHER_STOP
+
+
+# ---------------------------------------------------------------------------------------------
+# Which endpoint and sampling a request gets
+
+
+def _config(**kw):
+    return GenerateConfig(seeds="s.jsonl", output="o.jsonl", num_instructions=5, **kw)
+
+
+def test_teacher_api_and_repetition_penalty_follow_the_engine():
+    server = EngineConfig(engine="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    local, remote = _config(), _config(engine=server)
+    assert local.api == "completions" and remote.api == "chat"
+    assert _config(teacher_api="chat").api == "chat"
+    # In-process a small model loops without a penalty; a server gets none (1.0 is not sent).
+    assert local.sampling(7).repetition_penalty == 1.1 and remote.sampling(7).repetition_penalty == 1.0
+    assert _config(repetition_penalty=1.3).sampling(0).repetition_penalty == 1.3
+    s = local.sampling(12)
+    assert (s.seed, s.max_new_tokens, s.temperature, s.top_p, s.stop) == (12, 3072, 1.0, 1.0, TEACHER_STOP)

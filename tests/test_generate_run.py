@@ -1,4 +1,5 @@
-"""`alpaca-forge generate` end to end: the real CLI against a real HTTP teacher on loopback."""
+"""`alpaca-forge generate` end to end: the real CLI against a real HTTP teacher on loopback
+(in this process, except where the process itself is the point: kill -9)."""
 
 import json
 import os
@@ -10,9 +11,10 @@ from collections import Counter
 
 import pytest
 
-from alpaca_forge import Record, write_records
-from alpaca_forge.generate import Pool
-from alpaca_forge.rouge import rouge_l
+from alpaca_forge import EngineConfig, Record, write_records
+from alpaca_forge.core.rouge import rouge_l
+from alpaca_forge.generate import GenerateConfig, GenerateResult, StopReason, run
+from alpaca_forge.generate.steps import MAX_TASKS_PER_REPLY, Pool
 from fake_teacher import FakeTeacher, Script
 
 from conftest import CLI, assert_user_error, run_cli
@@ -30,8 +32,8 @@ def seeds(tmp_path):
 
 def _generate(seeds, out, url, *extra):
     return [
-        "generate", "--seeds", str(seeds), "--output", str(out), "--teacher-url", url, "--teacher-model", "fake",
-        "--max-retries", "2", "--timeout-s", "10", *extra,
+        "generate", "--seeds", str(seeds), "--output", str(out), "--engine", "openai", "--base-url", url,
+        "--model", "fake", "--max-retries", "2", "--timeout-s", "10", *extra,
     ]  # fmt: skip
 
 
@@ -91,7 +93,8 @@ def test_near_duplicates_within_one_completion_are_dropped(tmp_path, seeds):
         )
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "g.summary.json").read_text())
-    assert summary["accepted"] == 2 and summary["dropped"]["rouge_similar"] == 36  # 19 alike per request
+    # 16 alike per request (the stop strings end each reply before task 20): 1 kept, 15 dropped
+    assert summary["accepted"] == 2 and summary["dropped"]["rouge_similar"] == 30
     assert "request limit reached" in summary["stop_reason"]
 
 
@@ -131,7 +134,7 @@ def test_teacher_failures_are_clear_errors(tmp_path, seeds):
         r = run_cli(
             *_generate(seeds, tmp_path / "y.jsonl", url, "--num-instructions", "5", "--max-retries", "1")
         )
-        assert_user_error(r, "not an OpenAI-compatible chat response", "failed 2 times")
+        assert_user_error(r, "not an OpenAI-compatible chat/completions response", "failed 2 times")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -162,16 +165,18 @@ def test_bad_seeds_and_unwritable_output(tmp_path, seeds):
         str(tmp_path / "o.jsonl"),
         "--num-instructions",
         "5",
-        "--teacher-url",
+        "--engine",
+        "openai",
+        "--base-url",
         "http://127.0.0.1:9/v1",
-        "--teacher-model",
+        "--model",
         "m",
     )
     assert_user_error(r, f"{bad}:2:")
     (tmp_path / "file").write_text("")
     with FakeTeacher(Script()) as url:
         r = run_cli(*_generate(seeds, tmp_path / "file" / "o.jsonl", url, "--num-instructions", "5"))
-    assert_user_error(r, "cannot be written")
+    assert_user_error(r, f"{tmp_path / 'file'} is a file, so nothing can be written under it")
 
 
 def test_pool_scores_are_rouge_l():
@@ -186,7 +191,7 @@ def test_the_embedded_model_as_teacher(tmp_path, shared_data):
     out = tmp_path / "smol.jsonl"
     r = run_cli(
         "generate", "--seeds", str(shared_data / "seed_tasks.jsonl"), "--output", str(out),
-        "--num-instructions", "5", "--max-requests", "2", "--max-tokens", "160",
+        "--num-instructions", "5", "--max-requests", "2", "--max-new-tokens", "160",
         env={"HF_HUB_OFFLINE": "1"}, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -229,10 +234,156 @@ def test_a_teacher_slower_than_the_timeout_fails_clearly(tmp_path, seeds):
 def test_backoff_doubles_with_jitter_up_to_a_cap_and_honours_retry_after():
     import random as _random
 
-    from alpaca_forge.teachers import RetryPolicy
+    from alpaca_forge.engines.openai_http import RetryPolicy
 
     policy, rng = RetryPolicy(base_delay_s=1.0, max_delay_s=10.0), _random.Random(0)
     for attempt, full in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (6, 10.0)]:
         delays = {policy.delay_s(attempt, None, rng) for _ in range(50)}
         assert all(full * 0.5 <= d <= full for d in delays) and len(delays) > 40  # jittered, never in step
     assert policy.delay_s(0, "3", rng) == 3.0 and policy.delay_s(0, "99", rng) == 10.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The cap, the requests as sent, the stop reasons, the Python API
+
+
+def test_a_reply_holds_at_most_16_new_tasks_and_requests_are_sent_as_before(tmp_path, seeds):
+    """A teacher that writes 25 tasks is cut at "\\n20" by the server (as a real one honours
+    `stop`): 16 tasks per reply. The body is what the original sent: no repetition_penalty."""
+    script = Script(tasks_per_reply=25)
+    with FakeTeacher(script) as url:
+        r = run_cli(
+            *_generate(seeds, tmp_path / "g.jsonl", url, "--num-instructions", "100", "--max-requests", "2")
+        )
+    assert r.returncode == 0, r.stderr
+    assert all(text.count(". Output:") == 25 for text in script.raw_texts)
+    logged = _rows(tmp_path / "g.requests.jsonl")
+    assert [row["parsed"] for row in logged] == [MAX_TASKS_PER_REPLY] * 2 == [16, 16]
+    body = script.seen[0]
+    assert body.keys() == {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "messages"}
+    assert (body["max_tokens"], body["temperature"], body["top_p"]) == (3072, 1.0, 1.0)
+    assert body["stop"] == ["\n20", "20.", "20 ."]
+    assert sorted(b["seed"] for b in script.seen) == [0, 1]  # --seed 0: request k samples with seed k
+
+
+def test_a_teacher_that_yields_nothing_stops_the_run_with_status_1(tmp_path, seeds):
+    with FakeTeacher(Script(no_tasks=True)) as url:
+        r = run_cli(
+            *_generate(
+                seeds, tmp_path / "b.jsonl", url, "--num-instructions", "5", "--max-barren-requests", "3"
+            )
+        )
+    assert r.returncode == 1, r.stderr
+    summary = json.loads((tmp_path / "b.summary.json").read_text())
+    assert summary["stopped_by"] == "barren" and summary["requests"] == 3 and summary["accepted"] == 0
+    assert summary["stop_reason"] == "the last 3 requests gave no acceptable record"
+    assert "Traceback" not in r.stderr
+
+
+def test_run_from_python_returns_a_typed_result_with_per_request_retries(tmp_path, seeds):
+    from alpaca_forge.engines.openai_http import OpenAIEngine, RetryPolicy
+
+    with FakeTeacher(Script(fail_first=2)) as url:
+        engine = OpenAIEngine(url, "fake", retry=RetryPolicy(max_retries=3, base_delay_s=0.01))
+        config = GenerateConfig(
+            seeds=str(seeds), output=str(tmp_path / "p.jsonl"), num_instructions=40, max_requests=2,
+            engine=EngineConfig(engine="openai", base_url=url, model="fake"),
+        )  # fmt: skip
+        result = run(config, progress=False, engine=engine)
+        engine.close()
+    assert (
+        isinstance(result, GenerateResult)
+        and result.stop is StopReason.REQUEST_LIMIT
+        and result.stop.as_asked
+    )
+    assert (result.requests, result.retries, result.accepted) == (2, 2, 32)
+    assert [row["retries"] for row in _rows(tmp_path / "p.requests.jsonl")] == [2, 0]
+    assert json.loads(result.summary_path.read_text()) == result.to_dict()
+    assert result.to_dict()["stop_reason"] == "request limit reached (2)"
+
+
+@pytest.mark.parametrize("case", ["folder", "under_a_file", "the_seeds", "missing_folder", "name_too_long"])
+def test_outputs_are_checked_before_any_request(tmp_path, seeds, case):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    out = {
+        "folder": tmp_path / "a_folder",
+        "under_a_file": tmp_path / "a_file" / "g.jsonl",
+        "the_seeds": seeds,
+        "missing_folder": tmp_path / "new" / "deeper" / "g.jsonl",
+        "name_too_long": tmp_path / ("x" * 300 + ".jsonl"),
+    }[case]
+    script = Script()
+    with FakeTeacher(script) as url:
+        r = run_cli(*_generate(seeds, out, url, "--num-instructions", "3"))
+    if case == "missing_folder":
+        assert r.returncode == 0 and len(_rows(out)) == 3, r.stderr
+        return
+    assert_user_error(
+        r, *([str(out), "File name too long"] if case == "name_too_long" else [f"--output {out}"])
+    )
+    assert script.seen == [], "no request before the outputs are checked"
+
+
+def test_every_numeric_flag_is_range_checked_all_at_once(tmp_path, seeds):
+    bad = {
+        "--num-instructions": "0", "--seed": "-1", "--concurrency": "0", "--repetition-penalty": "0",
+        "--price-prompt-per-1m": "-1", "--price-completion-per-1m": "-0.5", "--max-cost-usd": "0",
+        "--max-requests": "0", "--max-barren-requests": "0", "--min-words": "0", "--max-words": "0",
+        "--rouge-threshold": "2", "--timeout-s": "0", "--max-retries": "-1", "--max-new-tokens": "0",
+        "--temperature": "-1", "--top-p": "0",
+    }  # fmt: skip
+    r = run_cli(
+        "generate",
+        "--seeds",
+        str(seeds),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        *(x for kv in bad.items() for x in kv),
+    )
+    assert_user_error(r, *(f"{flag}: must be" for flag in bad), f"{len(bad)} problems")
+    assert not (tmp_path / "o.jsonl").exists()
+    r = run_cli("generate", "--seeds", str(seeds), "--output", str(tmp_path / "o.jsonl"), "--num-instructions", "3",
+                "--min-words", "10", "--max-words", "5")  # fmt: skip
+    assert_user_error(r, "--max-words: is 5, below --min-words 10")
+
+
+def test_settings_from_a_yaml_file_with_nested_sections(tmp_path, seeds):
+    script = Script()
+    with FakeTeacher(script) as url:
+        config = tmp_path / "gen.yaml"
+        config.write_text(
+            f"# alpaca-forge generate --config gen.yaml\n"
+            f"seeds: {seeds}\noutput: {tmp_path / 'y.jsonl'}\nnum_instructions: 20\n"
+            f"engine:\n  engine: openai\n  base_url: {url}\n  model: fake\n"
+            f"filters:\n  min_words: 3\n  blacklist: [image, video]\n"
+            f"max_new_tokens: 512\n"
+        )
+        r = run_cli("generate", "--config", str(config), "--concurrency", "2")
+    assert r.returncode == 0, r.stderr
+    assert len(_rows(tmp_path / "y.jsonl")) == 20
+    assert script.seen[0]["max_tokens"] == 512 and script.seen[0]["model"] == "fake"
+    config.write_text(
+        f"seeds: {seeds}\noutput: o.jsonl\nnum_instructions: 0\nfilters:\n  rouge_threshold: 3\n"
+    )
+    assert_user_error(
+        run_cli("generate", "--config", str(config)), f"{config}:3:", f"{config}:5:", "2 problems"
+    )
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_an_in_process_teacher(tmp_path, seeds, tiny_model_dir, api):
+    """The tiny random model writes nonsense; the run still ends where it was told, accounted."""
+    out = tmp_path / "t.jsonl"
+    r = run_cli(
+        "generate", "--seeds", str(seeds), "--output", str(out), "--num-instructions", "3",
+        "--model", str(tiny_model_dir), "--device", "cpu", "--teacher-api", api,
+        "--max-requests", "2", "--max-new-tokens", "24",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "t.summary.json").read_text())
+    assert summary["requests"] == 2 and summary["stopped_by"] in ("request_limit", "done")
+    assert tiny_model_dir.name in summary["teacher"]
+    logged = _rows(tmp_path / "t.requests.jsonl")
+    assert [row["request"] for row in logged] == [0, 1]
+    assert all(0 < row["completion_tokens"] <= 24 and row["prompt_tokens"] > 100 for row in logged)

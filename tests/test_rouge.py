@@ -8,7 +8,7 @@ import pytest
 from rapidfuzz.distance import LCSseq
 
 from alpaca_forge import read_records
-from alpaca_forge.rouge import (
+from alpaca_forge.core.rouge import (
     _as_strings,
     _GreedyDeduper,
     f1_from_lcs,

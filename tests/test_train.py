@@ -17,8 +17,13 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from alpaca_forge import write_records
-from alpaca_forge.train import COMPLETE, TrainConfig, check_disk, read_config_file, resolve_config
+from alpaca_forge import read_records, split_records, write_records
+from alpaca_forge.core.config import build_config
+from alpaca_forge.core.examples import fingerprint
+from alpaca_forge.train import TrainConfig, run
+from alpaca_forge.train.checkpoints import COMPLETE
+from alpaca_forge.train.setup import check_disk
+from train_ranks import digest
 
 from conftest import CLI, REPO, assert_user_error, run_cli
 
@@ -39,8 +44,8 @@ def data(tmp_path_factory) -> Path:
     return write_records(tmp_path_factory.mktemp("data") / "train.jsonl", records)
 
 
-def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = run_cli("-q", "train", *args, timeout=timeout)
+def _train(*args: str):
+    result = run_cli("-q", "train", *args)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -121,17 +126,29 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_merges_in_full_precision(
     """The whole QLoRA path. bitsandbytes (0.49 and later) also runs 4-bit layers on a CPU, so the
     run's CUDA guard is lifted for this test; the guard itself is tested with the bad input."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev install (make test installs it)")
-    from alpaca_forge import train
+    from alpaca_forge.train import setup
 
-    monkeypatch.setattr(train, "_check_qlora", lambda device: None)
+    monkeypatch.setattr(setup, "check_qlora", lambda device: None)
     out = tmp_path / "qlora"
-    settings = {"model": str(tiny_model_dir), "data": str(data), "output": str(out), "method": "qlora"}
-    cfg = resolve_config(
-        None, {**settings, "epochs": 3, "learning_rate": 1e-2, "merge": True, "logging_steps": 1}
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(data),
+        output=str(out),
+        method="qlora",
+        epochs=3,
+        learning_rate=1e-2,
+        merge=True,
+        logging_steps=1,
     )
-    summary = train.run(cfg, progress=False).summary
+    result = run(cfg, progress=False)
+    summary = result.summary
     assert summary["layers_in_4bit"] == 2 * 7  # every projection of both layers
     assert summary["last_loss"] < summary["first_loss"]
+    assert (result.first_loss, result.last_loss, result.output) == (
+        summary["first_loss"],
+        summary["last_loss"],
+        out,
+    )
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
@@ -142,6 +159,25 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_merges_in_full_precision(
     changed = {k for k in before if not (before[k] == merged[k]).all()}
     assert changed and all(k.endswith("proj.weight") for k in changed)
     _assert_infers(out / "merged", data, tmp_path, limit=1)
+
+
+@pytest.mark.real_model
+def test_qlora_gets_a_4bit_base_from_a_gguf_with_the_cache_off(tmp_path, monkeypatch):
+    """With ALPACA_FORGE_NO_CACHE=1 the GGUF's dense copy is never written to the cache; the
+    4-bit quantization QLoRA asks for must still apply (it once gave a dense model, silently)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev install (make test installs it)")
+    from alpaca_forge.train.setup import load_model
+
+    cache = tmp_path / "cache"  # empty, so the GGUF is converted here rather than read from a copy
+    monkeypatch.setenv("ALPACA_FORGE_CACHE", str(cache))
+    monkeypatch.setenv("ALPACA_FORGE_NO_CACHE", "1")
+    config = TrainConfig(
+        model="smollm2-135m-instruct", data="unused", output=str(tmp_path / "o"), method="qlora"
+    )
+    model = load_model(config, autocast=None)
+    four_bit = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert len(four_bit) == 7 * model.config.num_hidden_layers == 7 * 30  # every projection of every layer
+    assert not any(cache.rglob(".complete"))  # nothing was cached
 
 
 def test_kill_and_resume_gives_the_same_weights(tiny_model_dir, data, tmp_path):
@@ -181,6 +217,8 @@ def test_kill_and_resume_gives_the_same_weights(tiny_model_dir, data, tmp_path):
 
 
 def test_two_processes_agree(tiny_model_dir, data, tmp_path):
+    """torchrun, 2 processes (DDP on gloo): every rank ends with the same weights, and they are
+    the ones saved. Each rank writes a digest of its in-memory model (tests/train_ranks.py)."""
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
@@ -188,12 +226,10 @@ def test_two_processes_agree(tiny_model_dir, data, tmp_path):
             str(torchrun),
             "--nproc_per_node",
             "2",
-            "-m",
-            "alpaca_forge",
-            "-q",
-            "train",
-            *_io(tiny_model_dir, data, out),
-            *_flags("--epochs 1 --batch-size 2 --save-steps 3"),
+            str(Path(__file__).parent / "train_ranks.py"),
+            str(tiny_model_dir),
+            str(data),
+            str(out),
         ],
         capture_output=True,
         text=True,
@@ -203,9 +239,12 @@ def test_two_processes_agree(tiny_model_dir, data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["processes"] == 2
-    sums = summary["rank_checksums"]
-    assert len(sums) == 2 and sums[0] == sums[1]
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["steps"] == ranks[1]["steps"] == summary["steps"]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
     assert (out / "model.safetensors").is_file() and _weights(out)
+    assert digest(_weights(out).items()) == ranks[0]["digest"]  # what was saved is what was trained
+    assert digest(_weights(tiny_model_dir).items()) != ranks[0]["digest"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +261,7 @@ def test_bad_input_is_refused_before_training(tiny_model_dir, data, tmp_path):
     )
     assert_user_error(run_cli(*base, "--max-seq-len", "8"), "no record fits")
     assert_user_error(run_cli(*base, "--method", "lora", "--lora-targets", "q_proj,query"), "query", "q_proj")
-    assert_user_error(run_cli(*base, "--val-size", "48"), "leaves nothing to train on")
+    assert_user_error(run_cli(*base, "--val-size", "48"), "nothing to train on")
     assert_user_error(run_cli(*base, "--method", "qlora"), "CUDA")
     assert_user_error(run_cli(*base, "--dtype", "float16"), "float16")
     no_template = tmp_path / "no-template"
@@ -268,33 +307,81 @@ def test_disk_space_is_checked_first(tmp_path):
         check_disk(tmp_path, 10**15, keep=2)
 
 
+def test_out_of_range_flags_are_all_reported_at_once_before_any_model_loads(tmp_path):
+    out = tmp_path / "never"
+    flags = {
+        "--learning-rate": "-1",
+        "--lora-dropout": "2",
+        "--threads": "-2",
+        "--val-size": "-1",
+        "--seed": "-1",
+    }
+    result = run_cli(
+        "train",
+        *("--data", str(tmp_path / "absent.jsonl"), "--output", str(out)),
+        *(x for pair in flags.items() for x in pair),
+    )
+    assert_user_error(result, *flags, "5 problems")
+    for flag in flags:
+        assert result.stderr.count(f"{flag}:") == 1, (flag, result.stderr)
+    # Reported before the data is read (it does not exist) and so before any model loads.
+    assert "absent.jsonl" not in result.stderr and not out.exists()
+
+
+def test_settings_that_contradict_each_other_are_all_reported():
+    flags = "--val v.jsonl --val-size 2.5 --merge --global-batch-size 64 --gradient-accumulation 4"
+    result = run_cli("train", *_flags("--data d.jsonl --output o"), *_flags(flags))
+    assert_user_error(
+        result,
+        "--val FILE or --val-size N, not both",
+        "neither a share below 1 nor a whole count",
+        "--method full trains no adapter",
+        "--global-batch-size N or --gradient-accumulation N, not both",
+        "4 problems",
+    )
+
+
 def test_config_file_errors_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data: x.jsonl\nlearning_rat: 1e-4\nepochs: three\nmethod: lora\n")
+    bad.write_text("data: x.jsonl\nlearning_rat: 1e-4\nepochs: three\nmethod: lora\nlora_dropout: 1.5\n")
     from alpaca_forge import ValidationError
 
     with pytest.raises(ValidationError) as e:
-        read_config_file(bad)
+        build_config(TrainConfig, {}, bad)
     text = str(e.value)
     assert f"{bad}:2: unknown setting 'learning_rat'" in text and "learning_rate" in text
     assert f"{bad}:3:" in text and "epochs" in text
+    assert f"{bad}:5: 'lora_dropout' must be below 1" in text
+    assert "--output: is required" in text  # neither the file nor a flag gives it
     ok = tmp_path / "ok.yaml"
     ok.write_text("data: x.jsonl\noutput: out\nmethod: lora\nlora_targets: [q_proj, v_proj]\nepochs: 2\n")
-    cfg = resolve_config(str(ok), {"epochs": "5", "output": None})
-    assert cfg.method == "lora" and cfg.lora_targets == ["q_proj", "v_proj"] and cfg.epochs == 5.0
-    assert cfg.resolved_learning_rate() == 2e-4 and TrainConfig().resolved_learning_rate() == 2e-5
+    cfg = build_config(TrainConfig, {"epochs": "5"}, ok)
+    assert cfg.method == "lora" and cfg.lora_targets == ("q_proj", "v_proj") and cfg.epochs == 5.0
+    assert cfg.resolved_learning_rate() == 2e-4
+    assert TrainConfig(data="d", output="o").resolved_learning_rate() == 2e-5
     result = run_cli("train", "--config", str(bad))
-    assert_user_error(result, "learning_rat")
+    assert_user_error(result, "learning_rat", f"{bad}:2:", f"{bad}:3:", f"{bad}:5:")
 
 
 def test_every_shipped_config_loads():
+    """Each config is headed by the command that runs it, and loads as that command's settings."""
+    from alpaca_forge.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
     configs = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(configs) >= 3
+    assert len(configs) >= 5
+    commands = set()
     for path in configs:
         first = path.read_text().splitlines()[0]
-        assert first.startswith("# ") and "train" in first, path  # headed by the command that runs it
-        cfg = resolve_config(str(path), {})
-        assert cfg.data and cfg.output, path
+        assert first.startswith("# ") and f"--config configs/{path.name}" in first, path
+        # "# alpaca-forge train --config ..." or "# accelerate launch ... -m alpaca_forge train --config ..."
+        words = first.split()
+        command = words[words.index("alpaca-forge" if "alpaca-forge" in words else "alpaca_forge") + 1]
+        commands.add(command)
+        cfg = build_config(sub.choices[command].get_default("config_class"), {}, path)
+        if command == "train":
+            assert cfg.data and cfg.output, path
+    assert {"train", "generate", "infer"} <= commands
     accel = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
     kinds = {yaml.safe_load(p.read_text())["distributed_type"] for p in accel}
     assert kinds == {"MULTI_GPU", "FSDP", "DEEPSPEED"}
@@ -305,9 +392,38 @@ def test_every_shipped_config_loads():
     )
 
 
+def test_val_size_holds_out_the_records_data_split_holds_out(tiny_model_dir, data, tmp_path):
+    """`train --val-size` and `data split` share one seeded split (core.records.split_records):
+    the same size and seed hold out the same records, a count or a share alike."""
+    records = read_records(data)
+    held_out = []
+    for val_size, seed in ((8, 3), (0.25, 7), (8, 4)):
+        out = tmp_path / f"split-{val_size}-{seed}"
+        config = TrainConfig(
+            model=str(tiny_model_dir),
+            data=str(data),
+            output=str(out),
+            val_size=val_size,
+            seed=seed,
+            max_steps=1,
+        )
+        summary = run(config, progress=False).summary
+        kept, held = split_records(records, val_size, seed)
+        assert summary["val_fingerprint"] == fingerprint(held)
+        assert summary["data_fingerprint"] == fingerprint(kept)
+        assert (
+            summary["validation_tokenized"]["records"]
+            == len(held)
+            == round(val_size * 48 if val_size < 1 else val_size)
+        )
+        held_out.append(summary["val_fingerprint"])
+    assert len(set(held_out)) == 3  # another seed, other records
+
+
 def test_data_tokenize_writes_what_the_trainer_sees(tiny_model_dir, data, tmp_path):
-    from alpaca_forge import get_format, load_tokenizer, read_records
-    from alpaca_forge.sft import tokenize_records
+    from alpaca_forge import get_format, load_tokenizer
+    from alpaca_forge.core.examples import tokenize_records
+    from alpaca_forge.train.setup import prepare
 
     out = tmp_path / "ids.jsonl"
     result = run_cli(
@@ -322,10 +438,16 @@ def test_data_tokenize_writes_what_the_trainer_sees(tiny_model_dir, data, tmp_pa
     assert [(r["index"], r["input_ids"], r["labels"]) for r in rows] == [
         (e.record, e.input_ids, e.labels) for e in examples
     ]
+    # ... which are the items the trainer is handed (unpacked: one example each, in file order).
+    config = TrainConfig(
+        model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"), batching="padded"
+    )
+    items = prepare(config, resume=False).train_set.items
+    assert [(r["input_ids"], r["labels"]) for r in rows] == [(x["input_ids"], x["labels"]) for x in items]
 
 
 def test_bf16_on_a_cpu_is_checked_against_its_flags(tmp_path):
-    from alpaca_forge.train import cpu_has_native_bf16
+    from alpaca_forge.core.models import cpu_has_native_bf16
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")

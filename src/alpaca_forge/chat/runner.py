@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ..core.prompts import Message
-from ..engines import Engine, open_engine, tokens_per_s
+from ..engines import Engine, tokens_per_s, using_engine
 from .config import ChatConfig
 
 HELP = "commands: /reset forgets the conversation, /exit quits (or Ctrl-D); Ctrl-C stops an answer"
@@ -52,13 +52,8 @@ def run(
     stderr: TextIO | None = None,
 ) -> ChatResult:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    own = engine is None
-    engine = engine or open_engine(config.engine, seed=config.generation.seed)
-    try:
+    with using_engine(config.engine, engine, seed=config.generation.seed) as engine:
         return _converse(config, engine, stdin, stdout, stderr)
-    finally:
-        if own:
-            engine.close()
 
 
 def _converse(

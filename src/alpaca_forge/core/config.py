@@ -166,9 +166,13 @@ def leaves(cls: type, prefix: Path_ = (), defaults: Any = None) -> list[Leaf]:
 
 
 def _leaf_index(cls: type) -> dict[str, Leaf]:
+    """Settings by name, as YAML keys and flags spell them (a field whose flag differs, e.g.
+    `echo` / `--print`, answers to both)."""
     index: dict[str, Leaf] = {}
     for leaf in leaves(cls):
         index.setdefault(leaf.name, leaf)  # the outer config's own field wins a name clash
+    for leaf in leaves(cls):
+        index.setdefault(leaf.flag.lstrip("-").replace("-", "_"), leaf)
     return index
 
 

@@ -37,7 +37,13 @@ def check_output(
 ) -> Path:
     """An output path a stage may write: parents made, never a folder (or, with `folder`, never a
     file), never under a file, never one of the stage's `inputs`."""
-    out = Path(path).expanduser()
+    try:
+        return _check_output(Path(path).expanduser(), flag, inputs, folder)
+    except OSError as e:  # a name too long, a folder we may not look into ...
+        raise UserError(f"{flag} {path}: cannot be used ({e.strerror or e})", f"choose another {flag}") from e
+
+
+def _check_output(out: Path, flag: str, inputs: Iterable[str | os.PathLike], folder: bool) -> Path:
     blocker = _under_a_file(out)
     if blocker is not None:
         raise UserError(

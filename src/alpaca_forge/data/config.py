@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from ..core.config import REQUIRED, Config, setting
@@ -10,6 +11,7 @@ from ..core.models import BUILTIN_MODELS, DEFAULT_MODEL
 from ..core.prompts import FORMATS
 from .tools import CHECK_NAMES
 
+PICTURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib writes, by name
 _FILE = "the dataset: a .json array or .jsonl (.gz too)"
 _THRESHOLD = "ROUGE-L F1 above which a record is a near-duplicate (self-instruct: 0.7)"
 
@@ -29,6 +31,10 @@ class StatsConfig(Config):
         metavar="PNG",
     )
     json_path: str | None = setting(None, "also write the numbers as JSON", metavar="FILE", flag="--json")
+
+    def check(self):
+        if self.plot and Path(self.plot).suffix.lower() not in PICTURE_SUFFIXES:
+            yield "plot", f"{self.plot} is not a picture's name", "end it in .png (or .svg, .pdf, .jpg)"
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,11 @@ class CleanConfig(Config):
     def check(self):
         unknown = [c for c in self.checks if c not in CHECK_NAMES]
         if unknown:
-            yield "checks", f"unknown check(s): {', '.join(unknown)}", f"choose from: {', '.join(CHECK_NAMES)}"
+            yield (
+                "checks",
+                f"unknown check(s): {', '.join(unknown)}",
+                f"choose from: {', '.join(CHECK_NAMES)}",
+            )
         elif not self.checks:
             yield "checks", "no check given", f"choose from: {', '.join(CHECK_NAMES)}"
 
@@ -63,8 +73,12 @@ class DedupeConfig(Config):
     dropped: str | None = setting(
         None, "dropped records with their duplicate (default: OUTPUT's name + .dropped.jsonl)", metavar="FILE"
     )
-    threshold: float = setting(0.7, "drop when ROUGE-L F1 with an earlier kept record is above this", gt=0, le=1)
-    key: Literal["instruction", "instruction+input", "output"] = setting("instruction", "which text is compared")
+    threshold: float = setting(
+        0.7, "drop when ROUGE-L F1 with an earlier kept record is above this", gt=0, le=1
+    )
+    key: Literal["instruction", "instruction+input", "output"] = setting(
+        "instruction", "which text is compared"
+    )
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,9 @@ class SplitConfig(Config):
     file: str = setting(REQUIRED, _FILE, positional=True)
     output_dir: str = setting(REQUIRED, "where train.jsonl and val.jsonl go", metavar="DIR")
     val_size: float = setting(0.05, "validation share (below 1) or count (1 or more)", gt=0)
-    seed: int = setting(0, "random seed for the split (train --val-size with the same seed holds out the same)", ge=0)
+    seed: int = setting(
+        0, "random seed for the split (train --val-size with the same seed holds out the same)", ge=0
+    )
 
 
 @dataclass(frozen=True)
@@ -85,7 +101,9 @@ class ConvertConfig(Config):
 @dataclass(frozen=True)
 class TokenizeConfig(Config):
     file: str = setting(REQUIRED, "the training records", positional=True)
-    output: str | None = setting(None, "JSONL of {index, input_ids, labels}; omit to only --show", metavar="FILE")
+    output: str | None = setting(
+        None, "JSONL of {index, input_ids, labels}; omit to only --show", metavar="FILE"
+    )
     show: int = setting(0, "print the first N examples, masking visible", ge=0)
     max_seq_len: int = setting(512, "the training window, in tokens", ge=2)
     train_on_inputs: bool = setting(False, "also learn the prompt tokens (as `train --train-on-inputs`)")
@@ -97,8 +115,14 @@ class TokenizeConfig(Config):
     format: Literal[tuple(FORMATS)] | None = setting(  # type: ignore[valid-type]
         None, "prompt format; default: the one saved with the model, else alpaca (as `train`)"
     )
-    system: str | None = setting(None, "system message for the chat format (default: the template's own)", metavar="TEXT")
+    system: str | None = setting(
+        None, "system message for the chat format (default: the template's own)", metavar="TEXT"
+    )
 
     def check(self):
         if self.output is None and self.show == 0:
-            yield "output", "nothing to do", "give --output FILE to write the examples, or --show N to print some"
+            yield (
+                "output",
+                "nothing to do",
+                "give --output FILE to write the examples, or --show N to print some",
+            )

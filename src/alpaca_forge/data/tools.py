@@ -69,8 +69,12 @@ def describe_stats(numbers: dict[str, Any]) -> list[str]:
     ]
     for name in ("instruction", "input", "output"):
         s = numbers["words"][name]
-        lines.append(f"  {name:<12} words: mean {s['mean']}, median {s['median']:g}, p90 {s['p90']:g}, max {s['max']}")
-    lines.append("  most common first words: " + ", ".join(f"{k} {v}" for k, v in numbers["top_first_words"].items()))
+        lines.append(
+            f"  {name:<12} words: mean {s['mean']}, median {s['median']:g}, p90 {s['p90']:g}, max {s['max']}"
+        )
+    lines.append(
+        "  most common first words: " + ", ".join(f"{k} {v}" for k, v in numbers["top_first_words"].items())
+    )
     return lines
 
 
@@ -142,7 +146,9 @@ RECORD_CHECKS: dict[str, Callable[[Record], bool]] = {
     "output_equals_input": lambda r: bool(r.input.strip()) and r.output.strip() == r.input.strip(),
     "truncated_output": lambda r: bool(r.output.strip()) and _looks_truncated(r.output),
     "refusal": lambda r: bool(_REFUSAL.search(r.output)),
-    "noinput_leftover": lambda r: any(_NOINPUT_LEFTOVER.search(t) for t in (r.instruction, r.input, r.output)),
+    "noinput_leftover": lambda r: any(
+        _NOINPUT_LEFTOVER.search(t) for t in (r.instruction, r.input, r.output)
+    ),
     "non_english_start": lambda r: bool(r.instruction.strip()) and not r.instruction.strip()[0].isascii(),
 }
 CHECK_NAMES = (*RECORD_CHECKS, "near_duplicate")

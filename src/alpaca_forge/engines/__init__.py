@@ -10,7 +10,7 @@ from .base import (
     cut_at_stop,
     tokens_per_s,
 )
-from .config import EngineConfig, open_engine
+from .config import EngineConfig, open_engine, using_engine
 
 __all__ = [
     "Completion",
@@ -23,4 +23,5 @@ __all__ = [
     "cut_at_stop",
     "open_engine",
     "tokens_per_s",
+    "using_engine",
 ]

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,3 +119,17 @@ def open_engine(cfg: EngineConfig, *, seed: int = 0) -> Engine:
         lm.prompt_format.name,
     )
     return TransformersEngine(lm)
+
+
+@contextlib.contextmanager
+def using_engine(cfg: EngineConfig, engine: Engine | None = None, *, seed: int = 0) -> Iterator[Engine]:
+    """`engine` if the caller passed one (left open: it is theirs), else the one `cfg` names,
+    opened here and closed at the end."""
+    if engine is not None:
+        yield engine
+        return
+    opened = open_engine(cfg, seed=seed)
+    try:
+        yield opened
+    finally:
+        opened.close()

@@ -52,5 +52,11 @@ def _main(config: GenerateConfig, args: Any) -> int:
         r.wall_time_s,
     )
     say("dropped: %s", ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items())) or "none")
-    say("tokens: %d prompt + %d completion = $%.4f; summary: %s", r.prompt_tokens, r.completion_tokens, r.cost_usd, r.summary_path)
+    say(
+        "tokens: %d prompt + %d completion = $%.4f; summary: %s",
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.cost_usd,
+        r.summary_path,
+    )
     return 0 if r.stop.as_asked else 1

@@ -24,7 +24,9 @@ class FilterConfig(Config):
     """Which candidates are dropped before and by the ROUGE-L check."""
 
     min_words: int = setting(4, "drop instructions with fewer words (3 words or fewer say too little)", ge=1)
-    max_words: int = setting(150, "drop instructions with more words (longer ones are the teacher running on)", ge=1)
+    max_words: int = setting(
+        150, "drop instructions with more words (longer ones are the teacher running on)", ge=1
+    )
     rouge_threshold: float = setting(
         0.7, "drop when ROUGE-L F1 with a seed or an accepted instruction is above this", gt=0, le=1
     )
@@ -61,11 +63,15 @@ def _teacher_sampling() -> GenerationSettings:
 class GenerateConfig(Config):
     seeds: str = setting(REQUIRED, "seed tasks (seed-task format or Alpaca records)", metavar="FILE")
     output: str = setting(REQUIRED, "accepted records, JSONL; resumed from if it exists", metavar="FILE")
-    num_instructions: int = setting(REQUIRED, "stop once this many records are accepted (across resumed runs)", ge=1)
+    num_instructions: int = setting(
+        REQUIRED, "stop once this many records are accepted (across resumed runs)", ge=1
+    )
     seed: int = setting(
         0, "seeds the demonstrations and the teacher's sampling (request k always shows the same 3)", ge=0
     )
-    concurrency: int = setting(1, "requests in flight at once (a server: 8-64; the in-process teacher: 1)", ge=1)
+    concurrency: int = setting(
+        1, "requests in flight at once (a server: 8-64; the in-process teacher: 1)", ge=1
+    )
     teacher_api: Literal["chat", "completions"] | None = setting(
         None,
         "completions continues the prompt as plain text (default in-process: small models follow the layout "
@@ -77,19 +83,28 @@ class GenerateConfig(Config):
         "none sent to a server (not every API takes it)",
         gt=0,
     )
-    price_prompt_usd_per_1m: float = setting(0.0, "USD per million prompt tokens", ge=0, flag="--price-prompt-per-1m")
+    price_prompt_usd_per_1m: float = setting(
+        0.0, "USD per million prompt tokens", ge=0, flag="--price-prompt-per-1m"
+    )
     price_completion_usd_per_1m: float = setting(
         0.0, "USD per million completion tokens", ge=0, flag="--price-completion-per-1m"
     )
     max_cost_usd: float | None = setting(None, "send no new request once this much is spent", gt=0)
-    max_requests: int | None = setting(None, "send no more than this many requests in all (resumed runs count)", ge=1)
-    max_barren_requests: int = setting(100, "stop once this many requests in a row gave no accepted record", ge=1)
+    max_requests: int | None = setting(
+        None, "send no more than this many requests in all (resumed runs count)", ge=1
+    )
+    max_barren_requests: int = setting(
+        100, "stop once this many requests in a row gave no accepted record", ge=1
+    )
     filters: FilterConfig = nested(FilterConfig, "filters")
     engine: EngineConfig = nested(EngineConfig, "teacher")
     # The request seed comes from --seed and the request number; the stop strings belong to the
     # prompt (its numbering); the repetition penalty's default depends on the engine (above).
     generation: GenerationSettings = nested(
-        GenerationSettings, "teacher sampling", _teacher_sampling, exclude=("seed", "stop", "repetition_penalty")
+        GenerationSettings,
+        "teacher sampling",
+        _teacher_sampling,
+        exclude=("seed", "stop", "repetition_penalty"),
     )
 
     @property

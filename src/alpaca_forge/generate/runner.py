@@ -28,7 +28,7 @@ from typing import IO, Any
 from ..core.files import check_output, open_append, read_appended_jsonl, sync, user_paths, write_json_atomic
 from ..core.prompts import Message
 from ..core.records import Record, read_records
-from ..engines import Completion, Engine, open_engine
+from ..engines import Completion, Engine, using_engine
 from .config import GenerateConfig
 from .steps import (
     DEMOS_PER_PROMPT,
@@ -141,29 +141,30 @@ def run(config: GenerateConfig, *, progress: bool = True, engine: Engine | None 
     """Generate until `config.num_instructions` records are in `config.output` (or a limit is
     reached). `engine` reuses an open teacher, which must be the kind `config.engine` names (it
     decides the default API and repetition penalty); else one is opened and closed here."""
-    output = check_output(config.output, inputs=[config.seeds])
-    log_path, summary_path = side_paths(output)
-    for path in (log_path, summary_path):
-        check_output(path, inputs=[config.seeds])
-    seeds = read_records(config.seeds)  # a bad seed file fails before the teacher loads
-    with user_paths():
+    with user_paths():  # an OSError on any of the user's paths is reported, never a traceback
+        output = check_output(config.output, inputs=[config.seeds])
+        log_path, summary_path = side_paths(output)
+        for path in (log_path, summary_path):
+            check_output(path, inputs=[config.seeds])
+        seeds = read_records(config.seeds)  # a bad seed file fails before the teacher loads
         job = _Job(config, seeds, output, log_path, summary_path)
     if job.resumed_with:
-        log.info("resuming: %d records already in %s, %d requests done", job.resumed_with, output, job.tally.requests)
-    own = engine is None
-    engine = engine or open_engine(config.engine, seed=config.seed)
-    try:
-        with user_paths():
-            return job.run(engine, progress)
-    finally:
-        if own:
-            engine.close()
+        log.info(
+            "resuming: %d records already in %s, %d requests done",
+            job.resumed_with,
+            output,
+            job.tally.requests,
+        )
+    with using_engine(config.engine, engine, seed=config.seed) as teacher, user_paths():
+        return job.run(teacher, progress)
 
 
 class _Job:
     """One generate job: resume state -> requests until the target -> summary."""
 
-    def __init__(self, config: GenerateConfig, seeds: list[Record], output: Path, log_path: Path, summary_path: Path):
+    def __init__(
+        self, config: GenerateConfig, seeds: list[Record], output: Path, log_path: Path, summary_path: Path
+    ):
         self.config, self.seeds = config, seeds
         self.output, self.log_path, self.summary_path = output, log_path, summary_path
         self.blacklist = blacklist_pattern(config.filters.blacklist)
@@ -239,7 +240,9 @@ class _Job:
         if t.accepted >= c.num_instructions:
             self._stop(StopReason.DONE, "done")
         elif c.max_cost_usd is not None and t.cost_usd(c) >= c.max_cost_usd:
-            self._stop(StopReason.COST_LIMIT, f"cost limit reached (${t.cost_usd(c):.4f} of ${c.max_cost_usd:g})")
+            self._stop(
+                StopReason.COST_LIMIT, f"cost limit reached (${t.cost_usd(c):.4f} of ${c.max_cost_usd:g})"
+            )
         elif c.max_requests is not None and t.requests + self.in_flight >= c.max_requests:
             self._stop(StopReason.REQUEST_LIMIT, f"request limit reached ({c.max_requests})")
         if self.stop is not None:
@@ -287,7 +290,9 @@ class _Job:
                 barren = 0 if got else barren + 1
                 bar.update(min(got, bar.total - bar.n))
                 t = self.tally
-                bar.set_postfix_str(f"{t.requests} req, ${t.cost_usd(c):.4f}, {t.prompt_tokens + t.completion_tokens} tok")
+                bar.set_postfix_str(
+                    f"{t.requests} req, ${t.cost_usd(c):.4f}, {t.prompt_tokens + t.completion_tokens} tok"
+                )
                 if barren >= c.max_barren_requests and self.stop is None:
                     self._stop(StopReason.BARREN, f"the last {barren} requests gave no acceptable record")
         finally:

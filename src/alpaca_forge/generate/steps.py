@@ -159,7 +159,9 @@ def blacklist_pattern(words: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile(rf"\b(?:{'|'.join(re.escape(w) for w in words)})\b", re.IGNORECASE)
 
 
-def filter_reason(instruction: str, config: FilterConfig, blacklist: re.Pattern[str] | None = None) -> str | None:
+def filter_reason(
+    instruction: str, config: FilterConfig, blacklist: re.Pattern[str] | None = None
+) -> str | None:
     """Why a candidate instruction is dropped (one of FILTERS), or None if it passes.
     `blacklist` is `blacklist_pattern(config.blacklist)`, compiled once by the caller."""
     words = len(instruction.split())

@@ -20,7 +20,7 @@ from ..core.errors import UserError
 from ..core.files import check_output, open_append, read_appended_jsonl, sync
 from ..core.prompts import Message
 from ..core.records import Record, read_records
-from ..engines import Engine, open_engine
+from ..engines import Engine, using_engine
 from .config import InferConfig
 
 
@@ -80,13 +80,8 @@ def run(config: InferConfig, *, progress: bool = True, engine: Engine | None = N
     records = read_records(config.input, require_output=False)  # bad input fails before the model loads
     if config.limit is not None:
         records = records[: config.limit]
-    own = engine is None
-    engine = engine or open_engine(config.engine, seed=config.generation.seed)
-    try:
+    with using_engine(config.engine, engine, seed=config.generation.seed) as engine:
         return _answer(config, engine, records, output, progress)
-    finally:
-        if own:
-            engine.close()
 
 
 def _answer(

@@ -135,5 +135,3 @@ class TokenCounts:
     def padding_share(self) -> float:
         total = self.real + self.padding
         return self.padding / total if total else 0.0
-
-

@@ -167,4 +167,3 @@ def tensorboard_callback(folder: Path) -> Any:
     from transformers.integrations import TensorBoardCallback
 
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
-

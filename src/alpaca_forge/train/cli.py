@@ -24,9 +24,16 @@ examples:
 
 def register(sub: Any) -> None:
     p = add_command(
-        sub, "train", "supervised fine-tuning: full, LoRA or QLoRA; packed batches; resumable", DESCRIPTION, TrainConfig, _main
+        sub,
+        "train",
+        "supervised fine-tuning: full, LoRA or QLoRA; packed batches; resumable",
+        DESCRIPTION,
+        TrainConfig,
+        _main,
     )
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last complete checkpoint in --output"
+    )
 
 
 def _main(config: TrainConfig, args: Any) -> int:

@@ -44,16 +44,21 @@ class TrainConfig(Config):
     max_steps: int = setting(-1, "stop after this many optimiser steps (-1: run the epochs)", ge=-1)
     batch_size: int = setting(4, "items per device per forward pass (packed: rows)", ge=1)
     global_batch_size: int | None = setting(
-        None, "items per optimiser step over all devices; sets gradient accumulation (the original: 128)", ge=1
+        None,
+        "items per optimiser step over all devices; sets gradient accumulation (the original: 128)",
+        ge=1,
     )
-    gradient_accumulation: int = setting(1, "forward passes per optimiser step (if no global batch size)", ge=1)
+    gradient_accumulation: int = setting(
+        1, "forward passes per optimiser step (if no global batch size)", ge=1
+    )
     learning_rate: float | None = setting(None, "peak learning rate (default: 2e-5 full, 2e-4 LoRA)", gt=0)
     lr_schedule: Schedule = setting("cosine", "learning-rate schedule")
     warmup_ratio: float = setting(0.03, "share of steps warming the learning rate up", ge=0, lt=1)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0: no clipping)", ge=0)
     dtype: Dtype = setting(  # type: ignore[valid-type]
-        "auto", "auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16 (CUDA, loss-scaled)"
+        "auto",
+        "auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16 (CUDA, loss-scaled)",
     )
     seed: int = setting(42, "seeds initialisation, data order, dropout and the --val-size split", ge=0)
     gradient_checkpointing: bool = setting(False, "trade compute for memory")
@@ -75,7 +80,11 @@ class TrainConfig(Config):
 
     def check(self) -> Iterator[tuple[str, str, str]]:
         if self.val and self.val_size:
-            yield "val_size", "both a validation file and a validation size given", "use --val FILE or --val-size N, not both"
+            yield (
+                "val_size",
+                "both a validation file and a validation size given",
+                "use --val FILE or --val-size N, not both",
+            )
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             yield (
                 "val_size",
@@ -91,7 +100,11 @@ class TrainConfig(Config):
         if not self.lora_targets or not all(t.strip() for t in self.lora_targets):
             yield "lora_targets", "no LoRA target named", "e.g. --lora-targets q_proj,v_proj, or all-linear"
         if self.merge and self.method == "full":
-            yield "merge", "--merge merges a LoRA adapter, but --method full trains no adapter", "drop --merge, or use --method lora"
+            yield (
+                "merge",
+                "--merge merges a LoRA adapter, but --method full trains no adapter",
+                "drop --merge, or use --method lora",
+            )
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:

@@ -110,6 +110,7 @@ def train(trainer: Any, prep: Prepared) -> None:
     if is_main_process():
         remove_incomplete(prep.output)
     hf_logging.disable_progress_bar()  # no "writing shards" bar at every checkpoint
-    with write_failures(f"{prep.output}: a write failed during training", "the last complete checkpoint is intact"):
+    with write_failures(
+        f"{prep.output}: a write failed during training", "the last complete checkpoint is intact"
+    ):
         trainer.train(resume_from_checkpoint=str(prep.resume_from) if prep.resume_from else None)
-

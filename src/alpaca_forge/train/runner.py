@@ -33,7 +33,9 @@ class TrainResult:
     tokens: int  # real (unpadded) tokens this run trained on, all processes
     trained_tokens: int  # of those, the ones that carried loss
     summary: dict[str, Any]  # everything, as written to train_summary.json
-    model: Any = field(default=None, repr=False, compare=False)  # the trained model, in memory, on this process
+    model: Any = field(
+        default=None, repr=False, compare=False
+    )  # the trained model, in memory, on this process
 
 
 def run(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:

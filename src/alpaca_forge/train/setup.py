@@ -72,23 +72,31 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
     if added_pad:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     eos_id(tokenizer)  # no EOS: an error now, not a model that never learns to stop
-    examples, report = tokenize_records(train_records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs)
+    examples, report = tokenize_records(
+        train_records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs
+    )
     if not examples:
         raise UserError(
             f"{config.data}: no record fits the window of {config.max_seq_len} tokens ({report.summary()})",
             "raise --max-seq-len, or shorten the prompts",
         )
     log.info("data: %s", report.summary())
-    val_examples, val_report = tokenize_records(val_records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs)
+    val_examples, val_report = tokenize_records(
+        val_records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs
+    )
     if val_records and not val_examples:
-        raise UserError(f"no validation record fits the window of {config.max_seq_len} tokens", "raise --max-seq-len")
+        raise UserError(
+            f"no validation record fits the window of {config.max_seq_len} tokens", "raise --max-seq-len"
+        )
 
     model = load_model(config, autocast)
     if config.method == "qlora":
         facts["layers_in_4bit"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if added_pad:
         add_pad_embedding(model, tokenizer)
-        log.info("the tokenizer had no pad token: added <pad>, its embedding the mean of the others (as the original)")
+        log.info(
+            "the tokenizer had no pad token: added <pad>, its embedding the mean of the others (as the original)"
+        )
     if config.method in ("lora", "qlora"):
         model = wrap_lora(model, config)
     if config.gradient_checkpointing:
@@ -300,4 +308,3 @@ def check_disk(output: Path, needed: int, keep: int) -> None:
             f"({keep} kept + 1 being written + the final model, {needed / 1e9:.2f} GB each)",
             "free some space, point --output at a larger disk, or lower --save-total-limit",
         )
-

@@ -1,0 +1,233 @@
+"""`alpaca-forge data TOOL` on the command line: one subcommand per tool, flags from its config."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ..core.cli import add_command, say
+from . import config as c
+from .tools import CHECK_NAMES
+
+CHECKS = ", ".join(CHECK_NAMES)
+
+TOOLS = [
+    (
+        "validate",
+        "check every record; report every problem with file, line and field",
+        """\
+Check every record (instruction, input, output) and report every problem at once, with file,
+line (or array index) and field, and a fix. Exit status 2 if any.
+
+example:
+  alpaca-forge data validate alpaca_data.json more.jsonl""",
+        c.ValidateConfig,
+    ),
+    (
+        "stats",
+        "counts, share with input, length histograms (PNG)",
+        """\
+Print counts, the share of records with an input, word-length summaries and the most common
+first words, and write them as JSON (--json); then draw length histograms as a PNG (needs
+matplotlib: without it the default picture is skipped, and an explicit --plot is an error).
+
+example:
+  alpaca-forge data stats data.jsonl --plot data.lengths.png --json data.stats.json""",
+        c.StatsConfig,
+    ),
+    (
+        "quality",
+        "report likely problems: refusals, truncation, leftovers, duplicates ...",
+        f"""\
+Run every quality check ({CHECKS}) and report counts and examples.
+
+example:
+  alpaca-forge data quality data.jsonl --report quality.json""",
+        c.QualityConfig,
+    ),
+    (
+        "clean",
+        "remove what `quality` flags (checks configurable)",
+        """\
+Remove every record flagged by the chosen quality checks (only those run: near_duplicate, the
+costly one, only when chosen); the removed ones are written beside the output with the checks
+that flagged them.
+
+example:
+  alpaca-forge data clean data.jsonl --output clean.jsonl --checks refusal,empty_output,near_duplicate""",
+        c.CleanConfig,
+    ),
+    (
+        "dedupe",
+        "drop near-duplicates by ROUGE-L (exact, greedy in file order)",
+        """\
+Keep each record unless its ROUGE-L F1 with an earlier kept record is above the threshold
+(self-instruct's filter; scores identical to the rouge-score package). Writes the kept records,
+and the dropped ones with the record each collided with.
+
+example:
+  alpaca-forge data dedupe data.jsonl --output data.dedup.jsonl --threshold 0.7""",
+        c.DedupeConfig,
+    ),
+    (
+        "split",
+        "seeded train/validation split",
+        """\
+Split a dataset into DIR/train.jsonl and DIR/val.jsonl, at random but seeded; both keep the
+file's order. The same split as `train --val-size` makes for the same seed and size.
+
+example:
+  alpaca-forge data split data.jsonl --output-dir splits --val-size 0.05""",
+        c.SplitConfig,
+    ),
+    (
+        "convert",
+        "Alpaca <-> chat messages <-> seed-task format",
+        """\
+Rewrite a dataset in another format. Input may be Alpaca records, chat `messages` (one exchange
+each), or seed/evaluation tasks; output is the --to format.
+
+example:
+  alpaca-forge data convert alpaca_data.json --to messages --output chat.jsonl""",
+        c.ConvertConfig,
+    ),
+    (
+        "tokenize",
+        "write the exact input_ids and labels training will use; --show prints masked vs trained",
+        """\
+Tokenise records exactly as `train` does (prompt format, masking, truncation that keeps the EOS)
+and write one JSON line per example, in input order, with input_ids and labels (-100 = masked,
+not learnt). --show N prints N examples with masked text dimmed (or in ⟦brackets⟧ when not a
+terminal) and trained text bright, to check masking before paying for GPUs.
+
+example:
+  alpaca-forge data tokenize --model smollm2-135m-instruct train.jsonl --output ids.jsonl --show 2""",
+        c.TokenizeConfig,
+    ),
+]
+
+
+def register(sub: Any) -> None:
+    names = ", ".join(name for name, *_ in TOOLS)
+    data = add_command(
+        sub,
+        "data",
+        f"tools over Alpaca datasets: {names}",
+        "Tools over Alpaca datasets (.json array or .jsonl, .gz too). Run `alpaca-forge data TOOL --help`.",
+        None,
+        lambda config, args: _no_tool(data),
+    )
+    tools = data.add_subparsers(dest="tool", metavar="TOOL", help="one of the tools below")
+    for name, summary, description, config in TOOLS:
+        add_command(tools, name, summary, description, config, HANDLERS[name])
+
+
+def _no_tool(parser: Any) -> int:
+    parser.print_help()
+    return 2  # as for a command line without a command
+
+
+def _validate(config: c.ValidateConfig, args: Any) -> int:
+    from .runner import run_validate
+
+    for path, count in run_validate(config).records.items():
+        print(f"{path}: {count} records, all valid")
+    return 0
+
+
+def _stats(config: c.StatsConfig, args: Any) -> int:
+    from .runner import run_stats
+
+    r = run_stats(config, echo=print)
+    if r.json_path:
+        say("numbers: %s", r.json_path)
+    if r.plot:
+        say("histograms: %s", r.plot)
+    else:
+        say("histograms skipped: matplotlib is not installed (pip install 'alpaca-forge[plot]')")
+    return 0
+
+
+def _quality(config: c.QualityConfig, args: Any) -> int:
+    from .runner import run_quality
+
+    r = run_quality(config, progress=not args.quiet)
+    print(f"{r.report['records']} records checked")
+    for name, found in r.report["checks"].items():
+        print(f"  {name:<20} {found['count']:>7}")
+        for ex in found["examples"]:
+            snippet = (ex["instruction"] + " -> " + ex["output"]).replace("\n", " ")[:110]
+            print(f"      [{ex['index']}] {snippet}")
+    if r.report_path:
+        say("report: %s", r.report_path)
+    return 0
+
+
+def _clean(config: c.CleanConfig, args: Any) -> int:
+    from .runner import run_clean
+
+    r = run_clean(config, progress=not args.quiet)
+    say(
+        "kept %d of %d records -> %s; %d removed -> %s",
+        r.kept,
+        r.kept + r.removed,
+        r.output,
+        r.removed,
+        r.removed_path,
+    )
+    return 0
+
+
+def _dedupe(config: c.DedupeConfig, args: Any) -> int:
+    from .runner import run_dedupe
+
+    r = run_dedupe(config, progress=not args.quiet)
+    say(
+        "kept %d of %d records (%d dropped, ROUGE-L F1 > %s on %s) in %.1f s",
+        r.kept,
+        r.records,
+        r.dropped,
+        config.threshold,
+        config.key,
+        r.elapsed_s,
+    )
+    say("kept: %s; dropped, each with its duplicate: %s", r.output, r.dropped_path)
+    return 0
+
+
+def _split(config: c.SplitConfig, args: Any) -> int:
+    from .runner import run_split
+
+    r = run_split(config)
+    say("%d training records -> %s; %d validation records -> %s", r.train, r.train_path, r.val, r.val_path)
+    return 0
+
+
+def _convert(config: c.ConvertConfig, args: Any) -> int:
+    from .runner import run_convert
+
+    r = run_convert(config)
+    say("%d records -> %s (%s format)", r.records, r.output, config.to)
+    return 0
+
+
+def _tokenize(config: c.TokenizeConfig, args: Any) -> int:
+    from .runner import run_tokenize
+
+    r = run_tokenize(config, color=sys.stdout.isatty())
+    for text in r.shown:
+        print(text)
+    say("%s (format: %s)%s", r.summary, r.format, f"; written to {r.output}" if r.output else "")
+    return 0
+
+
+HANDLERS = {
+    "validate": _validate,
+    "stats": _stats,
+    "quality": _quality,
+    "clean": _clean,
+    "dedupe": _dedupe,
+    "split": _split,
+    "convert": _convert,
+    "tokenize": _tokenize,
+}
