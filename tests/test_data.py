@@ -83,8 +83,8 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     assert_user_error(r, "holds out 100 of 100 records, leaving nothing to train on")
 
 
-def test_convert_between_the_three_formats(tmp_path, shared_data):
-    seeds = shared_data / "seed_tasks.jsonl"
+def test_convert_between_the_three_formats(tmp_path, dataset):
+    seeds = dataset.seed_file
     assert (
         run_cli(
             "data", "convert", str(seeds), "--to", "messages", "--output", str(tmp_path / "chat.jsonl")
@@ -210,9 +210,9 @@ def test_stats_prints_numbers_and_draws_a_png(tmp_path):
     assert "9 records; 2 with input" in r.stdout
 
 
-def test_predictions_read_their_response_as_output(shared_data):
-    records = read_records(shared_data / "eval" / "predictions" / "text-davinci-003.jsonl")
-    assert len(records) == 252 and all(r.output for r in records)
+def test_predictions_read_their_response_as_output(dataset):
+    records = read_records(dataset.predictions)
+    assert len(records) == dataset.evals and all(r.output for r in records)
 
 
 def test_split_is_the_one_seeded_split_train_uses(tmp_path):

@@ -186,11 +186,11 @@ def test_pool_scores_are_rouge_l():
     assert pool.scores(query).tolist() == [rouge_l(query, t) for t in texts]
 
 
-def test_the_embedded_model_as_teacher(tmp_path, shared_data):
+def test_the_embedded_model_as_teacher(tmp_path, dataset):
     """SmolLM2 writes messy tasks; the parser copes and the run ends on its own."""
     out = tmp_path / "smol.jsonl"
     r = run_cli(
-        "generate", "--seeds", str(shared_data / "seed_tasks.jsonl"), "--output", str(out),
+        "generate", "--seeds", str(dataset.seed_file), "--output", str(out),
         "--num-instructions", "5", "--max-requests", "2", "--max-new-tokens", "160",
         env={"HF_HUB_OFFLINE": "1"}, timeout=600,
     )  # fmt: skip

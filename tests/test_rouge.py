@@ -37,28 +37,26 @@ TRICKY = [
 ]
 
 
-def _short_texts(shared_data):
-    """The 175 seed and 252 evaluation instructions: real, short, Alpaca-like."""
-    paths = [shared_data / "seed_tasks.jsonl", shared_data / "eval" / "user_oriented_instructions.jsonl"]
-    return [r.instruction for p in paths for r in read_records(p)]
+def _short_texts(dataset):
+    """The seed and evaluation instructions (175 and 252 of them in the real data): short, Alpaca-like."""
+    return [r.instruction for p in (dataset.seed_file, dataset.eval_file) for r in read_records(p)]
 
 
-def test_tokens_match_rouge_score(shared_data):
+def _corpus_head(dataset, n=2000):
     import gzip
 
-    with gzip.open(shared_data / "corpus" / "t0_55k.alpaca.jsonl.gz", "rt") as f:
-        corpus = [json.loads(next(f))["instruction"] for _ in range(2000)]
-    for text in TRICKY + _short_texts(shared_data) + corpus:
+    with gzip.open(dataset.corpus, "rt") as f:
+        return [json.loads(line)["instruction"] for line, _ in zip(f, range(n), strict=False)]
+
+
+def test_tokens_match_rouge_score(dataset):
+    for text in TRICKY + _short_texts(dataset) + _corpus_head(dataset):
         assert rouge_tokens(text) == rs_tokenize.tokenize(text, None), text
 
 
-def test_corpus_tokenizer_names_the_same_tokens(shared_data):
+def test_corpus_tokenizer_names_the_same_tokens(dataset):
     """The vectorised tokenizer gives each text rouge-score's tokens: equal ids <=> equal tokens."""
-    import gzip
-
-    with gzip.open(shared_data / "corpus" / "t0_55k.alpaca.jsonl.gz", "rt") as f:
-        corpus = [json.loads(next(f))["instruction"] for _ in range(2000)]
-    texts = TRICKY + _short_texts(shared_data) + corpus + TRICKY
+    texts = TRICKY + _short_texts(dataset) + _corpus_head(dataset) + TRICKY
     ids, ptr = tokenize_corpus(texts)
     names: dict[int, str] = {}
     for k, text in enumerate(texts):
@@ -92,9 +90,9 @@ def test_token_strings_skip_the_surrogates():
         assert LCSseq.similarity(sa, sb) == LCSseq.similarity(a, b)
 
 
-def test_f1_matches_rouge_score_bit_for_bit(shared_data):
+def test_f1_matches_rouge_score_bit_for_bit(dataset):
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    texts = _short_texts(shared_data) + TRICKY
+    texts = _short_texts(dataset) + TRICKY
     rnd = random.Random(0)
     pairs = [(rnd.choice(texts), rnd.choice(texts)) for _ in range(3000)] + [(t, t) for t in texts[:50]]
     for a, b in pairs:
@@ -145,9 +143,9 @@ def test_greedy_dedupe_is_exact_on_near_duplicates(threshold):
     assert greedy_dedupe(texts, threshold)[0] == expected
 
 
-def test_greedy_dedupe_matches_the_rouge_score_reference(shared_data):
+def test_greedy_dedupe_matches_the_rouge_score_reference(dataset):
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    texts = _short_texts(shared_data)[:260]
+    texts = (_short_texts(dataset) + _corpus_head(dataset, 400))[:260]
     for threshold in (0.35, 0.7):
         expected = _brute_force_greedy(texts, threshold, lambda a, b: scorer.score(a, b)["rougeL"].fmeasure)
         assert greedy_dedupe(texts, threshold)[0] == expected
