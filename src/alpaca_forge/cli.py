@@ -15,17 +15,17 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .core.cli import HelpFormatter
+from .core.cli import ArgumentParser, HelpFormatter
 from .core.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # In the order `--help` lists them: the path of the data, seed task to served answer.
-STAGES = ("generate", "data", "train", "prompt", "chat", "infer")  # WIP
+STAGES = ("generate", "data", "train", "prompt", "chat", "infer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="alpaca-forge",
         description="Make instruction-following models the Stanford Alpaca way, offline-first.",
         epilog="Run `alpaca-forge COMMAND --help` for each command's flags and an example.",
@@ -71,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # told by the command they were given to, so the fix names its --help
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USER_ERROR

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
-from typing import Any, get_origin
+from typing import Any, NoReturn, get_origin
 
 from .config import REQUIRED, Leaf, base_type, build_config, choices_of, leaves, shown_default
 
@@ -20,6 +20,14 @@ Handler = Callable[[Any, argparse.Namespace], int]
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the examples' line breaks."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own errors (a misspelt command or flag, a flag without its value) in the form
+    every other mistake takes: the message and a fix, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n  fix: `{self.prog} --help` lists what it takes\n")
 
 
 def say(message: str, *args: object) -> None:
@@ -125,5 +133,5 @@ def add_command(
     def run(args: argparse.Namespace) -> int:
         return handler(config_from_args(config, args) if config is not None else None, args)
 
-    p.set_defaults(run=run, config_class=config)
+    p.set_defaults(run=run, config_class=config, command_parser=p)
     return p

@@ -363,9 +363,17 @@ def read_yaml_settings(
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as e:
         raise UserError(f"{p}: cannot read the config ({e.strerror})", "check the path") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x})",
+            f"save the config as UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > fixed.yaml`",
+        ) from e
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as e:

@@ -159,27 +159,48 @@ def read_appended_jsonl(
     """(line number, row) for each line of a file that `command` appends to, to resume from.
 
     A last line cut off by a kill in mid-write is removed from the file (its record is redone);
-    any other line that is not a JSON object with the `required` string fields stops the run.
+    any other line that is not a JSON object with the `required` string fields stops the run,
+    before anything is removed: a file that is not ours is left as it was.
     """
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
+    keep = data.rfind(b"\n") + 1  # past it: a last line without its newline
     rows = []
-    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    # Split on "\n" alone: rows hold text with other line breaks (U+2028, NEL) unescaped.
+    lines = data[:keep].decode("utf-8", errors="replace").split("\n")[:-1]
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            ok = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in required)
-        except json.JSONDecodeError:
-            ok = False
-        if not ok:
+        row = _appended_row(line, required)
+        if row is None:
             raise UserError(f"{path}:{lineno}: not a line that `alpaca-forge {command}` wrote", fix)
         rows.append((lineno, row))
+    tail = data[keep:].decode("utf-8", errors="replace")
+    if tail.strip() and not _cut_off_row(tail, required):
+        raise UserError(f"{path}:{len(lines) + 1}: not a line that `alpaca-forge {command}` wrote", fix)
+    if tail:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
     return rows
+
+
+def _appended_row(line: str, required: Sequence[str]) -> dict[str, Any] | None:
+    """The row a line holds, or None when it is not a JSON object with the `required` strings."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in required)
+    return row if ok else None
+
+
+def _cut_off_row(tail: str, required: Sequence[str]) -> bool:
+    """Whether a last line without its newline is one of ours that a kill cut short: the start
+    of a JSON object (as every row is written), or a whole row whose newline did not make it."""
+    try:
+        json.loads(tail)
+    except json.JSONDecodeError:
+        return tail.lstrip().startswith("{")
+    return _appended_row(tail, required) is not None

@@ -359,12 +359,27 @@ def _dense_dir_for_gguf(gguf: Path) -> Path | tuple[Any, Any]:
 # Loading
 
 
-def _from_pretrained(location: str, *, hub: bool, **model_kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tokenizer_from(location: str) -> Any:
+    """The tokenizer saved in a model folder (or cached for a hub id), or an error naming it."""
+    from transformers import AutoTokenizer
 
     try:
+        return AutoTokenizer.from_pretrained(location, local_files_only=hub_offline())
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{location}: no tokenizer can be loaded from it ({' '.join(str(e).split())[:300]})",
+            "a model folder holds its tokenizer files (tokenizer.json, tokenizer_config.json) beside the "
+            "weights, as save_pretrained writes them: copy them in too",
+        ) from e
+
+
+def _from_pretrained(location: str, *, hub: bool, **model_kwargs: Any) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _tokenizer_from(location)
+    try:
         with _no_hf_progress_bars():  # a dense load takes about a second: no bar needed
-            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=hub_offline())
             model = AutoModelForCausalLM.from_pretrained(
                 location, local_files_only=hub_offline(), **model_kwargs
             )
@@ -373,6 +388,11 @@ def _from_pretrained(location: str, *, hub: bool, **model_kwargs: Any) -> tuple[
         raise UserError(
             f"cannot load the model from {what} ({str(e).splitlines()[0]})",
             "check that the folder holds a complete model (config.json, weights, tokenizer files)",
+        ) from e
+    except SafetensorError as e:
+        raise UserError(
+            f"{location}: the weights cannot be read ({e})",
+            "they are cut off or damaged (an interrupted copy or save?): copy or save the model again",
         ) from e
     except ValueError as e:
         raise UserError(
@@ -399,11 +419,10 @@ def merge_adapter(folder: Path) -> tuple[Any, Any]:
     merge path, used to load an adapter for inference and by `train --merge`. (Merging into a
     4-bit base would quantise the update away and need bitsandbytes to load.)"""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     base, _, _ = load_pretrained(adapter_base(folder))
     base = base.float()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = _tokenizer_from(str(folder))
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
@@ -412,15 +431,11 @@ def merge_adapter(folder: Path) -> tuple[Any, Any]:
 
 def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
     """Only the tokenizer of a model (fast: no weights are read once a GGUF is cached)."""
-    from transformers import AutoTokenizer
-
     source = resolve_model(spec)
     if source.kind in ("gguf", "builtin"):
         found = _dense_dir_for_gguf(Path(source.location))
-        return found[1] if isinstance(found, tuple) else AutoTokenizer.from_pretrained(str(found))
-    if source.kind == "adapter":
-        return AutoTokenizer.from_pretrained(source.location)
-    return AutoTokenizer.from_pretrained(source.location, local_files_only=hub_offline())
+        return found[1] if isinstance(found, tuple) else _tokenizer_from(str(found))
+    return _tokenizer_from(source.location)
 
 
 def saved_format_of(spec: str) -> PromptFormat | None:

@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import random
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,34 @@ def _decode_line(raw: bytes, where: str, problems: list[Problem]) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+# What reading a damaged file raises: a cut-off gzip stream (EOFError), a corrupt one (zlib.error,
+# or gzip's OSError on a bad header or checksum), a failing disk (OSError).
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _read_error(path: Path, e: BaseException) -> UserError:
+    if isinstance(e, EOFError):
+        return UserError(
+            f"{path}: the compressed file ends early: it is cut off",
+            "the file was truncated while being written or copied; regenerate or re-copy it",
+        )
+    return UserError(f"{path}: cannot be read ({e})", "check that the file is not damaged")
+
+
+def _lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
+    """The file's lines, a read that fails part way through reported as the user's problem."""
+    try:
+        yield from f
+    except _READ_ERRORS as e:
+        raise _read_error(path, e) from e
+
+
 def _first_char(path: Path) -> str:
     with _open_binary(path) as f:
         try:
             head = f.read(4096)
-        except (OSError, EOFError) as e:
-            raise UserError(f"{path}: cannot be read ({e})", "check that the file is not damaged") from e
+        except _READ_ERRORS as e:
+            raise _read_error(path, e) from e
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     return text[:1]
 
@@ -109,7 +132,7 @@ def iter_json_items(path: str | os.PathLike, problems: list[Problem]) -> Iterato
 
 def _iter_jsonl(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_lines(f, path), start=1):
             where = f"{path}:{lineno}"
             text = _decode_line(raw, where, problems).rstrip("\r\n")
             if lineno == 1:
@@ -141,7 +164,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
     index = 0
     state = "open"  # open -> item -> sep -> item ... -> done
     with _open_binary(path) as f:
-        lines = iter(f)
+        lines = _lines(f, path)
         eof = False
 
         def more() -> bool:

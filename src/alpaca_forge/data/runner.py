@@ -167,6 +167,11 @@ def run_dedupe(config: DedupeConfig, *, progress: bool = True) -> DedupeResult:
         flag="--dropped" if config.dropped else "--output",
         inputs=[config.file],
     )
+    if dropped_path.resolve() == output.resolve():
+        raise UserError(
+            f"--dropped {dropped_path}: is the --output file too; the dropped records would replace the kept ones",
+            f"give --dropped another file, or leave it out (then: {dropped_path_for(output)})",
+        )
     records = read_records(config.file, require_output=False)
     start = time.perf_counter()
     with _bar(len(records), "dedupe", progress) as bar:

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from ..core.config import Config, setting
 from ..core.models import DEFAULT_MODEL, DTYPES
@@ -76,18 +77,33 @@ class EngineConfig(Config):
                     "--format applies to --engine transformers; a server renders prompts with its own template",
                     "drop --format",
                 )
-            if self.base_url and not self.base_url.startswith(("http://", "https://")):
-                yield (
-                    "base_url",
-                    f"--base-url {self.base_url!r} is not an http(s) URL",
-                    "e.g. --base-url http://127.0.0.1:8000/v1",
-                )
+            if self.base_url:
+                problem = _url_problem(self.base_url)
+                if problem:
+                    yield (
+                        "base_url",
+                        f"--base-url {self.base_url!r} {problem}",
+                        "e.g. --base-url http://127.0.0.1:8000/v1",
+                    )
         elif self.base_url:
             yield (
                 "base_url",
                 "--base-url is for --engine openai; the transformers engine runs the model in this process",
                 "add --engine openai, or drop --base-url",
             )
+
+
+def _url_problem(url: str) -> str | None:
+    """What keeps `url` from being a server's address (checked here: the HTTP client would
+    fail on it mid-run, with its own exception)."""
+    if not url.startswith(("http://", "https://")):
+        return "is not an http(s) URL"
+    try:
+        parts = urlsplit(url)
+        host, _port = parts.hostname, parts.port  # .port raises on one that is not a number
+    except ValueError as e:
+        return f"is not a valid URL ({e})"
+    return None if host else "names no host"
 
 
 def open_engine(cfg: EngineConfig, *, seed: int = 0) -> Engine:

@@ -1,9 +1,9 @@
 """Setup: everything before the first step, in the order it can fail, cheapest first.
 
-output folder and resume -> precision -> records (and the validation split) -> tokenizer, prompt
-format, examples -> model (fp32 master weights, or a 4-bit base for QLoRA) -> LoRA wrap -> disk
-space -> datasets and collator. A mistake in the data shows before a model is loaded, and nothing
-is trained before every check has passed.
+output folder and resume -> precision -> gradient accumulation -> records (and the validation
+split) -> tokenizer, prompt format, examples -> model (fp32 master weights, or a 4-bit base for
+QLoRA) -> LoRA wrap -> disk space -> datasets and collator. A mistake in the data shows before a
+model is loaded, and nothing is trained before every check has passed.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
     device, autocast = training_precision(config.dtype)
     if config.method == "qlora":
         check_qlora(device)
+    accumulation = gradient_accumulation(config, world_size())
 
     train_records, val_records = read_data(config)
     facts: dict[str, Any] = {
@@ -107,7 +108,6 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
 
     train_set = SFTDataset(examples, config.batching, config.max_seq_len)
     val_set = SFTDataset(val_examples, config.batching, config.max_seq_len) if val_examples else None
-    accumulation = gradient_accumulation(config, world_size())
     facts.update(
         {
             "prompt_format": fmt.to_dict(),
@@ -179,8 +179,9 @@ def gradient_accumulation(config: TrainConfig, processes: int) -> int:
     if config.global_batch_size % per_step:
         nearest = per_step * max(1, round(config.global_batch_size / per_step))
         raise UserError(
-            f"global batch {config.global_batch_size} is not a multiple of batch_size x processes = {per_step}",
-            f"use a global batch size that {per_step} divides, e.g. {nearest}",
+            f"--global-batch-size {config.global_batch_size} is not a multiple of --batch-size x processes "
+            f"= {config.batch_size} x {processes} = {per_step}",
+            f"use a --global-batch-size that {per_step} divides, e.g. {nearest}",
         )
     return config.global_batch_size // per_step
 
@@ -255,7 +256,7 @@ def check_lora_targets(model: Any, targets: tuple[str, ...]) -> list[str] | str:
     unknown = [t for t in targets if t not in known]
     if unknown:
         raise UserError(
-            f"LoRA targets {', '.join(unknown)} match no linear layer of this model",
+            f"--lora-targets {','.join(unknown)}: no linear layer of this model has that name",
             f"use all-linear or names from: {', '.join(sorted(known))}",
         )
     return list(targets)
