@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any, Literal, get_args, get_origin
 from .errors import Problem, UserError, ValidationError
 
 REQUIRED: Any = dataclasses.MISSING  # a setting with no default: the user must give it
-Path_ = tuple[str, ...]  # a field's place in a nested config, e.g. ("engine", "model")
+FieldPath = tuple[str, ...]  # a field's place in a nested config, e.g. ("engine", "model")
 
 
 def setting(
@@ -111,7 +112,7 @@ def _json(value: Any) -> Any:
 class Leaf:
     """One setting as the command line and a YAML file see it."""
 
-    path: Path_
+    path: FieldPath
     field: dataclasses.Field
     type: Any
     default: Any  # REQUIRED when there is none
@@ -142,7 +143,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def leaves(cls: type, prefix: Path_ = (), defaults: Any = None) -> list[Leaf]:
+def leaves(cls: type, prefix: FieldPath = (), defaults: Any = None) -> list[Leaf]:
     """Every setting of `cls`, nested configs expanded, with its default."""
     out = []
     for f in dataclasses.fields(cls):
@@ -179,7 +180,7 @@ def _leaf_index(cls: type) -> dict[str, Leaf]:
 def base_type(t: Any) -> Any:
     """`int | None` -> int; `tuple[str, ...]` -> tuple; a Literal stays a Literal."""
     args = [a for a in get_args(t) if a is not type(None)]
-    if get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1:
         return base_type(args[0])
     return t
 
@@ -220,7 +221,7 @@ def _plain(value: Any) -> Any:
     return getattr(value, "value", value) if hasattr(value, "_value_") else value
 
 
-def _python_where(cls: type) -> Callable[[Path_], str]:
+def _python_where(cls: type) -> Callable[[FieldPath], str]:
     """Problems name a setting by its flag, the one spelling users see in --help and errors."""
     flags = {leaf.path: leaf.flag for leaf in leaves(cls)}
     return lambda path: flags.get(path, ".".join(path))
@@ -278,7 +279,10 @@ def _fix_for(leaf: Leaf | None, where: str) -> str:
 
 
 def _validate(
-    cls: type, values: dict[str, Any], origins: dict[Path_, str], default_where: Callable[[Path_], str]
+    cls: type,
+    values: dict[str, Any],
+    origins: dict[FieldPath, str],
+    default_where: Callable[[FieldPath], str],
 ) -> tuple[dict[str, Any], list[Problem]]:
     """Coerced values and every problem, each named by where its value came from."""
     import pydantic
@@ -337,7 +341,7 @@ def _instance(cls: type, data: dict[str, Any]) -> Any:
 # From flags and YAML
 
 
-def _set(tree: dict[str, Any], path: Path_, value: Any) -> None:
+def _set(tree: dict[str, Any], path: FieldPath, value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -357,7 +361,7 @@ def _defaults_tree(cls: type) -> dict[str, Any]:
 
 def read_yaml_settings(
     cls: type, path: str | os.PathLike
-) -> tuple[dict[Path_, Any], dict[Path_, str], list[Problem]]:
+) -> tuple[dict[FieldPath, Any], dict[FieldPath, str], list[Problem]]:
     """The settings a YAML file gives, each with its file:line; unknown keys are problems."""
     import yaml
 
@@ -382,8 +386,8 @@ def read_yaml_settings(
         raise UserError(
             f"{where}: not valid YAML ({getattr(e, 'problem', e)})", "fix the syntax at that line"
         ) from e
-    values: dict[Path_, Any] = {}
-    origins: dict[Path_, str] = {}
+    values: dict[FieldPath, Any] = {}
+    origins: dict[FieldPath, str] = {}
     problems: list[Problem] = []
     if root is None:
         return values, origins, problems
@@ -392,7 +396,7 @@ def read_yaml_settings(
     index = _leaf_index(cls)
     sections = {f.name: _hints(cls)[f.name] for f in dataclasses.fields(cls) if _is_nested(f)}
 
-    def take(node: Any, scope: type, prefix: Path_) -> None:
+    def take(node: Any, scope: type, prefix: FieldPath) -> None:
         names = {
             leaf.path[len(prefix)]: leaf
             for leaf in leaves(scope, prefix)
@@ -427,7 +431,7 @@ def build_config(cls: type, flags: Mapping[str, Any], file: str | os.PathLike | 
     """Defaults, then the YAML `file`, then `flags` (by field name; flags win). Every problem in
     any of them is reported at once, each with its flag or file:line."""
     tree = _defaults_tree(cls)
-    origins: dict[Path_, str] = {}
+    origins: dict[FieldPath, str] = {}
     problems: list[Problem] = []
     if file:
         values, origins, problems = read_yaml_settings(cls, file)
