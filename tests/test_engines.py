@@ -224,7 +224,16 @@ def test_infer_gives_the_same_answers_on_both_engines(tmp_path, tiny_model_dir, 
     # Without inputs: a server receives a record as one message (instruction, then input), so only
     # in-process can the Alpaca template put an input under its own "### Input:" heading.
     _instructions(tmp_path / "in.jsonl", with_input=False)
-    common = ("--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "10", "--batch-size", "3")
+    common = (
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--max-new-tokens",
+        "10",
+        "--batch-size",
+        "3",
+        "--repetition-penalty",
+        "1.1",
+    )
     local = run_cli(
         "infer", "--model", str(tiny_model_dir), "--output", str(tmp_path / "local.jsonl"), *common
     )
@@ -253,13 +262,46 @@ def test_infer_gives_the_same_answers_on_both_engines(tmp_path, tiny_model_dir, 
 
 def test_chat_gives_the_same_answers_on_both_engines(tiny_model_dir, loopback):
     lines = "What is the capital of France?\nAnd of Spain?\n"
-    common = ("--temperature", "0", "--max-new-tokens", "10", "--no-stats")
+    common = ("--temperature", "0", "--max-new-tokens", "10", "--no-stats", "--repetition-penalty", "1.1")
     local = run_cli("chat", "--model", str(tiny_model_dir), *common, input=lines)
     http = run_cli(
         "chat", "--engine", "openai", "--base-url", loopback, "--model", "tiny", *common, input=lines
     )
     assert local.returncode == 0 and http.returncode == 0, (local.stderr, http.stderr)
     assert local.stdout == http.stdout and len(local.stdout.splitlines()) == 2
+
+
+def test_the_repetition_penalty_default_depends_on_the_engine(tmp_path, tiny_model_dir):
+    """In-process 1.1 (small models loop without it); a server is sent none, since OpenAI's own
+    API rejects the parameter; an explicit value is sent as asked."""
+    _instructions(tmp_path / "in.jsonl")
+    common = ("--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "4", "--limit", "2")
+    assert (
+        run_cli(
+            "infer", "--model", str(tiny_model_dir), "--output", str(tmp_path / "l.jsonl"), *common
+        ).returncode
+        == 0
+    )
+    local = json.loads((tmp_path / "l.jsonl").read_text().splitlines()[0])
+    assert local["generation"]["repetition_penalty"] == 1.1
+    server = LoopbackServer(TransformersEngine(load_model(str(tiny_model_dir), device="cpu")))
+    with server as url:
+        http = ("--engine", "openai", "--base-url", url, "--model", "tiny", *common)
+        assert run_cli("infer", *http, "--output", str(tmp_path / "h.jsonl")).returncode == 0
+        assert (
+            run_cli(
+                "infer", *http, "--output", str(tmp_path / "h2.jsonl"), "--repetition-penalty", "1.3"
+            ).returncode
+            == 0
+        )
+    bodies = server.requests
+    assert len(bodies) == 4
+    assert all("repetition_penalty" not in body for body in bodies[:2])
+    assert all(body["repetition_penalty"] == 1.3 for body in bodies[2:])
+    assert (
+        json.loads((tmp_path / "h.jsonl").read_text().splitlines()[0])["generation"]["repetition_penalty"]
+        == 1.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -293,3 +335,23 @@ def test_a_server_that_does_not_know_the_model(tmp_path, loopback):
         "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
     )  # fmt: skip
     assert_user_error(r, "HTTP 404", "--model")
+
+
+def test_a_key_an_http_header_cannot_carry_is_a_clear_error(monkeypatch):
+    from alpaca_forge import EngineConfig, open_engine
+
+    monkeypatch.setenv("MY_KEY", "clé ")
+    with pytest.raises(UserError, match=r"\$MY_KEY") as e:
+        open_engine(
+            EngineConfig(engine="openai", base_url="http://127.0.0.1:9/v1", model="m", api_key_env="MY_KEY")
+        )
+    assert "MY_KEY" in e.value.fix
+
+
+def test_a_negative_retry_after_waits_not_at_all():
+    import random
+
+    from alpaca_forge.engines.openai_http import RetryPolicy
+
+    assert RetryPolicy().delay_s(0, "-5", random.Random(0)) == 0.0
+    assert RetryPolicy(max_delay_s=60).delay_s(0, "600", random.Random(0)) == 60

@@ -94,7 +94,7 @@ def _converse(
         question = Message("user", line)
         if interactive:
             stdout.write("bot> ")
-        stream = engine.stream([*history, question] if engine.multi_turn else [question], config.generation)
+        stream = engine.stream([*history, question] if engine.multi_turn else [question], config.settings)
         try:
             for piece in stream:
                 stdout.write(piece)

@@ -10,9 +10,10 @@ from .base import (
     cut_at_stop,
     tokens_per_s,
 )
-from .config import EngineConfig, open_engine, using_engine
+from .config import REPETITION_PENALTY_HELP, EngineConfig, open_engine, repetition_penalty_for, using_engine
 
 __all__ = [
+    "REPETITION_PENALTY_HELP",
     "Completion",
     "Engine",
     "EngineConfig",
@@ -22,6 +23,7 @@ __all__ = [
     "Stream",
     "cut_at_stop",
     "open_engine",
+    "repetition_penalty_for",
     "tokens_per_s",
     "using_engine",
 ]

@@ -15,6 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from ..core.config import Config, setting
+from ..core.errors import UserError
 from ..core.models import DEFAULT_MODEL, DTYPES
 from ..core.prompts import FORMATS
 from .base import Engine
@@ -93,6 +94,22 @@ class EngineConfig(Config):
             )
 
 
+# The repetition penalty when none is asked for: in-process 1.1, since small models loop without
+# it; a server gets none (1.0 is not sent): OpenAI's own API rejects the parameter.
+IN_PROCESS_REPETITION_PENALTY = 1.1
+REPETITION_PENALTY_HELP = (
+    "above 1 discourages repeating earlier tokens; default: 1.1 in-process (small models loop "
+    "without it), none sent to a server (not every API takes it)"
+)
+
+
+def repetition_penalty_for(cfg: EngineConfig, asked: float | None) -> float:
+    """`asked`, else the engine's default (see IN_PROCESS_REPETITION_PENALTY)."""
+    if asked is not None:
+        return asked
+    return 1.0 if cfg.engine == "openai" else IN_PROCESS_REPETITION_PENALTY
+
+
 def _url_problem(url: str) -> str | None:
     """What keeps `url` from being a server's address (checked here: the HTTP client would
     fail on it mid-run, with its own exception)."""
@@ -111,10 +128,17 @@ def open_engine(cfg: EngineConfig, *, seed: int = 0) -> Engine:
     if cfg.engine == "openai":
         from .openai_http import OpenAIEngine, RetryPolicy
 
+        key = os.environ.get(cfg.api_key_env)
+        if key and (not key.isascii() or key != key.strip() or any(c.isspace() for c in key)):
+            raise UserError(
+                f"the API key in ${cfg.api_key_env} has spaces or characters an HTTP header cannot carry",
+                f"set {cfg.api_key_env} to the key alone, as the provider shows it (no quotes, no spaces)",
+            )
+
         return OpenAIEngine(
             cfg.base_url or "",
             cfg.model or "",
-            api_key=os.environ.get(cfg.api_key_env),
+            api_key=key or None,
             system=cfg.system,
             retry=RetryPolicy(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s),
             seed=seed,

@@ -42,13 +42,13 @@ class RetryPolicy:
     max_retries: int = 6  # attempts after the first, then the call fails with an error
     base_delay_s: float = 1.0  # first wait; doubles each retry
     max_delay_s: float = 60.0  # cap on one wait
-    timeout_s: float = 120.0  # one request, connect to last byte
+    timeout_s: float = 120.0  # each phase of a request: connecting, each read, each write, a pool wait
 
     def delay_s(self, attempt: int, retry_after: str | None, rng: random.Random) -> float:
         """Exponential backoff with full-range jitter, so many workers do not retry in step."""
         if retry_after:
             try:
-                return min(self.max_delay_s, float(retry_after))
+                return max(0.0, min(self.max_delay_s, float(retry_after)))
             except ValueError:
                 pass
         return min(self.max_delay_s, self.base_delay_s * 2**attempt) * rng.uniform(0.5, 1.0)
@@ -82,7 +82,10 @@ class OpenAIEngine:
         self.format_name = "server"  # the server renders chats with its own template
         self.multi_turn = True  # every chat API takes whole conversations
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=retry.timeout_s)
+        # No cap on connections: concurrency is the caller's (generate's --concurrency, a batch
+        # size), and a request waiting for a pooled connection would time out as if unanswered.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=MAX_IN_FLIGHT)
+        self._client = httpx.Client(headers=headers, timeout=retry.timeout_s, limits=limits)
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self.retries = 0  # failed attempts so far, all calls together
@@ -113,8 +116,8 @@ class OpenAIEngine:
 
     @property
     def last_retries(self) -> int:
-        """Failed attempts before the last call made on this thread succeeded (generate logs
-        them per request)."""
+        """Failed attempts before the last single-prompt call made on this thread succeeded
+        (generate logs them per request; a batch's requests run on other threads)."""
         return getattr(self._local, "retries", 0)
 
     # -- requests ---------------------------------------------------------------------------

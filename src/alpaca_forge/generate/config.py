@@ -7,16 +7,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.config import REQUIRED, Config, nested, setting
-from ..engines import EngineConfig, GenerationSettings
+from ..engines import REPETITION_PENALTY_HELP, EngineConfig, GenerationSettings, repetition_penalty_for
 from .steps import TEACHER_STOP
 
 DEFAULT_BLACKLIST = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
 )  # fmt: skip
-# The in-process teacher's repetition penalty when none is given: a small model loops without it.
-# A server gets none (the original never sent one, and OpenAI's own API does not take it).
-IN_PROCESS_REPETITION_PENALTY = 1.1
 
 
 @dataclass(frozen=True)
@@ -77,12 +74,7 @@ class GenerateConfig(Config):
         "completions continues the prompt as plain text (default in-process: small models follow the layout "
         "better so); chat sends it as a user message (default for a server)",
     )
-    repetition_penalty: float | None = setting(
-        None,
-        f"above 1 discourages repeating earlier tokens; default: {IN_PROCESS_REPETITION_PENALTY} in-process, "
-        "none sent to a server (not every API takes it)",
-        gt=0,
-    )
+    repetition_penalty: float | None = setting(None, REPETITION_PENALTY_HELP, gt=0)
     price_prompt_usd_per_1m: float = setting(
         0.0, "USD per million prompt tokens", ge=0, flag="--price-prompt-per-1m"
     )
@@ -118,7 +110,5 @@ class GenerateConfig(Config):
 
     def sampling(self, request_seed: int) -> GenerationSettings:
         """The settings of one request."""
-        penalty = self.repetition_penalty
-        if penalty is None:
-            penalty = 1.0 if self.on_server else IN_PROCESS_REPETITION_PENALTY
+        penalty = repetition_penalty_for(self.engine, self.repetition_penalty)
         return dataclasses.replace(self.generation, repetition_penalty=penalty, seed=request_seed)

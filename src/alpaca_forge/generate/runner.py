@@ -270,6 +270,7 @@ class _Job:
         workers = ThreadPoolExecutor(max_workers=c.concurrency, thread_name_prefix="teacher")
         pending: set[Future] = set()
         synced_at = time.monotonic()
+        finished_cleanly = False
         try:
             while True:
                 # Keep the teacher busy: top up before taking the next reply, one reply at a time.
@@ -295,10 +296,13 @@ class _Job:
                 )
                 if barren >= c.max_barren_requests and self.stop is None:
                     self._stop(StopReason.BARREN, f"the last {barren} requests gave no acceptable record")
+            finished_cleanly = True
         finally:
             for future in pending:
                 future.cancel()
-            workers.shutdown(wait=True, cancel_futures=True)
+            # After an error or Ctrl-C, do not wait minutes for requests still in flight (each
+            # may be retrying): their work is redone on resume, and their replies are not taken.
+            workers.shutdown(wait=finished_cleanly, cancel_futures=True)
             bar.close()
             for f in (out, log_file):
                 sync(f)

@@ -89,7 +89,7 @@ def _answer(
 ) -> InferResult:
     from tqdm import tqdm
 
-    settings = config.generation
+    settings = config.settings
     expected = {"model": engine.name, "prompt_format": engine.format_name, "generation": settings.to_dict()}
     if config.overwrite and output.exists():
         output.unlink()

@@ -44,7 +44,7 @@ def checkpoints(output: Path, complete_only: bool = True) -> list[Path]:
 def mark_complete(folder: Path, about: dict[str, Any]) -> None:
     """Describe a checkpoint the Trainer has written, put every file of it on disk, then mark it."""
     write_json_atomic(folder / CONFIG_FILE, about)
-    for f in folder.iterdir():  # everything on disk before the mark
+    for f in folder.rglob("*"):  # everything on disk before the mark (DeepSpeed writes subfolders)
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
