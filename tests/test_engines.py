@@ -355,3 +355,42 @@ def test_a_negative_retry_after_waits_not_at_all():
 
     assert RetryPolicy().delay_s(0, "-5", random.Random(0)) == 0.0
     assert RetryPolicy(max_delay_s=60).delay_s(0, "600", random.Random(0)) == 60
+
+
+def test_a_stream_the_server_cuts_off_is_a_clear_error():
+    """A server that dies mid-answer: chat ends with an error naming the server, no traceback,
+    and the part of the answer that arrived was shown."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from conftest import assert_user_error
+
+    class CutOff(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            event = b'data: {"choices": [{"index": 0, "delta": {"content": "Half an answer"}}]}\n\n'
+            self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            self.wfile.flush()
+            self.close_connection = True  # gone, without the closing chunk
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        r = run_cli(
+            "chat", "--engine", "openai", "--base-url", url, "--model", "m", "--no-stats", input="Hi\n"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert_user_error(r, "cut the answer off mid-stream", url)
+    assert "Half an answer" in r.stdout

@@ -306,9 +306,12 @@ class HttpStream:
                             yield out
                 if self._pieces.stopped or self.cancelled:
                     break
-        except httpx.HTTPError:
+        except httpx.HTTPError as e:  # the connection broke mid-answer (a cancel breaks it on purpose)
             if not self.cancelled:
-                raise
+                raise EngineError(
+                    f"the server at {self.engine.url('chat/completions')} cut the answer off mid-stream ({e})",
+                    "ask again; if it keeps happening, check the server's logs and --timeout-s",
+                ) from e
         tail = self._pieces.end()
         if tail and not self.cancelled:
             yield tail
