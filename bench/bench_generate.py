@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from alpaca_forge import EngineConfig, Record, read_records, write_records
 from alpaca_forge.engines.openai_http import OpenAIEngine
 from alpaca_forge.generate import GenerateConfig, run
+
 from fake_teacher import FakeTeacher, Script
 
 SEEDS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "seed_tasks.jsonl"

@@ -16,7 +16,9 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback import Loopback
 
 _SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vi", "po", "de", "nu", "fa", "zo", "bre", "ti", "gul"]
 _VERBS = [
@@ -71,7 +73,7 @@ class Script:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class FakeTeacher:
+class FakeTeacher(Loopback):
     """`with FakeTeacher(Script(...)) as url:` gives the API base, e.g. http://127.0.0.1:PORT/v1."""
 
     def __init__(self, script: Script | None = None):
@@ -142,18 +144,4 @@ class FakeTeacher:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up waiting (the timeout tests do that on purpose)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)

@@ -11,11 +11,12 @@ It speaks what our HTTP engine uses: POST /v1/completions and /v1/chat/completio
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from alpaca_forge.core.prompts import Message
 from alpaca_forge.engines import GenerationSettings
+
+from loopback import Loopback
 
 
 def _settings(body: dict) -> GenerationSettings:
@@ -29,7 +30,7 @@ def _settings(body: dict) -> GenerationSettings:
     )
 
 
-class LoopbackServer:
+class LoopbackServer(Loopback):
     def __init__(self, engine, *, model: str = "tiny"):
         self.engine, self.model = engine, model
         self.requests: list[dict] = []
@@ -99,18 +100,4 @@ class LoopbackServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)

@@ -16,9 +16,10 @@ from alpaca_forge import FinishReason, GenerationSettings, Message, UserError, l
 from alpaca_forge.engines import StopStringFilter, cut_at_stop, tokens_per_s
 from alpaca_forge.engines.openai_http import OpenAIEngine
 from alpaca_forge.engines.transformers_engine import TransformersEngine
-from openai_server import LoopbackServer
 
 from conftest import run_cli
+from loopback import Loopback
+from openai_server import LoopbackServer
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
 
@@ -360,7 +361,7 @@ def test_a_negative_retry_after_waits_not_at_all():
 def test_a_stream_the_server_cuts_off_is_a_clear_error():
     """A server that dies mid-answer: chat ends with an error naming the server, no traceback,
     and the part of the answer that arrived was shown."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from conftest import assert_user_error
 
@@ -381,16 +382,9 @@ def test_a_stream_the_server_cuts_off_is_a_clear_error():
             self.wfile.flush()
             self.close_connection = True  # gone, without the closing chunk
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with Loopback(CutOff) as url:
         r = run_cli(
             "chat", "--engine", "openai", "--base-url", url, "--model", "m", "--no-stats", input="Hi\n"
         )
-    finally:
-        server.shutdown()
-        server.server_close()
     assert_user_error(r, "cut the answer off mid-stream", url)
     assert "Half an answer" in r.stdout

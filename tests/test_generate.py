@@ -17,6 +17,7 @@ from alpaca_forge.generate.steps import (
     parse_tasks,
     sample_demos,
 )
+
 from fake_teacher import tasks_text
 
 SEEDS = [

@@ -15,9 +15,9 @@ from alpaca_forge import EngineConfig, Record, write_records
 from alpaca_forge.core.rouge import rouge_l
 from alpaca_forge.generate import GenerateConfig, GenerateResult, StopReason, run
 from alpaca_forge.generate.steps import MAX_TASKS_PER_REPLY, Pool
-from fake_teacher import FakeTeacher, Script
 
 from conftest import CLI, assert_user_error, run_cli
+from fake_teacher import FakeTeacher, Script
 
 
 @pytest.fixture

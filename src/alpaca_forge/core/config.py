@@ -313,15 +313,20 @@ def _validate(
                 )
                 problems += more
         return values, problems
-    for field, message, fix in _instance(cls, checked).check():
-        path = tuple(field.split("."))
+    for path, message, fix in _cross_checks(cls, checked):
         problems.append(Problem(origins.get(path) or default_where(path), message, fix))
-    for f in dataclasses.fields(cls):  # nested configs' own cross-field checks
-        if _is_nested(f):
-            for field, message, fix in _instance(_hints(cls)[f.name], checked[f.name]).check():
-                path = (f.name, *field.split("."))
-                problems.append(Problem(origins.get(path) or default_where(path), message, fix))
     return checked, problems
+
+
+def _cross_checks(
+    cls: type, checked: dict[str, Any], prefix: FieldPath = ()
+) -> Iterator[tuple[FieldPath, str, str]]:
+    """Each config's own `check()` on checked values, its nested configs' too: (path, message, fix)."""
+    for field, message, fix in _instance(cls, checked).check():
+        yield (*prefix, *field.split(".")), message, fix
+    for f in dataclasses.fields(cls):
+        if _is_nested(f):
+            yield from _cross_checks(_hints(cls)[f.name], checked[f.name], (*prefix, f.name))
 
 
 def _instance(cls: type, data: dict[str, Any]) -> Any:

@@ -88,8 +88,6 @@ class OpenAIEngine:
         self._client = httpx.Client(headers=headers, timeout=retry.timeout_s, limits=limits)
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
-        self.retries = 0  # failed attempts so far, all calls together
-        self._retries_lock = threading.Lock()
         self._local = threading.local()
 
     # -- the interface ----------------------------------------------------------------------
@@ -188,8 +186,6 @@ class OpenAIEngine:
             except httpx.TransportError as e:
                 last = f"cannot connect ({e})"
             if k < self.retry.max_retries:
-                with self._retries_lock:
-                    self.retries += 1
                 with self._rng_lock:
                     delay = self.retry.delay_s(k, retry_after, self._rng)
                 time.sleep(delay)
