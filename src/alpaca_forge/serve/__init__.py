@@ -1,0 +1,1 @@
+"""`alpaca-forge serve`: an OpenAI-compatible API and an offline chat page over any engine."""
