@@ -34,7 +34,13 @@ MAX_IN_FLIGHT = 64  # requests one complete()/chat() call has open at once
 
 
 class EngineError(UserError):
-    """The server cannot be used: wrong key, wrong URL or model, unreachable, or not speaking the API."""
+    """The server cannot be used: wrong key, wrong URL or model, unreachable, or not speaking the API.
+    `status` is the HTTP status the server answered with, when it answered (a gateway passes a
+    400 on to its own client)."""
+
+    def __init__(self, message: str, fix: str | None = None, *, status: int | None = None):
+        super().__init__(message, fix)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -206,15 +212,18 @@ class OpenAIEngine:
             raise EngineError(
                 f"the server refused the request with HTTP {status} (bad or missing API key): {detail}",
                 "put the key in the environment variable named by --api-key-env (default OPENAI_API_KEY)",
+                status=status,
             )
         if status == 404:
             raise EngineError(
                 f"HTTP 404 from {self.url(endpoint)}: no such endpoint or model ({detail})",
                 "check --base-url (the API base, ending in /v1) and --model (a name the server serves)",
+                status=status,
             )
         raise EngineError(
             f"the server rejected the request with HTTP {status}: {detail}",
             "check the generation flags (servers without repetition_penalty need --repetition-penalty 1)",
+            status=status,
         )
 
     def _parse(self, response: Any, endpoint: str, settings: GenerationSettings) -> Completion:

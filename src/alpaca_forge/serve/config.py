@@ -72,13 +72,19 @@ class ServeConfig(Config):
         None, "the model's name in the API (default: the engine's model name)", metavar="NAME"
     )
     api_key: tuple[str, ...] = setting(
-        (), "accept this API key (repeatable); clients send `Authorization: Bearer KEY`", repeat=True, metavar="KEY"
+        (),
+        "accept this API key (repeatable); clients send `Authorization: Bearer KEY`",
+        repeat=True,
+        metavar="KEY",
     )
     api_keys_file: str | None = setting(
-        None, "file of API keys, one `client-id: key` per line (logs and limits go by client id)", metavar="FILE"
+        None,
+        "file of API keys, one `client-id: key` per line (logs and limits go by client id)",
+        metavar="FILE",
     )
     insecure_no_auth: bool = setting(
-        False, "allow listening on a non-loopback address without any API key (anyone who can reach it may use it)"
+        False,
+        "allow listening on a non-loopback address without any API key (anyone who can reach it may use it)",
     )
     max_prompt_tokens: int = setting(4096, "longest prompt accepted, in tokens (400 beyond)", ge=1)
     max_tokens: int = setting(
@@ -88,9 +94,7 @@ class ServeConfig(Config):
     max_queue: int = setting(
         64, "requests waiting or running at once; one more gets 429 with Retry-After", ge=1
     )
-    max_batch_size: int = setting(
-        16, "in-process engine: requests generated together in one batch", ge=1
-    )
+    max_batch_size: int = setting(16, "in-process engine: requests generated together in one batch", ge=1)
     batch_wait_ms: float = setting(
         5.0, "in-process engine: how long a new batch waits for more requests to join it", ge=0
     )
@@ -104,7 +108,9 @@ class ServeConfig(Config):
         10.0, "a request's body must arrive within this many seconds (408 otherwise)", gt=0
     )
     request_log: str | None = setting(
-        None, "append one JSON line per request to FILE (no prompt or answer text unless --log-text)", metavar="FILE"
+        None,
+        "append one JSON line per request to FILE (no prompt or answer text unless --log-text)",
+        metavar="FILE",
     )
     log_text: bool = setting(False, "also write prompts and answers into --request-log")
     repetition_penalty: float = setting(
@@ -117,7 +123,11 @@ class ServeConfig(Config):
 
     def check(self):
         if self.api_key and self.api_keys_file:
-            yield "api_key", "give --api-key or --api-keys-file, not both", "put every key into --api-keys-file"
+            yield (
+                "api_key",
+                "give --api-key or --api-keys-file, not both",
+                "put every key into --api-keys-file",
+            )
         keyed = bool(self.api_key or self.api_keys_file)
         if not keyed and self.host not in LOOPBACK_HOSTS and not self.insecure_no_auth:
             yield (

@@ -1,0 +1,148 @@
+"""Engine streams, consumed from the event loop.
+
+Engines are blocking (a model's generate(), an HTTP read), so each answer is pulled by a thread
+of its own that hands pieces to the event loop through an asyncio queue. The loop never waits on
+the engine: a deadline, a client that goes away, or a filter hit cancels the stream at once
+(`Stream.cancel()`, which stops the engine generating for it) and frees the request's slot.
+
+The output filter runs in those threads too, on each piece before it is handed over, so a slow
+moderation layer never stalls the loop and a flagged piece is never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..engines import Completion, Stream
+
+
+@dataclass
+class Event:
+    index: int  # which answer (a request may ask for n of them)
+    kind: str  # "piece" | "done" | "blocked" | "error"
+    text: str = ""
+    completion: Completion | None = None
+    verdict: Any = None  # the filter's verdict, when blocked
+    error: BaseException | None = None
+
+
+class Answers:
+    """Several answers (n choices, or several prompts) generated side by side; iterate for their
+    events in the order they happen. `cancel()` stops all that are still going."""
+
+    def __init__(
+        self,
+        starts: list[Callable[[], Stream]],
+        *,
+        checker: Callable[[], Any] | None = None,
+        deadline: float,
+    ):
+        self.starts, self.checker, self.deadline = starts, checker, deadline
+        self.streams: list[Stream | None] = [None] * len(starts)
+        self.completions: list[Completion | None] = [None] * len(starts)  # as each answer ended
+        self._running = len(starts)  # pulling threads not yet finished
+        self._settled: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self.first_piece_at: float | None = None  # perf_counter time of the first piece of any answer
+        self._cancelled = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[Event] | None = None
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every answer's events; raises TimeoutError when the deadline passes (answers cancelled)."""
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        for i, start in enumerate(self.starts):
+            threading.Thread(target=self._pull, args=(i, start), name=f"answer-{i}", daemon=True).start()
+        left = len(self.starts)
+        try:
+            while left:
+                remaining = self.deadline - time.perf_counter()
+                if remaining <= 0:
+                    raise TimeoutError
+                event = await asyncio.wait_for(self._queue.get(), remaining)
+                if event.kind != "piece":
+                    left -= 1
+                yield event
+        finally:
+            if left:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop every answer still going (from any thread; returns at once)."""
+        self._cancelled.set()
+        for s in self.streams:
+            if s is not None:
+                threading.Thread(target=_quietly_cancel, args=(s,), daemon=True).start()
+
+    @property
+    def queue_s(self) -> float | None:
+        """How long the first answer waited for the engine (engines that queue say; None otherwise)."""
+        waits = [w for s in self.streams if (w := getattr(s, "queue_s", None)) is not None]
+        return min(waits) if waits else None
+
+    def when_settled(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once every answer has ended (now, if they have): a cancelled answer's
+        token count is known only after the engine has stopped it."""
+        with self._lock:
+            if self._running:
+                self._settled.append(callback)
+                return
+        callback()
+
+    def _pull(self, index: int, start: Callable[[], Stream]) -> None:
+        try:
+            self._pull_one(index, start)
+        finally:
+            stream = self.streams[index]
+            self.completions[index] = stream.completion if stream is not None else None
+            with self._lock:
+                self._running -= 1
+                callbacks = self._settled if not self._running else []
+            for callback in callbacks:
+                callback()
+
+    def _pull_one(self, index: int, start: Callable[[], Stream]) -> None:
+        check = self.checker() if self.checker else None
+        try:
+            stream = start()
+            self.streams[index] = stream
+            if self._cancelled.is_set():
+                stream.cancel()
+            for piece in stream:
+                if self.first_piece_at is None:
+                    self.first_piece_at = time.perf_counter()
+                verdict = check.push(piece) if check else None
+                if verdict is not None:
+                    stream.cancel()
+                    self._emit(Event(index, "blocked", completion=stream.completion, verdict=verdict))
+                    return
+                self._emit(Event(index, "piece", piece))
+                if self._cancelled.is_set():
+                    stream.cancel()
+                    break
+            verdict = check.end() if check else None
+            if verdict is not None:
+                self._emit(Event(index, "blocked", completion=stream.completion, verdict=verdict))
+                return
+            self._emit(Event(index, "done", completion=stream.completion))
+        except BaseException as e:  # handed to the loop, which answers with an error
+            self._emit(Event(index, "error", error=e))
+
+    def _emit(self, event: Event) -> None:
+        loop, queue = self._loop, self._queue
+        if loop is None or queue is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+def _quietly_cancel(stream: Stream) -> None:
+    with contextlib.suppress(Exception):
+        stream.cancel()

@@ -1,0 +1,143 @@
+"""The model behind the server: an engine, what it is called, what it is, and how long a prompt it
+takes. The routes speak only to this, so they never ask which kind of engine runs.
+
+- In-process (transformers): requests are batched (`BatchingEngine`); prompts are counted with
+  the model's tokenizer, so a prompt too long for the model's context is a 400 before it queues.
+- Gateway (`--engine openai`): requests pass to the server behind; it counts and limits tokens
+  itself (its 400s come back as ours).
+
+The model's identity is its name plus a short hash of its weights and prompt format, sent with
+every response (`system_fingerprint`, and the `x-model-id` header): two servers answering with
+the same name but different weights, or the same weights under another template, differ there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..core.prompts import Message
+from ..engines import Completion, Engine, EngineConfig, FinishReason, GenerationSettings, Stream, open_engine
+
+log = logging.getLogger("alpaca_forge")
+
+
+class Backend:
+    def __init__(self, engine: Engine, *, served_name: str | None = None, repetition_penalty: float = 1.1):
+        self.engine = engine
+        inner = getattr(engine, "inner", engine)
+        self.lm = getattr(inner, "lm", None)  # in-process engines only
+        self.upstream = self.lm is None
+        spec = getattr(engine, "model", "") if self.upstream else self.lm.name
+        # A model folder or file is served by its last name part (`out/alpaca-7b` -> `alpaca-7b`);
+        # requests may use either spelling.
+        self.name = served_name or spec.rstrip("/").rpartition("/")[2].removesuffix(".gguf") or spec
+        self.aliases = {self.name, spec}
+        self.prompt_format = engine.format_name
+        self.default_repetition_penalty = 1.0 if self.upstream else repetition_penalty
+        self.context_tokens: int | None = (
+            None if self.lm is None else getattr(self.lm.model.config, "max_position_embeddings", None)
+        )
+        self.fingerprint = "fp_" + self._identity_hash()
+
+    @property
+    def model_id(self) -> str:
+        """`name@hash`, the `x-model-id` header."""
+        return f"{self.name}@{self.fingerprint.removeprefix('fp_')}"
+
+    def _identity_hash(self) -> str:
+        h = hashlib.sha256()
+        if self.lm is None:
+            h.update(json.dumps([self.engine.name, self.prompt_format]).encode())
+            return h.hexdigest()[:12]
+        h.update(json.dumps(self.lm.prompt_format.to_dict(), sort_keys=True).encode())
+        for name, tensor in self.lm.model.state_dict().items():  # ~0.5 s per GB of weights
+            h.update(name.encode())
+            h.update(_raw_bytes(tensor))
+        return h.hexdigest()[:12]
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def chat_prompt_tokens(self, conversation: Sequence[Message], max_new_tokens: int) -> int | None:
+        """Tokens of the prompt the engine will render (None when a server renders it)."""
+        if self.lm is None:
+            return None
+        inner = getattr(self.engine, "inner", self.engine)
+        prompt = inner.render(conversation, max_new_tokens)
+        return self.count(prompt, self.lm.prompt_format.add_special_tokens)
+
+    def raw_prompt_tokens(self, prompt: str) -> int | None:
+        return None if self.lm is None else self.count(prompt, True)
+
+    def count(self, text: str, add_special_tokens: bool) -> int:
+        return len(self.lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def chat_stream(self, conversation: Sequence[Message], settings: GenerationSettings) -> Stream:
+        return self.engine.stream(conversation, settings)
+
+    def prompt_stream(self, prompt: str, settings: GenerationSettings) -> Stream:
+        stream_prompt = getattr(self.engine, "stream_prompt", None)
+        if stream_prompt is not None:
+            return stream_prompt(prompt, settings)
+        return WholeAnswer(self.engine, prompt, settings)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _raw_bytes(tensor: Any) -> Any:
+    """A tensor's bytes as a buffer hashlib can read, whatever its dtype (bf16 has no numpy type)."""
+    import torch
+
+    t = tensor.detach().to("cpu").contiguous()
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+class WholeAnswer:
+    """A raw-prompt answer from an engine that can only complete (a server's /v1/completions
+    through the HTTP engine), given as a stream of one piece."""
+
+    def __init__(self, engine: Engine, prompt: str, settings: GenerationSettings):
+        self.engine, self.prompt, self.settings = engine, prompt, settings
+        self.completion: Completion | None = None
+        self.elapsed_s = 0.0
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[str]:
+        import time
+
+        start = time.perf_counter()
+        done = self.engine.complete([self.prompt], self.settings)[0]
+        self.elapsed_s = time.perf_counter() - start
+        if self.cancelled:
+            done = Completion(done.text, FinishReason.CANCELLED, done.prompt_tokens, done.completion_tokens)
+        self.completion = done
+        if done.text and not self.cancelled:
+            yield done.text
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def open_backend(
+    engine_cfg: EngineConfig,
+    *,
+    served_name: str | None,
+    max_batch_size: int,
+    batch_wait_s: float,
+    repetition_penalty: float,
+) -> Backend:
+    """The engine `engine_cfg` names, loaded; an in-process one wrapped for batching."""
+    engine = open_engine(engine_cfg)
+    if engine_cfg.engine == "transformers":
+        from ..engines.batching import BatchingEngine
+
+        engine = BatchingEngine(engine, max_batch_size=max_batch_size, wait_s=batch_wait_s)  # type: ignore[arg-type]
+    backend = Backend(engine, served_name=served_name, repetition_penalty=repetition_penalty)
+    log.info("serving %s (%s, prompt format %s)", backend.name, backend.fingerprint, backend.prompt_format)
+    return backend

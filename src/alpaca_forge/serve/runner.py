@@ -1,0 +1,265 @@
+"""`alpaca-forge serve`: start the server, load the model behind it, serve until stopped.
+
+The socket is bound first and the model loaded after, in a thread, so /health answers 503
+("loading") at once and 200 when the model is ready; a supervisor (or `start().wait_ready()`)
+waits on that. Settings that are wrong (a keys file, a rules file, a busy port, a public address
+without a key) fail before anything listens.
+
+    with start(ServeConfig(port=0)) as server:       # in Python, e.g. in a test or a notebook
+        server.wait_ready()
+        openai.OpenAI(base_url=server.api_url, api_key="-").chat.completions.create(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.errors import UserError
+from ..core.files import check_output
+from ..engines import Engine, EngineConfig, open_engine
+from .backend import Backend, open_backend
+from .config import LOOPBACK_HOSTS, ServeConfig
+from .telemetry import RequestLog
+
+log = logging.getLogger("alpaca_forge")
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    url: str
+    model: str | None  # name@fingerprint, None if it never loaded
+    requests: int  # requests answered (any status)
+    elapsed_s: float
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a clear error for a port in use or an address this machine lacks."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:  # a name such as localhost
+        family = socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == 98:  # EADDRINUSE
+            raise UserError(
+                f"--port {port}: already in use on {host}", "stop the other server, or pick another --port"
+            ) from e
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there ({e.strerror or e})", "check --host"
+        ) from e
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _judge(cfg: ServeConfig) -> Engine | None:
+    f = cfg.content_filter
+    if not (f.filter and f.judge_model):
+        return None
+    engine = "openai" if f.judge_base_url else "transformers"
+    judge_cfg = EngineConfig(
+        engine=engine,
+        model=f.judge_model,
+        base_url=f.judge_base_url,
+        api_key_env=f.judge_api_key_env,
+        timeout_s=f.filter_timeout_s,
+        max_retries=1,
+        device=cfg.engine.device,
+        dtype=cfg.engine.dtype,
+    )
+    return open_engine(judge_cfg)
+
+
+class RunningServer:
+    """A server started by `start()`: its address, its state, `wait_ready()` and `stop()`."""
+
+    def __init__(self, config: ServeConfig, engine: Engine | Callable[[], Engine] | None):
+        from .app import ServerState, create_app
+
+        self.config = config
+        self.started = time.perf_counter()
+        if config.content_filter.filter:
+            from .filter import load_rules
+
+            load_rules(config.content_filter.filter_rules)  # a bad rules file fails now, not after loading
+        log_path = check_output(config.request_log, flag="--request-log") if config.request_log else None
+        self.state = ServerState(config, request_log=RequestLog(log_path, log_text=config.log_text))
+        self._sock = _bind(config.host, config.port)
+        host, port = self._sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{port}"
+        import uvicorn
+
+        uv = uvicorn.Config(
+            create_app(self.state),
+            log_level="warning",
+            access_log=False,  # --request-log is the access log, with tokens and timings
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=5,
+            lifespan="off",
+        )
+        self._server = uvicorn.Server(uv)
+        self._thread = threading.Thread(target=self._serve, name="serve", daemon=True)
+        self._loader = threading.Thread(target=self._load, args=(engine,), name="serve-load", daemon=True)
+        self._owned: list[Any] = []
+        self._ready = threading.Event()
+        self._thread.start()
+        self._loader.start()
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/v1"
+
+    def _serve(self) -> None:
+        self._server.run(sockets=[self._sock])
+
+    def _load(self, engine: Any) -> None:
+        cfg = self.config
+        try:
+            if cfg.content_filter.filter:
+                from .filter import build_filter
+
+                judge = _judge(cfg)
+                if judge is not None:
+                    self._owned.append(judge)
+                self.state.filter = build_filter(cfg.content_filter, judge)
+                if self.state.filter is not None:
+                    self._owned.append(self.state.filter)
+            if engine is None:
+                backend = open_backend(
+                    cfg.engine,
+                    served_name=cfg.served_model_name,
+                    max_batch_size=cfg.max_batch_size,
+                    batch_wait_s=cfg.batch_wait_ms / 1000,
+                    repetition_penalty=cfg.repetition_penalty,
+                )
+                self._owned.append(backend)
+            else:
+                if not hasattr(engine, "stream"):  # a factory: load in this thread
+                    engine = engine()
+                    self._owned.append(engine)
+                backend = Backend(
+                    _batched(engine, cfg),
+                    served_name=cfg.served_model_name,
+                    repetition_penalty=cfg.repetition_penalty,
+                )
+                if backend.engine is not engine:
+                    self._owned.append(backend)  # our batching wrapper, not the caller's engine
+            self.state.loaded(backend)
+        except Exception as e:
+            self.state.load_error = str(e)
+            log.error("the model failed to load: %s", e)
+        finally:
+            self._ready.set()
+
+    def wait_ready(self, timeout_s: float | None = None) -> RunningServer:
+        """Block until the model is loaded; a load failure raises it (as a UserError)."""
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"the model did not load within {timeout_s} s")
+        if self.state.load_error:
+            raise UserError(
+                f"the model failed to load: {self.state.load_error}", "check --model and --engine"
+            )
+        while not self._server.started and self._thread.is_alive():
+            time.sleep(0.01)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl-C in the caller's thread raises KeyboardInterrupt)."""
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def stop(self) -> ServeResult:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._loader.join(60)
+        for thing in reversed(self._owned):
+            with contextlib.suppress(Exception):
+                thing.close()
+        self.state.log.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        backend = self.state.backend
+        total = sum(
+            s.value
+            for m in self.state.metrics.requests.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
+        return ServeResult(
+            self.url, backend.model_id if backend else None, int(total), time.perf_counter() - self.started
+        )
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _batched(engine: Engine, cfg: ServeConfig) -> Engine:
+    """An in-process engine wrapped so concurrent requests share a batch; others as they are."""
+    from ..engines.transformers_engine import TransformersEngine
+
+    if isinstance(engine, TransformersEngine):
+        from ..engines.batching import BatchingEngine
+
+        return BatchingEngine(engine, max_batch_size=cfg.max_batch_size, wait_s=cfg.batch_wait_ms / 1000)
+    return engine
+
+
+def start(config: ServeConfig, *, engine: Engine | Callable[[], Engine] | None = None) -> RunningServer:
+    """Listen now and load the model in the background. `engine` serves an already open one
+    (left open at stop: it is the caller's), or is called in the background to open one (closed
+    at stop); None opens the one `config.engine` names."""
+    return RunningServer(config, engine)
+
+
+def run(config: ServeConfig, *, engine: Engine | None = None, progress: bool = True) -> ServeResult:
+    """Serve until Ctrl-C (or SIGTERM); the result counts what was served."""
+    import signal
+
+    server = start(config, engine=engine)
+    log.info("listening on %s (chat page: %s/, API: %s)", server.url, server.url, server.api_url)
+    if config.host not in LOOPBACK_HOSTS:
+        log.info(
+            "reachable from other machines; %s",
+            "API keys required" if server.state.keys.required else "NO API key",
+        )
+
+    def stop_on_term(*_: Any) -> None:  # `kill PID` stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_term)
+    try:
+        try:
+            server.wait_ready()
+        except UserError:
+            server.stop()
+            raise
+        log.info("ready: %s", server.state.backend.model_id if server.state.backend else "?")
+        server.wait()
+    except KeyboardInterrupt:
+        log.info("stopping ...")
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+    return server.stop()
