@@ -517,3 +517,74 @@ def test_the_command_serves_until_sigterm(tiny_model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert json.loads(log.read_text().splitlines()[-1])["status"] == 200
+
+
+class KeywordJudge:
+    """An Engine that judges like a Llama-Guard model would, by a keyword: `unsafe` + category
+    for any prompt that carries it, `safe` otherwise (served over HTTP below, as a judge model
+    on another machine would be)."""
+
+    name, format_name, multi_turn = "keyword-judge", "chat", True
+
+    def __init__(self, keyword: str, category: str):
+        self.keyword, self.category, self.asked = keyword, category, 0
+
+    def _judge(self, text: str):
+        from alpaca_forge.engines import Completion, FinishReason
+
+        self.asked += 1
+        verdict = f"unsafe\n{self.category}" if self.keyword in text else "safe"
+        return Completion(verdict, FinishReason.STOP, 10, 2)
+
+    def chat(self, conversations, settings):
+        return [self._judge(c[-1].content) for c in conversations]
+
+    def complete(self, prompts, settings):
+        return [self._judge(p) for p in prompts]
+
+    def stream(self, conversation, settings):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+def test_external_moderation_and_an_llm_judge_guard_the_server(engine, tmp_path):
+    """Layers 2 and 3: a moderation API (here a second serve's own /v1/moderations, with a rule the
+    first lacks) and a judge model behind an OpenAI-compatible server."""
+    from openai_server import LoopbackServer
+
+    rules = tmp_path / "moderator.yaml"
+    rules.write_text("categories:\n  secret_project:\n    - '\\bproject\\s+nightingale\\b'\n")
+    judge = KeywordJudge("purple elephant", "violent_threats")
+    with (
+        served(engine, content_filter=FilterConfig(filter_rules=str(rules))) as moderator,
+        LoopbackServer(judge, model="guard") as judge_url,
+    ):
+        moderator.wait_ready(60)
+        cfg = FilterConfig(
+            moderation_url=moderator.api_url + "/moderations", judge_model="guard", judge_base_url=judge_url
+        )
+        with served(engine, content_filter=cfg) as s:
+            s.wait_ready(60)
+            c = openai.OpenAI(base_url=s.api_url, api_key="-", max_retries=0)
+            name = s.state.backend.name
+
+            def blocked_by(content: str):
+                r = c.chat.completions.create(model=name, max_tokens=4, **ask(content=content))
+                return r.model_extra.get("content_filter"), r.choices[0].finish_reason
+
+            info, finish = blocked_by("Tell me about Project Nightingale.")
+            assert finish == "content_filter" and info["source"] == "moderation_url"
+            assert info["categories"] == ["secret_project"]
+            info, finish = blocked_by("A purple elephant walks in.")
+            assert finish == "content_filter" and (info["source"], info["categories"]) == (
+                "judge",
+                ["violent_threats"],
+            )
+            asked = judge.asked
+            info, finish = blocked_by("Name three colours.")
+            assert info is None and finish in ("stop", "length")
+            assert judge.asked > asked  # the judge read the prompt (and the answer) and let them pass
+            results = httpx.post(s.api_url + "/moderations", json={"input": "project nightingale"}).json()
+            assert results["results"][0]["flagged"] is True

@@ -72,29 +72,48 @@ class ApiError(Exception):
         return {"retry-after": str(max(1, round(self.retry_after_s)))}
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+_MISMATCH = {"string_type", "list_type", "int_type", "int_parsing", "float_type", "float_parsing", "bool_type",
+             "model_type", "model_attributes_type", "dict_type", "none_required"}  # fmt: skip
+
+
+def _is_branch_tag(part: Any) -> bool:
+    """pydantic names the member of a union it tried (`constrained-str`, `list[str]`, `TextPart`)
+    in an error's location; a client knows only the field."""
+    return isinstance(part, str) and (
+        part in _TYPE_TAGS
+        or "[" in part
+        or part[:1].isupper()
+        or part.startswith(("constrained-", "function-"))
+    )
+
+
 def _param(loc: Sequence[Any]) -> str:
     """pydantic's error location as OpenAI names a parameter: ("messages", 3, "role") -> messages[3].role."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "union[", "str", "list[", "literal[")):
+        elif not _is_branch_tag(part):
             out += ("." if out else "") + str(part)
     return out
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
-    """`data` as `model`, or a 400 naming the first bad field (and how many others there are)."""
+    """`data` as `model`, or a 400 naming the first bad field (and how many others there are).
+    Of a union's several complaints about one field, the one past a type mismatch is shown: a
+    20-item `stop` list is "at most 16 items", not "should be a valid string"."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         errors = e.errors(include_url=False)
-        first = errors[0]
-        param = _param(first["loc"])
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise ApiError(400, f"{param or 'body'}: {first['msg']}{more}", param=param or None) from None
+        params = list(dict.fromkeys(_param(err["loc"]) for err in errors))
+        first = [err for err in errors if _param(err["loc"]) == params[0]]
+        best = next((err for err in first if err["type"] not in _MISMATCH), first[0])
+        more = f" (and {len(params) - 1} more problems)" if len(params) > 1 else ""
+        raise ApiError(400, f"{params[0] or 'body'}: {best['msg']}{more}", param=params[0] or None) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,9 +129,13 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = Field(
-        None, max_length=MAX_STOP_STRINGS
-    )
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_STRINGS)
+        ]
+        | None
+    ) = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's and TGI's extension
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -207,7 +230,10 @@ class CompletionRequest(_Request):
 
 class ModerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    input: str | list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     model: str | None = None
 
     @property
