@@ -233,6 +233,20 @@ def test_a_stream_left_unread_frees_its_row(batcher):
     assert _wait_until(lambda: batcher.running == 0, 1.0)
 
 
+def test_cancel_from_another_thread_ends_the_readers_loop(batcher):
+    """A server cancels from the thread that saw the client go, while another reads the stream."""
+    stream = batcher.stream(_conv(QUESTIONS[0]), LONG)
+    read = []
+    reader = threading.Thread(target=lambda: read.extend(stream))
+    reader.start()
+    assert _wait_until(lambda: read, 5.0)
+    stream.cancel()
+    reader.join(timeout=2.0)
+    assert not reader.is_alive()
+    assert stream.completion.finish_reason == FinishReason.CANCELLED
+    assert _wait_until(lambda: batcher.running == 0, 1.0)
+
+
 def test_cancelling_a_waiting_request_returns_at_once(batcher):
     running = batcher.stream(_conv(QUESTIONS[0]), LONG)
     pieces = iter(running)  # held: a loop that is dropped cancels its stream
@@ -290,3 +304,28 @@ def test_the_global_rng_is_left_alone(batcher):
     batcher.chat([_conv(QUESTIONS[0])], GenerationSettings(max_new_tokens=8, temperature=1.0, seed=5))
     assert _wait_until(lambda: batcher.running == 0, 1.0)  # the worker's fork of the RNG is over
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.mark.real_model
+def test_the_real_model_answers_concurrent_streams_as_alone():
+    """SmolLM2 (a real byte-level tokenizer, a chat template, EOS): streams sent together share a
+    batch, their pieces join to their answers, and each answer is what it gets alone."""
+    from alpaca_forge import load_model
+
+    inner = TransformersEngine(load_model("smollm2-135m-instruct", device="cpu"))
+    engine = BatchingEngine(inner, wait_s=0.05)
+    try:
+        settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
+        convs = [_conv(q) for q in ("What is the capital of France?", "Say hi in French.", "Name a color.")]
+        streams = _together([lambda c=c: engine.stream(c, settings) for c in convs])
+        joined = [(s, "".join(s)) for s in streams]
+        assert engine.stats.batches == 1 and engine.stats.largest_batch == 3
+        for (stream, text), c in zip(joined, convs, strict=True):
+            assert text == stream.completion.text
+            assert stream.completion == inner.chat([c], settings)[0]
+    finally:
+        engine.close()

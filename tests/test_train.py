@@ -381,7 +381,7 @@ def test_every_shipped_config_loads():
         cfg = build_config(sub.choices[command].get_default("config_class"), {}, path)
         if command == "train":
             assert cfg.data and cfg.output, path
-    assert {"train", "generate", "infer"} <= commands
+    assert {"train", "generate", "infer", "serve"} <= commands
     accel = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
     kinds = {yaml.safe_load(p.read_text())["distributed_type"] for p in accel}
     assert kinds == {"MULTI_GPU", "FSDP", "DEEPSPEED"}

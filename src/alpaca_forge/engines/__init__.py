@@ -10,12 +10,16 @@ from .base import (
     cut_at_stop,
     tokens_per_s,
 )
+from .batching import BatchedStream, BatchingEngine, EngineClosedError
 from .config import REPETITION_PENALTY_HELP, EngineConfig, open_engine, repetition_penalty_for, using_engine
 
 __all__ = [
     "REPETITION_PENALTY_HELP",
+    "BatchedStream",
+    "BatchingEngine",
     "Completion",
     "Engine",
+    "EngineClosedError",
     "EngineConfig",
     "FinishReason",
     "GenerationSettings",

@@ -351,7 +351,7 @@ class BatchingEngine:
                 # Each batch generates in a thread of its own, as `TokenStream` does per answer:
                 # on a CPU other processes were also using, generate() in a long-lived thread ran
                 # 2-20x slower than in a fresh one (OpenMP's default waiting, measured with
-                # SmolLM2 on 2 cores; OMP_WAIT_POLICY=PASSIVE evens them too). ~0.1 ms a batch.
+                # SmolLM2 on 2 cores; OMP_WAIT_POLICY=PASSIVE evens them too). ~0.3 ms a batch.
                 runner = threading.Thread(target=self._run, args=(batch,), name="alpaca-forge-batch")
                 runner.start()
                 runner.join()
