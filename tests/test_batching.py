@@ -128,14 +128,12 @@ def test_an_incomplete_character_is_held_back():
     assert cut.flush() == "\ufffd"  # an answer cut mid-character ends as the full decode does
 
 
-def test_greedy_requests_batch_whatever_their_seed_and_top_p():
+def test_only_the_encoding_and_the_repetition_penalty_split_batches():
     a = GenerationSettings(temperature=0.0, seed=1, top_p=0.5)
-    b = GenerationSettings(temperature=0.0, seed=2, top_p=0.9)
+    b = GenerationSettings(temperature=0.9, seed=2, top_p=0.9)  # sampled, another seed: same batch
     assert batch_key(a, True) == batch_key(b, True)
     assert batch_key(a, True) != batch_key(a, False)  # encode takes one add_special_tokens
     assert batch_key(a, True) != batch_key(dataclasses.replace(a, repetition_penalty=1.1), True)
-    sampled = GenerationSettings(temperature=0.7, seed=1)
-    assert batch_key(sampled, True) != batch_key(dataclasses.replace(sampled, seed=2), True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,14 +183,29 @@ def test_each_row_stops_at_its_own_stop_string(batcher, inner):
     assert batcher.stats.batches == 1
 
 
-def test_incompatible_requests_run_in_separate_batches(batcher, inner):
+def test_greedy_and_sampled_rows_share_a_batch_and_each_answers_as_alone(batcher):
+    """Each row samples with its own temperature, top_p and seed, so a sampled answer is the same
+    for its seed batched or alone, and differs for another seed."""
     conv = _conv(QUESTIONS[0])
-    sampled = GenerationSettings(max_new_tokens=12, temperature=1.0, seed=3)
-    streams = [batcher.stream(conv, GREEDY), batcher.stream(conv, sampled), batcher.stream(conv, GREEDY)]
-    done = [s.wait() for s in streams]
-    assert batcher.stats.batches == 2 and batcher.stats.largest_batch == 2  # the greedy pair, then one
-    assert done[0] == done[2] == inner.chat([conv], GREEDY)[0]
-    assert done[1] == inner.chat([conv], sampled)[0]  # it ran alone, so it repeats exactly
+    hot = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=3)
+    warm = GenerationSettings(max_new_tokens=12, temperature=0.7, top_p=0.8, seed=4)
+    alone = [batcher.chat([conv], s)[0] for s in (GREEDY, hot, warm)]
+    before = batcher.stats.batches
+    streams = [batcher.stream(conv, s) for s in (GREEDY, hot, warm, GREEDY)]
+    together = [s.wait() for s in streams]
+    assert batcher.stats.batches == before + 1 and batcher.stats.largest_batch >= 4  # one batch
+    assert together == [*alone, alone[0]]
+    other_seed = batcher.chat([conv], dataclasses.replace(hot, seed=99))[0]
+    assert other_seed.text != alone[1].text
+
+
+def test_a_different_repetition_penalty_runs_in_its_own_batch(batcher):
+    conv = _conv(QUESTIONS[0])
+    penalised = dataclasses.replace(GREEDY, repetition_penalty=1.3)
+    before = batcher.stats.batches
+    streams = [batcher.stream(conv, GREEDY), batcher.stream(conv, penalised), batcher.stream(conv, GREEDY)]
+    assert all(s.wait().completion_tokens > 0 for s in streams)
+    assert batcher.stats.batches == before + 2  # the greedy pair, then the other
 
 
 # ---------------------------------------------------------------------------------------------

@@ -588,3 +588,25 @@ def test_external_moderation_and_an_llm_judge_guard_the_server(engine, tmp_path)
             assert judge.asked > asked  # the judge read the prompt (and the answer) and let them pass
             results = httpx.post(s.api_url + "/moderations", json={"input": "project nightingale"}).json()
             assert results["results"][0]["flagged"] is True
+
+
+def test_curl_works_unchanged(server):
+    """The README's curl lines, run by curl itself: a JSON answer, and a stream ending in [DONE]."""
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed on this machine")
+    body = json.dumps({"model": server.state.backend.name, "max_tokens": 6, **ask()})
+    url = server.api_url + "/chat/completions"
+    args = ["curl", "-sS", url, "-H", "content-type: application/json", "-d"]
+    whole = subprocess.run([*args, body], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(whole.stdout)["usage"]["completion_tokens"] == 6
+    streamed = subprocess.run(
+        ["curl", "-sSN", url, "-H", "content-type: application/json", "-d", body[:-1] + ', "stream": true}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert streamed.stdout.rstrip().endswith("data: [DONE]") and streamed.stdout.count("data: {") >= 3

@@ -528,8 +528,10 @@ def create_app(state: ServerState) -> Any:
 
     def error_response(e: ApiError) -> Any:
         headers = {**e.headers(), **state.identity_headers()}
-        if e.status in (408, 413):  # the body was not read to its end: this connection cannot go on
+        if e.status == 408:  # the client went quiet mid-body: this connection cannot go on
             headers["connection"] = "close"
+        # (a 413 keeps the connection: the server reads and drops the rest of the body, so the
+        # client, still sending, gets the answer instead of a reset)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(HTTPException)
@@ -597,6 +599,7 @@ def create_app(state: ServerState) -> Any:
         rec = RequestRecord("moderations")
         try:
             rec.key_id = state.keys.client_of(request.headers.get("authorization"))
+            state.ready()  # the filter (its judge, too) is set up with the model
             state.limiter.take(rec.key_id)
             req = parse(ModerationRequest, await read_json(request, cfg.max_body_bytes, cfg.body_timeout_s))
             if state.filter is None:
