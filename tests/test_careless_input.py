@@ -565,6 +565,49 @@ def flag_without_its_value(w: Workspace) -> Attempt:
 
 
 # ---------------------------------------------------------------------------------------------
+# serve: settings that would make an unsafe or broken server fail before anything listens
+
+
+@case
+def serve_public_without_a_key(w: Workspace) -> Attempt:
+    return Attempt(
+        ["serve", "--host", "0.0.0.0", "--port", "0"], ["--host 0.0.0.0", "--api-key", "--insecure-no-auth"]
+    )
+
+
+@case
+def serve_keys_file_without_ids(w: Workspace) -> Attempt:
+    keys = w.write("keys.txt", "# who: key\nsk-alice-1\n")
+    return Attempt(
+        ["serve", "--api-keys-file", str(keys), "--port", "0"],
+        [f"{keys}:2", "client-id: key"],
+        untouched=(keys,),
+    )
+
+
+@case
+def serve_rules_with_a_bad_pattern(w: Workspace) -> Attempt:
+    rules = w.write("rules.yaml", "categories:\n  secrets:\n    - 'password('\n")
+    return Attempt(
+        ["serve", "--filter-rules", str(rules), "--port", "0"],
+        [f"{rules}:3", "not a valid regular expression"],
+        untouched=(rules,),
+    )
+
+
+@case
+def serve_port_in_use(w: Workspace) -> Attempt:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    w._request.addfinalizer(taken.close)
+    port = str(taken.getsockname()[1])
+    return Attempt(["serve", "--port", port, "--no-filter"], [f"--port {port}: already in use"])
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(CASES))
