@@ -610,3 +610,24 @@ def test_curl_works_unchanged(server):
         check=True,
     )
     assert streamed.stdout.rstrip().endswith("data: [DONE]") and streamed.stdout.count("data: {") >= 3
+
+
+def test_without_keys_only_loopback_names_and_origins_are_answered(server):
+    """DNS rebinding (a page on another site whose name resolves to 127.0.0.1) and cross-site
+    fetches cannot use a server that has no API key."""
+    body = {"model": server.state.backend.name, "max_tokens": 2, **ask()}
+    url = server.api_url + "/chat/completions"
+    rebound = httpx.post(url, json=body, headers={"host": "evil.example:8000"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    cross = httpx.post(url, json=body, headers={"origin": "https://evil.example"})
+    assert cross.status_code == 403 and cross.json()["error"]["code"] == "origin_not_allowed"
+    same = httpx.post(url, json=body, headers={"origin": server.url, "host": "localhost"})
+    assert same.status_code == 200
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_crash(server, engine):
+    body = {"model": server.state.backend.name, "max_tokens": 12, "temperature": 1e-320, **ask()}
+    r = httpx.post(server.api_url + "/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    greedy_answer = httpx.post(server.api_url + "/chat/completions", json={**body, "temperature": 0}).json()
+    assert r.json()["choices"][0]["message"]["content"] == greedy_answer["choices"][0]["message"]["content"]

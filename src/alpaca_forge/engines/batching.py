@@ -58,6 +58,11 @@ def batch_key(settings: GenerationSettings, add_special_tokens: bool) -> tuple:
     return (add_special_tokens, settings.repetition_penalty)
 
 
+# Below this a temperature is greedy: logits / 1e-38 overflow float32 to inf, and sampling from
+# the NaNs that follow would fail the whole batch.
+MIN_TEMPERATURE = 1e-5
+
+
 class _RowSampler:
     """A logits processor that picks each row's next token with that row's own settings: argmax
     for a greedy row; for a sampled one temperature, then top_p, then a draw from the row's own
@@ -77,7 +82,7 @@ class _RowSampler:
         self.generators = []
         for s in self.settings:
             g = None
-            if s.temperature > 0:
+            if s.temperature >= MIN_TEMPERATURE:
                 g = torch.Generator(device=device)
                 g.manual_seed(s.seed)
             self.generators.append(g)
@@ -95,7 +100,9 @@ class _RowSampler:
                 cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
                 drop = cumulative - ordered.softmax(dim=-1) >= s.top_p  # the first token always stays
                 logits = logits.scatter(0, order[drop], float("-inf"))
-            chosen[i] = torch.multinomial(logits.softmax(dim=-1), 1, generator=g)[0]
+            probs = logits.softmax(dim=-1)
+            if bool(torch.isfinite(probs).all()):  # else (overflowing logits) this row stays greedy
+                chosen[i] = torch.multinomial(probs, 1, generator=g)[0]
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.unsqueeze(1), 0.0)
         return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engines import Completion, Stream
+
+log = logging.getLogger("alpaca_forge")
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Answers:
         self.starts, self.checker, self.deadline = starts, checker, deadline
         self.streams: list[Stream | None] = [None] * len(starts)
         self.completions: list[Completion | None] = [None] * len(starts)  # as each answer ended
-        self._running = len(starts)  # pulling threads not yet finished
+        self._running = 0  # pulling threads started and not yet finished
         self._settled: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self.first_piece_at: float | None = None  # perf_counter time of the first piece of any answer
@@ -59,6 +62,8 @@ class Answers:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
         for i, start in enumerate(self.starts):
+            with self._lock:
+                self._running += 1
             threading.Thread(target=self._pull, args=(i, start), name=f"answer-{i}", daemon=True).start()
         left = len(self.starts)
         try:
@@ -75,11 +80,15 @@ class Answers:
                 self.cancel()
 
     def cancel(self) -> None:
-        """Stop every answer still going (from any thread; returns at once)."""
-        self._cancelled.set()
-        for s in self.streams:
-            if s is not None:
-                threading.Thread(target=_quietly_cancel, args=(s,), daemon=True).start()
+        """Stop every answer still going (from any thread; returns at once). Once is enough: an
+        answer whose stream starts later cancels itself on seeing the flag."""
+        with self._lock:
+            if self._cancelled.is_set():
+                return
+            self._cancelled.set()
+        streams = [s for s in self.streams if s is not None]
+        if streams:
+            threading.Thread(target=lambda: [_quietly_cancel(s) for s in streams], daemon=True).start()
 
     @property
     def queue_s(self) -> float | None:
@@ -106,11 +115,14 @@ class Answers:
                 self._running -= 1
                 callbacks = self._settled if not self._running else []
             for callback in callbacks:
-                callback()
+                try:
+                    callback()
+                except Exception:  # a log that cannot be written must not take the answer with it
+                    log.exception("logging a request failed")
 
     def _pull_one(self, index: int, start: Callable[[], Stream]) -> None:
-        check = self.checker() if self.checker else None
         try:
+            check = self.checker() if self.checker else None
             stream = start()
             self.streams[index] = stream
             if self._cancelled.is_set():
@@ -125,14 +137,18 @@ class Answers:
                     return
                 self._emit(Event(index, "piece", piece))
                 if self._cancelled.is_set():
-                    stream.cancel()
                     break
+            if self._cancelled.is_set():  # nobody reads this answer now: no last filter check
+                stream.cancel()
+                return
             verdict = check.end() if check else None
             if verdict is not None:
                 self._emit(Event(index, "blocked", completion=stream.completion, verdict=verdict))
                 return
             self._emit(Event(index, "done", completion=stream.completion))
         except BaseException as e:  # handed to the loop, which answers with an error
+            if self._cancelled.is_set():
+                log.warning("an answer failed after its request ended: %s: %s", type(e).__name__, e)
             self._emit(Event(index, "error", error=e))
 
     def _emit(self, event: Event) -> None:

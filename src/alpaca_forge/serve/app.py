@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -45,6 +46,7 @@ from .protocol import (
 from .telemetry import Metrics, RequestLog, RequestRecord
 
 log = logging.getLogger("alpaca_forge")
+LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
 STATIC = resources.files("alpaca_forge.serve") / "static"
 
 
@@ -76,6 +78,28 @@ class ServerState:
                 raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
             raise ApiError(503, "the model is still loading; retry shortly", code="loading", retry_after_s=5)
         return self.backend
+
+    def check_origin(self, request: Any) -> None:
+        """Without keys, only this machine may ask, and not through a web page of another site:
+        a request must be addressed to a loopback name (a DNS-rebinding page sends its own
+        `Host`), and a browser's `Origin`, when sent, must be loopback too (cross-site `fetch`)."""
+        if self.keys.required or self.config.insecure_no_auth:
+            return
+        host = (request.headers.get("host") or "").rpartition(":")[0] or request.headers.get("host", "")
+        if host.strip("[]") not in LOOPBACK_NAMES:
+            raise ApiError(
+                403,
+                f"this server has no API key, so it answers only requests to a loopback address, not Host {host[:80]!r}; "
+                "start it with --api-key to serve other names",
+                code="host_not_allowed",
+            )
+        origin = request.headers.get("origin")
+        if origin and origin != "null" and (urlsplit(origin).hostname or "") not in LOOPBACK_NAMES:
+            raise ApiError(
+                403,
+                f"cross-site request from {origin[:80]!r} refused: this server has no API key",
+                code="origin_not_allowed",
+            )
 
     def identity_headers(self) -> dict[str, str]:
         return {"x-model-id": self.backend.model_id} if self.backend else {}
@@ -144,6 +168,8 @@ async def read_json(request: Any, max_bytes: int, timeout_s: float) -> Any:
         raise ApiError(
             400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ApiError(400, f"the request body cannot be read: {e}") from None
     except RecursionError:
         raise ApiError(400, "the request body nests too deeply to be read") from None
 
@@ -224,9 +250,34 @@ def _max_new_tokens(state: ServerState, backend: Backend, req: Any, prompt_token
     return asked or min(cap, room)
 
 
+MAX_CHARS_PER_TOKEN = 16  # far above any tokenizer's average (~4 for English): a bound, not a count
+
+
+def within_reach(conversation: list[Any], max_chars: int) -> list[Any]:
+    """The conversation without the oldest turns that could never fit: the engine drops old turns
+    until the prompt fits the model's context, tokenizing it again each time, so a client's 1 MB
+    of history would cost it seconds of CPU. A last message that alone is too long is a 400."""
+    system = [m for m in conversation if m.role == "system"]
+    turns = [m for m in conversation if m.role != "system"]
+    size = sum(len(m.content) for m in conversation)
+    while len(turns) > 1 and size > max_chars:
+        size -= len(turns.pop(0).content)
+    if len(turns) < len(conversation) - len(system):
+        while len(turns) > 1 and turns[0].role != "user":  # history starts with a question
+            size -= len(turns.pop(0).content)
+    if size > max_chars:
+        raise ApiError(
+            400,
+            f"the prompt is {size:,} characters, more than this server reads ({max_chars:,}); shorten it",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return [*system, *turns]
+
+
 async def plan_chat(state: ServerState, backend: Backend, req: ChatRequest, rec: RequestRecord) -> Plan:
     plan = Plan(rec, req, "chat")
-    conversation = req.conversation()
+    conversation = within_reach(req.conversation(), state.config.max_prompt_tokens * MAX_CHARS_PER_TOKEN)
     guess = req.asked_max_tokens or state.config.max_tokens
     tokens = await asyncio.to_thread(backend.chat_prompt_tokens, conversation, guess)
     max_new = _max_new_tokens(state, backend, req, tokens)
@@ -321,10 +372,10 @@ class Responder:
     def _record_tokens(self, completions: list[Completion | None]) -> int:
         done = [c for c in completions if c is not None]
         if self.backend.upstream or not self.plan.prompt_tokens:
-            # a server behind us counted the prompt; our count is of what we rendered
-            self.plan.prompt_tokens = max(
-                self.plan.prompt_tokens, max((c.prompt_tokens for c in done), default=0)
-            )
+            # A server behind us counted the prompts (we cannot): each prompt once, not per choice.
+            n = getattr(self.plan.req, "n", 1)
+            counted = sum(c.prompt_tokens for c in completions[::n] if c is not None)
+            self.plan.prompt_tokens = max(self.plan.prompt_tokens, counted)
         self.plan.rec.prompt_tokens = self.plan.prompt_tokens
         return sum(c.completion_tokens for c in done)
 
@@ -376,7 +427,10 @@ class Responder:
             ) from None
         finally:
             watch.remove_done_callback(_cancel_on_disconnect)
+            gone = watch.done() and not watch.cancelled()
             watch.cancel()
+        if gone:  # the client left before its answer was ready: nobody reads this response
+            rec.status, rec.finish_reason = 499, "cancelled"
         rec.completion_tokens = self._record_tokens(completions)
         rec.finish_reason = reasons[0] if n == 1 else ",".join(reasons)
         if self.state.config.log_text:
@@ -547,6 +601,7 @@ def create_app(state: ServerState) -> Any:
         streaming = False
         try:
             rec.key_id = state.keys.client_of(request.headers.get("authorization"))
+            state.check_origin(request)
             backend = state.ready()
             state.limiter.take(rec.key_id)
             req = parse(model, await read_json(request, cfg.max_body_bytes, cfg.body_timeout_s))
@@ -561,7 +616,7 @@ def create_app(state: ServerState) -> Any:
             plan = await planner(state, backend, req, rec)
             rec.prompt_tokens = plan.prompt_tokens
             if plan.blocked is None:
-                ticket = state.admission.enter()
+                ticket = state.admission.enter(len(plan.starts))
             responder = Responder(state, backend, plan, started)
             headers = state.identity_headers()
             if req.stream:
@@ -573,9 +628,10 @@ def create_app(state: ServerState) -> Any:
             body = await responder.whole(request, ticket)
             rec.prompt_tokens = plan.prompt_tokens
             return JSONResponse(body, headers=headers)
-        except ApiError as e:
-            rec.status, rec.error = e.status, e.message
-            return error_response(e)
+        except Exception as e:  # a UserError is a 400; anything else a logged 500, in OpenAI's shape
+            err = _engine_error(e)
+            rec.status, rec.error = err.status, err.message
+            return error_response(err)
         finally:
             if not streaming:
                 if ticket:
@@ -599,6 +655,7 @@ def create_app(state: ServerState) -> Any:
         rec = RequestRecord("moderations")
         try:
             rec.key_id = state.keys.client_of(request.headers.get("authorization"))
+            state.check_origin(request)
             state.ready()  # the filter (its judge, too) is set up with the model
             state.limiter.take(rec.key_id)
             req = parse(ModerationRequest, await read_json(request, cfg.max_body_bytes, cfg.body_timeout_s))
@@ -612,9 +669,10 @@ def create_app(state: ServerState) -> Any:
                     hit = [c for c, v in r.get("categories", {}).items() if v]
                     rec.filter_hits.append({"stage": "moderation", "source": "api", "categories": hit})
             return JSONResponse({"id": new_id("modr"), "model": "alpaca-forge-filter", "results": results})
-        except ApiError as e:
-            rec.status, rec.error = e.status, e.message
-            return error_response(e)
+        except Exception as e:
+            err = _engine_error(e)
+            rec.status, rec.error = err.status, err.message
+            return error_response(err)
         finally:
             state.finish(rec, started)
 
@@ -622,6 +680,7 @@ def create_app(state: ServerState) -> Any:
     async def models(request: Request) -> Any:
         try:
             state.keys.client_of(request.headers.get("authorization"))
+            state.check_origin(request)
             backend = state.ready()
         except ApiError as e:
             return error_response(e)

@@ -124,36 +124,44 @@ class Admission:
         self.running = 0  # generating
         self._lock = threading.Lock()
 
-    def enter(self) -> Ticket:
+    def enter(self, weight: int = 1) -> Ticket:
+        """A place for one request generating `weight` answers (n choices, several prompts): the
+        queue counts answers, since each is a row the engine generates."""
+        if weight > self.size:
+            raise ApiError(
+                400,
+                f"this request asks for {weight} answers (prompts x n); this server queues at most {self.size}",
+                param="n",
+            )
         with self._lock:
-            if self.waiting + self.running >= self.size:
+            if self.waiting + self.running + weight > self.size:
                 raise ApiError(
                     429,
-                    f"the server is busy: {self.size} requests are already queued or running",
+                    f"the server is busy: {self.waiting + self.running} of its {self.size} answers are queued or running",
                     code="queue_full",
                     retry_after_s=1,
                 )
-            self.waiting += 1
-        return Ticket(self)
+            self.waiting += weight
+        return Ticket(self, weight)
 
 
 class Ticket:
     """One admitted request's place: `started()` when its first token arrives, `leave()` once."""
 
-    def __init__(self, admission: Admission):
-        self.admission, self.state = admission, "waiting"
+    def __init__(self, admission: Admission, weight: int = 1):
+        self.admission, self.weight, self.state = admission, weight, "waiting"
 
     def started(self) -> None:
         with self.admission._lock:
             if self.state == "waiting":
-                self.admission.waiting -= 1
-                self.admission.running += 1
+                self.admission.waiting -= self.weight
+                self.admission.running += self.weight
                 self.state = "running"
 
     def leave(self) -> None:
         with self.admission._lock:
             if self.state == "waiting":
-                self.admission.waiting -= 1
+                self.admission.waiting -= self.weight
             elif self.state == "running":
-                self.admission.running -= 1
+                self.admission.running -= self.weight
             self.state = "left"

@@ -30,6 +30,7 @@ MAX_PROMPTS = 32  # prompts in one /v1/completions request
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     408: "timeout_error",
     413: "invalid_request_error",
@@ -193,8 +194,8 @@ class ChatRequest(_Request):
     @field_validator("messages")
     @classmethod
     def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not any(m.role == "user" for m in messages):
-            raise ValueError("needs at least one message with role 'user'")
+        if messages[-1].role != "user":
+            raise ValueError("must end with a message with role 'user' (the one to answer)")
         return messages
 
     @property
