@@ -12,11 +12,13 @@ the engine before all of it was checked: one client's bad request costs the othe
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,6 +69,26 @@ class ServerState:
         self.metrics.running.set_function(lambda: self.admission.running)
         self.filter = content_filter
         self.log = request_log or RequestLog(None, log_text=False)
+        self._count_pool = ThreadPoolExecutor(4, thread_name_prefix="serve-count")
+        self._check_pool = ThreadPoolExecutor(config.max_queue + 4, thread_name_prefix="serve-check")
+
+    async def counting(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Tokenizing, off the event loop, in a pool of its own: quick, and never stuck behind
+        a slow moderation call."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._count_pool, functools.partial(fn, *args)
+        )
+
+    async def checking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A content-filter check (a moderation URL or a judge may take seconds), in its own pool,
+        one thread per request the queue admits."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._check_pool, functools.partial(fn, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        self._count_pool.shutdown(wait=False, cancel_futures=True)
+        self._check_pool.shutdown(wait=False, cancel_futures=True)
 
     def loaded(self, backend: Backend) -> None:
         self.backend = backend
@@ -279,14 +301,14 @@ async def plan_chat(state: ServerState, backend: Backend, req: ChatRequest, rec:
     plan = Plan(rec, req, "chat")
     conversation = within_reach(req.conversation(), state.config.max_prompt_tokens * MAX_CHARS_PER_TOKEN)
     guess = req.asked_max_tokens or state.config.max_tokens
-    tokens = await asyncio.to_thread(backend.chat_prompt_tokens, conversation, guess)
+    tokens = await state.counting(backend.chat_prompt_tokens, conversation, guess)
     max_new = _max_new_tokens(state, backend, req, tokens)
     plan.prompt_tokens = tokens or 0
     if state.config.log_text:
         rec.prompt = [{"role": m.role, "content": m.content} for m in conversation]
     if state.filter is not None:
         text = plan.filter_context = request_text(conversation, last_user_only=not backend.engine.multi_turn)
-        verdict = await asyncio.to_thread(state.filter.check, text, role="user")
+        verdict = await state.checking(state.filter.check, text, role="user")
         if verdict.flagged:
             plan.blocked = verdict
             return plan
@@ -301,14 +323,14 @@ async def plan_completion(
 ) -> Plan:
     plan = Plan(rec, req, "text")
     prompts = req.prompts
-    counts = [await asyncio.to_thread(backend.raw_prompt_tokens, p) for p in prompts]
+    counts = [await state.counting(backend.raw_prompt_tokens, p) for p in prompts]
     budgets = [_max_new_tokens(state, backend, req, c) for c in counts]
     plan.prompt_tokens = sum(c or 0 for c in counts)
     if state.config.log_text:
         rec.prompt = prompts
     if state.filter is not None:
         for p in prompts:
-            verdict = await asyncio.to_thread(state.filter.check, p, role="user")
+            verdict = await state.checking(state.filter.check, p, role="user")
             if verdict.flagged:
                 plan.blocked = verdict
                 return plan
@@ -663,7 +685,17 @@ def create_app(state: ServerState) -> Any:
                 raise ApiError(
                     404, "the content filter is off on this server (--no-filter)", code="filter_off"
                 )
-            results = await asyncio.to_thread(state.filter.moderations, req.texts)
+            ticket = state.admission.enter(1)  # a slow moderation layer holds a place like an answer
+            try:
+                results = await asyncio.wait_for(
+                    state.checking(state.filter.moderations, req.texts), cfg.request_timeout_s
+                )
+            except TimeoutError:
+                raise ApiError(
+                    504, f"no verdict within {cfg.request_timeout_s:g} s", code="timeout"
+                ) from None
+            finally:
+                ticket.leave()
             for r in results:
                 if r.get("flagged"):
                     hit = [c for c, v in r.get("categories", {}).items() if v]

@@ -193,6 +193,7 @@ class RunningServer:
             with contextlib.suppress(Exception):
                 thing.close()
         self.state.log.close()
+        self.state.close()
         with contextlib.suppress(OSError):
             self._sock.close()
         backend = self.state.backend
