@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -61,6 +62,17 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def run_clients(client: Callable[[int], None], count: int) -> float:
+    """`client(0)` ... `client(count - 1)` in threads at once; the wall time until all are done."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def stream_once(client: httpx.Client, url: str, body: dict) -> dict:
@@ -164,13 +176,7 @@ def main() -> None:
                     barrier.wait()
                     out[i] = stream_once(c, url, body(TOPICS[i % len(TOPICS)], tokens))
 
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(args.clients)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return out, time.perf_counter() - t0
+            return out, run_clients(one, args.clients)
 
         fan_out(16)  # warm-up at this batch size
         runs, wall = fan_out(args.tokens)
@@ -216,13 +222,7 @@ def main() -> None:
                             counts["errors"] += 1
                             errors.append(str(r.get("error")))
 
-        threads = [threading.Thread(target=soak, args=(i,)) for i in range(args.clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        soak_wall = time.perf_counter() - t0
+        soak_wall = run_clients(soak, args.clients)
         end_rss = rss_mb()
         results["soak"] = {
             "seconds": round(soak_wall, 1),

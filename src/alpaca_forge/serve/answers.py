@@ -52,7 +52,6 @@ class Answers:
         self._running = 0  # pulling threads started and not yet finished
         self._settled: list[Callable[[], None]] = []
         self._lock = threading.Lock()
-        self.first_piece_at: float | None = None  # perf_counter time of the first piece of any answer
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Event] | None = None
@@ -128,8 +127,6 @@ class Answers:
             if self._cancelled.is_set():
                 stream.cancel()
             for piece in stream:
-                if self.first_piece_at is None:
-                    self.first_piece_at = time.perf_counter()
                 verdict = check.push(piece) if check else None
                 if verdict is not None:
                     stream.cancel()

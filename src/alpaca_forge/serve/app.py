@@ -377,7 +377,7 @@ class Responder:
 
     def _body(self, choices: list[dict[str, Any]], completion_tokens: int) -> dict[str, Any]:
         p = self.plan
-        body = envelope(p.object, p.rid, self.backend.name, self.backend.fingerprint, p.created)
+        body = self._head(p.object)
         body["choices"] = choices
         body["usage"] = usage(p.prompt_tokens, completion_tokens)
         return body
@@ -476,10 +476,18 @@ class Responder:
 
     # -- a stream of server-sent events ---------------------------------------------------------
 
+    def _head(self, kind: str) -> dict[str, Any]:
+        """The fields every body and chunk of this request starts with."""
+        p = self.plan
+        return envelope(kind, p.rid, self.backend.name, self.backend.fingerprint, p.created)
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.plan.kind == "chat" else "text_completion"
+
     def _chunk(self, index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
         p = self.plan
-        kind = "chat.completion.chunk" if p.kind == "chat" else "text_completion"
-        body = envelope(kind, p.rid, self.backend.name, self.backend.fingerprint, p.created)
+        body = self._head(self._chunk_kind)
         if p.kind == "chat":
             body["choices"] = [{"index": index, "delta": delta, "finish_reason": reason}]
         else:
@@ -547,14 +555,8 @@ class Responder:
                     yield _event(err.body())
             rec.completion_tokens = self._record_tokens(completions)
             if p.req.include_usage:
-                tail = envelope(
-                    "chat.completion.chunk" if p.kind == "chat" else "text_completion",
-                    p.rid,
-                    self.backend.name,
-                    self.backend.fingerprint,
-                    p.created,
-                )
-                yield _event({**tail, "choices": [], "usage": usage(p.prompt_tokens, rec.completion_tokens)})
+                tail = {**self._head(self._chunk_kind), "choices": []}
+                yield _event({**tail, "usage": usage(p.prompt_tokens, rec.completion_tokens)})
             yield b"data: [DONE]\n\n"
             if rec.finish_reason is None:
                 rec.finish_reason = reasons[0] if n == 1 else ",".join(reasons)

@@ -65,15 +65,11 @@ class Backend:
         """Tokens of the prompt the engine will render (None when a server renders it)."""
         if self.lm is None:
             return None
-        inner = getattr(self.engine, "inner", self.engine)
-        prompt = inner.render(conversation, max_new_tokens)
-        return self.count(prompt, self.lm.prompt_format.add_special_tokens)
+        prompt = self.engine.inner.render(conversation, max_new_tokens)
+        return self.engine.count_tokens(prompt, chat=True)
 
     def raw_prompt_tokens(self, prompt: str) -> int | None:
-        return None if self.lm is None else self.count(prompt, True)
-
-    def count(self, text: str, add_special_tokens: bool) -> int:
-        return len(self.lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return None if self.lm is None else self.engine.count_tokens(prompt, chat=False)
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -124,6 +120,18 @@ class WholeAnswer:
         self.cancelled = True
 
 
+def serving_engine(engine: Engine, *, max_batch_size: int, batch_wait_s: float) -> Engine:
+    """What serve runs: an in-process engine wrapped so concurrent requests share a batch; any
+    other (a server behind a gateway batches on its own) as it is."""
+    from ..engines.transformers_engine import TransformersEngine
+
+    if not isinstance(engine, TransformersEngine):
+        return engine
+    from ..engines.batching import BatchingEngine
+
+    return BatchingEngine(engine, max_batch_size=max_batch_size, wait_s=batch_wait_s)
+
+
 def open_backend(
     engine_cfg: EngineConfig,
     *,
@@ -132,12 +140,8 @@ def open_backend(
     batch_wait_s: float,
     repetition_penalty: float,
 ) -> Backend:
-    """The engine `engine_cfg` names, loaded; an in-process one wrapped for batching."""
-    engine = open_engine(engine_cfg)
-    if engine_cfg.engine == "transformers":
-        from ..engines.batching import BatchingEngine
-
-        engine = BatchingEngine(engine, max_batch_size=max_batch_size, wait_s=batch_wait_s)  # type: ignore[arg-type]
+    """The engine `engine_cfg` names, loaded and ready to serve."""
+    engine = serving_engine(open_engine(engine_cfg), max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
     backend = Backend(engine, served_name=served_name, repetition_penalty=repetition_penalty)
     log.info("serving %s (%s, prompt format %s)", backend.name, backend.fingerprint, backend.prompt_format)
     return backend

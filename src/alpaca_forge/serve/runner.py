@@ -25,7 +25,7 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.files import check_output
 from ..engines import Engine, EngineConfig, open_engine
-from .backend import Backend, open_backend
+from .backend import Backend, open_backend, serving_engine
 from .config import LOOPBACK_HOSTS, ServeConfig
 from .telemetry import RequestLog
 
@@ -150,8 +150,11 @@ class RunningServer:
                 if not hasattr(engine, "stream"):  # a factory: load in this thread
                     engine = engine()
                     self._owned.append(engine)
+                served = serving_engine(
+                    engine, max_batch_size=cfg.max_batch_size, batch_wait_s=cfg.batch_wait_ms / 1000
+                )
                 backend = Backend(
-                    _batched(engine, cfg),
+                    served,
                     served_name=cfg.served_model_name,
                     repetition_penalty=cfg.repetition_penalty,
                 )
@@ -212,17 +215,6 @@ class RunningServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def _batched(engine: Engine, cfg: ServeConfig) -> Engine:
-    """An in-process engine wrapped so concurrent requests share a batch; others as they are."""
-    from ..engines.transformers_engine import TransformersEngine
-
-    if isinstance(engine, TransformersEngine):
-        from ..engines.batching import BatchingEngine
-
-        return BatchingEngine(engine, max_batch_size=cfg.max_batch_size, wait_s=cfg.batch_wait_ms / 1000)
-    return engine
 
 
 def start(config: ServeConfig, *, engine: Engine | Callable[[], Engine] | None = None) -> RunningServer:
