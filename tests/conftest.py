@@ -105,6 +105,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as an f32 GGUF file (so llama.cpp's greedy choices are transformers')."""
+    from alpaca_forge.core.models import load_pretrained
+    from alpaca_forge.export.to_gguf import write_gguf
+
+    model, tokenizer, _ = load_pretrained(str(tiny_model_dir))
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.f32.gguf"
+    write_gguf(model, tokenizer, get_format_of(tiny_model_dir), path, "f32", name="tiny")
+    return path
+
+
+def get_format_of(folder: Path):
+    from alpaca_forge.core.prompts import read_saved_format
+
+    return read_saved_format(folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
     from alpaca_forge import load_model
 

@@ -14,6 +14,7 @@ import torch
 
 from alpaca_forge import FinishReason, GenerationSettings, Message, UserError, load_model
 from alpaca_forge.engines import StopStringFilter, cut_at_stop, tokens_per_s
+from alpaca_forge.engines.llamacpp import LlamaCppEngine, gguf_path
 from alpaca_forge.engines.openai_http import OpenAIEngine
 from alpaca_forge.engines.transformers_engine import TransformersEngine
 
@@ -78,12 +79,38 @@ def smollm2_engine():
     return TransformersEngine(load_model("smollm2-135m-instruct", device="cpu"))
 
 
-@pytest.fixture(params=["transformers", "openai", pytest.param("smollm2", marks=pytest.mark.real_model)])
+@pytest.fixture(scope="module")
+def tiny_llamacpp(tiny_gguf):
+    engine = LlamaCppEngine(tiny_gguf, context_tokens=1024)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_llamacpp():
+    engine = LlamaCppEngine(gguf_path("smollm2-135m-instruct"), context_tokens=1024)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(
+    params=[
+        "transformers",
+        "openai",
+        "llamacpp",
+        pytest.param("smollm2", marks=pytest.mark.real_model),
+        pytest.param("smollm2-llamacpp", marks=pytest.mark.real_model),
+    ]
+)
 def engine(request):
     if request.param == "transformers":
         yield request.getfixturevalue("tiny_engine")
     elif request.param == "smollm2":
         yield request.getfixturevalue("smollm2_engine")
+    elif request.param == "llamacpp":
+        yield request.getfixturevalue("tiny_llamacpp")
+    elif request.param == "smollm2-llamacpp":
+        yield request.getfixturevalue("smollm2_llamacpp")
     else:
         http = OpenAIEngine(request.getfixturevalue("loopback"), "tiny")
         yield http

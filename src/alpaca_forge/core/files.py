@@ -4,6 +4,8 @@
   folders and refuses a directory, a path under a regular file, or the stage's own input, each
   with the path named and a fix. `user_paths` turns any later OSError into the same kind of error.
 - `atomic_writer` / `write_text_atomic`: a reader sees the old file or the new one, never half.
+- `staged_output`: a whole folder or large file (an exported model) written under a temporary
+  name and moved into place at the end; nothing half-written stays behind on a failure.
 - `open_append` / `read_appended_jsonl`: the append-only JSONL files of resumable jobs (infer,
   generate); a line a kill cut short is dropped on the next start and its work redone.
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -204,3 +207,61 @@ def _cut_off_row(tail: str, required: Sequence[str]) -> bool:
     except json.JSONDecodeError:
         return tail.lstrip().startswith("{")
     return _appended_row(tail, required) is not None
+
+
+@contextlib.contextmanager
+def staged_output(path: str | os.PathLike, *, force: bool, flag: str = "--output") -> Iterator[Path]:
+    """Write a whole output (a folder or a file) under a temporary name beside `path`; it takes
+    `path`'s place only once everything is written, so a failure (a full disk, a wrong input found
+    half-way, Ctrl-C) leaves nothing half-written behind. An existing `path` is refused unless
+    `force`, and then replaced only at the end.
+
+    Yields the temporary path to write (not created: make the folder or the file yourself)."""
+    out = Path(path).expanduser()
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(
+            f"{flag} {out}: already exists (nothing is overwritten silently)",
+            f"choose another {flag}, or add --force to replace it",
+        )
+    blocker = _under_a_file(out)
+    if blocker is not None:
+        raise UserError(
+            f"{flag} {out}: {blocker} is a file, so nothing can be written under it",
+            f"choose a {flag} whose folders are folders (or move {blocker} away)",
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"{flag} {out}: cannot create {out.parent} ({e.strerror})",
+            f"choose a {flag} in a folder you can write to",
+        ) from e
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    _remove(tmp)
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            raise UserError(
+                f"{flag} {out}: writing failed ({e.strerror or e}); nothing was left behind",
+                "free some disk space (or choose a disk with room) and run the command again"
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                else f"check that {out.parent} is writable and run the command again",
+            ) from e
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists() or out.is_symlink():
+            os.replace(out, old)  # a rename: a folder or a file alike
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        _remove(old)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)

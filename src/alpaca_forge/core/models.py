@@ -414,19 +414,61 @@ def adapter_base(folder: Path) -> str:
         ) from e
 
 
-def merge_adapter(folder: Path) -> tuple[Any, Any]:
+def adapter_facts(folder: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads((folder / ADAPTER_BASE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder / ADAPTER_BASE_FILE}: unreadable ({e})", "train the adapter again") from e
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A cheap identity of a model's weights: every tensor's name and shape, and the float32 bytes
+    of its first row. Two checkpoints of one architecture (a base and its chat fine-tune) differ
+    in it; reading it costs one row per tensor (~2 MB for a 7B model)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        row = tensor.detach()[:1] if tensor.dim() > 1 else tensor.detach()
+        h.update(row.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def merge_adapter(folder: Path, base: str | None = None) -> tuple[Any, Any]:
     """A LoRA (or QLoRA) adapter merged into its base model in full precision, on the CPU: the one
-    merge path, used to load an adapter for inference and by `train --merge`. (Merging into a
-    4-bit base would quantise the update away and need bitsandbytes to load.)"""
+    merge path, used to load an adapter for inference, by `train --merge` and by `export merge`.
+    (Merging into a 4-bit base would quantise the update away and need bitsandbytes to load.)
+
+    `base` defaults to the one the adapter records. An adapter made for another base is refused:
+    by shape (another architecture or size), or by the weights' fingerprint the adapter recorded
+    at training time (another checkpoint of the same architecture)."""
     from peft import PeftModel
 
-    base, _, _ = load_pretrained(adapter_base(folder))
-    base = base.float()
+    spec = base or adapter_base(folder)
+    model, _, _ = load_pretrained(spec)
+    model = model.float()
+    recorded = adapter_facts(folder).get("base_fingerprint")
+    if recorded and recorded != weights_fingerprint(model):
+        raise UserError(
+            f"{folder}: this adapter was trained on other base weights than those of {spec} "
+            f"(fingerprint {recorded} then, {weights_fingerprint(model)} now)",
+            f"pass the base it was trained on (it records {adapter_base(folder)!r}) as --model",
+        )
     tokenizer = _tokenizer_from(str(folder))
-    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-    return model, tokenizer
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    try:
+        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = " ".join(str(e).split())[:300]
+        raise UserError(
+            f"{folder}: this adapter does not fit the base model {spec} ({first})",
+            f"pass the base it was trained on (it records {adapter_base(folder)!r}) as --model",
+        ) from e
+    return merged, tokenizer
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:

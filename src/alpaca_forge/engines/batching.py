@@ -297,8 +297,7 @@ class BatchingEngine:
 
     def count_tokens(self, text: str, *, chat: bool) -> int:
         """Tokens the model reads for a prompt: a rendered conversation (`chat`) or a raw one."""
-        special = self.inner.lm.prompt_format.add_special_tokens if chat else True
-        return self._count(text, special)
+        return self.inner.count_tokens(text, chat=chat)
 
     def _count(self, text: str, add_special_tokens: bool) -> int:
         return len(self.inner.lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

@@ -2,6 +2,7 @@
 
 --engine transformers [--model NAME]                  a model in this process (the default)
 --engine openai --base-url URL --model NAME [--api-key-env VAR]   an OpenAI-compatible server
+--engine llamacpp [--model FILE.gguf]                 a GGUF file run by llama.cpp in this process
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .base import Engine
 
 log = logging.getLogger("alpaca_forge")
 
-EngineName = Literal["transformers", "openai"]
+EngineName = Literal["transformers", "openai", "llamacpp"]
 FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 DtypeName = Literal[DTYPES]  # type: ignore[valid-type]
 
@@ -31,12 +32,13 @@ DtypeName = Literal[DTYPES]  # type: ignore[valid-type]
 class EngineConfig(Config):
     engine: EngineName = setting(
         "transformers",
-        "what makes the text: transformers (a model in this process) or openai (an OpenAI-compatible server)",
+        "what makes the text: transformers (a model in this process), openai (an OpenAI-compatible "
+        "server) or llamacpp (a GGUF file in this process, through llama-cpp-python)",
     )
     model: str | None = setting(
         None,
         f"transformers: a built-in name ({DEFAULT_MODEL}, the default), a model folder, a .gguf file or a cached "
-        "Hugging Face id; openai: the model name the server serves",
+        "Hugging Face id; openai: the model name the server serves; llamacpp: a .gguf file or a built-in name",
     )
     base_url: str | None = setting(None, "openai: the API base, e.g. http://127.0.0.1:8000/v1", metavar="URL")
     api_key_env: str = setting(
@@ -46,7 +48,8 @@ class EngineConfig(Config):
     )
     format: FormatName | None = setting(  # type: ignore[valid-type]
         None,
-        "transformers: prompt format; default: the one saved with the model, else its chat template, else alpaca",
+        "transformers, llamacpp: prompt format; default: the one saved with the model, else its chat template, "
+        "else alpaca",
     )
     system: str | None = setting(None, "system message (default: the prompt format's own)", metavar="TEXT")
     dtype: DtypeName = setting(
@@ -57,6 +60,13 @@ class EngineConfig(Config):
     max_retries: int = setting(
         6, "openai: retries of a failed request (429, 5xx, timeout), with backoff and jitter", ge=0
     )
+
+    context_tokens: int = setting(
+        4096,
+        "llamacpp: the context window in tokens (prompt + answer); its KV cache takes memory in proportion",
+        ge=16,
+    )
+    cpu_threads: int | None = setting(None, "llamacpp: CPU threads (default: llama.cpp's choice)", ge=1)
 
     def check(self):
         if self.engine == "openai":
@@ -89,7 +99,7 @@ class EngineConfig(Config):
         elif self.base_url:
             yield (
                 "base_url",
-                "--base-url is for --engine openai; the transformers engine runs the model in this process",
+                f"--base-url is for --engine openai; the {self.engine} engine runs the model in this process",
                 "add --engine openai, or drop --base-url",
             )
 
@@ -143,6 +153,27 @@ def open_engine(cfg: EngineConfig, *, seed: int = 0) -> Engine:
             retry=RetryPolicy(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s),
             seed=seed,
         )
+    if cfg.engine == "llamacpp":
+        from .llamacpp import LlamaCppEngine, gguf_path
+
+        path = gguf_path(cfg.model)
+        log.info("loading %s with llama.cpp ...", path.name)
+        engine = LlamaCppEngine(
+            path,
+            format=cfg.format,
+            system=cfg.system,
+            context_tokens=cfg.context_tokens,
+            threads=cfg.cpu_threads,
+            name=cfg.model or DEFAULT_MODEL,
+        )
+        log.info(
+            "loaded %s in %.1f s (llama.cpp, %d-token context, %s format)",
+            engine.name,
+            engine.load_s,
+            engine.context_tokens,
+            engine.format_name,
+        )
+        return engine
     from ..core.models import load_model
     from .transformers_engine import TransformersEngine
 

@@ -32,6 +32,7 @@ class TransformersEngine:
         self.name = lm.name
         self.multi_turn = lm.prompt_format.multi_turn
         self.format_name = lm.prompt_format.name
+        self.prompt_format = lm.prompt_format
         self._lock = threading.Lock()
         self._eos = self._eos_ids()
         self._pad = self._pad_id()
@@ -77,6 +78,27 @@ class TransformersEngine:
             ):
                 return prompt
             turns = turns[2:] if len(turns) > 2 else turns[-1:]  # drop one exchange, user and answer
+
+    # -- what serve asks of an engine that runs here ----------------------------------------
+
+    def count_tokens(self, text: str, *, chat: bool) -> int:
+        """Tokens the model reads for a prompt: a rendered conversation (`chat`) or a raw one."""
+        special = self.lm.prompt_format.add_special_tokens if chat else True
+        return len(self.lm.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    @property
+    def context_tokens(self) -> int | None:
+        return getattr(self.lm.model.config, "max_position_embeddings", None)
+
+    def weights_digest(self) -> bytes:
+        """sha256 over every tensor's name and bytes (~0.5 s per GB of weights)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, tensor in self.lm.model.state_dict().items():
+            h.update(name.encode())
+            h.update(_raw_bytes(tensor))
+        return h.digest()
 
     def _stops(self, settings: GenerationSettings) -> list[str]:
         return list(dict.fromkeys((*self.lm.prompt_format.stop_strings, *settings.stop)))
@@ -172,6 +194,14 @@ class TransformersEngine:
             self.finish(r, settings.max_new_tokens, stops, p)
             for r, p in zip(rows, prompt_tokens, strict=True)
         ]
+
+
+def _raw_bytes(tensor: Any) -> Any:
+    """A tensor's bytes as a buffer hashlib can read, whatever its dtype (bf16 has no numpy type)."""
+    import torch
+
+    t = tensor.detach().to("cpu").contiguous()
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 class _StopWhenSet:

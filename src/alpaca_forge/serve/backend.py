@@ -29,18 +29,18 @@ class Backend:
     def __init__(self, engine: Engine, *, served_name: str | None = None, repetition_penalty: float = 1.1):
         self.engine = engine
         inner = getattr(engine, "inner", engine)
-        self.lm = getattr(inner, "lm", None)  # in-process engines only
-        self.upstream = self.lm is None
-        spec = getattr(engine, "model", "") if self.upstream else self.lm.name
+        # An engine that runs here (transformers, llama.cpp) renders prompts and counts tokens;
+        # a gateway's server does both itself.
+        self.local: Any = inner if hasattr(inner, "weights_digest") else None
+        self.upstream = self.local is None
+        spec = getattr(engine, "model", "") if self.upstream else inner.name
         # A model folder or file is served by its last name part (`out/alpaca-7b` -> `alpaca-7b`);
         # requests may use either spelling.
         self.name = served_name or spec.rstrip("/").rpartition("/")[2].removesuffix(".gguf") or spec
         self.aliases = {self.name, spec}
         self.prompt_format = engine.format_name
         self.default_repetition_penalty = 1.0 if self.upstream else repetition_penalty
-        self.context_tokens: int | None = (
-            None if self.lm is None else getattr(self.lm.model.config, "max_position_embeddings", None)
-        )
+        self.context_tokens: int | None = None if self.local is None else self.local.context_tokens
         self.fingerprint = "fp_" + self._identity_hash()
 
     @property
@@ -50,26 +50,24 @@ class Backend:
 
     def _identity_hash(self) -> str:
         h = hashlib.sha256()
-        if self.lm is None:
+        if self.local is None:
             h.update(json.dumps([self.engine.name, self.prompt_format]).encode())
             return h.hexdigest()[:12]
-        h.update(json.dumps(self.lm.prompt_format.to_dict(), sort_keys=True).encode())
-        for name, tensor in self.lm.model.state_dict().items():  # ~0.5 s per GB of weights
-            h.update(name.encode())
-            h.update(_raw_bytes(tensor))
+        h.update(json.dumps(self.local.prompt_format.to_dict(), sort_keys=True).encode())
+        h.update(self.local.weights_digest())
         return h.hexdigest()[:12]
 
     # -- prompts ----------------------------------------------------------------------------
 
     def chat_prompt_tokens(self, conversation: Sequence[Message], max_new_tokens: int) -> int | None:
         """Tokens of the prompt the engine will render (None when a server renders it)."""
-        if self.lm is None:
+        if self.local is None:
             return None
-        prompt = self.engine.inner.render(conversation, max_new_tokens)
+        prompt = self.local.render(conversation, max_new_tokens)
         return self.engine.count_tokens(prompt, chat=True)
 
     def raw_prompt_tokens(self, prompt: str) -> int | None:
-        return None if self.lm is None else self.engine.count_tokens(prompt, chat=False)
+        return None if self.local is None else self.engine.count_tokens(prompt, chat=False)
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -84,14 +82,6 @@ class Backend:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def _raw_bytes(tensor: Any) -> Any:
-    """A tensor's bytes as a buffer hashlib can read, whatever its dtype (bf16 has no numpy type)."""
-    import torch
-
-    t = tensor.detach().to("cpu").contiguous()
-    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 class WholeAnswer:

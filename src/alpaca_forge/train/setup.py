@@ -17,7 +17,13 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.examples import eos_id, fingerprint, tokenize_records
 from ..core.files import check_output
-from ..core.models import load_pretrained, load_tokenizer, model_format, training_precision
+from ..core.models import (
+    load_pretrained,
+    load_tokenizer,
+    model_format,
+    training_precision,
+    weights_fingerprint,
+)
 from ..core.prompts import PromptFormat
 from ..core.records import Record, read_records, split_records
 from .batching import Collator, SFTDataset
@@ -91,6 +97,8 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
         )
 
     model = load_model(config, autocast)
+    if config.method == "lora":  # a merge checks that it is given these very base weights
+        facts["base_fingerprint"] = weights_fingerprint(model)
     if config.method == "qlora":
         facts["layers_in_4bit"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if added_pad:

@@ -1,0 +1,129 @@
+"""`alpaca-forge export merge | diff | recover | gguf` on the command line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.cli import add_command, say
+from . import config as c
+
+TOOLS = [
+    (
+        "merge",
+        "a LoRA adapter merged into its base: a plain model folder",
+        """\
+Merge a LoRA/QLoRA adapter into its base model in full precision and save the result with its
+tokenizer and prompt format: a plain safetensors folder that transformers and vLLM load (the same
+merge `train --merge` runs). An adapter made for another base is refused.
+
+example:
+  alpaca-forge export merge --adapter out/alpaca-lora --output out/alpaca-merged""",
+        c.MergeConfig,
+    ),
+    (
+        "diff",
+        "a weight diff (tuned - base, or XOR): publish a model without its base's weights",
+        """\
+Write TUNED as a diff against BASE, tensor by tensor (never two whole models in memory):
+  --kind add  tuned - base in float32, the original Alpaca release's scheme and folder layout;
+              recovery is within float rounding (the largest deviation is measured and stored)
+  --kind xor  the raw bytes XORed: recovery is bit for bit
+Checksums of the base and of the recovered tensors go into the diff, so `recover` proves it
+rebuilt the right weights and refuses a wrong base.
+
+example:
+  alpaca-forge export diff --base llama-7b --tuned out/alpaca-7b --output alpaca-7b-diff""",
+        c.DiffConfig,
+    ),
+    (
+        "recover",
+        "the tuned model back from BASE + DIFF, verified tensor by tensor",
+        """\
+Rebuild a tuned model from its raw base and a diff (ours, of either kind, or one the original
+Alpaca weight_diff.py wrote) and check every tensor against the checksums in the diff.
+
+example:
+  alpaca-forge export recover --base llama-7b --diff alpaca-7b-diff --output alpaca-7b""",
+        c.RecoverConfig,
+    ),
+    (
+        "gguf",
+        "one GGUF file for llama.cpp / Ollama, checked against transformers",
+        """\
+Write the model as one GGUF file (architecture, tokenizer, chat template, prompt format and stop
+strings included) with the `gguf` package's own quantisers: no llama.cpp build needed for
+f32/f16/bf16/q8_0/q4_0/q4_1/q5_0/q5_1. K-quants (q4_k_m ...) go through llama.cpp's quantizer
+(llama-cpp-python). Then the parity check: the file is loaded in llama.cpp, fed the same tokens
+as transformers, and their next-token choices are compared (the figures also go to
+FILE.parity.json). Llama-family models (Llama 2/3, Mistral, SmolLM) and Qwen2.
+
+example:
+  alpaca-forge export gguf --model out/alpaca-merged --output alpaca.q8_0.gguf --quant q8_0 --ollama
+  alpaca-forge chat --engine llamacpp --model alpaca.q8_0.gguf""",
+        c.GgufConfig,
+    ),
+]
+
+
+def register(sub: Any) -> None:
+    export = add_command(
+        sub,
+        "export",
+        "merged models, weight diffs, GGUF files for llama.cpp",
+        "Export a trained model: merge an adapter, publish a weight diff, write GGUF for llama.cpp. "
+        "Run `alpaca-forge export TOOL --help`.",
+        None,
+        lambda config, args: _no_tool(export),
+    )
+    tools = export.add_subparsers(dest="tool", metavar="TOOL", help="one of the tools below")
+    for name, summary, description, config in TOOLS:
+        add_command(tools, name, summary, description, config, HANDLERS[name])
+
+
+def _no_tool(parser: Any) -> int:
+    parser.print_help()
+    return 2
+
+
+def _merge(config: c.MergeConfig, args: Any) -> int:
+    from .runner import run_merge
+
+    r = run_merge(config)
+    print(
+        f"merged model: {r.output} ({r.parameters / 1e6:.1f}M parameters, base {r.base}, {r.elapsed_s:.1f} s)"
+    )
+    return 0
+
+
+def _diff(config: c.DiffConfig, args: Any) -> int:
+    from .diff import run_diff
+
+    r = run_diff(config, progress=not args.quiet)
+    print(f"diff ({config.kind}): {r.output}")
+    return 0
+
+
+def _recover(config: c.RecoverConfig, args: Any) -> int:
+    from .diff import run_recover
+
+    r = run_recover(config, progress=not args.quiet)
+    print(f"recovered model: {r.output}")
+    return 0
+
+
+def _gguf(config: c.GgufConfig, args: Any) -> int:
+    from .parity import describe
+    from .runner import run_gguf
+
+    r = run_gguf(config, progress=not args.quiet)
+    print(f"{r.output}: {r.quant}, {r.bytes / 1e6:.1f} MB, written in {r.export_s:.1f} s")
+    if r.parity:
+        for line in describe(r.parity, r.quant):
+            print(line)
+        say("parity figures: %s", r.report)
+    if r.modelfile:
+        say("Ollama: ollama create NAME -f %s", r.modelfile)
+    return 0
+
+
+HANDLERS = {"merge": _merge, "diff": _diff, "recover": _recover, "gguf": _gguf}

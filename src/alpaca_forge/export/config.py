@@ -1,0 +1,89 @@
+"""Settings of `alpaca-forge export merge | diff | recover | gguf`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..core.config import REQUIRED, Config, setting
+
+DiffKind = Literal["add", "xor"]
+
+# The GGUF quantisation types `export gguf` writes. The first seven are written by the `gguf`
+# package's own quantisers (pure numpy, no compiler); the K-quants by llama.cpp's quantizer,
+# through llama-cpp-python (`pip install 'alpaca-forge[llamacpp]'`).
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+QuantName = Literal[GGUF_QUANTS + GGUF_K_QUANTS]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class MergeConfig(Config):
+    adapter: str = setting(
+        REQUIRED, "a LoRA/QLoRA adapter folder, as `train --method lora` wrote it", metavar="DIR"
+    )
+    output: str = setting(
+        REQUIRED, "the merged model's folder (safetensors, tokenizer, prompt format)", metavar="DIR"
+    )
+    model: str | None = setting(
+        None,
+        "the base model the adapter was trained on (default: the one the adapter records); a built-in "
+        "name, a model folder, a .gguf file or a cached Hugging Face id",
+    )
+    force: bool = setting(False, "replace --output if it exists")
+
+
+@dataclass(frozen=True)
+class DiffConfig(Config):
+    base: str = setting(REQUIRED, "the raw base model's folder (safetensors or .bin shards)", metavar="DIR")
+    tuned: str = setting(REQUIRED, "the fine-tuned model's folder", metavar="DIR")
+    output: str = setting(REQUIRED, "the diff's folder", metavar="DIR")
+    kind: DiffKind = setting(
+        "add",
+        "add: tuned - base in float32, the original Alpaca release's scheme (recovers within float "
+        "rounding); xor: the raw bytes XORed, recovers bit for bit",
+    )
+    shard_size_mb: int = setting(
+        1024, "largest weight file of the output; also about the most memory held at once", ge=16
+    )
+    force: bool = setting(False, "replace --output if it exists")
+
+
+@dataclass(frozen=True)
+class RecoverConfig(Config):
+    base: str = setting(REQUIRED, "the same raw base model the diff was made from", metavar="DIR")
+    diff: str = setting(
+        REQUIRED, "a diff folder: ours, or one the original Alpaca weight_diff.py wrote", metavar="DIR"
+    )
+    output: str = setting(REQUIRED, "the recovered model's folder", metavar="DIR")
+    shard_size_mb: int = setting(
+        1024, "largest weight file of the output; also about the most memory held at once", ge=16
+    )
+    force: bool = setting(False, "replace --output if it exists")
+
+
+@dataclass(frozen=True)
+class GgufConfig(Config):
+    model: str = setting(
+        REQUIRED,
+        "the model to export: a model folder (e.g. `export merge`'s output), a built-in name or a cached "
+        "Hugging Face id",
+    )
+    output: str = setting(REQUIRED, "the .gguf file to write", metavar="FILE.gguf")
+    quant: QuantName = setting(  # type: ignore[valid-type]
+        "q8_0",
+        "weights type: f16/bf16 (lossless-ish), q8_0 (near-lossless, half of f16), q4_0/q4_1/q5_0/q5_1, "
+        "or K-quants such as q4_k_m (needs llama-cpp-python)",
+    )
+    pre_tokenizer: str | None = setting(
+        None,
+        "llama.cpp's name for the tokenizer's pre-tokenizer (e.g. smollm, llama-bpe, qwen2), when it "
+        "is not recognised from tokenizer.json",
+        metavar="NAME",
+    )
+    verify: bool = setting(
+        True, "load the file in llama.cpp and compare its next-token choices with transformers'"
+    )
+    verify_prompts: int = setting(100, "prompts the parity check runs", ge=1)
+    ollama: bool = setting(False, "also write an Ollama Modelfile beside the file (template, stop strings)")
+    force: bool = setting(False, "replace --output if it exists")
