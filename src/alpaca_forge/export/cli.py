@@ -99,7 +99,10 @@ def _diff(config: c.DiffConfig, args: Any) -> int:
     from .diff import run_diff
 
     r = run_diff(config, progress=not args.quiet)
-    print(f"diff ({config.kind}): {r.output}")
+    exact = f"{r.bit_exact} of {r.tensors} tensors recover bit for bit"
+    if r.max_deviation_tensor:
+        exact += f"; the largest deviation is {r.max_abs_deviation:.3g} ({r.max_deviation_tensor})"
+    print(f"diff ({r.kind}): {r.output}, {r.bytes_written / 1e6:.1f} MB in {r.shards} file(s); {exact}")
     return 0
 
 
@@ -107,7 +110,17 @@ def _recover(config: c.RecoverConfig, args: Any) -> int:
     from .diff import run_recover
 
     r = run_recover(config, progress=not args.quiet)
-    print(f"recovered model: {r.output}")
+    if r.verified:
+        check = (
+            f"verified: {r.tensors_verified} of {r.tensors} tensors sha256-equal to what the diff promised"
+        )
+        if r.bit_exact is not None:
+            check += f", {r.bit_exact} bit-exact with the tuned weights"
+        if r.max_deviation_tensor:
+            check += f" (largest deviation {r.max_abs_deviation:.3g}, {r.max_deviation_tensor})"
+    else:
+        check = f"NOT verified ({r.verification.value})"
+    print(f"recovered model: {r.output} ({r.kind}); {check}")
     return 0
 
 

@@ -234,12 +234,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int, pre_name: str | Non
             )
         spm = data.get("model", {}).get("type") == "BPE" and data["model"].get("byte_fallback")
         if spm:
-            vocab = gguf.LlamaHfVocab(folder)
-            tokens, scores, types = [], [], []
-            for text, score, kind in vocab.all_tokens():
-                tokens.append(text)
-                scores.append(score)
-                types.append(kind)
+            tokens, scores, types = _spm_tokens(tokenizer, data)
             model_name = "llama"
         else:
             tokens, types = _bpe_tokens(tokenizer)
@@ -257,6 +252,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int, pre_name: str | Non
         if scores is not None:
             writer.add_token_scores(scores)
         special = gguf.SpecialVocab(folder, load_merges=not spm, n_vocab=n_vocab)
+        special.add_special_token = {}  # whether BOS/EOS are added: measured below instead
         special.add_to_gguf(writer, quiet=True)
         writer.add_add_bos_token(_adds_bos(tokenizer))
         writer.add_add_eos_token(_adds_eos(tokenizer))
@@ -276,6 +272,37 @@ def _adds_space_prefix(data: dict[str, Any]) -> bool:
     norm = data.get("normalizer") or {}
     parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
     return any(p.get("type") == "Prepend" for p in parts)
+
+
+def _spm_tokens(tokenizer: Any, data: dict[str, Any]) -> tuple[list[bytes], list[float], list[int]]:
+    """SentencePiece-style BPE (Llama 2, Mistral): llama.cpp merges the neighbouring pair whose
+    joined piece scores highest, transformers the pair of lowest merge rank, so a piece's score is
+    minus the rank of the first merge that makes it (pieces no merge makes score 0). Byte pieces
+    (`<0x41>`) are BYTE tokens, the fallback for text the vocabulary lacks."""
+    import gguf
+
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(data["model"].get("merges", [])):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(left + right, r)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = dict(tokenizer.added_tokens_decoder.items())
+    tokens, scores, types = [], [], []
+    for i in range(max(by_id) + 1):
+        piece = by_id.get(i, f"[PAD{i}]")
+        tokens.append(piece.encode("utf-8"))
+        scores.append(-float(rank[piece]) if piece in rank else 0.0)
+        if i not in by_id:
+            types.append(gguf.TokenType.UNUSED)
+        elif piece == tokenizer.unk_token:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, scores, types
 
 
 def _bpe_tokens(tokenizer: Any) -> tuple[list[str], list[int]]:
