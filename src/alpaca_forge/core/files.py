@@ -246,7 +246,7 @@ def staged_output(path: str | os.PathLike, *, force: bool, flag: str = "--output
                 f"{flag} {out}: writing failed ({e.strerror or e}); nothing was left behind",
                 "free some disk space (or choose a disk with room) and run the command again"
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-                else f"check that {out.parent} is writable and run the command again",
+                else f"check the free disk space and that {out.parent} is writable, then run the command again",
             ) from e
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists() or out.is_symlink():

@@ -134,7 +134,9 @@ class LlamaCppEngine:
         self.prompt_format = self._format(format, system)
         self.format_name = self.prompt_format.name
         self.multi_turn = self.prompt_format.multi_turn
-        self.context_tokens = self.llm.n_ctx()
+        # llama.cpp rounds its context up (to a multiple of 256), but llama-cpp-python's token
+        # buffer holds only what was asked for: that is the limit.
+        self.context_tokens = min(context_tokens, self.llm.n_ctx())
         self._lock = threading.Lock()
 
     def _check_file(self) -> None:
@@ -250,13 +252,15 @@ class LlamaCppEngine:
         prompt_ids: list[int],
         settings: GenerationSettings,
         cancel: threading.Event,
-    ) -> Iterator[tuple[int, bytes]]:
-        """(token, its bytes) until an end-of-generation token, `max_new_tokens` or `cancel`. The
-        caller holds the lock."""
+    ) -> Iterator[tuple[int, bytes | None]]:
+        """(token, its bytes) until an end-of-generation token (given with None for its bytes),
+        `max_new_tokens` or `cancel`. A token without text (`<unk>`, a control token that does not
+        end the answer) comes with b"". The caller holds the lock."""
         room = min(settings.max_new_tokens, self.context_tokens - len(prompt_ids))
         if room <= 0:
             raise UserError(
-                f"the prompt has {len(prompt_ids)} tokens, as many as the {self.context_tokens}-token context holds",
+                f"the prompt has {len(prompt_ids)} tokens, at least as many as the {self.context_tokens}-token "
+                "context holds",
                 "shorten the prompt, or raise --context-tokens",
             )
         self.llm.set_seed(settings.seed)
@@ -275,7 +279,7 @@ class LlamaCppEngine:
             repeat_penalty=settings.repetition_penalty,
         ):
             if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                yield token, b""
+                yield token, None
                 return
             piece = self.llm.detokenize([token])
             produced.append(token)
@@ -319,7 +323,7 @@ class LlamaStream:
             with self.engine._lock:
                 for _token, piece in self.engine.generate(prompt_ids, self.settings, self._cancel):
                     self._result["ids"] += 1
-                    if not piece:
+                    if piece is None:
                         self._result["eog"] = True
                         break
                     chunk = decoder.decode(piece)

@@ -222,10 +222,15 @@ def check_parity(
     )
 
 
-# Below these, a file is broken rather than rounded: the export fails (the figures are what a
-# correct file of each type reaches with room to spare; see the README's parity table).
-MINIMUM_TOP1 = {"f32": 0.99, "f16": 0.97, "bf16": 0.93, "q8_0": 0.9}
-MINIMUM_TOP1_OTHER = 0.5
+# Below these, a file is broken rather than rounded: the export fails. Files of 16 bits or more
+# and q8_0 agree at 94-100% when correct (see the README's parity table); 4- and 5-bit files of
+# small models can agree at under half the positions and still be right, so for them only a file
+# that has lost the model altogether fails.
+MINIMUM_TOP1 = {"f32": 0.99, "f16": 0.97, "bf16": 0.93, "q8_0": 0.85}
+MINIMUM_TOP1_OTHER = 0.1
+# A wrong pre-tokenizer splits most prompts otherwise; a right one can still differ on a rare
+# edge (llama.cpp's Qwen2 rule splits decomposed accents, "e" + U+0301, unlike the regex).
+MINIMUM_SAME_TOKENS = 0.95
 
 
 def judge(parity: Parity, quant: str) -> list[str]:
@@ -237,7 +242,7 @@ def judge(parity: Parity, quant: str) -> list[str]:
             f"llama.cpp's next-token choices agree with transformers' at only {parity.top1_all:.1%} of "
             f"{parity.positions} positions (a correct {quant} file reaches {floor:.0%})"
         )
-    if parity.tokenization_agree < 1.0:
+    if parity.tokenization_agree < MINIMUM_SAME_TOKENS:
         problems.append(
             f"llama.cpp tokenizes {1 - parity.tokenization_agree:.0%} of the prompts differently from "
             f"transformers (first: {parity.tokenization_mismatch!r}): the pre-tokenizer does not match"
