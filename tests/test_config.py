@@ -134,6 +134,11 @@ def test_every_stage_registers_a_config():
         "prompt",
         "chat",
         "infer",
+        "serve",
+        "export merge",
+        "export diff",
+        "export recover",
+        "export gguf",
     } <= set(COMMANDS)
 
 

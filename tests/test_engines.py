@@ -97,9 +97,9 @@ def smollm2_llamacpp():
     params=[
         "transformers",
         "openai",
-        "llamacpp",
+        pytest.param("llamacpp", marks=pytest.mark.llamacpp),
         pytest.param("smollm2", marks=pytest.mark.real_model),
-        pytest.param("smollm2-llamacpp", marks=pytest.mark.real_model),
+        pytest.param("smollm2-llamacpp", marks=[pytest.mark.real_model, pytest.mark.llamacpp]),
     ]
 )
 def engine(request):

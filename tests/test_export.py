@@ -22,6 +22,8 @@ from alpaca_forge.export.to_gguf import classify_pre_tokenizer, permute_rows
 
 from conftest import _CORPUS, REPO, assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
 
+pytestmark = pytest.mark.llamacpp  # the parity check loads every exported file in llama.cpp
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizers and tiny models of each family
 

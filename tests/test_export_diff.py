@@ -468,18 +468,26 @@ def test_a_damaged_record_or_tensor_in_the_diff_is_named(pairs, tmp_path):
 
 
 def test_a_sum_that_comes_out_otherwise_is_reported_not_verified(pairs, tmp_path):
-    """Diff and base intact, yet a tensor's sum is not what the diff recorded (float32 rounding on
-    another machine): the output is written, and the result says which tensors are unverified."""
+    """Diff and base intact, yet a grown embedding is not what the diff recorded (its new rows
+    are a mean, summed in an order another CPU may choose): the output is written, and the result
+    says which tensors are unverified. Any other tensor cannot differ so: that is an error."""
     pair = pairs()
     diff(pair, tmp_path / "diff")
     record = tmp_path / "diff" / MANIFEST_FILE
     data = json.loads(record.read_text())
-    data["tensors"]["model.norm.weight"]["recovered_sha256"] = "0" * 64
+    grown = next(n for n, r in data["tensors"].items() if r["change"] == "resized")
+    data["tensors"][grown]["recovered_sha256"] = "0" * 64
     record.write_text(json.dumps(data))
     result = recover(pair.base, tmp_path / "diff", tmp_path / "out")
     assert result.verification is Verification.ROUNDING_DIFFERS and not result.verified
-    assert result.unverified == ("model.norm.weight",) and result.tensors_verified == result.tensors - 1
+    assert result.unverified == (grown,) and result.tensors_verified == result.tensors - 1
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    data["tensors"]["model.norm.weight"]["recovered_sha256"] = "0" * 64
+    record.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"tensor model\.norm\.weight: recovered from an intact base"):
+        recover(pair.base, tmp_path / "diff", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_missing_or_empty_folders_and_other_architectures_are_refused(pairs, tmp_path):
@@ -583,7 +591,7 @@ def test_cli_wrong_base_is_a_user_error(pairs, tmp_path):
 
 
 @pytest.mark.real_model
-def test_xor_round_trip_on_the_embedded_model(tmp_path):
+def test_add_and_xor_round_trips_on_the_embedded_model(tmp_path):
     from alpaca_forge.core.models import load_pretrained
 
     model, tokenizer, _ = load_pretrained("smollm2-135m-instruct")
@@ -594,6 +602,10 @@ def test_xor_round_trip_on_the_embedded_model(tmp_path):
             p.add_(torch.randn(p.shape, generator=noise) * NOISE)
     save_model(model, tokenizer, tmp_path / "tuned", get_format("chat"))
     del model
+    added = diff(Pair(tmp_path / "base", tmp_path / "tuned"), tmp_path / "add", kind="add")
+    result = recover(tmp_path / "base", tmp_path / "add", tmp_path / "out-add")
+    assert result.verified and result.tensors_verified == added.tensors
+    assert result.max_abs_deviation is not None and result.max_abs_deviation <= 1e-6
     made = diff(Pair(tmp_path / "base", tmp_path / "tuned"), tmp_path / "diff", kind="xor")
     result = recover(tmp_path / "base", tmp_path / "diff", tmp_path / "out")
     assert result.verified and result.bit_exact == result.tensors == made.tensors

@@ -22,7 +22,7 @@ from alpaca_forge.serve import FilterConfig, ServeConfig, start
 
 from conftest import VENDORED_DATA, assert_user_error, run_cli
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.llamacpp, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 NO_PENALTY = ("--repetition-penalty", "1.0")
 

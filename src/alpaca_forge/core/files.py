@@ -209,6 +209,18 @@ def _cut_off_row(tail: str, required: Sequence[str]) -> bool:
     return _appended_row(tail, required) is not None
 
 
+def refuse_existing(path: str | os.PathLike, *, force: bool, flag: str = "--output") -> Path:
+    """`path`, unless it exists and `force` is off (checked again by `staged_output`; call it
+    early too, before minutes of loading)."""
+    out = Path(path).expanduser()
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(
+            f"{flag} {out}: already exists (nothing is overwritten silently)",
+            f"choose another {flag}, or add --force to replace it",
+        )
+    return out
+
+
 @contextlib.contextmanager
 def staged_output(path: str | os.PathLike, *, force: bool, flag: str = "--output") -> Iterator[Path]:
     """Write a whole output (a folder or a file) under a temporary name beside `path`; it takes
@@ -217,12 +229,7 @@ def staged_output(path: str | os.PathLike, *, force: bool, flag: str = "--output
     `force`, and then replaced only at the end.
 
     Yields the temporary path to write (not created: make the folder or the file yourself)."""
-    out = Path(path).expanduser()
-    if (out.exists() or out.is_symlink()) and not force:
-        raise UserError(
-            f"{flag} {out}: already exists (nothing is overwritten silently)",
-            f"choose another {flag}, or add --force to replace it",
-        )
+    out = refuse_existing(path, force=force, flag=flag)
     blocker = _under_a_file(out)
     if blocker is not None:
         raise UserError(

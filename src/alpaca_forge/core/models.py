@@ -58,6 +58,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # A LoRA adapter `train` wrote names its base model here (key "base_model").
 ADAPTER_BASE_FILE = "alpaca_forge_train.json"
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+ERROR_EXCERPT_CHARS = 300  # of a library's error message quoted in ours (some run to pages)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -367,7 +368,7 @@ def _tokenizer_from(location: str) -> Any:
         return AutoTokenizer.from_pretrained(location, local_files_only=hub_offline())
     except (OSError, ValueError) as e:
         raise UserError(
-            f"{location}: no tokenizer can be loaded from it ({' '.join(str(e).split())[:300]})",
+            f"{location}: no tokenizer can be loaded from it ({' '.join(str(e).split())[:ERROR_EXCERPT_CHARS]})",
             "a model folder holds its tokenizer files (tokenizer.json, tokenizer_config.json) beside the "
             "weights, as save_pretrained writes them: copy them in too",
         ) from e
@@ -415,12 +416,16 @@ def adapter_base(folder: Path) -> str:
 
 
 def adapter_facts(folder: Path) -> dict[str, Any]:
+    """What `train` recorded about an adapter ({} for an adapter trained elsewhere)."""
     import json
 
+    path = folder / ADAPTER_BASE_FILE
+    if not path.is_file():
+        return {}
     try:
-        return json.loads((folder / ADAPTER_BASE_FILE).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{folder / ADAPTER_BASE_FILE}: unreadable ({e})", "train the adapter again") from e
+        raise UserError(f"{path}: unreadable ({e})", "train the adapter again, or remove the file") from e
 
 
 def weights_fingerprint(model: Any) -> str:
@@ -448,14 +453,20 @@ def merge_adapter(folder: Path, base: str | None = None) -> tuple[Any, Any]:
     from peft import PeftModel
 
     spec = base or adapter_base(folder)
+    facts = adapter_facts(folder)
+    fix = (
+        f"pass the base it was trained on (it records {facts['base_model']!r}) as --model"
+        if facts.get("base_model")
+        else "pass the base it was trained on as --model"
+    )
     model, _, _ = load_pretrained(spec)
     model = model.float()
-    recorded = adapter_facts(folder).get("base_fingerprint")
+    recorded = facts.get("base_fingerprint")
     if recorded and recorded != weights_fingerprint(model):
         raise UserError(
             f"{folder}: this adapter was trained on other base weights than those of {spec} "
             f"(fingerprint {recorded} then, {weights_fingerprint(model)} now)",
-            f"pass the base it was trained on (it records {adapter_base(folder)!r}) as --model",
+            fix,
         )
     tokenizer = _tokenizer_from(str(folder))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -463,11 +474,8 @@ def merge_adapter(folder: Path, base: str | None = None) -> tuple[Any, Any]:
     try:
         merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:
-        first = " ".join(str(e).split())[:300]
-        raise UserError(
-            f"{folder}: this adapter does not fit the base model {spec} ({first})",
-            f"pass the base it was trained on (it records {adapter_base(folder)!r}) as --model",
-        ) from e
+        first = " ".join(str(e).split())[:ERROR_EXCERPT_CHARS]
+        raise UserError(f"{folder}: this adapter does not fit the base model {spec} ({first})", fix) from e
     return merged, tokenizer
 
 

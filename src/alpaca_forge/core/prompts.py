@@ -76,6 +76,28 @@ def check_conversation(messages: Sequence[Message]) -> None:
         )
 
 
+def render_to_fit(
+    fmt: PromptFormat,
+    conversation: Sequence[Message],
+    tokenizer: Any,
+    count_tokens: Any,
+    room_tokens: int | None,
+) -> str:
+    """The prompt for a conversation, the oldest exchanges dropped until its tokens
+    (`count_tokens(prompt)`) fit in `room_tokens` (the context less the answer's tokens; None: no
+    limit). A single-turn format only ever reads the last user message."""
+    check_conversation(conversation)
+    system = [m for m in conversation if m.role == "system"]
+    turns = [m for m in conversation if m.role != "system"]
+    while True:
+        prompt = fmt.render([*system, *turns], tokenizer)
+        if room_tokens is None or len(turns) <= 1 or not fmt.multi_turn:
+            return prompt
+        if count_tokens(prompt) <= room_tokens:
+            return prompt
+        turns = turns[2:] if len(turns) > 2 else turns[-1:]  # drop one exchange, user and answer
+
+
 class PromptFormat:
     """Base of the formats. Subclasses set the class attributes and `render`."""
 

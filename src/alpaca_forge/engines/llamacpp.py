@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.prompts import Message, PromptFormat, check_conversation, get_format, resolve_format
+from ..core.prompts import Message, PromptFormat, get_format, render_to_fit, resolve_format
 from .base import AnswerPieces, Completion, FinishReason, GenerationSettings, cut_at_stop
 
 # Where each flag is documented, and how to build llama-cpp-python so it runs on any x86-64 CPU
@@ -75,7 +75,9 @@ def gguf_path(spec: str | None) -> Path:
 
 class TemplateTokenizer:
     """What `ChatFormat` needs of a tokenizer, from a GGUF's metadata: its chat template, rendered
-    with Jinja in a sandbox as transformers renders it."""
+    with Jinja in a sandbox with what transformers gives templates (loop controls, `tojson`
+    keeping non-ASCII text, `raise_exception`, `strftime_now`, the BOS and EOS tokens). The parity
+    check compares its prompts with transformers' own."""
 
     def __init__(self, template: str, bos_token: str, eos_token: str):
         self.chat_template = template
@@ -84,19 +86,46 @@ class TemplateTokenizer:
     def apply_chat_template(
         self, chat: list[dict[str, str]], *, tokenize: bool = False, add_generation_prompt: bool = True
     ) -> str:
+        import datetime
+
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
-            raise UserError(f"the model's chat template refused the conversation: {message}")
+            raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=chat,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(
+            value, ensure_ascii=False, indent=indent
+        )
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=chat,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except TemplateError as e:
+            raise UserError(
+                f"the model's chat template cannot render this conversation ({e})",
+                "use --format alpaca or --format user-assistant, or fix tokenizer.chat_template in the file",
+            ) from e
+
+
+def template_tokenizer(llm: Any) -> TemplateTokenizer | None:
+    """The chat template a loaded GGUF carries, ready to render (None when it has none)."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+
+    def text(token: int) -> str:
+        return "" if token < 0 else llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    return TemplateTokenizer(template, text(llm.token_bos()), text(llm.token_eos()))
 
 
 class LlamaCppEngine:
@@ -120,6 +149,7 @@ class LlamaCppEngine:
                 n_ctx=context_tokens,
                 n_threads=threads,
                 n_threads_batch=threads,
+                last_n_tokens_size=REPEAT_LAST_N,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as e:
@@ -130,14 +160,19 @@ class LlamaCppEngine:
         self.load_s = time.perf_counter() - start
         self._llama_cpp = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._lock = threading.Lock()
+        self._closed = False
         self.name = name or str(path)
-        self.prompt_format = self._format(format, system)
+        try:
+            self.prompt_format = self._format(format, system)
+        except BaseException:
+            self.llm.close()
+            raise
         self.format_name = self.prompt_format.name
         self.multi_turn = self.prompt_format.multi_turn
         # llama.cpp rounds its context up (to a multiple of 256), but llama-cpp-python's token
         # buffer holds only what was asked for: that is the limit.
         self.context_tokens = min(context_tokens, self.llm.n_ctx())
-        self._lock = threading.Lock()
 
     def _check_file(self) -> None:
         try:
@@ -152,21 +187,16 @@ class LlamaCppEngine:
         meta = self.llm.metadata
         saved = None
         if PROMPT_FORMAT_KEY in meta:
-            data = json.loads(meta[PROMPT_FORMAT_KEY])
-            saved = get_format(data["format"], data.get("system"))
-        template = meta.get("tokenizer.chat_template")
-        tokenizer = (
-            TemplateTokenizer(template, self._piece(self.llm.token_bos()), self._piece(self.llm.token_eos()))
-            if template
-            else None
-        )
-        self._template_tokenizer = tokenizer
-        return resolve_format(name, system, saved=saved, tokenizer=tokenizer)
-
-    def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+            try:
+                data = json.loads(meta[PROMPT_FORMAT_KEY])
+                saved = get_format(data["format"], data.get("system"))
+            except (ValueError, KeyError, TypeError, UserError) as e:
+                raise UserError(
+                    f"{self.path}: its {PROMPT_FORMAT_KEY} entry is not a prompt format ({e})",
+                    "name the format with --format (alpaca, chat or user-assistant)",
+                ) from e
+        self._template_tokenizer = template_tokenizer(self.llm)
+        return resolve_format(name, system, saved=saved, tokenizer=self._template_tokenizer)
 
     # -- the interface ----------------------------------------------------------------------
 
@@ -198,24 +228,28 @@ class LlamaCppEngine:
         return LlamaStream(self, self.tokens(prompt, True), settings, list(settings.stop))
 
     def close(self) -> None:
+        """Free the model once the generation running now ends; streams still waiting end
+        cancelled, and later calls are refused."""
         with self._lock:
-            self.llm.close()
+            if not self._closed:
+                self._closed = True
+                self.llm.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UserError("the llama.cpp engine was closed", "open a new engine")
 
     # -- what serve asks of an engine that runs here ----------------------------------------
 
     def render(self, conversation: Sequence[Message], max_new_tokens: int) -> str:
         """The prompt for a conversation, the oldest exchanges dropped until the answer fits."""
-        check_conversation(conversation)
-        fmt = self.prompt_format
-        system = [m for m in conversation if m.role == "system"]
-        turns = [m for m in conversation if m.role != "system"]
-        while True:
-            prompt = fmt.render([*system, *turns], self._template_tokenizer)
-            if len(turns) <= 1 or not fmt.multi_turn:
-                return prompt
-            if len(self.tokens(prompt, fmt.add_special_tokens)) + max_new_tokens <= self.context_tokens:
-                return prompt
-            turns = turns[2:] if len(turns) > 2 else turns[-1:]
+        return render_to_fit(
+            self.prompt_format,
+            conversation,
+            self._template_tokenizer,
+            lambda prompt: self.count_tokens(prompt, chat=True),
+            self.context_tokens - max_new_tokens,
+        )
 
     def count_tokens(self, text: str, *, chat: bool) -> int:
         return len(self.tokens(text, self.prompt_format.add_special_tokens if chat else True))
@@ -233,6 +267,7 @@ class LlamaCppEngine:
     def tokens(self, text: str, add_bos: bool) -> list[int]:
         # `add_bos` adds a BOS only where the file says the model wants one; `special` reads
         # `<|im_start|>` and the like as the control tokens a chat template means.
+        self._check_open()
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def _stops(self, settings: GenerationSettings) -> list[str]:
@@ -242,8 +277,12 @@ class LlamaCppEngine:
         self, prompt: str, settings: GenerationSettings, stops: list[str], add_bos: bool
     ) -> Completion:
         stream = LlamaStream(self, self.tokens(prompt, add_bos), settings, stops, whole=True)
-        for _ in stream:
-            pass
+        try:
+            for _ in stream:
+                pass
+        except BaseException:  # Ctrl-C: stop the worker now, not at max_new_tokens
+            stream.cancel()
+            raise
         assert stream.completion is not None
         return stream.completion
 
@@ -270,6 +309,9 @@ class LlamaCppEngine:
         self.llm.reset()
         greedy = settings.temperature <= 0
         produced: list[int] = []
+        if cancel.is_set():  # cancelled while it waited for the lock: nobody wants the answer
+            return
+        self._check_open()
         for token in self.llm.generate(
             prompt_ids,
             temp=0.0 if greedy else settings.temperature,
@@ -308,10 +350,10 @@ class LlamaStream:
         self._cancel = threading.Event()
         self._cancelled = False
         self._pieces: queue.Queue[Any] = queue.Queue()
-        self._done = threading.Event()
         self._result: dict[str, Any] = {"ids": 0, "eog": False, "text": ""}
         self._out = AnswerPieces(stops)
         self._whole = whole
+        self._done_reading = False
         self._start = time.perf_counter()
         self._thread = threading.Thread(target=self._run, args=(prompt_ids,), daemon=True)
         self._thread.start()
@@ -342,6 +384,14 @@ class LlamaStream:
         self._pieces.put(None)
 
     def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._shown()
+        finally:  # left early (a break, Ctrl-C, a closed generator): stop the worker
+            if self.completion is None and not self._done_reading:
+                self._cancel.set()
+        self._finish()
+
+    def _shown(self) -> Iterator[str]:
         while True:
             try:
                 piece = self._pieces.get(timeout=0.1)  # wake now and then: Ctrl-C runs between
@@ -357,11 +407,11 @@ class LlamaStream:
             if self._out.stopped:
                 self._cancel.set()
                 break
+        self._done_reading = True
         if not self._whole:
             tail = self._out.end()
             if tail:
                 yield tail
-        self._finish()
 
     def cancel(self) -> None:
         self._cancelled = True

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.models import LoadedModel
-from ..core.prompts import Message, check_conversation
+from ..core.prompts import Message, render_to_fit
 from .base import AnswerPieces, Completion, FinishReason, GenerationSettings, cut_at_stop
 
 
@@ -62,22 +62,15 @@ class TransformersEngine:
 
     def render(self, conversation: Sequence[Message], max_new_tokens: int) -> str:
         """The prompt for a conversation, the oldest turns dropped until the answer fits the
-        model's context (a single-turn format only ever reads the last user message)."""
-        check_conversation(conversation)
-        fmt, tok = self.lm.prompt_format, self.lm.tokenizer
-        system = [m for m in conversation if m.role == "system"]
-        turns = [m for m in conversation if m.role != "system"]
-        limit = getattr(self.lm.model.config, "max_position_embeddings", None)
-        while True:
-            prompt = fmt.render([*system, *turns], tok)
-            if limit is None or len(turns) <= 1 or not fmt.multi_turn:
-                return prompt
-            if (
-                len(tok(prompt, add_special_tokens=fmt.add_special_tokens)["input_ids"]) + max_new_tokens
-                <= limit
-            ):
-                return prompt
-            turns = turns[2:] if len(turns) > 2 else turns[-1:]  # drop one exchange, user and answer
+        model's context."""
+        limit = self.context_tokens
+        return render_to_fit(
+            self.lm.prompt_format,
+            conversation,
+            self.lm.tokenizer,
+            lambda prompt: self.count_tokens(prompt, chat=True),
+            None if limit is None else limit - max_new_tokens,
+        )
 
     # -- what serve asks of an engine that runs here ----------------------------------------
 

@@ -114,6 +114,16 @@ TEXTS = (
     "Markdown **bold**, _italic_, `code`, and # heading",
     "Numbers in words: one, two, three, four, five.",
     "A long word: antidisestablishmentarianism.",
+    "Grüße aus München! Ça va? ¿Qué tal? Dziękuję.",
+    "if (a && b) || !c { return -1; } else { return 0x1F; }",
+    "Version 2.10.3-rc1 was released on 12/31/2023.",
+    "Tea, Earl Grey, hot. Make it so.",
+    "Wait—what?! No… that can't be (or can it?).",
+    "Temperatures fell from +12 to -7 overnight.",
+    "Η γρήγορη καφέ αλεπού. Быстрая коричневая лиса.",
+    'git commit -m "fix: handle empty input" && git push',
+    "   \n\n   indented after blank lines",
+    "Item #1: $5; item #2: €7.50; item #3: £3.",
     "The end.",
 )
 
@@ -127,6 +137,9 @@ class Parity:
     max_logit_diff: float  # largest |transformers - llama.cpp| logit, over all positions
     tokenization_agree: float  # share of prompts llama.cpp tokenizes exactly as transformers
     tokenization_mismatch: str | None  # the first prompt tokenized differently, if any
+    # With the chat format: the share of prompts the file's own chat template (what
+    # `--engine llamacpp` renders with) writes exactly as transformers does. None otherwise.
+    template_agree: float | None
     elapsed_s: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,8 +147,8 @@ class Parity:
 
 
 def parity_prompts(fmt: PromptFormat, tokenizer: Any, count: int) -> list[tuple[str, bool]]:
-    """(prompt, add special tokens) pairs: instructions in the prompt format, then plain texts,
-    taken in turn until `count` (cycling when more are asked for than there are)."""
+    """(prompt, add special tokens) pairs: instructions in the prompt format and plain texts in
+    turn, 100 distinct ones, cycled when more are asked for."""
     pool = [(fmt.render([Message("user", i)], tokenizer), fmt.add_special_tokens) for i in INSTRUCTIONS]
     pool += [(t, True) for t in TEXTS]
     order = [
@@ -159,7 +172,7 @@ def check_parity(
     import torch
     from tqdm import tqdm
 
-    from ..engines.llamacpp import import_llama_cpp
+    from ..engines.llamacpp import import_llama_cpp, template_tokenizer
 
     llama_cpp = import_llama_cpp()
     start = time.perf_counter()
@@ -169,8 +182,8 @@ def check_parity(
     try:
         llm = llama_cpp.Llama(
             model_path=str(gguf_file),
-            n_ctx=width + 8,
-            n_batch=width + 8,
+            n_ctx=width + 1,  # the longest prompt, and the one token after it
+            n_batch=width + 1,  # each prompt in one decode call
             logits_all=True,
             n_threads=threads,
             verbose=False,
@@ -178,8 +191,16 @@ def check_parity(
     except (ValueError, RuntimeError) as e:
         raise UserError(
             f"the exported file does not load in llama.cpp ({e})",
-            "this is a bug in the export: report it with the model's config.json; --no-verify skips the check",
+            "if you named --pre-tokenizer, check that llama.cpp knows the name; otherwise this is a bug in "
+            "the export: report it with the model's config.json (--no-verify skips the check)",
         ) from e
+    template_agree = None
+    if fmt.name == "chat":
+        ours = template_tokenizer(llm)
+        chats = [[Message("user", i)] for i in INSTRUCTIONS]
+        template_agree = sum(
+            ours is not None and fmt.render(c, ours) == fmt.render(c, tokenizer) for c in chats
+        ) / len(chats)
     agree_last = agree_all = positions = same_tokens = 0
     max_diff = 0.0
     mismatch = None
@@ -218,6 +239,7 @@ def check_parity(
         max_logit_diff=max_diff,
         tokenization_agree=same_tokens / n,
         tokenization_mismatch=mismatch,
+        template_agree=template_agree,
         elapsed_s=time.perf_counter() - start,
     )
 
@@ -247,6 +269,11 @@ def judge(parity: Parity, quant: str) -> list[str]:
             f"llama.cpp tokenizes {1 - parity.tokenization_agree:.0%} of the prompts differently from "
             f"transformers (first: {parity.tokenization_mismatch!r}): the pre-tokenizer does not match"
         )
+    if parity.template_agree is not None and parity.template_agree < 1.0:
+        problems.append(
+            f"the file's chat template renders {1 - parity.template_agree:.0%} of the prompts otherwise than "
+            "transformers does: llama.cpp would see other prompts than training wrote"
+        )
     return problems
 
 
@@ -256,6 +283,10 @@ def describe(parity: Parity, quant: str) -> Sequence[str]:
         f"top-1 agreement {parity.top1_last:.1%} after the prompt, {parity.top1_all:.1%} at every position",
         f"  tokens: llama.cpp tokenizes {parity.tokenization_agree:.0%} of the prompts as transformers does",
     ]
+    if parity.template_agree is not None:
+        lines.append(
+            f"  chat template: the file's renders {parity.template_agree:.0%} of the prompts as transformers'"
+        )
     if quant in ("f32", "f16", "bf16"):
         lines.append(f"  largest logit difference: {parity.max_logit_diff:.4f}")
     return lines

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.files import staged_output, write_json_atomic, write_text_atomic
+from ..core.files import refuse_existing, staged_output, write_json_atomic, write_text_atomic
 from ..core.models import (
     ADAPTER_BASE_FILE,
     adapter_base,
@@ -61,6 +61,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
             "name the base with --model",
         )
     base = config.model or adapter_base(adapter)
+    refuse_existing(config.output, force=config.force)  # before the base loads
     with staged_output(config.output, force=config.force) as tmp:
         model, tokenizer = merge_adapter(adapter, base)
         fmt = read_saved_format(adapter) or resolve_format(None, None, saved=None, tokenizer=tokenizer)
@@ -129,9 +130,14 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
     out = Path(config.output).expanduser()
     if out.suffix != ".gguf":
         raise UserError(f"--output {out}: a GGUF file's name ends in .gguf", f"e.g. --output {out.name}.gguf")
+    report_path, modelfile_path = sidecar(out, ".parity.json"), sidecar(out, ".Modelfile")
+    for path in [out, report_path] + ([modelfile_path] if config.ollama else []):
+        refuse_existing(path, force=config.force)  # before minutes of loading
     model, tokenizer, source = load_pretrained(config.model)
     architecture_of(model)  # an unsupported architecture fails before anything is written
-    model = model.float().eval()
+    # Tensors are written one at a time from the dtype they are stored in; only the parity check
+    # needs the whole model in float32 (its reference logits), about 4 bytes per parameter.
+    model = (model.float() if config.verify else model).eval()
     fmt = model_format(config.model, None, None, tokenizer)
     name = Path(source.spec.rstrip("/")).name.removesuffix(".gguf")
     started = time.perf_counter()
@@ -174,9 +180,11 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
                     "the model's config.json (--no-verify writes the file regardless)",
                 )
     report = None
-    if parity is not None:
+    if parity is None:
+        report_path.unlink(missing_ok=True)  # it described the file --force replaced
+    else:
         report = write_json_atomic(
-            sidecar(out, ".parity.json"),
+            report_path,
             {
                 "file": out.name,
                 "model": config.model,
@@ -186,9 +194,7 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
                 **parity.to_dict(),
             },
         )
-    modelfile = (
-        write_text_atomic(sidecar(out, ".Modelfile"), ollama_modelfile(out, fmt)) if config.ollama else None
-    )
+    modelfile = write_text_atomic(modelfile_path, ollama_modelfile(out, fmt)) if config.ollama else None
     log.info(
         "wrote %s (%s, %.1f MB, %s, pre-tokenizer %s) in %.1f s",
         out,
@@ -288,20 +294,23 @@ def _stderr_captured() -> Iterator[_Captured]:
 def ollama_modelfile(gguf_file: Path, fmt: Any) -> str:
     """An Ollama Modelfile: the file, the prompt template (Go template syntax) and the stop strings,
     so `ollama create NAME -f FILE` serves the model with the prompts it was trained on."""
-    from ..core.prompts import ALPACA_PROMPT_NO_INPUT
+    from ..core.prompts import Message
+    from ..engines import GenerationSettings
+    from ..engines.config import IN_PROCESS_REPETITION_PENALTY
 
     lines = [f"FROM ./{gguf_file.name}", ""]
-    stops = list(fmt.stop_strings)
-    if fmt.name == "alpaca":
-        template = ALPACA_PROMPT_NO_INPUT.format(instruction="{{ .Prompt }}")
-    elif fmt.name == "user-assistant":
-        template = "<|user|>\n{{ .Prompt }}\n<|assistant|>\n"
-    else:  # the chat template in the file: Ollama reads it from the GGUF's metadata itself
-        template = None
-    if template is not None:
+    if fmt.name != "chat":  # a chat template stays in the GGUF, where Ollama reads it itself
+        # The format's own rendering of one message, the message replaced by Ollama's placeholder:
+        # the template is ours byte for byte (single-turn: Ollama's .Prompt is the last message).
+        marker = "\x00prompt\x00"
+        template = fmt.render([Message("user", marker)]).replace(marker, "{{ .Prompt }}")
         lines += ['TEMPLATE """' + template + '"""', ""]
     if fmt.system:
         lines += ['SYSTEM """' + fmt.system + '"""', ""]
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
-    lines += ["PARAMETER temperature 0.7", "PARAMETER repeat_penalty 1.1", ""]
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in fmt.stop_strings]
+    lines += [
+        f"PARAMETER temperature {GenerationSettings().temperature}",
+        f"PARAMETER repeat_penalty {IN_PROCESS_REPETITION_PENALTY}",
+        "",
+    ]
     return "\n".join(lines)

@@ -30,14 +30,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..core.errors import UserError
 from ..core.prompts import PromptFormat
+from ..engines.llamacpp import PROMPT_FORMAT_KEY
 
 log = logging.getLogger("alpaca_forge")
 
@@ -48,8 +52,8 @@ ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
 }
-# Keys of our own in the file, read back by the llama.cpp engine.
-PROMPT_FORMAT_KEY = "alpaca_forge.prompt_format"
+# Keys of our own in the file (the prompt format's, PROMPT_FORMAT_KEY, is the llama.cpp engine's).
+UNUSED_SCORE = -1e9  # a padding token's merge score: below any real piece's (minus its merge rank)
 STOP_STRINGS_KEY = "alpaca_forge.stop_strings"
 
 # The pre-tokenizer regexes of the tokenizer families we recognise (facts of those tokenizers),
@@ -79,7 +83,8 @@ class TensorPlan:
     hf_name: str
     gguf_name: str
     qtype: str  # a gguf.GGMLQuantizationType name: F32, F16, BF16, Q8_0, Q4_0 ...
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as transformers holds it
+    why: str | None = None  # why the type differs from the one asked for
 
 
 @dataclass
@@ -244,7 +249,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int, pre_name: str | Non
             tokens.append(f"[PAD{i}]".encode() if spm else f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
             if scores is not None:
-                scores.append(-1000.0)
+                scores.append(UNUSED_SCORE)
         writer.add_tokenizer_model(model_name)
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
@@ -373,15 +378,14 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> tuple[str
     return wanted, None
 
 
-def _tensors(model: Any, arch: str) -> Iterator[tuple[str, str, Any]]:
-    """(transformers name, GGUF name, float32 numpy array) for each tensor the file holds."""
+def plan_tensors(model: Any, arch: str, quant: str) -> list[TensorPlan]:
+    """What the file will hold, tensor by tensor, read from names and shapes alone."""
     import gguf
 
     config = model.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    plans = []
     for hf_name, tensor in model.state_dict().items():
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue  # recomputed by llama.cpp / the embedding stands in for a tied output
@@ -389,14 +393,36 @@ def _tensors(model: Any, arch: str) -> Iterator[tuple[str, str, Any]]:
         if name is None:
             raise UserError(
                 f"GGUF export: no llama.cpp name for the tensor {hf_name!r} ({arch})",
-                "this model has parts llama.cpp's {arch} does not run; export a plain {arch} model",
+                f"this model has parts llama.cpp's {arch} does not run; export a plain {arch} model",
             )
-        data = tensor.detach().float().cpu().numpy()
-        if arch == "llama" and hf_name.endswith("q_proj.weight"):
-            data = permute_rows(data, n_head)
-        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
-            data = permute_rows(data, n_kv)
-        yield hf_name, name, data
+        shape = tuple(tensor.shape)
+        qtype, why = tensor_type(name, shape, quant)
+        plans.append(TensorPlan(hf_name, name, qtype, shape, why))
+    return plans
+
+
+def tensor_bytes(plan: TensorPlan) -> int:
+    """Bytes of a tensor in its GGUF type: whole blocks of `block` values, `size` bytes each."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[plan.qtype]]
+    rows = math.prod(plan.shape[:-1])
+    return rows * (plan.shape[-1] // block) * size
+
+
+def tensor_data(model: Any, plan: TensorPlan, state: dict[str, Any]) -> Any:
+    """One tensor as the file stores it: float32, Q/K rows of llama permuted, then quantised."""
+    import gguf
+
+    data = state[plan.hf_name].detach().float().cpu().numpy()
+    config = model.config
+    if architecture_of(model) == "llama" and plan.hf_name.rsplit(".", 2)[-2] in ("q_proj", "k_proj"):
+        n_head = config.num_attention_heads
+        heads = (
+            n_head if ".q_proj." in plan.hf_name else getattr(config, "num_key_value_heads", None) or n_head
+        )
+        data = permute_rows(data, heads)  # weights and biases alike: their rows are the heads'
+    return gguf.quants.quantize(data, gguf.GGMLQuantizationType[plan.qtype])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,29 +444,38 @@ def write_gguf(
     import gguf
 
     arch = architecture_of(model)
+    plans = plan_tensors(model, arch, quant)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType[_PLANS[quant][2]])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_hparams(writer, model.config)
-    tok_model, pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre_tokenizer)
-    writer.add_string(PROMPT_FORMAT_KEY, json.dumps(prompt_format.to_dict()))
-    if prompt_format.stop_strings:
-        writer.add_array(STOP_STRINGS_KEY, list(prompt_format.stop_strings))
-    written = Written(path, arch, tok_model, pre, quant)
-    for hf_name, gguf_name, data in _tensors(model, arch):
-        qtype, why = tensor_type(gguf_name, data.shape, quant)
-        if why:
-            written.fallbacks.append(why)
-        kind = gguf.GGMLQuantizationType[qtype]
-        stored = gguf.quants.quantize(data, kind)
-        writer.add_tensor(gguf_name, stored, raw_dtype=kind)
-        written.tensors.append(TensorPlan(hf_name, gguf_name, qtype, tuple(data.shape)))
-        if progress:
-            progress(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.add_name(name)
+        writer.add_file_type(gguf.LlamaFileType[_PLANS[quant][2]])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_hparams(writer, model.config)
+        tok_model, pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre_tokenizer)
+        writer.add_string(PROMPT_FORMAT_KEY, json.dumps(prompt_format.to_dict()))
+        if prompt_format.stop_strings:  # for other runtimes; our engine takes them from the format
+            writer.add_array(STOP_STRINGS_KEY, list(prompt_format.stop_strings))
+        # Two passes, so memory stays flat whatever the model's size: the header lists every
+        # tensor's type and size (known from shapes alone), then each tensor is quantised and
+        # written in turn, in the same order.
+        for plan in plans:
+            writer.add_tensor_info(
+                plan.gguf_name,
+                plan.shape,
+                np.float32,
+                tensor_bytes(plan),
+                raw_dtype=gguf.GGMLQuantizationType[plan.qtype],
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        state = model.state_dict()
+        for plan in plans:
+            writer.write_tensor_data(tensor_data(model, plan, state))
+            if progress:
+                progress(1)
+    finally:
+        writer.close()
+    written = Written(path, arch, tok_model, pre, quant, plans, [p.why for p in plans if p.why])
     written.bytes = path.stat().st_size
     return written
