@@ -276,3 +276,22 @@ def test_export_without_llama_cpp_needs_no_verify(tmp_path, tiny_model_dir, with
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:4] == b"GGUF"
     assert not (tmp_path / "x.parity.json").exists()  # nothing was checked, so no report
+
+
+def test_k_quants_without_llama_cpp_name_the_quants_that_need_no_compiler(
+    tmp_path, tiny_model_dir, without_llama_cpp
+):
+    out = tmp_path / "k.gguf"
+    r = run_cli(
+        "export",
+        "gguf",
+        "--model",
+        str(tiny_model_dir),
+        "--output",
+        str(out),
+        "--quant",
+        "q4_k_m",
+        "--no-verify",
+    )
+    assert_user_error(r, "K-quants", "llama-cpp-python", "q4_0/q4_1/q5_0/q5_1")
+    assert not out.exists()
