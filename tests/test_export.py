@@ -426,6 +426,7 @@ def test_smollm2_exports_at_f16_and_q8_0_and_answers_through_infer(tmp_path):
         assert r.returncode == 0, r.stderr
         figures[quant] = parity_of(out)
     assert figures["f16"]["tokenization_agree"] == 1.0 and figures["q8_0"]["tokenization_agree"] == 1.0
+    assert figures["f16"]["template_agree"] == 1.0  # the file's chat template writes transformers' prompts
     assert figures["f16"]["top1_last"] >= 0.99 and figures["f16"]["top1_all"] >= 0.99, figures
     assert figures["q8_0"]["top1_last"] >= 0.95 and figures["q8_0"]["top1_all"] >= 0.95, figures
     (tmp_path / "in.jsonl").write_text('{"instruction": "What is the capital of France?"}\n')
