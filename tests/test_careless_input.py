@@ -596,6 +596,35 @@ def serve_rules_with_a_bad_pattern(w: Workspace) -> Attempt:
 
 
 @case
+def export_gguf_over_an_existing_file(w: Workspace) -> Attempt:
+    mine = w.write("model.gguf", "my earlier export")
+    return Attempt(
+        ["export", "gguf", "--model", w.model, "--output", str(mine), "--no-verify"],
+        [f"--output {mine}: already exists", "--force"],
+        untouched=(mine,),
+    )
+
+
+@case
+def export_merge_of_a_model_not_an_adapter(w: Workspace) -> Attempt:
+    return Attempt(
+        ["export", "merge", "--adapter", w.model, "--output", str(w.path("merged"))],
+        ["not a LoRA adapter folder", "train --method lora"],
+    )
+
+
+@case
+def export_recover_from_a_folder_without_weights(w: Workspace) -> Attempt:
+    empty = w.folder("diff")
+    notes = w.write("diff/README.txt", "the diff will go here")
+    return Attempt(
+        ["export", "recover", "--base", w.model, "--diff", str(empty), "--output", str(w.path("out"))],
+        [f"--diff {empty}", "no model weights"],
+        untouched=(notes,),
+    )
+
+
+@case
 def serve_port_in_use(w: Workspace) -> Attempt:
     import socket
 

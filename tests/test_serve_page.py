@@ -121,6 +121,13 @@ class ChatPage:
 
         return self.driver.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
 
+    def click(self, testid: str) -> None:
+        """Click as a person would: the element in the middle of the view first (WebDriver scrolls
+        it to the top edge, under the sticky header, whose logo then takes the click)."""
+        element = self.find(testid)
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
     def find_all(self, testid: str) -> list[Any]:
         from selenium.webdriver.common.by import By
 
@@ -281,10 +288,10 @@ def test_stop_ends_the_answer_here_and_on_the_server(page, server):
         )
         if page.answer_state() == "streaming":
             with contextlib.suppress(ElementNotInteractableException):  # it ended just now
-                page.find("stop").click()
+                page.click("stop")
         if page.wait_answered(10) == "stopped":
             break
-        page.find("new-chat").click()
+        page.click("new-chat")
     else:
         pytest.fail("five answers in a row ended before Stop could be pressed")
     stopped_at = page.answer_text()
