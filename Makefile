@@ -39,7 +39,9 @@ install: $(BIN)/.installed
 # bad builds above import fine and crash when they compute).
 $(BIN)/.llamacpp: $(BIN)/.installed
 	@if ! ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-	    echo "building $(LLAMACPP_PIN) for any AVX2 CPU (once per machine, ~5 min on 2 cores) ..."; \
+	    command -v c++ >/dev/null || { echo "llama-cpp-python is built from source and needs a C++ compiler:" \
+	        "apt-get install build-essential (Debian/Ubuntu), xcode-select --install (macOS)"; exit 1; }; \
+	    echo "building $(LLAMACPP_PIN) for any AVX2 CPU (once per machine, ~7 min on 2 cores) ..."; \
 	    rm -rf $(WHEELHOUSE).tmp && \
 	    CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --disable-pip-version-check \
 	        --no-cache-dir --no-deps -w $(WHEELHOUSE).tmp "$(LLAMACPP_PIN)" && \
