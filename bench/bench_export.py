@@ -140,6 +140,23 @@ def child_export(a: dict) -> dict:
     }
 
 
+def stream_answerer(engine, conversation, settings):
+    """answer(): one answer streamed from an engine (ours: transformers or llama.cpp)."""
+
+    def answer() -> dict:
+        s = engine.stream(conversation, settings)
+        text = "".join(s)
+        c = s.completion
+        return {
+            "tokens": c.completion_tokens,
+            "elapsed_s": s.elapsed_s,
+            "finish": c.finish_reason.value,
+            "text": text,
+        }
+
+    return answer
+
+
 def child_transformers(a: dict) -> dict:
     import torch
 
@@ -153,17 +170,7 @@ def child_transformers(a: dict) -> dict:
         max_new_tokens=a["tokens"], temperature=0.0, repetition_penalty=REPETITION_PENALTY
     )
     conversation = [Message("user", PROMPT)]
-
-    def answer() -> dict:
-        s = engine.stream(conversation, settings)
-        text = "".join(s)
-        c = s.completion
-        return {
-            "tokens": c.completion_tokens,
-            "elapsed_s": s.elapsed_s,
-            "finish": c.finish_reason.value,
-            "text": text,
-        }
+    answer = stream_answerer(engine, conversation, settings)
 
     # The prompt text every other configuration is given or must render the same.
     return {"prompt": engine.render(conversation, a["tokens"]), **measure(answer, a["rounds"])}
@@ -229,17 +236,7 @@ def child_engine(a: dict) -> dict:
         max_new_tokens=a["tokens"], temperature=0.0, repetition_penalty=REPETITION_PENALTY
     )
     conversation = [Message("user", PROMPT)]
-
-    def answer() -> dict:
-        s = engine.stream(conversation, settings)
-        text = "".join(s)
-        c = s.completion
-        return {
-            "tokens": c.completion_tokens,
-            "elapsed_s": s.elapsed_s,
-            "finish": c.finish_reason.value,
-            "text": text,
-        }
+    answer = stream_answerer(engine, conversation, settings)
 
     same_prompt = engine.render(conversation, a["tokens"]) == a["prompt"]
     out = {"same_prompt": same_prompt, "load_s": round(engine.load_s, 3), **measure(answer, a["rounds"])}
@@ -368,11 +365,7 @@ def child_paired(a: dict) -> dict:
         engine = server.state.backend.engine
         serve = serve_answerer(client, server.api_url + "/chat/completions", body)
 
-        def ours() -> dict:
-            s = engine.stream([Message("user", PROMPT)], settings)
-            "".join(s)
-            return {"tokens": s.completion.completion_tokens, "elapsed_s": s.elapsed_s}
-
+        ours = stream_answerer(engine, [Message("user", PROMPT)], settings)
         for warm in (direct_on_a_fresh_thread, ours, serve):
             warm()
         rounds = []

@@ -84,6 +84,18 @@ def build_tiny_tokenizer():
     return hf
 
 
+# The tiny models' shape, for every architecture the tests build.
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.2,
+}
+
+
 def build_tiny_model(tokenizer, seed: int = 0, **shape):
     """A 2-layer Llama with ~0.1M parameters: random, but with peaked logits so greedy is stable.
     `shape` overrides any LlamaConfig setting (benchmarks build larger ones the same way)."""
@@ -91,18 +103,7 @@ def build_tiny_model(tokenizer, seed: int = 0, **shape):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    settings = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "initializer_range": 0.2,
-        "tie_word_embeddings": True,
-        **shape,
-    }
+    settings = {"vocab_size": len(tokenizer), **TINY_SHAPE, "tie_word_embeddings": True, **shape}
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     return LlamaForCausalLM(LlamaConfig(**settings, **ids, pad_token_id=tokenizer.pad_token_id))
 
@@ -121,18 +122,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model as an f32 GGUF file (so llama.cpp's greedy choices are transformers')."""
     from alpaca_forge.core.models import load_pretrained
+    from alpaca_forge.core.prompts import read_saved_format
     from alpaca_forge.export.to_gguf import write_gguf
 
     model, tokenizer, _ = load_pretrained(str(tiny_model_dir))
     path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.f32.gguf"
-    write_gguf(model, tokenizer, get_format_of(tiny_model_dir), path, "f32", name="tiny")
+    write_gguf(model, tokenizer, read_saved_format(tiny_model_dir), path, "f32", name="tiny")
     return path
-
-
-def get_format_of(folder: Path):
-    from alpaca_forge.core.prompts import read_saved_format
-
-    return read_saved_format(folder)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,15 @@ from alpaca_forge import get_format, save_model
 from alpaca_forge.core.models import ADAPTER_BASE_FILE
 from alpaca_forge.export.to_gguf import classify_pre_tokenizer, permute_rows
 
-from conftest import _CORPUS, REPO, assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
+from conftest import (
+    _CORPUS,
+    REPO,
+    TINY_SHAPE,
+    assert_user_error,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    run_cli,
+)
 
 pytestmark = pytest.mark.llamacpp  # the parity check loads every exported file in llama.cpp
 
@@ -103,13 +111,8 @@ def tiny(family: str, tokenizer, seed: int = 0, **shape):
     torch.manual_seed(seed)
     settings = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        **TINY_SHAPE,
         "max_position_embeddings": 2048,
-        "initializer_range": 0.2,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         **shape,

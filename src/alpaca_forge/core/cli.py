@@ -135,3 +135,26 @@ def add_command(
 
     p.set_defaults(run=run, config_class=config, command_parser=p)
     return p
+
+
+def add_tool_group(
+    sub: Any,
+    name: str,
+    summary: str,
+    description: str,
+    tools: list[tuple[str, str, str, type]],
+    handlers: dict[str, Handler],
+) -> argparse.ArgumentParser:
+    """A command whose subcommands are tools (`data validate`, `export gguf`): each tool's
+    (name, summary, description, config) with its handler. The command alone prints its help and
+    exits 2, as a command line without a command does."""
+    group = add_command(sub, name, summary, description, None, lambda config, args: _print_help(group))
+    tools_sub = group.add_subparsers(dest="tool", metavar="TOOL", help="one of the tools below")
+    for tool, tool_summary, tool_description, config in tools:
+        add_command(tools_sub, tool, tool_summary, tool_description, config, handlers[tool])
+    return group
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2

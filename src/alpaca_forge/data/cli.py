@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..core.cli import add_command, say
+from ..core.cli import add_tool_group, say
 from . import config as c
 from .tools import CHECK_NAMES
 
@@ -109,22 +109,14 @@ example:
 
 def register(sub: Any) -> None:
     names = ", ".join(name for name, *_ in TOOLS)
-    data = add_command(
+    add_tool_group(
         sub,
         "data",
         f"tools over Alpaca datasets: {names}",
         "Tools over Alpaca datasets (.json array or .jsonl, .gz too). Run `alpaca-forge data TOOL --help`.",
-        None,
-        lambda config, args: _no_tool(data),
+        TOOLS,
+        HANDLERS,
     )
-    tools = data.add_subparsers(dest="tool", metavar="TOOL", help="one of the tools below")
-    for name, summary, description, config in TOOLS:
-        add_command(tools, name, summary, description, config, HANDLERS[name])
-
-
-def _no_tool(parser: Any) -> int:
-    parser.print_help()
-    return 2  # as for a command line without a command
 
 
 def _validate(config: c.ValidateConfig, args: Any) -> int:

@@ -299,9 +299,6 @@ class BatchingEngine:
         """Tokens the model reads for a prompt: a rendered conversation (`chat`) or a raw one."""
         return self.inner.count_tokens(text, chat=chat)
 
-    def _count(self, text: str, add_special_tokens: bool) -> int:
-        return len(self.inner.lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
     @property
     def running(self) -> int:
         """Rows in the batch generate() is running now (0: the worker is idle or gathering);
@@ -504,7 +501,7 @@ class BatchedStream:
         self.cancelled = True
         self._request.cancel.set()
         if self._engine._withdraw(self._request):
-            tokens = self._engine._count(self._request.prompt, self._request.add_special_tokens)
+            tokens = self._engine.inner.count(self._request.prompt, self._request.add_special_tokens)
             self._end(_End([], tokens, True, time.perf_counter()))
             return
         for item in self._items():

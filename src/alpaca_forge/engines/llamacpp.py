@@ -116,6 +116,15 @@ class TemplateTokenizer:
             ) from e
 
 
+def open_llama(path: Path, fix: str, **settings: Any) -> Any:
+    """A GGUF file loaded by llama-cpp-python (quietly), or a UserError naming it and `fix`."""
+    llama_cpp = import_llama_cpp()
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **settings)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: llama.cpp cannot load this GGUF file ({e})", fix) from e
+
+
 def template_tokenizer(llm: Any) -> TemplateTokenizer | None:
     """The chat template a loaded GGUF carries, ready to render (None when it has none)."""
     template = llm.metadata.get("tokenizer.chat_template")
@@ -143,20 +152,14 @@ class LlamaCppEngine:
         self.path = Path(path)
         self._check_file()
         start = time.perf_counter()
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=context_tokens,
-                n_threads=threads,
-                n_threads_batch=threads,
-                last_n_tokens_size=REPEAT_LAST_N,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as e:
-            raise UserError(
-                f"{self.path}: llama.cpp cannot load this GGUF file ({e})",
-                "check that it is complete and made for llama.cpp (alpaca-forge export gguf writes such files)",
-            ) from e
+        self.llm = open_llama(
+            self.path,
+            "check that it is complete and made for llama.cpp (alpaca-forge export gguf writes such files)",
+            n_ctx=context_tokens,
+            n_threads=threads,
+            n_threads_batch=threads,
+            last_n_tokens_size=REPEAT_LAST_N,
+        )
         self.load_s = time.perf_counter() - start
         self._llama_cpp = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)

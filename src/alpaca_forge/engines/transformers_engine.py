@@ -76,8 +76,10 @@ class TransformersEngine:
 
     def count_tokens(self, text: str, *, chat: bool) -> int:
         """Tokens the model reads for a prompt: a rendered conversation (`chat`) or a raw one."""
-        special = self.lm.prompt_format.add_special_tokens if chat else True
-        return len(self.lm.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self.count(text, self.lm.prompt_format.add_special_tokens if chat else True)
+
+    def count(self, text: str, add_special_tokens: bool) -> int:
+        return len(self.lm.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     @property
     def context_tokens(self) -> int | None:

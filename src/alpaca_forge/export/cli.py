@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.cli import add_command, say
+from ..core.cli import add_tool_group, say
 from . import config as c
 
 TOOLS = [
@@ -66,23 +66,15 @@ example:
 
 
 def register(sub: Any) -> None:
-    export = add_command(
+    add_tool_group(
         sub,
         "export",
         "merged models, weight diffs, GGUF files for llama.cpp",
         "Export a trained model: merge an adapter, publish a weight diff, write GGUF for llama.cpp. "
         "Run `alpaca-forge export TOOL --help`.",
-        None,
-        lambda config, args: _no_tool(export),
+        TOOLS,
+        HANDLERS,
     )
-    tools = export.add_subparsers(dest="tool", metavar="TOOL", help="one of the tools below")
-    for name, summary, description, config in TOOLS:
-        add_command(tools, name, summary, description, config, HANDLERS[name])
-
-
-def _no_tool(parser: Any) -> int:
-    parser.print_help()
-    return 2
 
 
 def _merge(config: c.MergeConfig, args: Any) -> int:

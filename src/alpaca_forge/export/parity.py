@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import UserError
 from ..core.prompts import Message, PromptFormat
 
 INSTRUCTIONS = (
@@ -172,28 +171,21 @@ def check_parity(
     import torch
     from tqdm import tqdm
 
-    from ..engines.llamacpp import import_llama_cpp, template_tokenizer
+    from ..engines.llamacpp import open_llama, template_tokenizer
 
-    llama_cpp = import_llama_cpp()
     start = time.perf_counter()
     pairs = parity_prompts(fmt, tokenizer, prompts)
     encoded = [tokenizer(p, add_special_tokens=special)["input_ids"] for p, special in pairs]
     width = max(len(ids) for ids in encoded)
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(gguf_file),
-            n_ctx=width + 1,  # the longest prompt, and the one token after it
-            n_batch=width + 1,  # each prompt in one decode call
-            logits_all=True,
-            n_threads=threads,
-            verbose=False,
-        )
-    except (ValueError, RuntimeError) as e:
-        raise UserError(
-            f"the exported file does not load in llama.cpp ({e})",
-            "if you named --pre-tokenizer, check that llama.cpp knows the name; otherwise this is a bug in "
-            "the export: report it with the model's config.json (--no-verify skips the check)",
-        ) from e
+    llm = open_llama(
+        gguf_file,
+        "if you named --pre-tokenizer, check that llama.cpp knows the name; otherwise this is a bug in "
+        "the export: report it with the model's config.json (--no-verify skips the check)",
+        n_ctx=width + 1,  # the longest prompt, and the one token after it
+        n_batch=width + 1,  # each prompt in one decode call
+        logits_all=True,
+        n_threads=threads,
+    )
     template_agree = None
     if fmt.name == "chat":
         ours = template_tokenizer(llm)

@@ -410,13 +410,13 @@ def tensor_bytes(plan: TensorPlan) -> int:
     return rows * (plan.shape[-1] // block) * size
 
 
-def tensor_data(model: Any, plan: TensorPlan, state: dict[str, Any]) -> Any:
+def tensor_data(model: Any, arch: str, plan: TensorPlan, state: dict[str, Any]) -> Any:
     """One tensor as the file stores it: float32, Q/K rows of llama permuted, then quantised."""
     import gguf
 
     data = state[plan.hf_name].detach().float().cpu().numpy()
     config = model.config
-    if architecture_of(model) == "llama" and plan.hf_name.rsplit(".", 2)[-2] in ("q_proj", "k_proj"):
+    if arch == "llama" and plan.hf_name.rsplit(".", 2)[-2] in ("q_proj", "k_proj"):
         n_head = config.num_attention_heads
         heads = (
             n_head if ".q_proj." in plan.hf_name else getattr(config, "num_key_value_heads", None) or n_head
@@ -471,7 +471,7 @@ def write_gguf(
         writer.write_ti_data_to_file()
         state = model.state_dict()
         for plan in plans:
-            writer.write_tensor_data(tensor_data(model, plan, state))
+            writer.write_tensor_data(tensor_data(model, arch, plan, state))
             if progress:
                 progress(1)
     finally:
