@@ -440,3 +440,23 @@ def test_smollm2_exports_at_f16_and_q8_0_and_answers_through_infer(tmp_path):
     assert r.returncode == 0, r.stderr
     row = json.loads((tmp_path / "p.jsonl").read_text())
     assert "Paris" in row["output"] and row["prompt_format"] == "chat"
+
+
+def test_force_replaces_an_output_never_a_different_kind_of_thing(tmp_path, tiny_model_dir, adapter):
+    folder = tmp_path / "mine.gguf"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    r = export(tiny_model_dir, folder, "--no-verify", "--force")
+    assert_user_error(r, "is a folder, not a file")
+    assert (folder / "notes.txt").read_text() == "keep"
+    file = tmp_path / "merged"
+    file.write_text("a file, not a folder")
+    r = run_cli("export", "merge", "--adapter", str(adapter), "--output", str(file), "--force")
+    assert_user_error(r, "is a file, not a folder")
+    assert file.read_text() == "a file, not a folder"
+
+
+def test_an_output_in_a_missing_folder_is_made(tmp_path, tiny_model_dir):
+    out = tmp_path / "not" / "yet" / "there.gguf"
+    assert export(tiny_model_dir, out, "--no-verify").returncode == 0
+    assert out.read_bytes()[:4] == b"GGUF"

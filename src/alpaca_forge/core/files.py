@@ -209,10 +209,18 @@ def _cut_off_row(tail: str, required: Sequence[str]) -> bool:
     return _appended_row(tail, required) is not None
 
 
-def refuse_existing(path: str | os.PathLike, *, force: bool, flag: str = "--output") -> Path:
-    """`path`, unless it exists and `force` is off (checked again by `staged_output`; call it
-    early too, before minutes of loading)."""
+def refuse_existing(path: str | os.PathLike, *, force: bool, folder: bool, flag: str = "--output") -> Path:
+    """`path`, unless it exists and `force` is off, or it is a file where a folder is to be
+    written (or a folder where a file is): `--force` replaces an output, never a different kind
+    of thing. Checked again by `staged_output`; call it early too, before minutes of loading."""
     out = Path(path).expanduser()
+    if folder and out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file, not a folder", f"give {flag} a folder path")
+    if not folder and out.is_dir():
+        raise UserError(
+            f"{flag} {out}: is a folder, not a file",
+            f"name a file inside it, e.g. {flag} {out / 'model.gguf'}",
+        )
     if (out.exists() or out.is_symlink()) and not force:
         raise UserError(
             f"{flag} {out}: already exists (nothing is overwritten silently)",
@@ -222,14 +230,16 @@ def refuse_existing(path: str | os.PathLike, *, force: bool, flag: str = "--outp
 
 
 @contextlib.contextmanager
-def staged_output(path: str | os.PathLike, *, force: bool, flag: str = "--output") -> Iterator[Path]:
+def staged_output(
+    path: str | os.PathLike, *, force: bool, folder: bool, flag: str = "--output"
+) -> Iterator[Path]:
     """Write a whole output (a folder or a file) under a temporary name beside `path`; it takes
     `path`'s place only once everything is written, so a failure (a full disk, a wrong input found
     half-way, Ctrl-C) leaves nothing half-written behind. An existing `path` is refused unless
     `force`, and then replaced only at the end.
 
     Yields the temporary path to write (not created: make the folder or the file yourself)."""
-    out = refuse_existing(path, force=force, flag=flag)
+    out = refuse_existing(path, force=force, folder=folder, flag=flag)
     blocker = _under_a_file(out)
     if blocker is not None:
         raise UserError(

@@ -641,7 +641,7 @@ def run_diff(config: DiffConfig, *, progress: bool = True) -> DiffResult:
     refuse_inputs_as_output(config.output, (base, tuned))
     tied = tied_embeddings(tuned, base)
     records: dict[str, TensorRecord] = {}
-    with staged_output(config.output, force=config.force) as tmp:
+    with staged_output(config.output, force=config.force, folder=True) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, config.shard_size_mb * BYTES_PER_MB)
         for name in _bar(tuned.names, f"diff ({config.kind})", progress):
@@ -722,7 +722,7 @@ def run_recover(config: RecoverConfig, *, progress: bool = True) -> RecoverResul
     kind: DiffKind = manifest.kind if manifest else "add"
     tied = None if manifest else tied_embeddings(diff, base)  # ours names each base tensor
     verified: set[str] = set()  # tensors sha256-equal to what the diff was made to give back
-    with staged_output(config.output, force=config.force) as tmp:
+    with staged_output(config.output, force=config.force, folder=True) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, config.shard_size_mb * BYTES_PER_MB)
         for name in _bar(diff.names, f"recover ({kind})", progress):

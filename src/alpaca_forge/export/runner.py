@@ -61,8 +61,8 @@ def run_merge(config: MergeConfig) -> MergeResult:
             "name the base with --model",
         )
     base = config.model or adapter_base(adapter)
-    refuse_existing(config.output, force=config.force)  # before the base loads
-    with staged_output(config.output, force=config.force) as tmp:
+    refuse_existing(config.output, force=config.force, folder=True)  # before the base loads
+    with staged_output(config.output, force=config.force, folder=True) as tmp:
         model, tokenizer = merge_adapter(adapter, base)
         fmt = read_saved_format(adapter) or resolve_format(None, None, saved=None, tokenizer=tokenizer)
         save_model(model, tokenizer, tmp, fmt)
@@ -132,7 +132,7 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
         raise UserError(f"--output {out}: a GGUF file's name ends in .gguf", f"e.g. --output {out.name}.gguf")
     report_path, modelfile_path = sidecar(out, ".parity.json"), sidecar(out, ".Modelfile")
     for path in [out, report_path] + ([modelfile_path] if config.ollama else []):
-        refuse_existing(path, force=config.force)  # before minutes of loading
+        refuse_existing(path, force=config.force, folder=False)  # before minutes of loading
     model, tokenizer, source = load_pretrained(config.model)
     architecture_of(model)  # an unsupported architecture fails before anything is written
     # Tensors are written one at a time from the dtype they are stored in; only the parity check
@@ -141,7 +141,7 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
     fmt = model_format(config.model, None, None, tokenizer)
     name = Path(source.spec.rstrip("/")).name.removesuffix(".gguf")
     started = time.perf_counter()
-    with staged_output(out, force=config.force) as tmp:
+    with staged_output(out, force=config.force, folder=False) as tmp:
         with tqdm(
             total=len(model.state_dict()),
             desc=f"gguf {config.quant}",
