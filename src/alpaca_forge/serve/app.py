@@ -553,6 +553,8 @@ class Responder:
                     rec.status, rec.error = 504, err.message
                     rec.finish_reason = "timeout"
                     yield _event(err.body())
+            if ticket:  # the answers have ended: free the place before the last chunks go out
+                ticket.leave()
             rec.completion_tokens = self._record_tokens(completions)
             if p.req.include_usage:
                 tail = {**self._head(self._chunk_kind), "choices": []}
