@@ -624,6 +624,81 @@ def export_recover_from_a_folder_without_weights(w: Workspace) -> Attempt:
     )
 
 
+def _eval_set(w: Workspace, n: int = 3) -> Path:
+    rows = [{"id": f"q{k}", "instruction": f"Question {k}?"} for k in range(n)]
+    return w.write("set.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _predictions(w: Workspace, name: str, ids: list[int]) -> Path:
+    rows = [{"instruction": f"Question {k}?", "input": "", "response": f"Answer {k}."} for k in ids]
+    return w.write(name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@case
+def eval_system_missing_an_instruction(w: Workspace) -> Attempt:
+    s = _eval_set(w)
+    a, b = _predictions(w, "a.jsonl", [0, 1, 2]), _predictions(w, "b.jsonl", [0, 2])
+    return Attempt(
+        ["eval", "pairwise", "--set", str(s), "--a", str(a), "--b", str(b), "--output", str(w.path("ev"))],
+        [f"b ({b}) has no answer for 1 of the set's 3 instructions", "q1", "infer"],
+        untouched=(a, b),
+    )
+
+
+@case
+def eval_predictions_without_an_answer_field(w: Workspace) -> Attempt:
+    s = _eval_set(w, 1)
+    a = _predictions(w, "a.jsonl", [0])
+    b = w.write("b.jsonl", json.dumps({"instruction": "Question 0?", "answer": "x"}) + "\n")
+    return Attempt(
+        ["eval", "pairwise", "--set", str(s), "--a", str(a), "--b", str(b), "--output", str(w.path("ev"))],
+        [f"{b}:1", "no answer field", "--answer-field"],
+    )
+
+
+@case
+def eval_judge_nobody_runs(w: Workspace) -> Attempt:
+    s = _eval_set(w, 1)
+    a, b = _predictions(w, "a.jsonl", [0]), _predictions(w, "b.jsonl", [0])
+    args = [
+        "eval", "pairwise", "--set", str(s), "--a", str(a), "--b", f"other={b}", "--output", str(w.path("ev")),
+        "--judge-engine", "openai", "--judge-base-url", CLOSED_PORT, "--judge-model", "m",
+        "--judge-max-retries", "0", "--judge-timeout-s", "2",
+    ]  # fmt: skip
+    return Attempt(args, ["127.0.0.1:9"])
+
+
+@case
+def eval_leaderboard_with_one_system(w: Workspace) -> Attempt:
+    s = _eval_set(w, 1)
+    a = _predictions(w, "a.jsonl", [0])
+    return Attempt(
+        ["eval", "leaderboard", "--set", str(s), str(a), "--output", str(w.path("b"))],
+        ["two or more systems"],
+    )
+
+
+@case
+def eval_safety_prompts_missing_a_field(w: Workspace) -> Attempt:
+    bad = w.write("redteam.jsonl", '{"id": "a", "prompt": "Hi"}\n{"category": "weapons"}\n')
+    args = [
+        "eval", "safety", "--prompts", str(bad), "--output", str(w.path("safety")),
+        "--engine", "openai", "--base-url", CLOSED_PORT, "--model", "m", *FAIL_FAST,
+    ]  # fmt: skip
+    return Attempt(args, [f"{bad}:2", "field 'prompt' is missing"])
+
+
+@case
+def eval_output_is_the_set(w: Workspace) -> Attempt:
+    s = _eval_set(w, 1)
+    a, b = _predictions(w, "a.jsonl", [0]), _predictions(w, "b.jsonl", [0])
+    return Attempt(
+        ["eval", "pairwise", "--set", str(s), "--a", str(a), "--b", str(b), "--output", str(s)],
+        [f"--output {s}"],
+        untouched=(s,),
+    )
+
+
 @case
 def serve_port_in_use(w: Workspace) -> Attempt:
     import socket

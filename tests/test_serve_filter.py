@@ -13,11 +13,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from alpaca_forge.core.errors import UserError, ValidationError
-from alpaca_forge.core.prompts import Message
-from alpaca_forge.engines import Completion, FinishReason
-from alpaca_forge.serve.config import FilterConfig
-from alpaca_forge.serve.filter import (
+from alpaca_forge.content_filter import (
     JUDGE_UNAVAILABLE,
     MODERATION_UNAVAILABLE,
     SETTLE_CHARS,
@@ -34,6 +30,10 @@ from alpaca_forge.serve.filter import (
     refusal_text,
     request_text,
 )
+from alpaca_forge.core.errors import UserError, ValidationError
+from alpaca_forge.core.prompts import Message
+from alpaca_forge.engines import Completion, FinishReason
+from alpaca_forge.serve.config import FilterConfig
 
 from loopback import Loopback
 

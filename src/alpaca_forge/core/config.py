@@ -66,12 +66,18 @@ def setting(
 
 
 def nested(
-    cls: type, title: str, factory: Callable[[], Any] | None = None, exclude: tuple[str, ...] = ()
+    cls: type,
+    title: str,
+    factory: Callable[[], Any] | None = None,
+    exclude: tuple[str, ...] = (),
+    prefix: str = "",
 ) -> Any:
     """A config inside a config (its flags shown under `title`); `exclude` leaves some of its
-    fields off the command line where the outer config has a flag of the same name."""
+    fields off the command line where the outer config has a flag of the same name; `prefix`
+    names its settings apart from another of the same kind (`judge` -> --judge-model)."""
     return dataclasses.field(
-        default_factory=factory or cls, metadata={"nested": True, "title": title, "exclude": exclude}
+        default_factory=factory or cls,
+        metadata={"nested": True, "title": title, "exclude": exclude, "prefix": prefix},
     )
 
 
@@ -116,10 +122,11 @@ class Leaf:
     field: dataclasses.Field
     type: Any
     default: Any  # REQUIRED when there is none
+    prefix: str = ""  # the nested config's name prefix, if it has one (`judge` -> judge_model)
 
     @property
     def name(self) -> str:
-        return self.path[-1]
+        return f"{self.prefix}_{self.path[-1]}" if self.prefix else self.path[-1]
 
     @property
     def flag(self) -> str:
@@ -143,15 +150,15 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def leaves(cls: type, prefix: FieldPath = (), defaults: Any = None) -> list[Leaf]:
+def leaves(cls: type, prefix: FieldPath = (), defaults: Any = None, name_prefix: str = "") -> list[Leaf]:
     """Every setting of `cls`, nested configs expanded, with its default."""
     out = []
     for f in dataclasses.fields(cls):
         t = _hints(cls)[f.name]
         if _is_nested(f):
             inner = f.default_factory()  # type: ignore[misc]
-            for leaf in leaves(t, (*prefix, f.name), inner):
-                if leaf.name not in f.metadata["exclude"]:
+            for leaf in leaves(t, (*prefix, f.name), inner, f.metadata.get("prefix", "") or name_prefix):
+                if leaf.path[-1] not in f.metadata["exclude"]:
                     out.append(leaf)
             continue
         if defaults is not None:
@@ -162,7 +169,7 @@ def leaves(cls: type, prefix: FieldPath = (), defaults: Any = None) -> list[Leaf
             default = f.default_factory()
         else:
             default = REQUIRED
-        out.append(Leaf((*prefix, f.name), f, t, default))
+        out.append(Leaf((*prefix, f.name), f, t, default, name_prefix))
     return out
 
 

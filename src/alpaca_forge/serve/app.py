@@ -27,12 +27,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..content_filter import refusal_text, request_text
 from ..core.errors import UserError
 from ..engines import Completion, GenerationSettings
 from .answers import Answers, Event
 from .backend import Backend
 from .config import ServeConfig
-from .filter import refusal_text, request_text
 from .gate import Admission, Keys, RateLimiter, Ticket
 from .protocol import (
     ApiError,

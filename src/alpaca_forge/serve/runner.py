@@ -91,7 +91,7 @@ class RunningServer:
         self.config = config
         self.started = time.perf_counter()
         if config.content_filter.filter:
-            from .filter import load_rules
+            from ..content_filter import load_rules
 
             load_rules(config.content_filter.filter_rules)  # a bad rules file fails now, not after loading
         log_path = check_output(config.request_log, flag="--request-log") if config.request_log else None
@@ -129,7 +129,7 @@ class RunningServer:
         cfg = self.config
         try:
             if cfg.content_filter.filter:
-                from .filter import build_filter
+                from ..content_filter import build_filter
 
                 judge = _judge(cfg)
                 if judge is not None:

@@ -1,5 +1,7 @@
-"""The content filter of `alpaca-forge serve`, on what comes in (prompts) and what goes out
-(answers). Three layers, checked in order; the first that flags a text decides:
+"""The content filter, on what comes in (prompts) and what goes out (answers): `serve` runs it on
+every request, `eval safety` measures what it blocks. It sits below the stages (it imports only
+core and engines) so that both can use it. Three layers, checked in order; the first that flags
+a text decides:
 
 1. rules: categories of regular expressions (`default_rules.yaml`, extended or replaced by
    `--filter-rules FILE`). Well under a millisecond on a 4,000-character prompt; always on.
@@ -30,7 +32,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.prompts import Message
@@ -40,11 +42,10 @@ if TYPE_CHECKING:
     import httpx
 
     from ..engines.base import Engine
-    from .config import FilterConfig
 
 log = logging.getLogger("alpaca_forge")
 
-DEFAULT_RULES = "default_rules.yaml"  # package data of alpaca_forge.serve
+DEFAULT_RULES = "default_rules.yaml"  # package data of alpaca_forge.content_filter
 MODERATION_UNAVAILABLE = "moderation_unavailable"  # fail closed: the moderation service failed
 JUDGE_UNAVAILABLE = "judge_unavailable"  # fail closed: the judge failed or its reply was unreadable
 JUDGE_UNSAFE = "unsafe"  # the judge said unsafe but named no category we know
@@ -285,7 +286,7 @@ def _group(e: _CategoryEdit) -> PatternGroup:
 def _default_edits() -> tuple[_CategoryEdit, ...]:
     # Compiled once per process: ~60 ms of regex compilation that every load_rules would repeat.
     text = importlib.resources.files(__package__).joinpath(DEFAULT_RULES).read_text(encoding="utf-8")
-    _replace, edits, problems = _parse_rules(text, f"alpaca_forge/serve/{DEFAULT_RULES}")
+    _replace, edits, problems = _parse_rules(text, f"alpaca_forge/content_filter/{DEFAULT_RULES}")
     if problems:  # a bug of ours, caught by the tests
         raise ValidationError(problems, what="shipped filter rules")
     return tuple(edits)
@@ -820,7 +821,7 @@ class OutputChecker:
 
 
 # ---------------------------------------------------------------------------------------------
-# What serve calls
+# What the stages call (serve, eval safety)
 
 
 def request_text(messages: Sequence[Message | Mapping[str, Any]], *, last_user_only: bool = False) -> str:
@@ -844,9 +845,29 @@ def _role_text(m: Message | Mapping[str, Any]) -> tuple[str, str]:
     return str(m.get("role", "user")), str(content)
 
 
-def build_filter(cfg: FilterConfig, judge: Engine | None = None) -> ContentFilter | None:
-    """The filter `cfg` describes; None with --no-filter. `judge`: the engine serve opened from
-    --judge-model (required when it is set; it stays the caller's to close)."""
+class FilterSettings(Protocol):
+    """What `build_filter` reads from a stage's config (serve's `FilterConfig` is one): the
+    settings live with the stage that takes them as flags, the filter only reads them."""
+
+    @property
+    def filter(self) -> bool: ...
+    @property
+    def filter_rules(self) -> str | None: ...
+    @property
+    def moderation_url(self) -> str | None: ...
+    @property
+    def moderation_model(self) -> str | None: ...
+    @property
+    def moderation_api_key_env(self) -> str: ...
+    @property
+    def judge_model(self) -> str | None: ...
+    @property
+    def filter_timeout_s(self) -> float: ...
+
+
+def build_filter(cfg: FilterSettings, judge: Engine | None = None) -> ContentFilter | None:
+    """The filter `cfg` describes; None with --no-filter. `judge`: the engine the caller opened
+    from --judge-model (required when it is set; it stays the caller's to close)."""
     if not cfg.filter:
         return None
     if cfg.judge_model and judge is None:

@@ -1,0 +1,150 @@
+"""`alpaca-forge eval pairwise | leaderboard | rate | safety` on the command line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.cli import add_tool_group, say
+from . import config as c
+from .rate import cli as rate_cli
+from .safety import cli as safety_cli
+
+TOOLS = [
+    (
+        "pairwise",
+        "system A against system B, judged blind by an LLM in both orders",
+        """\
+Compare two systems' answers to every instruction of a set with an LLM judge (any engine). Every
+item is judged in both orders (the verdicts must agree, else it is a tie) unless --one-order.
+Verdicts are cached (OUTPUT/judgements.jsonl): a rerun is free and a killed run resumes. The
+report gives wins/ties/losses, the win rate with a 95% bootstrap interval over items, the exact
+sign test, the judge's position consistency and first-slot preference, a length-controlled win
+rate, per-category results (Holm-adjusted) and the smallest difference the set can detect.
+
+examples:
+  alpaca-forge eval pairwise --set user_oriented_instructions.jsonl \\
+      --a predictions/text-davinci-003.jsonl --b predictions/text-davinci-001.jsonl --output out/eval
+  # a judge on an OpenAI-compatible server, 16 verdicts in flight:
+  alpaca-forge eval pairwise --set eval.jsonl --a base=out/base.jsonl --b tuned=model:out/alpaca \\
+      --judge-engine openai --judge-base-url http://gpu-host:8000/v1 --judge-model qwen2.5-72b \\
+      --batch-size 16 --output out/eval""",
+        c.PairwiseConfig,
+    ),
+    (
+        "leaderboard",
+        "several systems ranked by Bradley–Terry over pairwise judgements",
+        """\
+Judge every pair of systems (or each against --baseline) on the set and rank them with a
+Bradley–Terry model, with 95% bootstrap intervals over items for the strengths and the ranks.
+Judgements are cached as in pairwise: share --cache with a pairwise run to reuse its verdicts.
+
+example:
+  alpaca-forge eval leaderboard --set user_oriented_instructions.jsonl \\
+      predictions/text-davinci-003.jsonl predictions/text-davinci-001.jsonl predictions/davinci.jsonl \\
+      --baseline text-davinci-003 --output out/board""",
+        c.LeaderboardConfig,
+    ),
+    rate_cli.TOOL,
+    safety_cli.TOOL,
+]
+
+
+def register(sub: Any) -> None:
+    add_tool_group(
+        sub,
+        "eval",
+        "blind pairwise evaluation (LLM judge, people), leaderboard, safety",
+        "Evaluate models the way Alpaca was: blind pairwise comparisons on an instruction set, with "
+        "intervals and tests. Run `alpaca-forge eval TOOL --help`.",
+        TOOLS,
+        HANDLERS,
+    )
+
+
+def _pairwise(config: c.PairwiseConfig, args: Any) -> int:
+    from .report import power_line
+    from .runner import run_pairwise
+
+    run = run_pairwise(config, progress=not args.quiet)
+    r = run.result
+    lc = r.length_controlled.win_rate
+    say(
+        "%s vs %s, judged by %s: %d wins, %d ties, %d losses, %d unjudged",
+        r.a,
+        r.b,
+        r.judge,
+        r.wins,
+        r.ties,
+        r.losses,
+        r.unjudged,
+    )
+    if r.win_rate.value is not None:
+        say(
+            "win rate %.1f%% [%.1f, %.1f]; length-controlled %.1f%% [%.1f, %.1f]; sign test p = %.3g",
+            100 * r.win_rate.value,
+            100 * r.win_rate.low,
+            100 * r.win_rate.high,
+            100 * lc.value,
+            100 * lc.low,
+            100 * lc.high,
+            r.sign_test_p,
+        )
+    if r.position_consistency is not None:
+        say(
+            "position consistency %.1f%% of %d items; first-slot preference %.1f%%",
+            100 * r.position_consistency,
+            r.both_orders,
+            100 * (r.first_slot_rate or 0),
+        )
+    if r.unreadable:
+        say(
+            "%d of %d verdicts could not be read (see the replies in %s)",
+            r.unreadable,
+            r.judgements,
+            run.output / "judgements.jsonl",
+        )
+    say(power_line(r))
+    if config.show_disagreements:
+        by_id = {o.item_id: o for o in r.outcomes}
+        for item_id in r.disagreements:
+            o = by_id[item_id]
+            say("disagreed: %s (%s first: %s; %s first: %s)", item_id, r.a, o.winners[0], r.b, o.winners[1])
+    say(
+        "%d judgements asked now, the rest cached; %.1f s; report in %s",
+        run.asked,
+        run.elapsed_s,
+        run.output / "report.md",
+    )
+    return 0
+
+
+def _leaderboard(config: c.LeaderboardConfig, args: Any) -> int:
+    from .runner import run_leaderboard
+
+    board = run_leaderboard(config, progress=not args.quiet)
+    for k, row in enumerate(board.rows, start=1):
+        say(
+            "%d. %-28s %+.2f [%+.2f, %+.2f]  rank %d-%d",
+            k,
+            row.name,
+            row.strength,
+            row.low,
+            row.high,
+            row.rank_low,
+            row.rank_high,
+        )
+    say(
+        "%d judgements asked now; %.1f s; leaderboard in %s",
+        board.asked,
+        board.elapsed_s,
+        board.output / "leaderboard.md",
+    )
+    return 0
+
+
+HANDLERS = {
+    "pairwise": _pairwise,
+    "leaderboard": _leaderboard,
+    "rate": rate_cli.handle,
+    "safety": safety_cli.handle,
+}

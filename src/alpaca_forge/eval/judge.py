@@ -1,0 +1,247 @@
+"""The LLM judge: our judging prompt, its verdict read back, and a cache of every judgement.
+
+One judgement is one item with two answers in one order: slot A and slot B. The judge replies
+"A", "B" or "tie" on its first line and a short reason after it. `parse_verdict` reads that
+back from whatever the judge wrote (a bare letter, "Verdict: B", "Response A is better.",
+markdown around it); a reply it cannot read with certainty is `None`, counted and reported, never
+guessed. Judgements are cached by everything that decides them (the prompt version, the judge,
+its settings, the instruction and the two answers in their order), in an append-only JSONL file:
+a rerun is free and a killed run loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..core.files import open_append, read_appended_jsonl, sync
+from ..core.prompts import Message
+from ..engines import Engine, GenerationSettings
+from .items import Item
+
+Verdict = Literal["A", "B", "tie"]
+
+# Bump when the prompt's wording changes: cached judgements of another wording are not reused.
+PROMPT_VERSION = "pairwise-v1"
+
+# Plain headings and the question last: even a 135M model answers this with a letter first
+# (tried against a longer rubric with a system message, which it paraphrased instead).
+JUDGE_PROMPT = """\
+Here is an instruction and two responses to it. Judge which response follows the instruction \
+better: the more helpful, correct and clear one, whatever its place or its length.
+
+### Instruction:
+{instruction}
+{input_block}
+### Response A:
+{a}
+
+### Response B:
+{b}
+
+Question: which response is better? Answer "A", "B" or "tie" first, then give one short sentence of reason."""
+
+CUT_MARK = "\n[... the rest of this response is cut]"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One item judged in one order."""
+
+    item_id: str
+    first: str  # the system shown as Response A
+    second: str  # ... and as Response B
+    verdict: Verdict | None  # in slots; None: the reply held no verdict we could read
+    reply: str  # what the judge wrote, as written
+
+    def winner(self) -> str | None:
+        """The winning system's name, "tie", or None (unread)."""
+        if self.verdict is None:
+            return None
+        return {"A": self.first, "B": self.second, "tie": "tie"}[self.verdict]
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt
+
+
+def judge_messages(item: Item, a: str, b: str, max_answer_chars: int | None = None) -> list[Message]:
+    def cut(text: str) -> str:
+        text = text.strip() or "(an empty response)"
+        if max_answer_chars is not None and len(text) > max_answer_chars:
+            return text[:max_answer_chars] + CUT_MARK
+        return text
+
+    input_block = f"\n### Input:\n{item.input.strip()}\n" if item.input.strip() else ""
+    prompt = JUDGE_PROMPT.format(
+        instruction=item.instruction.strip(), input_block=input_block, a=cut(a), b=cut(b)
+    )
+    return [Message("user", prompt)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the verdict
+
+_TIE = r"(?:tie|tied|draw|equal(?:ly good)?|both(?: are)? (?:equally )?(?:good|bad)|neither)"
+_SLOT = r"(?:response|answer|output|assistant|option)?\s*[\(\[\"'*]*\s*((?-i:[AB])|(?<=\()[ab](?=\)))\b"
+# A first line that starts with the verdict: "A", "**B**", "Verdict: tie", "Response A.", "B, since ..."
+_VERDICT_LINE = re.compile(
+    r"^\W*(?:(?:final\s+)?(?:verdict|answer|decision|winner|choice|better response)\s*(?:is)?\s*[:\-=]?\s*)?"
+    rf"(?:{_SLOT}|(?P<tie>{_TIE}))\)?"
+    r"(?:\W*$|\s*[.,:;!\-–—]|\s+(?:is|was)\s+(?:\w+\s+){0,2}better\b|\s+wins\b)",
+    re.IGNORECASE,
+)
+_LABELLED = re.compile(
+    rf"\b(?:(?:verdict|decision|winner|choice)\s*(?:is)?\s*[:\-=]|better (?:response|answer|one) is|the answer is)\s*(?:{_SLOT}|(?P<tie>{_TIE}))",
+    re.IGNORECASE,
+)
+_BETTER = re.compile(
+    r"\b(?:response|answer|output|assistant|option)\s*\(?((?-i:[AB]))\)?\s+(?:is|was)\s+(?:clearly\s+|much\s+|slightly\s+)?(?:better|superior|preferred|the better)"
+    r"|\b(?:prefer|choose|pick)\s+(?:response|answer|output|option)?\s*\(?((?-i:[AB]))\)?\b"
+    r"|\b(?:response|answer|output|option)\s*\(?((?-i:[AB]))\)?\s+wins\b",
+    re.IGNORECASE,
+)
+_TIE_PROSE = re.compile(
+    r"\b(?:it(?:'s| is) a tie|a tie\b|both (?:responses|answers) are equally|neither (?:response|answer) is better)",
+    re.I,
+)
+
+
+def parse_verdict(reply: str) -> Verdict | None:
+    """The verdict in `reply`, or None where it holds none or several that disagree."""
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    m = _VERDICT_LINE.match(lines[0].replace("*", "").strip())
+    if m:
+        verdict = "tie" if m.group("tie") else m.group(1).upper()
+        others = _prose_verdicts(lines[0]) - {verdict}
+        return None if others else verdict  # type: ignore[return-value]
+    found = _prose_verdicts(reply)
+    return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
+
+
+def _prose_verdicts(text: str) -> set[str]:
+    """Verdicts stated in prose: labelled ones ("Verdict: B") if any, else comparisons ("A is better")."""
+    found = {"tie" if m.group("tie") else m.group(1).upper() for m in _LABELLED.finditer(text)}
+    if not found:
+        found = {next(g for g in m.groups() if g).upper() for m in _BETTER.finditer(text)}
+        if _TIE_PROSE.search(text):
+            found.add("tie")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def judgement_key(
+    judge: str, settings: GenerationSettings, max_answer_chars: int | None, item: Item, a: str, b: str
+) -> str:
+    """Everything that decides a judgement, hashed: a cached one is reused only when all agree."""
+    what = [PROMPT_VERSION, judge, settings.to_dict(), max_answer_chars, item.instruction, item.input, a, b]
+    return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()
+
+
+class JudgementCache:
+    """Judge replies by key, in an append-only JSONL file (one line per reply, flushed and synced
+    after every batch); a line cut off by a kill is dropped on reading."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.replies: dict[str, str] = {}
+        if self.path.exists():
+            fix = "delete it (its judgements are lost) or name another --cache"
+            for _line, row in read_appended_jsonl(self.path, ("key", "reply"), "a judgement cache", fix):
+                self.replies[str(row["key"])] = str(row["reply"])
+
+    def add(self, rows: Sequence[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open_append(self.path, "--cache") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.replies[row["key"]] = row["reply"]
+            sync(f)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One judgement to make."""
+
+    item: Item
+    first: str
+    second: str
+    a: str  # the first system's answer
+    b: str
+
+
+def judge_all(
+    tasks: Sequence[Task],
+    open_judge: Callable[[], Engine],
+    judge: str,
+    settings: GenerationSettings,
+    cache: JudgementCache,
+    *,
+    batch_size: int = 8,
+    max_answer_chars: int | None = None,
+    progress: bool = True,
+) -> tuple[list[Judgement], int]:
+    """Every task judged, cached ones read back; returns the judgements (in task order) and how
+    many were asked of the judge now. `judge` is who the cache says judged (a model's name as
+    given, not a server's address, so a moved server keeps its verdicts); `open_judge()` is
+    called only when something is not cached, so a rerun loads no model."""
+    from tqdm import tqdm
+
+    keys = [judgement_key(judge, settings, max_answer_chars, t.item, t.a, t.b) for t in tasks]
+    first_of: dict[str, int] = {}  # the same pair in the same order is asked once
+    for i, k in enumerate(keys):
+        if k not in cache.replies:
+            first_of.setdefault(k, i)
+    pending = list(first_of.values())
+    if pending:
+        engine = open_judge()
+    bar = tqdm(
+        total=len(pending),
+        desc="judge",
+        unit="judgement",
+        disable=not progress or not pending,
+        file=sys.stderr,
+    )
+    try:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            conversations = [
+                judge_messages(tasks[i].item, tasks[i].a, tasks[i].b, max_answer_chars) for i in batch
+            ]
+            replies = engine.chat(conversations, settings)
+            cache.add(
+                [
+                    {
+                        "key": keys[i],
+                        "item": tasks[i].item.id,
+                        "first": tasks[i].first,
+                        "second": tasks[i].second,
+                        "judge": judge,
+                        "prompt_version": PROMPT_VERSION,
+                        "reply": c.text,
+                        "verdict": parse_verdict(c.text),
+                    }
+                    for i, c in zip(batch, replies, strict=True)
+                ]
+            )
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if pending:
+            engine.close()
+    judgements = [
+        Judgement(t.item.id, t.first, t.second, parse_verdict(cache.replies[k]), cache.replies[k])
+        for t, k in zip(tasks, keys, strict=True)
+    ]
+    return judgements, len(pending)

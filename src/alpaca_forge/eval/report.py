@@ -1,0 +1,291 @@
+"""A comparison's report: report.json (every figure, per item too), report.md (the tables a
+person reads) and PNG charts (matplotlib; skipped, saying so, where it is not installed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.files import write_json_atomic, write_text_atomic
+from . import stats
+from .compare import PairwiseResult
+
+log = logging.getLogger("alpaca_forge")
+
+REPORT_VERSION = 1
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _interval(e: stats.Estimate) -> str:
+    if e.value is None:
+        return "n/a"
+    return f"{_pct(e.value)} [{_pct(e.low)}, {_pct(e.high)}]"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def pairwise_data(r: PairwiseResult, *, title: str, notes: Sequence[str] = ()) -> dict[str, Any]:
+    lc = r.length_controlled
+    return {
+        "report_version": REPORT_VERSION,
+        "title": title,
+        "a": r.a,
+        "b": r.b,
+        "judge": r.judge,
+        "items": r.items,
+        "judged": r.judged,
+        "wins": r.wins,
+        "ties": r.ties,
+        "losses": r.losses,
+        "unjudged": r.unjudged,
+        "judgements": r.judgements,
+        "unreadable_verdicts": r.unreadable,
+        "win_rate": dataclasses.asdict(r.win_rate),
+        "sign_test_p": r.sign_test_p,
+        "position_consistency": r.position_consistency,
+        "items_in_both_orders": r.both_orders,
+        "consistent_items": r.consistent,
+        "first_slot_rate": r.first_slot_rate,
+        "decisive_verdicts": r.decisive,
+        "length_controlled_win_rate": dataclasses.asdict(lc.win_rate),
+        "length_coef": lc.length_coef,
+        "slot_coef": lc.slot_coef,
+        "detectable_points": r.detectable_points,
+        "mean_chars": {"a": r.mean_chars_a, "b": r.mean_chars_b},
+        "empty_answers": {"a": r.empty_a, "b": r.empty_b},
+        "categories": [dataclasses.asdict(c) for c in r.categories],
+        "disagreements": r.disagreements,
+        "notes": list(notes),
+        "per_item": [
+            {
+                "id": o.item_id,
+                "category": o.category,
+                "outcome": o.outcome,
+                "winners": list(o.winners),
+                "slots": list(o.slots),
+            }
+            for o in r.outcomes
+        ],
+    }
+
+
+def power_line(r: PairwiseResult) -> str:
+    if r.detectable_points is None:
+        return "No item was judged, so nothing can be told apart."
+    return (
+        f"With {r.judged} items, a win rate within {r.detectable_points:.1f} points of 50% cannot be told "
+        "apart from a tie (5% two-sided test, 80% power)."
+    )
+
+
+def pairwise_markdown(r: PairwiseResult, *, title: str, notes: Sequence[str] = ()) -> str:
+    lc = r.length_controlled
+    lines = [
+        f"# {title}",
+        "",
+        f"**{r.a}** (A) against **{r.b}** (B), judged by `{r.judge}` on {r.items} items.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| wins / ties / losses (A) | {r.wins} / {r.ties} / {r.losses} |",
+        f"| unjudged items (an unreadable verdict) | {r.unjudged} |",
+        f"| win rate of A (ties ½), 95% CI over items | {_interval(r.win_rate)} |",
+        f"| exact sign test (ties dropped) | p = {_p(r.sign_test_p)} |",
+        f"| length-controlled win rate, 95% CI | {_interval(lc.win_rate)} |",
+        f"| position consistency (both orders agree) | {_pct(r.position_consistency)} of {r.both_orders} items |",
+        f"| first-slot preference (decisive verdicts for Response A) | {_pct(r.first_slot_rate)} of {r.decisive} |",
+        f"| unreadable verdicts | {r.unreadable} of {r.judgements} |",
+        f"| mean answer length, characters (A / B) | {r.mean_chars_a:.0f} / {r.mean_chars_b:.0f} |",
+        f"| empty answers (A / B) | {r.empty_a} / {r.empty_b} |",
+        "",
+        power_line(r),
+    ]
+    if lc.length_coef is not None:
+        lines += [
+            "",
+            f"Length model: log-odds {lc.length_coef:+.2f} per unit of log length ratio"
+            + (f", {lc.slot_coef:+.2f} for being shown first" if lc.slot_coef is not None else "")
+            + " (positive: the judge prefers longer answers / the first slot).",
+        ]
+    if r.categories:
+        significant = [c for c in r.categories if c.p_holm < 0.05]
+        lines += [
+            "",
+            f"## By category ({len(r.categories)}; p adjusted by Holm over all of them)",
+            "",
+            f"{len(significant)} categor{'y differs' if len(significant) == 1 else 'ies differ'} from a tie after the adjustment.",
+            "",
+            "| category | items | W / T / L | win rate | p | p (Holm) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in sorted(r.categories, key=lambda c: (c.p_holm, c.name)):
+            lines.append(
+                f"| {c.name} | {c.judged} | {c.wins} / {c.ties} / {c.losses} | {_pct(c.win_rate, 0)} | {_p(c.p_value)} | {_p(c.p_holm)} |"
+            )
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_pairwise_report(
+    r: PairwiseResult, folder: str | Path, *, title: str, notes: Sequence[str] = ()
+) -> list[Path]:
+    """report.json, report.md and the charts in `folder`; returns the paths written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [
+        write_json_atomic(folder / "report.json", pairwise_data(r, title=title, notes=notes)),
+        write_text_atomic(folder / "report.md", pairwise_markdown(r, title=title, notes=notes)),
+    ]
+    written += _pairwise_charts(r, folder, title)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Charts
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no charts (pip install 'alpaca-forge[plot]')")
+        return None
+    return plt
+
+
+def _pairwise_charts(r: PairwiseResult, folder: Path, title: str) -> list[Path]:
+    plt = _pyplot()
+    if plt is None or not r.judged:
+        return []
+    out = []
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.2), height_ratios=[1, 1.4])
+    left = 0.0
+    for n, label, colour in (
+        (r.wins, f"{r.a} wins", "#2e7d32"),
+        (r.ties, "tie", "#9e9e9e"),
+        (r.losses, f"{r.b} wins", "#c62828"),
+    ):
+        top.barh([0], [n / r.judged], left=left, color=colour, label=f"{label} ({n})")
+        left += n / r.judged
+    top.set_xlim(0, 1)
+    top.set_yticks([])
+    top.axvline(0.5, color="black", lw=0.8, ls=":")
+    top.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, fontsize=8, frameon=False)
+    top.set_title(title, fontsize=10)
+    rows = [("win rate", r.win_rate), ("length-controlled", r.length_controlled.win_rate)]
+    for k, (_label, e) in enumerate(rows):
+        if e.value is not None:
+            bottom.errorbar(
+                [e.value],
+                [k],
+                xerr=[[e.value - e.low], [e.high - e.value]],
+                fmt="o",
+                capsize=4,
+                color="#1565c0",
+            )
+    bottom.set_yticks(range(len(rows)), [label for label, _ in rows])
+    bottom.set_ylim(-0.6, len(rows) - 0.4)
+    bottom.axvline(0.5, color="black", lw=0.8, ls=":")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel(f"share of items {r.a} wins (ties ½), 95% interval")
+    fig.tight_layout()
+    path = folder / "winrate.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    out.append(path)
+    if r.categories:
+        cats = sorted(r.categories, key=lambda c: (c.win_rate or 0, c.name))
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * len(cats) + 1)))
+        colours = [
+            "#c62828"
+            if c.p_holm < 0.05 and (c.win_rate or 0) < 0.5
+            else "#2e7d32"
+            if c.p_holm < 0.05
+            else "#90a4ae"
+            for c in cats
+        ]
+        ax.barh(range(len(cats)), [c.win_rate or 0 for c in cats], color=colours)
+        ax.set_yticks(range(len(cats)), [f"{c.name} ({c.judged})" for c in cats], fontsize=6)
+        ax.axvline(0.5, color="black", lw=0.8, ls=":")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"{r.a}'s win rate per category (coloured: differs from a tie after Holm)")
+        fig.tight_layout()
+        path = folder / "categories.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The leaderboard
+
+
+def leaderboard_markdown(board: Any) -> str:
+    lines = [
+        f"# Leaderboard on {board.items} items, judged by `{board.judge}`",
+        "",
+        "Bradley–Terry strengths from every pair compared (ties half a win to each side), with 95% "
+        f"intervals from {board.samples} bootstrap resamples of the items; "
+        + (f"the win probability is against **{board.reference}**." if board.reference else "."),
+        "",
+        "| rank | system | strength | 95% CI | win prob. vs reference | rank 95% CI |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for k, row in enumerate(board.rows, start=1):
+        lines.append(
+            f"| {k} | {row.name} | {row.strength:+.2f} | [{row.low:+.2f}, {row.high:+.2f}] | "
+            f"{_pct(row.win_probability)} | {row.rank_low}–{row.rank_high} |"
+        )
+    lines += [
+        "",
+        "## Pairs",
+        "",
+        "| A | B | W / T / L | win rate of A | sign test p | consistency |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for p in board.pairs:
+        lines.append(
+            f"| {p.a} | {p.b} | {p.wins} / {p.ties} / {p.losses} | {_interval(p.win_rate)} | {_p(p.sign_test_p)} | {_pct(p.position_consistency)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def leaderboard_chart(board: Any, folder: Path) -> list[Path]:
+    plt = _pyplot()
+    if plt is None:
+        return []
+    rows = list(reversed(board.rows))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    x = np.array([r.strength for r in rows])
+    ax.errorbar(
+        x,
+        range(len(rows)),
+        xerr=[x - [r.low for r in rows], [r.high for r in rows] - x],
+        fmt="o",
+        capsize=4,
+        color="#1565c0",
+    )
+    ax.set_yticks(range(len(rows)), [r.name for r in rows])
+    ax.axvline(0, color="black", lw=0.8, ls=":")
+    ax.set_xlabel("Bradley–Terry log-strength (mean 0), 95% bootstrap interval")
+    ax.set_title(f"{board.items} items, judge: {board.judge}", fontsize=9)
+    fig.tight_layout()
+    path = folder / "leaderboard.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,598 @@
+"""`alpaca-forge eval rate`: the blind rating page in a real browser against a real server on loopback.
+
+Debian's headless chromium, driven by its own chromedriver (as in test_serve_page.py: nothing is
+downloaded). Two raters rate six items of two tiny predictions files, one with the keyboard, one
+with the buttons; the test decides each verdict in the systems' terms, works out which slot that
+is from the texts the page shows, and then holds the server's record, the written reports and the
+agreement (against statsmodels' Cohen's kappa) to what was clicked. Then: a reload and a restart
+lose nothing, an undo takes one rating back, bad requests get JSON 4xx errors, and bad command
+lines exit 2 with a message and a fix.
+
+Screenshot for the closing note: .test-artifacts/eval-rate-page.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CLI, assert_user_error, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / ".test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+# The systems' names and their files' names: none of them may ever reach the browser.
+A_NAME, B_NAME = "sysalpha", "sysomega"
+A_FILE, B_FILE = "zebra-preds.jsonl", "quokka-preds.jsonl"
+SECRETS = (A_NAME, B_NAME, "zebra", "quokka")
+ITEMS = [
+    {"id": f"t{k}", "instruction": text, "input": given, "category": "writing" if k < 3 else "facts"}
+    for k, (text, given) in enumerate(
+        [
+            ("Write a haiku about rain.", ""),
+            ("Summarise the text.", "Cats sleep most of the day.\nThey wake at night."),
+            ("Give a title to this story.", "A fox finds a key."),
+            ("What is the capital of France?", ""),
+            ("Translate to French.", "Good morning"),
+            ("Name three primary colours.", ""),
+        ]
+    )
+]
+# The verdicts the test gives, in the systems' terms (a: A_NAME better, b: B_NAME better).
+PLAN = {
+    "alice": {"t0": "a", "t1": "b", "t2": "tie", "t3": "a", "t4": "a", "t5": "b"},
+    "bob": {"t0": "a", "t1": "b", "t2": "a", "t3": "tie", "t4": "a", "t5": "a"},
+}
+# The LLM judge's report, with A and B the other way round, t4 unjudged and t5 missing.
+JUDGE_OUTCOMES = {"t0": "loss", "t1": "win", "t2": "tie", "t3": "loss", "t4": "unjudged"}
+KEYS = {"A": ("1", "a"), "tie": ("2", "t"), "B": ("3", "b")}
+BUTTONS = {"A": "choose-a", "tie": "choose-tie", "B": "choose-b"}
+
+
+def answer(system: str, item: str) -> str:
+    k = int(item[1:])
+    if system == A_NAME:
+        return f"Answer {k}: short and plain."
+    return f"Reply {k}, longer:\nwith a second line and   spaces kept."
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Files:
+    set: Path
+    a: Path
+    b: Path
+    judge_report: Path
+
+    def config(self, output: Path, **overrides: Any) -> Any:
+        from alpaca_forge.eval.rate import RateConfig
+
+        settings = {
+            "set": str(self.set),
+            "a": f"{A_NAME}={self.a}",
+            "b": f"{B_NAME}={self.b}",
+            "output": str(output),
+            "port": 0,
+            "bootstrap_samples": 200,
+            **overrides,
+        }
+        return RateConfig(**settings)
+
+
+def _files(folder: Path) -> Files:
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "set.jsonl", ITEMS)
+    a = _write_jsonl(folder / A_FILE, [{"id": it["id"], "output": answer(A_NAME, it["id"])} for it in ITEMS])
+    b = _write_jsonl(folder / B_FILE, [{"id": it["id"], "output": answer(B_NAME, it["id"])} for it in ITEMS])
+    judge = folder / "judge" / "report.json"
+    judge.parent.mkdir()
+    judge.write_text(
+        json.dumps(
+            {
+                "a": B_NAME,  # the other way round: outcomes are from sysomega's side
+                "b": A_NAME,
+                "judge": "tiny-judge",
+                "per_item": [{"id": i, "category": None, "outcome": o, "winners": []} for i, o in JUDGE_OUTCOMES.items()],
+            }
+        ),
+        encoding="utf-8",
+    )
+    return Files(folder / "set.jsonl", a, b, judge)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Files:
+    return _files(tmp_path_factory.mktemp("rate-files"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The browser
+
+
+def _ensure_chromium() -> None:
+    """Debian's chromium and chromedriver, installed with apt-get when missing (as root);
+    otherwise the test is skipped, saying why (as test_serve_page.py does)."""
+    if CHROMIUM.is_file() and CHROMEDRIVER.is_file():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(
+            f"{CHROMIUM} or {CHROMEDRIVER} is missing and cannot be installed here (needs root and apt-get): "
+            "run `apt-get install -y chromium chromium-driver`"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"`{' '.join(command)}` failed: {e}")
+        if done.returncode != 0:
+            pytest.skip(f"`{' '.join(command)}` failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"apt-get installed chromium, but {CHROMIUM} or {CHROMEDRIVER} is still missing")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    _ensure_chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1280,900")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _wait(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class RatePage:
+    """The page as a rater works it: by its labelled controls (data-testid) and its keys."""
+
+    def __init__(self, driver: Any, url: str):
+        self.driver, self.url = driver, url
+
+    def open(self, *, forget: bool = False) -> RatePage:
+        self.driver.get(self.url + "/")
+        if forget:
+            self.driver.execute_script("localStorage.clear()")
+            self.driver.get(self.url + "/")
+        return self
+
+    def find(self, testid: str) -> Any:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
+
+    def visible(self, testid: str) -> bool:
+        return self.find(testid).is_displayed()
+
+    def text(self, testid: str) -> str:
+        # textContent, not .text: the page's texts as given, line breaks and runs of spaces too
+        return self.find(testid).get_attribute("textContent")
+
+    def sign_in(self, name: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
+        _wait(lambda: self.visible("name-form"), 10, "the name form")
+        field = self.find("rater-name")
+        field.clear()
+        field.send_keys(name, Keys.ENTER)
+        _wait(lambda: self.visible("rating") or self.visible("done"), 10, "the first item")
+
+    def progress(self) -> str:
+        return self.text("progress")
+
+    def ready(self) -> bool:
+        return self.visible("rating") and self.find("choose-a").is_enabled()
+
+    def shown(self) -> dict[str, Any]:
+        _wait(self.ready, 10, "an item to rate")
+        return {
+            "item": self.find("rating").get_attribute("data-item"),
+            "instruction": self.text("instruction"),
+            "input": self.text("input") if self.visible("input-block") else None,
+            "A": self.text("response-a"),
+            "B": self.text("response-b"),
+            "progress": self.progress(),
+        }
+
+    def press(self, key: str) -> None:
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.driver).send_keys(key).perform()
+
+    def click(self, testid: str) -> None:
+        element = self.find(testid)
+        self.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+
+def slot_for(label: str, shown: dict[str, Any]) -> str:
+    """The slot verdict that says `label` (in the systems' terms) about the pair as shown."""
+    if label == "tie":
+        return "tie"
+    wanted = answer(A_NAME if label == "a" else B_NAME, shown["item"])
+    return "A" if shown["A"] == wanted else "B"
+
+
+def rate_all(page: RatePage, rater: str, *, keys: bool) -> list[dict[str, Any]]:
+    """Rates every item the page hands out as PLAN says, by keys or by buttons; what was seen."""
+    seen = []
+    for k in range(len(ITEMS)):
+        shown = page.shown()
+        item = next(it for it in ITEMS if it["id"] == shown["item"])
+        assert shown["progress"] == f"Item {k + 1} of {len(ITEMS)}"
+        assert shown["instruction"] == item["instruction"]
+        assert shown["input"] == (item["input"] or None)  # the input block only where there is one
+        assert {shown["A"], shown["B"]} == {answer(A_NAME, item["id"]), answer(B_NAME, item["id"])}
+        html = page.driver.page_source
+        assert not [s for s in SECRETS if s in html], "a system's name reached the page"
+        verdict = slot_for(PLAN[rater][item["id"]], shown)
+        if keys:
+            page.press(KEYS[verdict][k % 2])  # both keys of each verdict get used
+        else:
+            page.click(BUTTONS[verdict])
+        seen.append({**shown, "verdict": verdict, "a_first": shown["A"] == answer(A_NAME, item["id"])})
+        _wait(lambda: page.progress() != shown["progress"], 10, "the next item")
+    return seen
+
+
+def ratings_rows(output: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output / "ratings.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two raters, blind
+
+
+@pytest.fixture(scope="module")
+def rated(files, browser, tmp_path_factory) -> dict[str, Any]:
+    """Alice rates all six items with the keyboard, Bob with the buttons, on one page; what each saw."""
+    from alpaca_forge.eval.rate import start
+
+    output = tmp_path_factory.mktemp("rate-out")
+    config = files.config(output)
+    seen: dict[str, list[dict[str, Any]]] = {}
+    with start(config) as server:
+        page = RatePage(browser, server.url).open(forget=True)
+        assert page.visible("name-form") and not page.visible("rating")
+        page.sign_in("alice")
+        assert page.text("rater-shown") == "alice"
+        seen["alice"] = rate_all(page, "alice", keys=True)
+        _wait(lambda: page.visible("done"), 10, "the done screen")
+        assert page.progress() == "6 of 6 rated" and "all 6 items" in page.text("done-text")
+        page.click("switch-rater")
+        page.sign_in("bob")
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "eval-rate-page.png"))
+        seen["bob"] = rate_all(page, "bob", keys=False)
+        _wait(lambda: page.visible("done"), 10, "the done screen")
+        # what the browser received: the page, its script and style, and the API's JSON
+        resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert resources and all(r.startswith(server.url + "/") for r in resources), resources
+        problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+        raw = [_get(server.url + p)[1] for p in ("/", "/static/rate.js", "/static/rate.css", "/api/next?rater=carol")]
+        assert not [s for s in SECRETS for body in raw if s in json.dumps(body)], "a system's name was served"
+    return {"config": config, "output": output, "seen": seen}
+
+
+def test_each_rater_gets_their_own_random_balanced_sides(rated):
+    seen = rated["seen"]
+    for rater in ("alice", "bob"):
+        firsts = [s["a_first"] for s in seen[rater]]
+        assert firsts.count(True) == firsts.count(False) == 3, (rater, firsts)  # half each way
+    assert [s["a_first"] for s in seen["alice"]] != [s["a_first"] for s in seen["bob"]]
+    # the set's order, for both raters (raters who stop early overlap as much as they can)
+    assert [s["item"] for s in seen["alice"]] == [s["item"] for s in seen["bob"]] == [it["id"] for it in ITEMS]
+
+
+def test_the_server_recorded_what_was_clicked_on_the_sides_shown(rated):
+    rows = ratings_rows(rated["output"])
+    assert len(rows) == 12
+    for row in rows:
+        s = next(s for s in rated["seen"][row["rater"]] if s["item"] == row["item"])
+        assert (row["first"], row["second"]) == ((A_NAME, B_NAME) if s["a_first"] else (B_NAME, A_NAME))
+        assert row["verdict"] == s["verdict"]
+        winner = {"A": row["first"], "B": row["second"], "tie": "tie"}[row["verdict"]]
+        assert winner == {"a": A_NAME, "b": B_NAME, "tie": "tie"}[PLAN[row["rater"]][row["item"]]]
+
+
+def _counts(labels: list[str]) -> tuple[int, int, int]:
+    return labels.count("a"), labels.count("tie"), labels.count("b")
+
+
+def test_the_reports_count_what_was_clicked(rated, files):
+    output = rated["output"]
+    result = run_cli("eval", "rate", *_flags(rated["config"]), "--report-only", "--judge-report", str(files.judge_report.parent))
+    assert result.returncode == 0, result.stderr
+    assert "rated by 2 people" in result.stderr and "kappa alice / bob" in result.stderr
+    for rater, plan in PLAN.items():
+        report = json.loads((output / "raters" / rater / "report.json").read_text())
+        assert (report["a"], report["b"], report["judge"]) == (A_NAME, B_NAME, f"human:{rater}")
+        assert (report["wins"], report["ties"], report["losses"]) == _counts(list(plan.values()))
+        assert {i["id"]: i["outcome"] for i in report["per_item"]} == {
+            item: {"a": "win", "b": "loss", "tie": "tie"}[label] for item, label in plan.items()
+        }
+        assert (output / "raters" / rater / "report.md").is_file()
+    pooled = json.loads((output / "report.json").read_text())
+    # an item the two raters decided differently is a tie
+    agreed = [PLAN["alice"][i] if PLAN["alice"][i] == PLAN["bob"][i] else "tie" for i in PLAN["alice"]]
+    assert (pooled["wins"], pooled["ties"], pooled["losses"]) == _counts(agreed)
+    assert pooled["judge"] == "humans (2 raters)" and pooled["judgements"] == 12
+    assert "blind" in (output / "report.md").read_text()
+
+
+def _sm_kappa(x: list[str], y: list[str]) -> float:
+    import numpy as np
+    from statsmodels.stats.inter_rater import cohens_kappa
+
+    labels = ["a", "b", "tie"]
+    table = np.zeros((3, 3))
+    for u, v in zip(x, y, strict=True):
+        table[labels.index(u), labels.index(v)] += 1
+    return float(cohens_kappa(table).kappa)
+
+
+def test_kappa_between_raters_and_with_the_judge(rated, files):
+    from alpaca_forge.eval.rate import write_rate_report
+
+    config = dataclasses.replace(rated["config"], judge_report=str(files.judge_report))
+    report = write_rate_report(config)
+    data = json.loads((rated["output"] / "agreement.json").read_text())
+    items = list(PLAN["alice"])
+    alice, bob = ([PLAN[r][i] for i in items] for r in ("alice", "bob"))
+    (pair,) = data["between_raters"]
+    assert pair["between"] == ["alice", "bob"] and pair["items"] == 6
+    assert pair["kappa"] == pytest.approx(_sm_kappa(alice, bob))
+    assert pair["agreement"] == pytest.approx(sum(u == v for u, v in zip(alice, bob, strict=True)) / 6)
+    assert report.between_raters[0].kappa == pytest.approx(pair["kappa"])
+
+    # the judge's outcomes are from sysomega's side: a win of its A is a win of our B
+    judge = {"t0": "a", "t1": "b", "t2": "tie", "t3": "a"}
+    rows = {k["between"][0]: k for k in data["judge"]["with_raters"]}
+    assert set(rows) == {"alice", "bob", "humans (pooled)"}
+    assert data["judge"]["name"] == "tiny-judge" and data["judge"]["unjudged_items"] == 1
+    for rater in ("alice", "bob"):
+        k = rows[rater]
+        assert k["items"] == 4 and k["left_out"] == {"unjudged_by_judge": 1, "not_in_judge_report": 1}
+        assert k["kappa"] == pytest.approx(_sm_kappa([PLAN[rater][i] for i in judge], list(judge.values())))
+    pooled = {i: PLAN["alice"][i] if PLAN["alice"][i] == PLAN["bob"][i] else "tie" for i in judge}
+    assert rows["humans (pooled)"]["kappa"] == pytest.approx(_sm_kappa(list(pooled.values()), list(judge.values())))
+    md = (rated["output"] / "agreement.md").read_text()
+    assert "| alice / bob | 6 |" in md and "tiny-judge" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming, undoing
+
+
+def test_a_rater_resumes_after_a_reload_and_a_restart_losing_nothing(files, browser, tmp_path):
+    from alpaca_forge.eval.rate import start
+
+    config = files.config(tmp_path / "out")
+    with start(config) as server:
+        page = RatePage(browser, server.url).open(forget=True)
+        page.sign_in("carol")
+        for key in ("1", "3"):
+            before = page.shown()
+            page.press(key)
+            _wait(lambda: page.progress() != before["progress"], 10, "the next item")
+        third = page.shown()
+        page.open()  # a reload: the name is remembered, the next unrated item comes back
+        assert page.shown() == third and third["progress"] == "Item 3 of 6"
+        port = server.port
+    kept = ratings_rows(tmp_path / "out")
+    assert [r["item"] for r in kept] == ["t0", "t1"]
+    with (tmp_path / "out" / "ratings.jsonl").open("a") as f:
+        f.write('{"rater": "carol", "item": "t2", "fir')  # killed mid-write (kill -9)
+
+    # the same port, so the tab left open talks to the new server; its token is stale now
+    with start(dataclasses.replace(config, port=port)) as server:
+        page.press("2")
+        _wait(lambda: page.visible("notice") and "nothing was recorded" in page.text("notice"), 10, "the notice")
+        assert page.shown() == third  # the same item, on the same sides
+        page.press("2")
+        _wait(lambda: page.progress() == "Item 4 of 6", 10, "the fourth item")
+        page.press("u")  # undo: the third item again
+        _wait(lambda: page.progress() == "Item 3 of 6", 10, "the third item back")
+        assert page.shown() == third and "taken back" in page.text("notice")
+        for _ in range(4):
+            before = page.shown()
+            page.press("t")
+            _wait(lambda: page.progress() != before["progress"], 10, "the next item")
+        _wait(lambda: page.visible("done"), 10, "the done screen")
+        assert not page.find("undo").get_attribute("disabled")
+    rows = ratings_rows(tmp_path / "out")
+    assert rows[:2] == kept  # nothing rewritten, the cut-off line gone
+    assert [(r["item"], r.get("undo", False)) for r in rows[2:5]] == [("t2", False), ("t2", True), ("t2", False)]
+    from alpaca_forge.eval.rate import RatingStore
+
+    with RatingStore(tmp_path / "out" / "ratings.jsonl") as store:
+        assert [r.item for r in store.ratings("carol")] == [it["id"] for it in ITEMS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad requests
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    return _call(urllib.request.Request(url, headers=headers or {}))
+
+
+def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return _call(
+        urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    )
+
+
+def _call(request: urllib.request.Request) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            raw, status, kind = r.read(), r.status, r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        raw, status, kind = e.read(), e.code, e.headers.get("content-type", "")
+    return status, json.loads(raw) if "json" in kind else raw.decode()
+
+
+def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(files, tmp_path):
+    from alpaca_forge.eval.rate import start
+
+    with start(files.config(tmp_path / "out")) as server:
+        api = server.url + "/api"
+        status, first = _get(api + "/next?rater=dave")
+        assert status == 200 and first["item"]["id"] == "t0"
+        good = {"rater": "dave", "item": "t0", "verdict": "A", "token": first["item"]["token"]}
+        bad = [
+            (b"{not json", 400, "bad_json"),
+            ([1, 2], 400, "bad_json"),
+            ({**good, "rater": "no spaces please"}, 400, "bad_rater"),
+            ({k: v for k, v in good.items() if k != "rater"}, 400, "bad_rater"),
+            ({**good, "verdict": "C"}, 400, "bad_verdict"),
+            ({**good, "verdict": None}, 400, "bad_verdict"),
+            ({**good, "item": "t99"}, 404, "unknown_item"),
+            ({**good, "item": 3}, 404, "unknown_item"),
+            ({**good, "token": None}, 400, "bad_token"),
+            ({**good, "token": "0" * 32}, 409, "stale_token"),
+            ({**good, "item": "t1"}, 409, "stale_token"),  # t0's token does not rate t1
+            ({**good, "rater": "erin"}, 409, "stale_token"),  # nor does dave's rate erin's
+            (b"{" + b" " * 20_000 + b"}", 413, "too_large"),
+        ]
+        for body, want_status, code in bad:
+            status, reply = _post(api + "/rate", body)
+            assert (status, reply["error"]["code"]) == (want_status, code), (body, reply)
+            assert reply["error"]["message"]
+        assert _post(api + "/rate", good)[0] == 200
+        status, reply = _post(api + "/rate", good)  # the same again: a second tab
+        assert (status, reply["error"]["code"]) == (409, "already_rated")
+        for path, want_status in (("/next", 400), ("/next?rater=../x", 400), ("/nothing", 404)):
+            status, reply = _get(api + path)
+            assert status == want_status and reply["error"]["message"], (path, reply)
+        assert _get(server.url + "/static/../config.py")[0] == 404
+        # not through another site's page, nor a name that is not loopback (DNS rebinding)
+        status, reply = _post(api + "/rate", good, {"origin": "http://evil.example"})
+        assert (status, reply["error"]["code"]) == (403, "origin_not_allowed")
+        status, reply = _get(api + "/next?rater=dave", {"host": "evil.example:8400"})
+        assert (status, reply["error"]["code"]) == (403, "host_not_allowed")
+        status, reply = _post(api + "/undo", {"rater": "dave"})
+        assert status == 200 and reply["undone"] == "t0"
+        assert _post(api + "/undo", {"rater": "dave"})[1]["undone"] is None
+        status, after = _get(api + "/next?rater=dave")
+        assert status == 200 and after["item"]["id"] == "t0" and after["rated"] == 0
+    rows = ratings_rows(tmp_path / "out")
+    assert [(r["item"], r.get("undo", False)) for r in rows] == [("t0", False), ("t0", True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def _flags(config: Any) -> list[str]:
+    return ["--set", config.set, "--a", config.a, "--b", config.b, "--output", config.output, "--bootstrap-samples", "200"]
+
+
+def test_bad_command_lines_exit_2_with_a_fix(files, tmp_path):
+    out = str(tmp_path / "out")
+    base = ["eval", "rate", "--a", f"{A_NAME}={files.a}", "--b", f"{B_NAME}={files.b}", "--output", out]
+    assert_user_error(run_cli(*base, "--set", str(tmp_path / "nope.jsonl")), "nope.jsonl")
+    short = _write_jsonl(tmp_path / "short.jsonl", [{"id": "t0", "output": "only one"}])
+    result = run_cli(*base[:2], "--set", str(files.set), "--a", str(short), "--b", str(files.b), "--output", out)
+    assert_user_error(result, "short", "has no answer for 5 of the set's 6")
+    result = run_cli(*base[:2], "--set", str(files.set), "--a", "model:smollm2-135m-instruct", "--b", str(files.b), "--output", out)
+    assert_user_error(result, "alpaca-forge infer", "then rate its file")
+    result = run_cli(*base[:2], "--set", str(files.set), "--a", str(files.a), "--b", str(files.a), "--output", out)
+    assert_user_error(result, "both called")
+    assert_user_error(run_cli(*base, "--set", str(files.set), "--report-only"), "nobody has rated")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"a": "x", "b": "y", "per_item": []}))
+    result = run_cli(*base, "--set", str(files.set), "--judge-report", str(other), "--port", "0")
+    assert_user_error(result, "compares 'x' with 'y'")
+    assert_user_error(run_cli(*base, "--set", str(files.set), "--port", "70000"), "--port")
+    assert not (tmp_path / "out" / "ratings.jsonl").exists()
+
+
+def test_one_server_per_output_folder(files, tmp_path):
+    from alpaca_forge.core.errors import UserError
+    from alpaca_forge.eval.rate import start, write_rate_report
+
+    config = files.config(tmp_path / "out")
+    with start(config):
+        with pytest.raises(UserError, match="another `alpaca-forge eval rate` is using"):
+            start(config)
+        with pytest.raises(UserError, match="another"):
+            write_rate_report(config)  # --report-only while a server writes: refused, not raced
+
+
+def test_a_foreign_line_in_the_ratings_stops_the_start(files, tmp_path):
+    from alpaca_forge.core.errors import UserError
+    from alpaca_forge.eval.rate import start
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ratings.jsonl").write_text('{"rater": "x", "item": "t0", "verdict": "maybe"}\n')
+    with pytest.raises(UserError, match=r"ratings.jsonl:1: not a rating"):
+        start(files.config(tmp_path / "out"))
+
+
+def test_the_command_serves_until_ctrl_c_then_writes_the_report(files, tmp_path):
+    out = tmp_path / "out"
+    args = ["eval", "rate", "--set", str(files.set), "--a", f"{A_NAME}={files.a}", "--b", f"{B_NAME}={files.b}"]
+    proc = subprocess.Popen(
+        [str(CLI), *args, "--output", str(out), "--port", "0", "--bootstrap-samples", "200"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        for line in proc.stderr:  # the address comes first, once the page listens
+            if "rating page: " in line:
+                break
+        else:
+            pytest.fail(f"the command ended (exit {proc.wait()}) without giving the page's address")
+        url = line.split("rating page: ")[1].split()[0].rstrip("/")
+        assert url.startswith("http://127.0.0.1:"), line
+        item = _get(url + "/api/next?rater=frank")[1]["item"]
+        assert _post(url + "/api/rate", {"rater": "frank", "item": "t0", "verdict": "tie", "token": item["token"]})[0] == 200
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "1 rating recorded" in err and "Traceback" not in err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["judged"], report["ties"], report["judge"]) == (1, 1, "humans (1 rater)")
+    assert (out / "raters" / "frank" / "report.md").is_file() and (out / "agreement.md").is_file()
+
