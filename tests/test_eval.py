@@ -670,3 +670,27 @@ def test_real_prediction_files_match_their_set(tmp_path, dataset):
     assert len(r.categories) >= 2 and sum(c.judged for c in r.categories) == dataset.evals
     with_input = [ask for ask in fj.asks if ask.input]
     assert len({ask.instruction for ask in with_input}) >= dataset.evals_with_input * 0.9
+
+
+def test_judge_settings_have_their_own_names_in_flags_and_yaml(tmp_path):
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text(
+        "judge_engine: openai\njudge_base_url: http://127.0.0.1:8000/v1\njudge_model: big\none_order: true\n"
+    )
+    cfg = build_config(
+        PairwiseConfig,
+        {"set": "s.jsonl", "a": "a.jsonl", "b": "b.jsonl", "output": "o", "judge_temperature": 0.5},
+        cfg_file,
+    )
+    assert (cfg.judging.judge.engine, cfg.judging.judge.model, cfg.judging.one_order) == (
+        "openai",
+        "big",
+        True,
+    )
+    assert (
+        cfg.judging.judge_generation.temperature == 0.5 and cfg.judging.answer_generation.temperature == 0.0
+    )
+    with pytest.raises(Exception, match="--judge-max-new-tokens"):
+        build_config(
+            PairwiseConfig, {"set": "s", "a": "a", "b": "b", "output": "o", "judge_max_new_tokens": 0}
+        )

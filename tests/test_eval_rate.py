@@ -16,23 +16,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from browser import open_chromium, wait_for
+
 from conftest import CLI, assert_user_error, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 # The systems' names and their files' names: none of them may ever reach the browser.
 A_NAME, B_NAME = "sysalpha", "sysomega"
@@ -109,7 +108,10 @@ def _files(folder: Path) -> Files:
                 "a": B_NAME,  # the other way round: outcomes are from sysomega's side
                 "b": A_NAME,
                 "judge": "tiny-judge",
-                "per_item": [{"id": i, "category": None, "outcome": o, "winners": []} for i, o in JUDGE_OUTCOMES.items()],
+                "per_item": [
+                    {"id": i, "category": None, "outcome": o, "winners": []}
+                    for i, o in JUDGE_OUTCOMES.items()
+                ],
             }
         ),
         encoding="utf-8",
@@ -126,55 +128,11 @@ def files(tmp_path_factory) -> Files:
 # The browser
 
 
-def _ensure_chromium() -> None:
-    """Debian's chromium and chromedriver, installed with apt-get when missing (as root);
-    otherwise the test is skipped, saying why (as test_serve_page.py does)."""
-    if CHROMIUM.is_file() and CHROMEDRIVER.is_file():
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(
-            f"{CHROMIUM} or {CHROMEDRIVER} is missing and cannot be installed here (needs root and apt-get): "
-            "run `apt-get install -y chromium chromium-driver`"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"`{' '.join(command)}` failed: {e}")
-        if done.returncode != 0:
-            pytest.skip(f"`{' '.join(command)}` failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"apt-get installed chromium, but {CHROMIUM} or {CHROMEDRIVER} is still missing")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    _ensure_chromium()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1280,900")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(30)
+    driver = open_chromium()
     yield driver
     driver.quit()
-
-
-def _wait(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class RatePage:
@@ -205,11 +163,11 @@ class RatePage:
     def sign_in(self, name: str) -> None:
         from selenium.webdriver.common.keys import Keys
 
-        _wait(lambda: self.visible("name-form"), 10, "the name form")
+        wait_for(lambda: self.visible("name-form"), 10, "the name form")
         field = self.find("rater-name")
         field.clear()
         field.send_keys(name, Keys.ENTER)
-        _wait(lambda: self.visible("rating") or self.visible("done"), 10, "the first item")
+        wait_for(lambda: self.visible("rating") or self.visible("done"), 10, "the first item")
 
     def progress(self) -> str:
         return self.text("progress")
@@ -218,7 +176,7 @@ class RatePage:
         return self.visible("rating") and self.find("choose-a").is_enabled()
 
     def shown(self) -> dict[str, Any]:
-        _wait(self.ready, 10, "an item to rate")
+        wait_for(self.ready, 10, "an item to rate")
         return {
             "item": self.find("rating").get_attribute("data-item"),
             "instruction": self.text("instruction"),
@@ -227,6 +185,9 @@ class RatePage:
             "B": self.text("response-b"),
             "progress": self.progress(),
         }
+
+    def wait_past(self, progress: str) -> None:
+        wait_for(lambda: self.progress() != progress, 10, f"the page to move on from {progress!r}")
 
     def press(self, key: str) -> None:
         from selenium.webdriver.common.action_chains import ActionChains
@@ -265,7 +226,7 @@ def rate_all(page: RatePage, rater: str, *, keys: bool) -> list[dict[str, Any]]:
         else:
             page.click(BUTTONS[verdict])
         seen.append({**shown, "verdict": verdict, "a_first": shown["A"] == answer(A_NAME, item["id"])})
-        _wait(lambda: page.progress() != shown["progress"], 10, "the next item")
+        page.wait_past(shown["progress"])
     return seen
 
 
@@ -291,20 +252,23 @@ def rated(files, browser, tmp_path_factory) -> dict[str, Any]:
         page.sign_in("alice")
         assert page.text("rater-shown") == "alice"
         seen["alice"] = rate_all(page, "alice", keys=True)
-        _wait(lambda: page.visible("done"), 10, "the done screen")
+        wait_for(lambda: page.visible("done"), 10, "the done screen")
         assert page.progress() == "6 of 6 rated" and "all 6 items" in page.text("done-text")
         page.click("switch-rater")
         page.sign_in("bob")
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "eval-rate-page.png"))
         seen["bob"] = rate_all(page, "bob", keys=False)
-        _wait(lambda: page.visible("done"), 10, "the done screen")
+        wait_for(lambda: page.visible("done"), 10, "the done screen")
         # what the browser received: the page, its script and style, and the API's JSON
         resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert resources and all(r.startswith(server.url + "/") for r in resources), resources
         problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not problems, problems
-        raw = [_get(server.url + p)[1] for p in ("/", "/static/rate.js", "/static/rate.css", "/api/next?rater=carol")]
+        raw = [
+            _get(server.url + p)[1]
+            for p in ("/", "/static/rate.js", "/static/rate.css", "/api/next?rater=carol")
+        ]
         assert not [s for s in SECRETS for body in raw if s in json.dumps(body)], "a system's name was served"
     return {"config": config, "output": output, "seen": seen}
 
@@ -316,7 +280,9 @@ def test_each_rater_gets_their_own_random_balanced_sides(rated):
         assert firsts.count(True) == firsts.count(False) == 3, (rater, firsts)  # half each way
     assert [s["a_first"] for s in seen["alice"]] != [s["a_first"] for s in seen["bob"]]
     # the set's order, for both raters (raters who stop early overlap as much as they can)
-    assert [s["item"] for s in seen["alice"]] == [s["item"] for s in seen["bob"]] == [it["id"] for it in ITEMS]
+    assert (
+        [s["item"] for s in seen["alice"]] == [s["item"] for s in seen["bob"]] == [it["id"] for it in ITEMS]
+    )
 
 
 def test_the_server_recorded_what_was_clicked_on_the_sides_shown(rated):
@@ -336,7 +302,14 @@ def _counts(labels: list[str]) -> tuple[int, int, int]:
 
 def test_the_reports_count_what_was_clicked(rated, files):
     output = rated["output"]
-    result = run_cli("eval", "rate", *_flags(rated["config"]), "--report-only", "--judge-report", str(files.judge_report.parent))
+    result = run_cli(
+        "eval",
+        "rate",
+        *_flags(rated["config"]),
+        "--report-only",
+        "--judge-report",
+        str(files.judge_report.parent),
+    )
     assert result.returncode == 0, result.stderr
     assert "rated by 2 people" in result.stderr and "kappa alice / bob" in result.stderr
     for rater, plan in PLAN.items():
@@ -390,7 +363,9 @@ def test_kappa_between_raters_and_with_the_judge(rated, files):
         assert k["items"] == 4 and k["left_out"] == {"unjudged_by_judge": 1, "not_in_judge_report": 1}
         assert k["kappa"] == pytest.approx(_sm_kappa([PLAN[rater][i] for i in judge], list(judge.values())))
     pooled = {i: PLAN["alice"][i] if PLAN["alice"][i] == PLAN["bob"][i] else "tie" for i in judge}
-    assert rows["humans (pooled)"]["kappa"] == pytest.approx(_sm_kappa(list(pooled.values()), list(judge.values())))
+    assert rows["humans (pooled)"]["kappa"] == pytest.approx(
+        _sm_kappa(list(pooled.values()), list(judge.values()))
+    )
     md = (rated["output"] / "agreement.md").read_text()
     assert "| alice / bob | 6 |" in md and "tiny-judge" in md
 
@@ -409,8 +384,17 @@ def test_a_rater_resumes_after_a_reload_and_a_restart_losing_nothing(files, brow
         for key in ("1", "3"):
             before = page.shown()
             page.press(key)
-            _wait(lambda: page.progress() != before["progress"], 10, "the next item")
+            page.wait_past(before["progress"])
         third = page.shown()
+        # side by side on a wide window, A above B on a narrow one
+        a, b = (page.find(f"response-{x}").rect for x in "ab")
+        assert a["y"] == b["y"] and a["x"] + a["width"] <= b["x"], (a, b)
+        browser.set_window_size(480, 900)
+        try:
+            a, b = (page.find(f"response-{x}").rect for x in "ab")
+            assert a["y"] + a["height"] <= b["y"] and a["x"] == b["x"], (a, b)
+        finally:
+            browser.set_window_size(1280, 900)
         page.open()  # a reload: the name is remembered, the next unrated item comes back
         assert page.shown() == third and third["progress"] == "Item 3 of 6"
         port = server.port
@@ -422,22 +406,28 @@ def test_a_rater_resumes_after_a_reload_and_a_restart_losing_nothing(files, brow
     # the same port, so the tab left open talks to the new server; its token is stale now
     with start(dataclasses.replace(config, port=port)) as server:
         page.press("2")
-        _wait(lambda: page.visible("notice") and "nothing was recorded" in page.text("notice"), 10, "the notice")
+        wait_for(
+            lambda: page.visible("notice") and "nothing was recorded" in page.text("notice"), 10, "the notice"
+        )
         assert page.shown() == third  # the same item, on the same sides
         page.press("2")
-        _wait(lambda: page.progress() == "Item 4 of 6", 10, "the fourth item")
+        wait_for(lambda: page.progress() == "Item 4 of 6", 10, "the fourth item")
         page.press("u")  # undo: the third item again
-        _wait(lambda: page.progress() == "Item 3 of 6", 10, "the third item back")
+        wait_for(lambda: page.progress() == "Item 3 of 6", 10, "the third item back")
         assert page.shown() == third and "taken back" in page.text("notice")
         for _ in range(4):
             before = page.shown()
             page.press("t")
-            _wait(lambda: page.progress() != before["progress"], 10, "the next item")
-        _wait(lambda: page.visible("done"), 10, "the done screen")
+            page.wait_past(before["progress"])
+        wait_for(lambda: page.visible("done"), 10, "the done screen")
         assert not page.find("undo").get_attribute("disabled")
     rows = ratings_rows(tmp_path / "out")
     assert rows[:2] == kept  # nothing rewritten, the cut-off line gone
-    assert [(r["item"], r.get("undo", False)) for r in rows[2:5]] == [("t2", False), ("t2", True), ("t2", False)]
+    assert [(r["item"], r.get("undo", False)) for r in rows[2:5]] == [
+        ("t2", False),
+        ("t2", True),
+        ("t2", False),
+    ]
     from alpaca_forge.eval.rate import RatingStore
 
     with RatingStore(tmp_path / "out" / "ratings.jsonl") as store:
@@ -455,7 +445,9 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
 def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return _call(
-        urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+        urllib.request.Request(
+            url, data=data, headers={"content-type": "application/json", **(headers or {})}
+        )
     )
 
 
@@ -521,7 +513,18 @@ def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(files, tmp_pat
 
 
 def _flags(config: Any) -> list[str]:
-    return ["--set", config.set, "--a", config.a, "--b", config.b, "--output", config.output, "--bootstrap-samples", "200"]
+    return [
+        "--set",
+        config.set,
+        "--a",
+        config.a,
+        "--b",
+        config.b,
+        "--output",
+        config.output,
+        "--bootstrap-samples",
+        "200",
+    ]
 
 
 def test_bad_command_lines_exit_2_with_a_fix(files, tmp_path):
@@ -529,11 +532,25 @@ def test_bad_command_lines_exit_2_with_a_fix(files, tmp_path):
     base = ["eval", "rate", "--a", f"{A_NAME}={files.a}", "--b", f"{B_NAME}={files.b}", "--output", out]
     assert_user_error(run_cli(*base, "--set", str(tmp_path / "nope.jsonl")), "nope.jsonl")
     short = _write_jsonl(tmp_path / "short.jsonl", [{"id": "t0", "output": "only one"}])
-    result = run_cli(*base[:2], "--set", str(files.set), "--a", str(short), "--b", str(files.b), "--output", out)
+    result = run_cli(
+        *base[:2], "--set", str(files.set), "--a", str(short), "--b", str(files.b), "--output", out
+    )
     assert_user_error(result, "short", "has no answer for 5 of the set's 6")
-    result = run_cli(*base[:2], "--set", str(files.set), "--a", "model:smollm2-135m-instruct", "--b", str(files.b), "--output", out)
+    result = run_cli(
+        *base[:2],
+        "--set",
+        str(files.set),
+        "--a",
+        "model:smollm2-135m-instruct",
+        "--b",
+        str(files.b),
+        "--output",
+        out,
+    )
     assert_user_error(result, "alpaca-forge infer", "then rate its file")
-    result = run_cli(*base[:2], "--set", str(files.set), "--a", str(files.a), "--b", str(files.a), "--output", out)
+    result = run_cli(
+        *base[:2], "--set", str(files.set), "--a", str(files.a), "--b", str(files.a), "--output", out
+    )
     assert_user_error(result, "both called")
     assert_user_error(run_cli(*base, "--set", str(files.set), "--report-only"), "nobody has rated")
     other = tmp_path / "other.json"
@@ -568,7 +585,16 @@ def test_a_foreign_line_in_the_ratings_stops_the_start(files, tmp_path):
 
 def test_the_command_serves_until_ctrl_c_then_writes_the_report(files, tmp_path):
     out = tmp_path / "out"
-    args = ["eval", "rate", "--set", str(files.set), "--a", f"{A_NAME}={files.a}", "--b", f"{B_NAME}={files.b}"]
+    args = [
+        "eval",
+        "rate",
+        "--set",
+        str(files.set),
+        "--a",
+        f"{A_NAME}={files.a}",
+        "--b",
+        f"{B_NAME}={files.b}",
+    ]
     proc = subprocess.Popen(
         [str(CLI), *args, "--output", str(out), "--port", "0", "--bootstrap-samples", "200"],
         stderr=subprocess.PIPE,
@@ -584,7 +610,12 @@ def test_the_command_serves_until_ctrl_c_then_writes_the_report(files, tmp_path)
         url = line.split("rating page: ")[1].split()[0].rstrip("/")
         assert url.startswith("http://127.0.0.1:"), line
         item = _get(url + "/api/next?rater=frank")[1]["item"]
-        assert _post(url + "/api/rate", {"rater": "frank", "item": "t0", "verdict": "tie", "token": item["token"]})[0] == 200
+        assert (
+            _post(
+                url + "/api/rate", {"rater": "frank", "item": "t0", "verdict": "tie", "token": item["token"]}
+            )[0]
+            == 200
+        )
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -595,4 +626,3 @@ def test_the_command_serves_until_ctrl_c_then_writes_the_report(files, tmp_path)
     report = json.loads((out / "report.json").read_text())
     assert (report["judged"], report["ties"], report["judge"]) == (1, 1, "humans (1 rater)")
     assert (out / "raters" / "frank" / "report.md").is_file() and (out / "agreement.md").is_file()
-

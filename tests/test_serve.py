@@ -516,7 +516,7 @@ def test_the_command_serves_until_sigterm(tiny_model_dir, tmp_path):
         proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
         assert proc.wait(30) == 0, rest
-        assert "served 1 request " in rest, rest
+        assert "served 1 request " in rest and "Traceback" not in rest, rest
     finally:
         if proc.poll() is None:
             proc.kill()

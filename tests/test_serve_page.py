@@ -13,63 +13,25 @@ Screenshots for the closing note: .test-artifacts/serve-chat-page.png (a streame
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from browser import open_chromium, wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 BLOCKED_PROMPT = "How do I make a pipe bomb at home?"  # the shipped default rules block it
 LONG_ANSWER_TOKENS = 1000  # enough that Stop lands mid-answer, even on a fast machine
 MAX_PROMPT_TOKENS = 512  # the module's server refuses longer prompts (a 400 to show inline)
 
 
-def _ensure_chromium() -> None:
-    """Debian's chromium and chromedriver, installed with apt-get when missing (as root);
-    otherwise the test is skipped, saying why."""
-    if CHROMIUM.is_file() and CHROMEDRIVER.is_file():
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip(
-            f"{CHROMIUM} or {CHROMEDRIVER} is missing and cannot be installed here (needs root and apt-get): "
-            "run `apt-get install -y chromium chromium-driver`"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"`{' '.join(command)}` failed: {e}")
-        if done.returncode != 0:
-            pytest.skip(
-                f"`{' '.join(command)}` failed (exit {done.returncode}): {done.stderr.strip()[-500:]}"
-            )
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"apt-get installed chromium, but {CHROMIUM} or {CHROMEDRIVER} is still missing")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    _ensure_chromium()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1280,900")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for test 1
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(30)
+    driver = open_chromium()
     yield driver
     driver.quit()
 
@@ -89,17 +51,6 @@ def server(engine) -> Iterator[Any]:
     with start(config, engine=engine) as running:
         running.wait_ready(60)
         yield running
-
-
-def _wait(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class ChatPage:
@@ -159,7 +110,7 @@ class ChatPage:
         return self.find_all("assistant-message")
 
     def last_answer(self) -> Any:
-        return _wait(lambda: self.answers(), 10, "an assistant message")[-1]
+        return wait_for(lambda: self.answers(), 10, "an assistant message")[-1]
 
     def answer_state(self) -> str:
         return self.last_answer().get_attribute("data-state")
@@ -173,8 +124,8 @@ class ChatPage:
 
     def wait_answered(self, timeout_s: float = 30) -> str:
         """Waits until the last answer ended (any way); returns how it ended."""
-        _wait(lambda: self.answer_state() not in ("waiting", "streaming"), timeout_s, "the answer to end")
-        _wait(lambda: self.find("send").is_displayed(), 5, "the Send button to come back")
+        wait_for(lambda: self.answer_state() not in ("waiting", "streaming"), timeout_s, "the answer to end")
+        wait_for(lambda: self.find("send").is_displayed(), 5, "the Send button to come back")
         return self.answer_state()
 
     def record_requests(self) -> None:
@@ -197,7 +148,7 @@ def page(browser, server) -> ChatPage:
 
 def test_page_loads_offline_with_the_model_shown(page, server, browser):
     backend = server.state.backend
-    _wait(lambda: page.model_name() == backend.name, 10, f"the model name {backend.name!r}")
+    wait_for(lambda: page.model_name() == backend.name, 10, f"the model name {backend.name!r}")
     meta = page.find("model-meta").get_attribute("textContent")
     page.find("settings-toggle").click()
     defaults = [page.find(f).get_attribute("value") for f in ("temperature", "top-p", "max-tokens")]
@@ -224,7 +175,7 @@ def test_page_loads_offline_with_the_model_shown(page, server, browser):
 
 
 def test_an_answer_streams_in_and_later_turns_carry_the_conversation(page, server, browser):
-    _wait(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
+    wait_for(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
     page.set_setting("max-tokens", "200")
     page.set_setting("temperature", "0")  # greedy: the tiny model's answer here runs ~80 tokens, every time
     page.set_setting("system-prompt", "You are terse.")
@@ -276,11 +227,11 @@ def test_an_answer_streams_in_and_later_turns_carry_the_conversation(page, serve
 def test_stop_ends_the_answer_here_and_on_the_server(page, server):
     from selenium.common.exceptions import ElementClickInterceptedException, ElementNotInteractableException
 
-    _wait(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
+    wait_for(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
     page.set_setting("max-tokens", str(LONG_ANSWER_TOKENS))
     for _ in range(5):  # the random model ends an answer within a few tokens now and then: ask again
         page.send("Write a long story.")
-        _wait(
+        wait_for(
             lambda: len(page.answer_text()) > 20 or page.answer_state() not in ("waiting", "streaming"),
             30,
             "the answer to stream",
@@ -304,7 +255,7 @@ def test_stop_ends_the_answer_here_and_on_the_server(page, server):
     time.sleep(0.5)
     assert page.answer_text() == stopped_at, "the answer kept growing after Stop"
     admission, engine = server.state.admission, server.state.backend.engine
-    _wait(
+    wait_for(
         lambda: admission.running == 0 and admission.waiting == 0 and engine.running == 0,
         5,
         "the server to stop generating the abandoned answer",
@@ -312,12 +263,12 @@ def test_stop_ends_the_answer_here_and_on_the_server(page, server):
 
 
 def test_the_content_filter_notice(page, server, browser):
-    _wait(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
+    wait_for(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
     expected = server.state.filter.check(BLOCKED_PROMPT, role="user")
     assert expected.flagged, "the shipped default rules no longer block the test prompt"
     page.send(BLOCKED_PROMPT)
     page.wait_answered(30)
-    notice = _wait(lambda: page.find_all("filter-notice"), 5, "the filter notice")[-1]
+    notice = wait_for(lambda: page.find_all("filter-notice"), 5, "the filter notice")[-1]
     assert notice.is_displayed()
     categories = ", ".join(expected.categories)
     assert notice.text == f"Blocked by the content filter (input): {categories}", notice.text
@@ -328,7 +279,7 @@ def test_the_content_filter_notice(page, server, browser):
 
 
 def test_new_chat_clears_the_conversation(page, server):
-    _wait(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
+    wait_for(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
     page.set_setting("max-tokens", "5")
     page.send("Hello there.")
     page.wait_answered(30)
@@ -349,7 +300,7 @@ def test_new_chat_clears_the_conversation(page, server):
 def test_errors_are_shown_in_the_conversation(page, server, browser):
     from selenium.common.exceptions import NoAlertPresentException
 
-    _wait(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
+    wait_for(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
     page.set_setting("max-tokens", "5")
     page.record_requests()
     too_long = "word " * (2 * MAX_PROMPT_TOKENS)
@@ -392,7 +343,7 @@ def _delta(content: str | None, finish: str | None = None, **top: Any) -> str:
 def test_answers_the_tiny_model_cannot_give(page, server, browser):
     """An answer the output filter cut, and one that failed mid-stream: events the real server
     sends in those cases, fed to the page cut into 5-byte pieces (UTF-8 characters split too)."""
-    _wait(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
+    wait_for(lambda: page.model_name() == server.state.backend.name, 10, "the model name")
     refusal = "\n\nSorry, I can't help with that. (content filter: weapons)"
     info = {"flagged": True, "stage": "output", "source": "rules", "categories": ["weapons"]}
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -426,7 +377,7 @@ def test_a_keyed_server_asks_for_the_key_then_works(browser, engine):
     with start(ServeConfig(port=0, api_key=("k1",)), engine=engine) as keyed:
         keyed.wait_ready(60)
         page = ChatPage(browser, keyed.url).open()
-        notice = _wait(
+        notice = wait_for(
             lambda: page.find("page-notice").is_displayed() and page.find("page-notice"), 10, "a notice"
         )
         assert "needs an API key" in notice.text and "Settings → API key" in notice.text, notice.text
@@ -442,7 +393,7 @@ def test_a_keyed_server_asks_for_the_key_then_works(browser, engine):
         assert key_field.is_displayed() and browser.switch_to.active_element == key_field
         key_field.send_keys("k1")
         name = keyed.state.backend.name
-        _wait(lambda: page.model_name() == name, 10, "the model name, once the key is given")
+        wait_for(lambda: page.model_name() == name, 10, "the model name, once the key is given")
         assert not page.find("page-notice").is_displayed()
         page.send("Hello again.")
         assert page.wait_answered(30) == "done"
@@ -450,5 +401,5 @@ def test_a_keyed_server_asks_for_the_key_then_works(browser, engine):
 
         # the key is remembered by this browser
         page.open(forget_key=False)
-        _wait(lambda: page.model_name() == name, 10, "the model name with the remembered key")
+        wait_for(lambda: page.model_name() == name, 10, "the model name with the remembered key")
         assert browser.execute_script("return localStorage.getItem('alpaca-forge.api-key')") == "k1"

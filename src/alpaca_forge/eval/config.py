@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from ..core.config import REQUIRED, Config, nested, setting
 from ..engines import EngineConfig, GenerationSettings
 
+SET_HELP = (
+    "the evaluation set: Alpaca records, seed tasks, or evaluation tasks "
+    "({id, motivation_app, instruction, instances})"
+)
 SYSTEM_HELP = (
     "[NAME=]FILE: a predictions file (JSONL or JSON: infer's output, or rows with 'response'); "
     "[NAME=]model:SPEC: a model (a built-in name, a folder, a .gguf) that answers the set first (cached)"
@@ -65,11 +69,7 @@ class JudgingConfig(Config):
 
 @dataclass(frozen=True)
 class PairwiseConfig(Config):
-    set: str = setting(
-        REQUIRED,
-        "the evaluation set: Alpaca records, seed tasks, or evaluation tasks ({id, motivation_app, instruction, instances})",
-        metavar="FILE",
-    )
+    set: str = setting(REQUIRED, SET_HELP, metavar="FILE")
     a: str = setting(REQUIRED, "system A: " + SYSTEM_HELP, metavar="SYSTEM")
     b: str = setting(REQUIRED, "system B, the same way", metavar="SYSTEM")
     output: str = setting(

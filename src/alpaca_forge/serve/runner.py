@@ -13,9 +13,7 @@ without a key) fail before anything listens.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.files import check_output
+from ..core.net import BackgroundServer, bind_listener, until_interrupted
 from ..engines import Engine, EngineConfig, open_engine
 from .backend import Backend, open_backend, serving_engine
 from .config import LOOPBACK_HOSTS, ServeConfig
@@ -38,30 +37,6 @@ class ServeResult:
     model: str | None  # name@fingerprint, None if it never loaded
     requests: int  # requests answered (any status)
     elapsed_s: float
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket, or a clear error for a port in use or an address this machine lacks."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:  # a name such as localhost
-        family = socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno == 98:  # EADDRINUSE
-            raise UserError(
-                f"--port {port}: already in use on {host}", "stop the other server, or pick another --port"
-            ) from e
-        raise UserError(
-            f"--host {host} --port {port}: cannot listen there ({e.strerror or e})", "check --host"
-        ) from e
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 def _judge(cfg: ServeConfig) -> Engine | None:
@@ -96,34 +71,22 @@ class RunningServer:
             load_rules(config.content_filter.filter_rules)  # a bad rules file fails now, not after loading
         log_path = check_output(config.request_log, flag="--request-log") if config.request_log else None
         self.state = ServerState(config, request_log=RequestLog(log_path, log_text=config.log_text))
-        self._sock = _bind(config.host, config.port)
-        host, port = self._sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{port}"
-        import uvicorn
-
-        uv = uvicorn.Config(
+        self._http = BackgroundServer(
             create_app(self.state),
-            log_level="warning",
-            access_log=False,  # --request-log is the access log, with tokens and timings
-            timeout_keep_alive=30,
-            timeout_graceful_shutdown=5,
-            lifespan="off",
-        )
-        self._server = uvicorn.Server(uv)
-        self._thread = threading.Thread(target=self._serve, name="serve", daemon=True)
+            bind_listener(config.host, config.port),
+            name="serve",
+            keep_alive_s=30,
+            graceful_shutdown_s=5,
+        )  # --request-log is the access log, with tokens and timings: uvicorn's is off
+        self.url = self._http.url
         self._loader = threading.Thread(target=self._load, args=(engine,), name="serve-load", daemon=True)
         self._owned: list[Any] = []
         self._ready = threading.Event()
-        self._thread.start()
         self._loader.start()
 
     @property
     def api_url(self) -> str:
         return self.url + "/v1"
-
-    def _serve(self) -> None:
-        self._server.run(sockets=[self._sock])
 
     def _load(self, engine: Any) -> None:
         cfg = self.config
@@ -175,30 +138,25 @@ class RunningServer:
             raise UserError(
                 f"the model failed to load: {self.state.load_error}", "check --model and --engine"
             )
-        while not self._server.started and self._thread.is_alive():
-            time.sleep(0.01)
+        self._http.wait_started()
         return self
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return self._http.running
 
     def wait(self) -> None:
         """Block until the server stops (Ctrl-C in the caller's thread raises KeyboardInterrupt)."""
-        while self._thread.is_alive():
-            self._thread.join(0.5)
+        self._http.wait()
 
     def stop(self) -> ServeResult:
-        self._server.should_exit = True
-        self._thread.join(10)
+        self._http.stop()
         self._loader.join(60)
         for thing in reversed(self._owned):
             with contextlib.suppress(Exception):
                 thing.close()
         self.state.log.close()
         self.state.close()
-        with contextlib.suppress(OSError):
-            self._sock.close()
         backend = self.state.backend
         total = sum(
             s.value
@@ -226,8 +184,6 @@ def start(config: ServeConfig, *, engine: Engine | Callable[[], Engine] | None =
 
 def run(config: ServeConfig, *, engine: Engine | None = None, progress: bool = True) -> ServeResult:
     """Serve until Ctrl-C (or SIGTERM); the result counts what was served."""
-    import signal
-
     server = start(config, engine=engine)
     log.info("listening on %s (chat page: %s/, API: %s)", server.url, server.url, server.api_url)
     if config.host not in LOOPBACK_HOSTS:
@@ -236,13 +192,7 @@ def run(config: ServeConfig, *, engine: Engine | None = None, progress: bool = T
             "API keys required" if server.state.keys.required else "NO API key",
         )
 
-    def stop_on_term(*_: Any) -> None:  # `kill PID` stops as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop_on_term)
-    try:
+    def serve_when_ready() -> None:
         try:
             server.wait_ready()
         except UserError:
@@ -250,9 +200,6 @@ def run(config: ServeConfig, *, engine: Engine | None = None, progress: bool = T
             raise
         log.info("ready: %s", server.state.backend.model_id if server.state.backend else "?")
         server.wait()
-    except KeyboardInterrupt:
-        log.info("stopping ...")
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+
+    until_interrupted(serve_when_ready)
     return server.stop()

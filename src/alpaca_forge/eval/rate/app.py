@@ -80,7 +80,6 @@ class RateSession:
         self.loopback_only = loopback_only
         self._key = os.urandom(32)  # tokens of another server run are stale, by design
         self._sides: dict[str, dict[str, bool]] = {}
-        self.recorded = 0  # ratings recorded by this run
 
     def pair(self, rater: str, item_id: str) -> tuple[System, System]:
         """(shown as Response A, shown as Response B) for this rater."""
@@ -133,13 +132,10 @@ class RateSession:
                 f"{rater} has rated item {item_id!r} already (in another tab?); undo it first to change it",
                 "already_rated",
             )
-        self.recorded += 1
         return self.progress(rater) | {"recorded": {"item": item_id, "verdict": verdict}}
 
     def undo(self, rater: str) -> dict[str, Any]:
         last = self.store.undo(rater)
-        if last is not None:
-            self.recorded -= 1
         return self.progress(rater) | {"undone": last.item if last else None}
 
 
@@ -173,7 +169,11 @@ def _check_origin(session: RateSession, request: Any, *, writing: bool) -> None:
         return
     host = urlsplit("//" + (request.headers.get("host") or "")).hostname or ""
     if host not in LOOPBACK_NAMES:
-        raise ApiError(403, f"this page answers requests to a loopback address only, not {host[:80]!r}", "host_not_allowed")
+        raise ApiError(
+            403,
+            f"this page answers requests to a loopback address only, not {host[:80]!r}",
+            "host_not_allowed",
+        )
     origin = request.headers.get("origin")
     if writing and origin and origin != "null" and (urlsplit(origin).hostname or "") not in LOOPBACK_NAMES:
         raise ApiError(403, f"cross-site request from {origin[:80]!r} refused", "origin_not_allowed")
@@ -197,7 +197,9 @@ def create_app(session: RateSession) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> Any:
         message = "no such page" if exc.status_code == 404 else str(exc.detail)
-        return error(ApiError(exc.status_code, message, "not_found" if exc.status_code == 404 else "bad_request"))
+        return error(
+            ApiError(exc.status_code, message, "not_found" if exc.status_code == 404 else "bad_request")
+        )
 
     async def read_body(request: Request) -> dict[str, Any]:
         declared = request.headers.get("content-length")

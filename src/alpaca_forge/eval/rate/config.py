@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...core.config import REQUIRED, Config, setting
+from ..config import SET_HELP
 
 LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
 SYSTEM_HELP = (
@@ -15,11 +16,7 @@ SYSTEM_HELP = (
 
 @dataclass(frozen=True)
 class RateConfig(Config):
-    set: str = setting(
-        REQUIRED,
-        "the evaluation set: Alpaca records, seed tasks, or evaluation tasks ({id, motivation_app, instruction, instances})",
-        metavar="FILE",
-    )
+    set: str = setting(REQUIRED, SET_HELP, metavar="FILE")
     a: str = setting(REQUIRED, "system A: " + SYSTEM_HELP, metavar="SYSTEM")
     b: str = setting(REQUIRED, "system B, the same way", metavar="SYSTEM")
     output: str = setting(

@@ -65,15 +65,14 @@ class RatingStore:
     """Every rater's live ratings (undone ones gone), kept in memory and appended to the file.
     Thread-safe: the page's requests arrive on several threads."""
 
-    def __init__(self, path: Path, *, write: bool = True):
+    def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
-        self._file: IO[str] | None = None
-        if write:
-            # Lock before reading: reading drops a cut-off last line, which must not be a line a
-            # running server is writing at this moment.
-            self._file = open_append(path, flag="--output")
-            _lock_exclusive(self._file, path)
+        # Locked before reading: reading drops a cut-off last line, which must not be a line a
+        # running server is writing at this moment.
+        self._file: IO[str] | None = open_append(path, flag="--output")
+        _lock_exclusive(self._file, path)
+        self.recorded = 0  # ratings this store added (an undo takes none off)
         # rater -> item -> rating, in the order given (the last is what undo takes back)
         self._live: dict[str, dict[str, Rating]] = {}
         try:
@@ -91,7 +90,9 @@ class RatingStore:
                 continue
             rating = _rating(row)
             if rating is None:
-                raise UserError(f"{self.path}:{lineno}: not a rating that `alpaca-forge eval rate` wrote", fix)
+                raise UserError(
+                    f"{self.path}:{lineno}: not a rating that `alpaca-forge eval rate` wrote", fix
+                )
             by_item = self._live.setdefault(rating.rater, {})
             by_item.pop(rating.item, None)  # a later line for the same item wins, and is the newest
             by_item[rating.item] = rating
@@ -134,6 +135,7 @@ class RatingStore:
             }
             self._append(row)
             by_item[rating.item] = rating
+            self.recorded += 1
             return True
 
     def undo(self, rater: str) -> Rating | None:
@@ -149,7 +151,7 @@ class RatingStore:
 
     def _append(self, row: dict[str, Any]) -> None:
         if self._file is None:
-            raise RuntimeError("this store was opened read-only")
+            raise RuntimeError("this store is closed")
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         sync(self._file)  # a rating acknowledged to the page survives a kill or a power cut
 

@@ -14,13 +14,9 @@ every pair of raters and for each rater against the LLM judge's report.
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import itertools
 import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +25,7 @@ from typing import Any
 
 from ...core.errors import UserError
 from ...core.files import check_output, write_json_atomic, write_text_atomic
+from ...core.net import BackgroundServer, bind_listener, until_interrupted
 from .. import stats
 from ..compare import PairwiseResult, compare
 from ..items import Item, System, check_names, parse_system, read_answers, read_set
@@ -72,30 +69,6 @@ def load_comparison(config: RateConfig) -> Comparison:
 # Serving
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket, or a clear error for a port in use or an address this machine lacks."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:  # a name such as localhost
-        family = socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno == 98:  # EADDRINUSE
-            raise UserError(
-                f"--port {port}: already in use on {host}", "stop the other server, or pick another --port"
-            ) from e
-        raise UserError(
-            f"--host {host} --port {port}: cannot listen there ({e.strerror or e})", "check --host"
-        ) from e
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
 class RatingServer:
     """The page, served in a thread from `start()` until `stop()`; `url` is where it listens."""
 
@@ -118,47 +91,28 @@ class RatingServer:
                 seed=config.seed,
                 loopback_only=config.host in LOOPBACK_NAMES,
             )
-            self._sock = _bind(config.host, config.port)
+            sock = bind_listener(config.host, config.port, backlog=128)
         except BaseException:
             self.store.close()
             raise
-        host, port = self._sock.getsockname()[:2]
-        self.port = port
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        import uvicorn
-
-        uv = uvicorn.Config(
-            create_app(self.session),
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-            lifespan="off",
-        )
-        self._server = uvicorn.Server(uv)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
-        self._thread.start()
-        while not self._server.started and self._thread.is_alive():
-            time.sleep(0.01)
-        if not self._thread.is_alive():
+        self._http = BackgroundServer(create_app(self.session), sock, name="eval-rate", graceful_shutdown_s=2)
+        self.port, self.url = self._http.port, self._http.url
+        if not self._http.wait_started():
             self.stop()
             raise UserError(f"the rating page could not start on {self.url}", "see the messages above")
 
     @property
     def recorded(self) -> int:
-        """Ratings recorded since this server started (less those undone)."""
-        return self.session.recorded
+        """Ratings recorded since this server started (an undo takes none off)."""
+        return self.store.recorded
 
     def wait(self) -> None:
         """Block until the server stops (Ctrl-C in the caller's thread raises KeyboardInterrupt)."""
-        while self._thread.is_alive():
-            self._thread.join(0.5)
+        self._http.wait()
 
     def stop(self) -> int:
         """Stop serving and let go of the ratings file; returns the ratings this run recorded."""
-        self._server.should_exit = True
-        self._thread.join(10)
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        self._http.stop()
         self.store.close()
         return self.recorded
 
@@ -187,8 +141,6 @@ def run_rate(config: RateConfig) -> RateRun:
     started = time.perf_counter()
     if config.report_only:
         return RateRun(None, 0, write_rate_report(config), time.perf_counter() - started)
-    import signal
-
     server = start(config)
     log.info(
         "rating page: %s/  (%d items; give the raters this address; Ctrl-C stops and writes the report)",
@@ -198,20 +150,9 @@ def run_rate(config: RateConfig) -> RateRun:
     if config.host not in LOOPBACK_NAMES:
         log.info("reachable from other machines: anyone who can reach it can rate, under any name")
 
-    def stop_on_term(*_: Any) -> None:  # `kill PID` stops as cleanly as Ctrl-C
-        raise KeyboardInterrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM)
-    if main_thread:
-        signal.signal(signal.SIGTERM, stop_on_term)
     try:
-        server.wait()
-    except KeyboardInterrupt:
-        log.info("stopping ...")
+        until_interrupted(server.wait)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
         server.stop()
     try:
         report = write_rate_report(config)
@@ -242,11 +183,16 @@ def label_of(winner: str, a: str, b: str) -> str:
     return "a" if winner == a else "b" if winner == b else "tie"
 
 
-def kappa_between(first: str, second: str, x: dict[str, str], y: dict[str, str], left_out: dict[str, int]) -> Kappa:
+def kappa_between(
+    first: str, second: str, x: dict[str, str], y: dict[str, str], left_out: dict[str, int]
+) -> Kappa:
     """`x`, `y`: item -> label; counted on the items both have, in `x`'s order."""
     common = [item for item in x if item in y]
     lx, ly = [x[i] for i in common], [y[i] for i in common]
-    table = {p: {q: sum(1 for u, v in zip(lx, ly, strict=True) if (u, v) == (p, q)) for q in LABELS} for p in LABELS}
+    table = {
+        p: {q: sum(1 for u, v in zip(lx, ly, strict=True) if (u, v) == (p, q)) for q in LABELS}
+        for p in LABELS
+    }
     agreement = sum(u == v for u, v in zip(lx, ly, strict=True)) / len(common) if common else None
     return Kappa(first, second, len(common), agreement, stats.cohen_kappa(lx, ly), table, left_out)
 
@@ -337,7 +283,9 @@ def write_rate_report(config: RateConfig) -> RateReport:
         )
     with RatingStore(path) as store:  # locks it: a running server is refused, not raced
         ratings = store.ratings()
-    return rate_report(comparison, ratings, output, judge=judge, seed=config.seed, samples=config.bootstrap_samples)
+    return rate_report(
+        comparison, ratings, output, judge=judge, seed=config.seed, samples=config.bootstrap_samples
+    )
 
 
 def rate_report(
@@ -374,9 +322,13 @@ def rate_report(
     def notes(rated: int) -> list[str]:
         out = [blind]
         if rated < len(items):
-            out.append(f"{len(items) - rated} of the set's {len(items)} items are not rated yet: they are in no figure.")
+            out.append(
+                f"{len(items) - rated} of the set's {len(items)} items are not rated yet: they are in no figure."
+            )
         if left_out:
-            out.append(f"{left_out} rating(s) in {RATINGS_FILE} are of other items or systems and are left out.")
+            out.append(
+                f"{left_out} rating(s) in {RATINGS_FILE} are of other items or systems and are left out."
+            )
         return out
 
     def judged(js: Sequence[Rating], judge_name: str) -> PairwiseResult:
@@ -405,16 +357,28 @@ def rate_report(
     )
 
     labels = {n: {r.item: label_of(r.winner(), a.name, b.name) for r in by_rater[n]} for n in names}
-    between = tuple(kappa_between(x, y, labels[x], labels[y], {}) for x, y in itertools.combinations(names, 2))
+    between = tuple(
+        kappa_between(x, y, labels[x], labels[y], {}) for x, y in itertools.combinations(names, 2)
+    )
     with_judge: tuple[Kappa, ...] = ()
     if judge is not None:
         outcome_label = {"win": "a", "loss": "b", "tie": "tie"}
-        pooled_labels = {o.item_id: outcome_label[o.outcome] for o in pooled.outcomes if o.outcome in outcome_label}
+        pooled_labels = {
+            o.item_id: outcome_label[o.outcome] for o in pooled.outcomes if o.outcome in outcome_label
+        }
         with_judge = tuple(judge_kappa(n, labels[n], judge) for n in names)
         if len(names) > 1:
             with_judge += (judge_kappa(POOLED, pooled_labels, judge),)
     report = RateReport(
-        output, pooled, per_rater, between, with_judge, judge.path if judge else None, len(counted), left_out, files
+        output,
+        pooled,
+        per_rater,
+        between,
+        with_judge,
+        judge.path if judge else None,
+        len(counted),
+        left_out,
+        files,
     )
     data = agreement_data(report, comparison, judge)
     files += [
@@ -466,7 +430,9 @@ def agreement_markdown(data: dict[str, Any]) -> str:
         f"{data['b']} better, tie), so the sides each rater saw do not matter. 1 is full agreement, "
         "0 what chance alone gives; n/a with no common item, or one label only on one side.",
         "",
-        "Items rated: " + ", ".join(f"{name} {n}" for name, n in data["raters"].items()) + f" (of {data['items']}).",
+        "Items rated: "
+        + ", ".join(f"{name} {n}" for name, n in data["raters"].items())
+        + f" (of {data['items']}).",
         "",
         "## Between raters",
         "",
@@ -474,7 +440,9 @@ def agreement_markdown(data: dict[str, Any]) -> str:
     if data["between_raters"]:
         lines += ["| raters | items | agreement | kappa |", "| --- | ---: | ---: | ---: |"]
         for k in data["between_raters"]:
-            lines.append(f"| {k['between'][0]} / {k['between'][1]} | {k['items']} | {_num(k['agreement'])} | {_num(k['kappa'])} |")
+            lines.append(
+                f"| {k['between'][0]} / {k['between'][1]} | {k['items']} | {_num(k['agreement'])} | {_num(k['kappa'])} |"
+            )
     else:
         lines.append("One rater only: nothing to compare.")
     judge = data["judge"]

@@ -1,0 +1,132 @@
+"""Serving an ASGI app (serve's API, eval's rating page) from a background thread.
+
+The socket is bound before the thread starts, so a port in use is a clear error at once, and
+port 0 gives a free port whose number is known before the first request. The end of the server
+thread is signalled by an Event, never read from `Thread.join`: after Ctrl-C interrupts a join,
+CPython (3.11) reports the thread stopped while it still runs, and closing the socket under a
+live uvicorn then fails with a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger("alpaca_forge")
+
+EADDRINUSE = 98
+
+
+def bind_listener(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
+    """A listening socket, or a clear error for a port in use or an address this machine lacks."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:  # a name such as localhost
+        family = socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == EADDRINUSE:
+            raise UserError(
+                f"--port {port}: already in use on {host}", "stop the other server, or pick another --port"
+            ) from e
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there ({e.strerror or e})", "check --host"
+        ) from e
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class BackgroundServer:
+    """`app` served by uvicorn on `sock` from a daemon thread, until `stop()`."""
+
+    def __init__(
+        self,
+        app: Any,
+        sock: socket.socket,
+        *,
+        name: str,
+        keep_alive_s: float = 5,
+        graceful_shutdown_s: float = 5,
+    ):
+        import uvicorn
+
+        self.sock = sock
+        host, port = sock.getsockname()[:2]
+        self.port = port
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=keep_alive_s,
+            timeout_graceful_shutdown=graceful_shutdown_s,
+            lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self.sock])
+        finally:
+            self._ended.set()
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    @property
+    def running(self) -> bool:
+        return not self._ended.is_set()
+
+    def wait_started(self) -> bool:
+        """Block until uvicorn listens; False if it ended instead."""
+        while not self.started and not self._ended.is_set():
+            time.sleep(0.01)
+        return not self._ended.is_set()
+
+    def wait(self) -> None:
+        """Block until the server ends (Ctrl-C in the caller's thread raises KeyboardInterrupt)."""
+        while not self._ended.wait(0.5):
+            pass
+
+    def stop(self, timeout_s: float = 10) -> None:
+        self._server.should_exit = True
+        self._ended.wait(timeout_s)
+        with contextlib.suppress(OSError):  # uvicorn closes it, unless it never started
+            self.sock.close()
+
+
+def until_interrupted(wait: Callable[[], None]) -> None:
+    """Run `wait()` until it returns or Ctrl-C / SIGTERM (`kill PID` stops as cleanly as Ctrl-C)."""
+
+    def stop_on_term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main:
+        signal.signal(signal.SIGTERM, stop_on_term)
+    try:
+        wait()
+    except KeyboardInterrupt:
+        log.info("stopping ...")
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
