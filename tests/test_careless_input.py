@@ -630,7 +630,7 @@ def _eval_set(w: Workspace, n: int = 3) -> Path:
 
 
 def _predictions(w: Workspace, name: str, ids: list[int]) -> Path:
-    rows = [{"instruction": f"Question {k}?", "input": "", "response": f"Answer {k}."} for k in ids]
+    rows = [{"instruction": f"Question {k}?", "input": "", "response": f"{name}'s answer {k}."} for k in ids]
     return w.write(name, "".join(json.dumps(r) + "\n" for r in rows))
 
 

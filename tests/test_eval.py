@@ -4,6 +4,7 @@ and the embedded model judging real text-davinci-003 vs -001 answers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -79,7 +80,7 @@ def pairwise(tmp: Path, url: str, a: Path | str, b: Path | str, **more) -> objec
     return run_pairwise(build_config(PairwiseConfig, flags), progress=False)
 
 
-# Item k's truth: X better, Y better, or equal (the same text on both sides).
+# Item k's truth: X better, Y better, or equally good (two texts the judge calls a tie).
 def truth(k: int) -> str:
     return ("x", "x", "y", "same")[k % 4]
 
@@ -104,7 +105,7 @@ def known_systems(tmp: Path, n: int) -> tuple[Path, Path]:
         for k in range(n)
     ]
     y = [
-        {"x": f"bad answer {k}", "y": f"good answer {k}", "same": f"plain answer {k}"}[truth(k)]
+        {"x": f"bad answer {k}", "y": f"good answer {k}", "same": f"plain reply {k}"}[truth(k)]
         for k in range(n)
     ]
     return make_system(tmp, "x", x), make_system(tmp, "y", y, by_id=False)
@@ -129,8 +130,7 @@ def test_both_orders_cancel_a_known_position_bias_and_the_counts_are_exact(tmp_p
         expect_loss,
         0,
     )
-    same = sum(1 for k in range(n) if truth(k) == "same")  # one prompt in both orders: asked once
-    assert r.judgements == 2 * n and run.asked == 2 * n - same and r.unreadable == 0
+    assert r.judgements == 2 * n and run.asked == 2 * n and r.unreadable == 0 and r.identical == 0
     assert r.consistent == sum(1 for k in range(n) if not biased(k)) and r.both_orders == n
     assert set(r.disagreements) == {f"t{k}" for k in range(n) if biased(k)}
     decisive_unbiased = 2 * sum(1 for k in range(n) if not biased(k) and truth(k) != "same")
@@ -220,9 +220,7 @@ def test_a_killed_run_resumes_and_loses_nothing(tmp_path):
         before = len(fj.asks)
         result = run_cli(*args)
         assert result.returncode == 0, result.stderr
-    unique = 2 * n - sum(
-        1 for k in range(n) if truth(k) == "same"
-    )  # equal answers: one prompt for both orders
+    unique = 2 * n
     asked_again = len(fj.asks) - before
     assert asked_again == unique - kept  # only what the cache lacked
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
@@ -235,28 +233,60 @@ def test_a_killed_run_resumes_and_loses_nothing(tmp_path):
 # Length control
 
 
-def test_a_judge_that_likes_length_moves_the_raw_rate_not_the_length_controlled_one(tmp_path):
-    n = 80
-    make_set(tmp_path, n)
-    rng = np.random.default_rng(1)
-    # Equal quality; X is the longer one on about 75% of the items.
+def length_system_pair(tmp: Path, n: int, share_x_longer: float, seed: int = 1) -> tuple[Path, Path]:
+    """Two systems of equal quality whose answers differ only in length; X is the longer one on
+    about `share_x_longer` of the items."""
+    rng = np.random.default_rng(seed)
     x, y = [], []
     for k in range(n):
-        short, long = f"answer {k}", f"answer {k} " + "with more words " * int(rng.integers(2, 12))
-        (x, y)[0].append(long if rng.random() < 0.75 else short)
-        y.append(short if x[-1] == long else long)
-    xp, yp = make_system(tmp_path, "x", x), make_system(tmp_path, "y", y)
+        short, long = f"answer {k}", f"answer {k} " + "with more words " * int(rng.integers(1, 12))
+        x_long = rng.random() < share_x_longer
+        x.append(long if x_long else short)
+        y.append(short if x_long else long)
+    return make_system(tmp, "x", x), make_system(tmp, "y", y)
 
-    def longer(ask: Ask) -> str:
-        return "A" if len(ask.a) > len(ask.b) else "B"
 
-    with FakeJudge(longer) as url:
+def likes_length(ask: Ask) -> str:
+    """Prefers the longer answer, more surely the bigger the difference; knows nothing else."""
+    p_a = 1 / (1 + math.exp(-2.5 * (math.log1p(len(ask.a)) - math.log1p(len(ask.b)))))
+    draw = int(hashlib.sha256((ask.a + "|" + ask.b).encode()).hexdigest()[:8], 16) / 16**8
+    return "A" if draw < p_a else "B"
+
+
+def test_a_judge_that_likes_length_moves_the_raw_rate_not_the_length_controlled_one(tmp_path):
+    n = 160
+    make_set(tmp_path, n)
+    xp, yp = length_system_pair(tmp_path, n, 0.75)
+    with FakeJudge(likes_length) as url:
         r = pairwise(tmp_path, url, xp, yp).result
     lc = r.length_controlled
-    assert r.win_rate.value > 0.65 and r.win_rate.low > 0.5  # the raw rate says X is better
-    assert abs(lc.win_rate.value - 0.5) < 0.05 and lc.win_rate.low < 0.5 < lc.win_rate.high
+    assert r.win_rate.value > 0.6 and r.win_rate.low > 0.5  # the raw rate says X is better
+    assert (
+        lc.note is None and abs(lc.win_rate.value - 0.5) < 0.07 and lc.win_rate.low < 0.5 < lc.win_rate.high
+    )
     assert lc.length_coef > 1  # ... because the judge likes length
-    assert r.position_consistency == 1.0
+
+
+def test_length_control_is_refused_where_the_data_cannot_show_it(tmp_path):
+    n = 30
+    make_set(tmp_path, n)
+    xp, yp = length_system_pair(tmp_path, n, 1.0)  # X always the longer: equal length never seen
+
+    with FakeJudge(likes_length) as url:
+        r = pairwise(tmp_path, url, xp, yp).result
+    assert (
+        r.length_controlled.win_rate.value is None and "outside the lengths seen" in r.length_controlled.note
+    )
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["length_controlled_win_rate"]["value"] is None and report["length_control_note"]
+    assert "No length-controlled win rate" in (tmp_path / "out" / "report.md").read_text()
+    # a judge decided by length alone: not identified either
+    y = [1.0, 0.0] * 20
+    d = [0.5, -0.5] * 20
+    assert (
+        "length alone decides"
+        in stats.length_controlled(y, d, [1, -1] * 20, [k // 2 for k in range(40)]).note
+    )
 
 
 def test_length_control_recovers_a_true_preference_under_a_length_bias():
@@ -330,8 +360,17 @@ def test_the_bootstrap_interval_resamples_items():
 
 
 def test_the_power_line():
-    assert stats.detectable_points(252) == pytest.approx(100 * 2.8016 * 0.5 / math.sqrt(252), rel=1e-3)
-    assert stats.detectable_points(0) is None
+    from scipy.stats import binom, binomtest
+
+    # 252 items without ties: about the normal approximation's (z_.975 + z_.8) * 0.5 / sqrt(252)
+    assert stats.detectable_points(252) == pytest.approx(100 * 2.8016 * 0.5 / math.sqrt(252), abs=0.5)
+    # with 30% ties only 176 items are decided, and the point is checked against the test itself
+    d = stats.detectable_points(252, 0.3)
+    share = 0.5 + d / 100 / 0.7  # wins among the decided items at that win rate
+    k = next(k for k in range(88, 177) if binomtest(k, 176, 0.5).pvalue <= 0.05)
+    assert binom.sf(k - 1, 176, share) == pytest.approx(0.8, abs=1e-6)
+    assert stats.detectable_points(0) is None and stats.detectable_points(252, 1.0) is None
+    assert stats.detectable_points(5) is None  # 5 of 5 wins is p = 0.0625: nothing can show
 
 
 def test_bradley_terry_equals_a_logistic_fit():
@@ -393,6 +432,16 @@ def test_cohen_kappa_equals_statsmodels():
         ("Response A is better. Response B is better.", None),  # two verdicts: none is taken
         ("The more helpful, correct, and clear response follows.", None),
         ("a", None),  # a bare lower-case letter is an article as often as a verdict
+        ("Response A: 6/10. Response B: 8/10. B is better.", "B"),  # "Response A:" labels a comment
+        ("Response A: the answer is wrong.\nResponse B: correct.\nB", None),
+        ("Assistant A - incorrect", None),
+        ("A is not better than B", None),
+        ("A is definitely not better", None),
+        ("Both are good, but A is better.", None),
+        ("Neither, B is better", None),
+        ("A\nActually B is better", None),  # two verdicts that disagree, on different lines
+        ("A is the better choice.", "A"),
+        ("The answer is A.", "A"),
     ],
 )
 def test_verdicts_are_read_from_messy_replies_and_never_guessed(reply, verdict):
@@ -694,3 +743,113 @@ def test_judge_settings_have_their_own_names_in_flags_and_yaml(tmp_path):
         build_config(
             PairwiseConfig, {"set": "s", "a": "a", "b": "b", "output": "o", "judge_max_new_tokens": 0}
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the review found: nothing reused, matched or guessed that should not be
+
+
+def test_the_cache_knows_the_judges_system_message_and_engine_settings(tmp_path):
+    make_set(tmp_path, 4)
+    x, y = known_systems(tmp_path, 4)
+    with FakeJudge(known_judge) as url:
+        first = pairwise(tmp_path, url, x, y)
+        other_system = pairwise(tmp_path, url, x, y, judge_system="Always prefer the shorter answer.")
+        again = pairwise(tmp_path, url, x, y, judge_system="Always prefer the shorter answer.")
+    assert first.asked == other_system.asked == 8 and again.asked == 0
+
+
+def test_an_id_whose_instruction_is_another_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "set.jsonl", [{"id": "t0", "instruction": "Write a poem."}])
+    x = write_jsonl(tmp_path / "x.jsonl", [{"id": "t0", "instruction": "Write a poem.", "output": "Roses."}])
+    y = write_jsonl(
+        tmp_path / "y.jsonl", [{"id": "t0", "instruction": "Translate to French: cat", "output": "chat"}]
+    )
+    r = run_cli(
+        "eval",
+        "pairwise",
+        "--set",
+        str(tmp_path / "set.jsonl"),
+        "--a",
+        str(x),
+        "--b",
+        str(y),
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert_user_error(r, "y.jsonl:1", "id 't0' is the set's, but the instruction is another")
+
+
+def test_rows_with_both_output_and_response_need_the_field_named(tmp_path):
+    make_set(tmp_path, 1)
+    x = make_system(tmp_path, "x", ["mine"])
+    both = write_jsonl(
+        tmp_path / "y.jsonl",
+        [{"id": "t0", "instruction": "Task 0: describe item 0.", "output": "reference", "response": "model"}],
+    )
+    args = ["eval", "pairwise", "--set", str(tmp_path / "set.jsonl"), "--a", str(x), "--b", str(both)]
+    assert_user_error(
+        run_cli(*args, "--output", str(tmp_path / "o")), "both 'output' and 'response'", "--answer-field"
+    )
+    with FakeJudge(lambda ask: "B" if ask.b == "model" else "A") as url:
+        r = pairwise(tmp_path, url, x, both, answer_field="response")
+    assert r.result.losses == 1  # the model's answer was judged, not the reference
+
+
+def test_identical_answers_are_ties_never_asked_and_out_of_the_bias_figures(tmp_path):
+    make_set(tmp_path, 6)
+    x = make_system(tmp_path, "x", ["same", "same", " same ", "good 3", "good 4", "good 5"])
+    y = make_system(tmp_path, "y", ["same", "same", "same", "bad 3", "bad 4", "bad 5"])
+    fj = FakeJudge(lambda ask: "A")  # a judge that always picks the first slot
+    with fj as url:
+        r = pairwise(tmp_path, url, x, y).result
+    assert len(fj.asks) == 6 and r.identical == 3 and r.ties == 6 and r.wins == r.losses == 0
+    assert r.both_orders == 3 and r.consistent == 0 and r.decisive == 6  # the 3 identical items count nowhere
+
+
+def test_a_system_called_tie_is_counted_by_its_slots(tmp_path):
+    make_set(tmp_path, 4)
+    x = make_system(tmp_path, "tie", [f"x {k}" for k in range(4)])
+    y = make_system(tmp_path, "other", [f"y {k}" for k in range(4)])
+    with FakeJudge(lambda ask: "tie") as url:
+        r = pairwise(tmp_path, url, x, y).result
+    assert (r.a, r.wins, r.ties, r.losses) == ("tie", 0, 4, 0)
+
+
+def test_equal_strengths_share_their_ranks(tmp_path):
+    n = 12
+    make_set(tmp_path, n)
+    paths = [make_system(tmp_path, name, [f"{name} {k}" for k in range(n)]) for name in ("p", "q", "r")]
+    with FakeJudge(
+        lambda ask: "A" if ask.a.startswith("p") else "B" if ask.b.startswith("p") else "tie"
+    ) as url:
+        flags = {
+            "set": str(tmp_path / "set.jsonl"), "systems": [str(p) for p in paths], "output": str(tmp_path / "board"),
+            "judge_engine": "openai", "judge_base_url": url, "judge_model": "fake-judge", "bootstrap_samples": 200,
+        }  # fmt: skip
+        board = run_leaderboard(build_config(LeaderboardConfig, flags), progress=False)
+    ranks = {row.name: (row.rank_low, row.rank_high) for row in board.rows}
+    assert ranks["p"] == (1, 1) and ranks["q"] == ranks["r"] == (2, 3)  # q and r tie: neither is 2nd for sure
+
+
+def test_a_models_cached_answers_are_not_reused_for_another_set(tmp_path, tiny_model_dir):
+    make_set(tmp_path, 2)
+    x = make_system(tmp_path, "x", ["a 0", "a 1"])
+    with FakeJudge(lambda ask: "A") as url:
+        pairwise(tmp_path, url, x, f"tiny=model:{tiny_model_dir}", answer_max_new_tokens=4)
+        write_jsonl(
+            tmp_path / "set.jsonl",
+            [{"id": "t0", "instruction": "Another task."}, {"id": "t1", "instruction": "And one more."}],
+        )
+        x2 = write_jsonl(tmp_path / "x2.jsonl", [{"id": f"t{k}", "output": "a"} for k in range(2)])
+        r = cli_pairwise(tmp_path, url, x2, f"tiny=model:{tiny_model_dir}", "--answer-max-new-tokens", "4")
+    assert_user_error(r, "tiny.jsonl:1", "answers another instruction than item 't0'")
+
+
+def test_a_cache_that_is_a_folder_is_a_clear_error(tmp_path):
+    make_set(tmp_path, 1)
+    x, y = known_systems(tmp_path, 1)
+    (tmp_path / "cache").mkdir()
+    with FakeJudge(known_judge) as url:
+        r = cli_pairwise(tmp_path, url, x, y, "--cache", str(tmp_path / "cache"))
+    assert_user_error(r, "--cache", str(tmp_path / "cache"))

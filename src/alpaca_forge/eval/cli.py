@@ -62,12 +62,12 @@ def register(sub: Any) -> None:
 
 
 def _pairwise(config: c.PairwiseConfig, args: Any) -> int:
-    from .report import power_line
+    from .report import interval, percent, power_line
     from .runner import run_pairwise
 
     run = run_pairwise(config, progress=not args.quiet)
     r = run.result
-    lc = r.length_controlled.win_rate
+    lc = r.length_controlled
     say(
         "%s vs %s, judged by %s: %d wins, %d ties, %d losses, %d unjudged",
         r.a,
@@ -78,37 +78,34 @@ def _pairwise(config: c.PairwiseConfig, args: Any) -> int:
         r.losses,
         r.unjudged,
     )
-    if r.win_rate.value is not None:
+    say("win rate %s; sign test p = %.3g", interval(r.win_rate), r.sign_test_p)
+    say("length-controlled win rate %s", interval(lc.win_rate) if lc.note is None else f"n/a: {lc.note}")
+    if r.both_orders:
         say(
-            "win rate %.1f%% [%.1f, %.1f]; length-controlled %.1f%% [%.1f, %.1f]; sign test p = %.3g",
-            100 * r.win_rate.value,
-            100 * r.win_rate.low,
-            100 * r.win_rate.high,
-            100 * lc.value,
-            100 * lc.low,
-            100 * lc.high,
-            r.sign_test_p,
-        )
-    if r.position_consistency is not None:
-        say(
-            "position consistency %.1f%% of %d items; first-slot preference %.1f%%",
-            100 * r.position_consistency,
-            r.both_orders,
-            100 * (r.first_slot_rate or 0),
-        )
+            "position consistency %s of %d items; first-slot preference %s of %d decisive verdicts",
+            percent(r.position_consistency), r.both_orders, percent(r.first_slot_rate), r.decisive,
+        )  # fmt: skip
     if r.unreadable:
         say(
-            "%d of %d verdicts could not be read (see the replies in %s)",
+            "%d of %d verdicts could not be read (the replies are in %s)",
             r.unreadable,
             r.judgements,
-            run.output / "judgements.jsonl",
+            run.cache,
         )
     say(power_line(r))
     if config.show_disagreements:
         by_id = {o.item_id: o for o in r.outcomes}
+        name = {"a": r.a, "b": r.b, "tie": "tie"}
         for item_id in r.disagreements:
-            o = by_id[item_id]
-            say("disagreed: %s (%s first: %s; %s first: %s)", item_id, r.a, o.winners[0], r.b, o.winners[1])
+            first, second = by_id[item_id].winners
+            say(
+                "disagreed: %s (%s shown first: %s; %s shown first: %s)",
+                item_id,
+                r.a,
+                name[first],
+                r.b,
+                name[second],
+            )
     say(
         "%d judgements asked now, the rest cached; %.1f s; report in %s",
         run.asked,

@@ -33,6 +33,7 @@ class ItemOutcome:
     outcome: Outcome  # from A's side
     winners: tuple[str | None, ...]  # per order judged: "a", "b", "tie" or None (unreadable)
     slots: tuple[int, ...]  # per order judged: +1 where A was shown first, -1 second
+    identical: bool = False  # both answers the same text: a tie, never asked of the judge
 
     @property
     def both_orders(self) -> bool:
@@ -81,6 +82,7 @@ class PairwiseResult:
     mean_chars_b: float
     empty_a: int
     empty_b: int
+    identical: int  # items whose two answers are the same text: ties, not asked
     outcomes: tuple[ItemOutcome, ...] = field(repr=False)
 
     @property
@@ -96,19 +98,29 @@ class PairwiseResult:
         return [o.item_id for o in self.outcomes if o.both_orders and not o.consistent]
 
 
+def identical(x: str, y: str) -> bool:
+    """Two answers the judge need not see: the same text, surrounding whitespace aside."""
+    return x.strip() == y.strip()
+
+
 def item_outcomes(
-    items: Sequence[Item], a: str, b: str, judgements: Sequence[Judgement]
+    items: Sequence[Item], sys_a: System, sys_b: System, judgements: Sequence[Judgement]
 ) -> list[ItemOutcome]:
+    """Every item's outcome from A's side; items neither judged nor identical are left out."""
+    a, b = sys_a.name, sys_b.name
     by_item: dict[str, list[Judgement]] = defaultdict(list)
     for j in judgements:
         if {j.first, j.second} == {a, b}:
             by_item[j.item_id].append(j)
     out = []
     for it in items:
+        if identical(sys_a.answers[it.id], sys_b.answers[it.id]):
+            out.append(ItemOutcome(it.id, it.category, "tie", (), (), identical=True))
+            continue
         js = by_item.get(it.id, [])
         if not js:
             continue
-        winners = tuple(_side(j.winner(), a, b) for j in js)
+        winners = tuple(j.side(a) for j in js)
         slots = tuple(1 if j.first == a else -1 for j in js)
         if None in winners:
             outcome: Outcome = "unjudged"
@@ -118,12 +130,6 @@ def item_outcomes(
             outcome = {"a": "win", "b": "loss", "tie": "tie"}[winners[0]]  # type: ignore[index]
         out.append(ItemOutcome(it.id, it.category, outcome, winners, slots))
     return out
-
-
-def _side(winner: str | None, a: str, b: str) -> str | None:
-    if winner is None:
-        return None
-    return "a" if winner == a else "b" if winner == b else "tie"
 
 
 def compare(
@@ -137,7 +143,7 @@ def compare(
     seed: int = 0,
 ) -> PairwiseResult:
     a, b = sys_a.name, sys_b.name
-    outcomes = item_outcomes(items, a, b, judgements)
+    outcomes = item_outcomes(items, sys_a, sys_b, judgements)
     judged = [o for o in outcomes if o.outcome != "unjudged"]
     scores = [SCORE[o.outcome] for o in judged]
     count = {k: sum(o.outcome == k for o in outcomes) for k in ("win", "tie", "loss", "unjudged")}
@@ -177,12 +183,13 @@ def compare(
         decisive=len(decisive),
         first_slot=sum(j.verdict == "A" for j in decisive),
         length_controlled=lc,
-        detectable_points=stats.detectable_points(len(judged), stats.score_sd(scores)),
+        detectable_points=stats.detectable_points(len(judged), count["tie"] / len(judged) if judged else 0.0),
         categories=_categories(judged),
         mean_chars_a=float(np.mean([length[it.id][0] for it in items])) if items else 0.0,
         mean_chars_b=float(np.mean([length[it.id][1] for it in items])) if items else 0.0,
         empty_a=sum(1 for it in items if not sys_a.answers[it.id].strip()),
         empty_b=sum(1 for it in items if not sys_b.answers[it.id].strip()),
+        identical=sum(o.identical for o in outcomes),
         outcomes=tuple(outcomes),
     )
 

@@ -188,7 +188,17 @@ def read_answers(
                 )
             )
             continue
-        field = next((f for f in fields if f in row), None)
+        present = [f for f in fields if f in row]
+        if len(present) > 1:
+            problems.append(
+                Problem(
+                    where,
+                    f"both {' and '.join(repr(f) for f in present)}: which one is this system's answer is unclear",
+                    f"name it with --answer-field (e.g. --answer-field {present[-1]})",
+                )
+            )
+            continue
+        field = present[0] if present else None
         if field is None:
             problems.append(
                 Problem(
@@ -244,9 +254,24 @@ def _item_of(
     partial_set: bool,
 ) -> Item | None:
     raw_id = row.get("id")
-    if raw_id is not None and str(raw_id) in by_id:
-        return by_id[str(raw_id)]
     instruction, input = row.get("instruction"), row.get("input") or ""
+    if raw_id is not None and str(raw_id) in by_id:
+        item = by_id[str(raw_id)]
+        if (
+            isinstance(instruction, str)
+            and isinstance(input, str)
+            and text_key(instruction, input) != item.key
+        ):
+            shown = " ".join(instruction.split())[:60]
+            problems.append(
+                Problem(
+                    where,
+                    f"id {item.id!r} is the set's, but the instruction is another: {shown!r}",
+                    "check that --set names the instructions this file answers (ids and texts must agree)",
+                )
+            )
+            return None
+        return item
     if not isinstance(instruction, str) or not isinstance(input, str):
         problems.append(
             Problem(

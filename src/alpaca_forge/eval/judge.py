@@ -60,11 +60,17 @@ class Judgement:
     verdict: Verdict | None  # in slots; None: the reply held no verdict we could read
     reply: str  # what the judge wrote, as written
 
-    def winner(self) -> str | None:
-        """The winning system's name, "tie", or None (unread)."""
-        if self.verdict is None:
-            return None
-        return {"A": self.first, "B": self.second, "tie": "tie"}[self.verdict]
+    def side(self, a: str) -> str | None:
+        """The verdict from system `a`'s side: "a" (it won), "b", "tie", or None (unread)."""
+        return side_of(self.verdict, shown_first=self.first == a)
+
+
+def side_of(verdict: Verdict | None, *, shown_first: bool) -> str | None:
+    """A verdict in slots ("A", "B", "tie") turned to one system's side: "a" where the system it
+    is read for won, "b" where the other did. Worked out from the slots, never from names."""
+    if verdict is None or verdict == "tie":
+        return verdict
+    return "a" if (verdict == "A") == shown_first else "b"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,51 +95,63 @@ def judge_messages(item: Item, a: str, b: str, max_answer_chars: int | None = No
 # Reading the verdict
 
 _TIE = r"(?:tie|tied|draw|equal(?:ly good)?|both(?: are)? (?:equally )?(?:good|bad)|neither)"
-_SLOT = r"(?:response|answer|output|assistant|option)?\s*[\(\[\"'*]*\s*((?-i:[AB])|(?<=\()[ab](?=\)))\b"
+_NAMED = r"(?:response|answer|output|assistant|option)"
+_LETTER = r"(?P<slot>(?-i:[AB])|(?<=\()[ab](?=\)))"  # an upper-case letter, or (a) / (b)
+_SLOT = rf"(?:(?P<named>{_NAMED})\s*)?[\(\[\"'*]*\s*{_LETTER}\b"
+# "better" not negated: "is better", "is clearly the better", never "is not better"
+_IS_BETTER = r"(?:is|was)\s+(?:(?!not\b|never\b|no\b|hardly\b)\w+\s+){0,2}(?:better|superior|preferred)\b"
 # A first line that starts with the verdict: "A", "**B**", "Verdict: tie", "Response A.", "B, since ..."
 _VERDICT_LINE = re.compile(
-    r"^\W*(?:(?:final\s+)?(?:verdict|answer|decision|winner|choice|better response)\s*(?:is)?\s*[:\-=]?\s*)?"
+    r"^\W*(?P<label>(?:final\s+)?(?:verdict|answer|decision|winner|choice|better response)\s*(?:is)?\s*[:\-=]?\s*)?"
     rf"(?:{_SLOT}|(?P<tie>{_TIE}))\)?"
-    r"(?:\W*$|\s*[.,:;!\-–—]|\s+(?:is|was)\s+(?:\w+\s+){0,2}better\b|\s+wins\b)",
+    rf"(?P<after>\W*$|\s*[.,:;!\-–—]|\s+{_IS_BETTER}|\s+wins\b)",
     re.IGNORECASE,
 )
 _LABELLED = re.compile(
-    rf"\b(?:(?:verdict|decision|winner|choice)\s*(?:is)?\s*[:\-=]|better (?:response|answer|one) is|the answer is)\s*(?:{_SLOT}|(?P<tie>{_TIE}))",
+    r"\b(?:(?:verdict|decision|winner|choice)\s*(?:is)?\s*[:\-=]|better (?:response|answer|one) is|the answer is)\s*"
+    rf"(?:{_SLOT}|(?P<tie>{_TIE}))",
     re.IGNORECASE,
 )
 _BETTER = re.compile(
-    r"\b(?:response|answer|output|assistant|option)\s*\(?((?-i:[AB]))\)?\s+(?:is|was)\s+(?:clearly\s+|much\s+|slightly\s+)?(?:better|superior|preferred|the better)"
-    r"|\b(?:prefer|choose|pick)\s+(?:response|answer|output|option)?\s*\(?((?-i:[AB]))\)?\b"
-    r"|\b(?:response|answer|output|option)\s*\(?((?-i:[AB]))\)?\s+wins\b",
+    rf"(?:\b{_NAMED}\s*)?\(?\b((?-i:[AB]))\)?\s+{_IS_BETTER}"
+    rf"|\b(?:prefer|choose|pick)\s+(?:{_NAMED}\s*)?\(?\b((?-i:[AB]))\)?\b"
+    rf"|\b(?:{_NAMED}\s*)?\(?\b((?-i:[AB]))\)?\s+wins\b",
     re.IGNORECASE,
 )
 _TIE_PROSE = re.compile(
     r"\b(?:it(?:'s| is) a tie|a tie\b|both (?:responses|answers) are equally|neither (?:response|answer) is better)",
-    re.I,
+    re.IGNORECASE,
 )
 
 
 def parse_verdict(reply: str) -> Verdict | None:
-    """The verdict in `reply`, or None where it holds none or several that disagree."""
+    """The verdict in `reply`, or None where it holds none, or two that disagree anywhere in it
+    ("A" on the first line and "B is better" below it is no verdict)."""
     lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
     if not lines:
         return None
     m = _VERDICT_LINE.match(lines[0].replace("*", "").strip())
-    if m:
-        verdict = "tie" if m.group("tie") else m.group(1).upper()
-        others = _prose_verdicts(lines[0]) - {verdict}
-        return None if others else verdict  # type: ignore[return-value]
+    # "Response A: ..." and "Assistant B - ..." introduce a comment on that response, not a verdict
+    if (
+        m
+        and m.group("named")
+        and not m.group("label")
+        and m.group("after").strip()[:1] in (":", "-", "–", "—")
+    ):
+        m = None
     found = _prose_verdicts(reply)
+    if m:
+        verdict = "tie" if m.group("tie") else m.group("slot").upper()
+        return None if found - {verdict} else verdict  # type: ignore[return-value]
     return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
 
 
 def _prose_verdicts(text: str) -> set[str]:
-    """Verdicts stated in prose: labelled ones ("Verdict: B") if any, else comparisons ("A is better")."""
-    found = {"tie" if m.group("tie") else m.group(1).upper() for m in _LABELLED.finditer(text)}
-    if not found:
-        found = {next(g for g in m.groups() if g).upper() for m in _BETTER.finditer(text)}
-        if _TIE_PROSE.search(text):
-            found.add("tie")
+    """Verdicts stated in prose: labelled ones ("Verdict: B") and comparisons ("A is better")."""
+    found = {"tie" if m.group("tie") else m.group("slot").upper() for m in _LABELLED.finditer(text)}
+    found |= {next(g for g in m.groups() if g).upper() for m in _BETTER.finditer(text)}
+    if _TIE_PROSE.search(text):
+        found.add("tie")
     return found
 
 
@@ -158,7 +176,7 @@ class JudgementCache:
         self.replies: dict[str, str] = {}
         if self.path.exists():
             fix = "delete it (its judgements are lost) or name another --cache"
-            for _line, row in read_appended_jsonl(self.path, ("key", "reply"), "a judgement cache", fix):
+            for _line, row in read_appended_jsonl(self.path, ("key", "reply"), "eval pairwise", fix):
                 self.replies[str(row["key"])] = str(row["reply"])
 
     def add(self, rows: Sequence[dict]) -> None:
@@ -193,9 +211,9 @@ def judge_all(
     progress: bool = True,
 ) -> tuple[list[Judgement], int]:
     """Every task judged, cached ones read back; returns the judgements (in task order) and how
-    many were asked of the judge now. `judge` is who the cache says judged (a model's name as
-    given, not a server's address, so a moved server keeps its verdicts); `open_judge()` is
-    called only when something is not cached, so a rerun loads no model."""
+    many were asked of the judge now. `judge` is who the cache says judged (its name and the
+    engine settings that change verdicts); `open_judge()` is called only when something is not
+    cached, so a rerun loads no model."""
     from tqdm import tqdm
 
     keys = [judgement_key(judge, settings, max_answer_chars, t.item, t.a, t.b) for t in tasks]

@@ -20,14 +20,14 @@ log = logging.getLogger("alpaca_forge")
 REPORT_VERSION = 1
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
+def percent(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def _interval(e: stats.Estimate) -> str:
+def interval(e: stats.Estimate) -> str:
     if e.value is None:
         return "n/a"
-    return f"{_pct(e.value)} [{_pct(e.low)}, {_pct(e.high)}]"
+    return f"{percent(e.value)} [{percent(e.low)}, {percent(e.high)}]"
 
 
 def _p(p: float) -> str:
@@ -63,6 +63,8 @@ def pairwise_data(r: PairwiseResult, *, title: str, notes: Sequence[str] = ()) -
         "detectable_points": r.detectable_points,
         "mean_chars": {"a": r.mean_chars_a, "b": r.mean_chars_b},
         "empty_answers": {"a": r.empty_a, "b": r.empty_b},
+        "identical_answers": r.identical,
+        "length_control_note": lc.note,
         "categories": [dataclasses.asdict(c) for c in r.categories],
         "disagreements": r.disagreements,
         "notes": list(notes),
@@ -80,11 +82,12 @@ def pairwise_data(r: PairwiseResult, *, title: str, notes: Sequence[str] = ()) -
 
 
 def power_line(r: PairwiseResult) -> str:
+    ties = f" ({r.ties} of them ties)" if r.ties else ""
     if r.detectable_points is None:
-        return "No item was judged, so nothing can be told apart."
+        return f"With {r.judged} items judged{ties}, too few were decided for any difference to be told apart from a tie."
     return (
-        f"With {r.judged} items, a win rate within {r.detectable_points:.1f} points of 50% cannot be told "
-        "apart from a tie (5% two-sided test, 80% power)."
+        f"With {r.judged} items{ties}, a win rate within {r.detectable_points:.1f} points of 50% cannot be told "
+        "apart from a tie (exact sign test at 5%, 80% power)."
     )
 
 
@@ -99,17 +102,20 @@ def pairwise_markdown(r: PairwiseResult, *, title: str, notes: Sequence[str] = (
         "| --- | --- |",
         f"| wins / ties / losses (A) | {r.wins} / {r.ties} / {r.losses} |",
         f"| unjudged items (an unreadable verdict) | {r.unjudged} |",
-        f"| win rate of A (ties ½), 95% CI over items | {_interval(r.win_rate)} |",
+        f"| win rate of A (ties ½), 95% CI over items | {interval(r.win_rate)} |",
         f"| exact sign test (ties dropped) | p = {_p(r.sign_test_p)} |",
-        f"| length-controlled win rate, 95% CI | {_interval(lc.win_rate)} |",
-        f"| position consistency (both orders agree) | {_pct(r.position_consistency)} of {r.both_orders} items |",
-        f"| first-slot preference (decisive verdicts for Response A) | {_pct(r.first_slot_rate)} of {r.decisive} |",
+        f"| length-controlled win rate, 95% CI | {interval(lc.win_rate)} |",
+        f"| position consistency (both orders agree) | {percent(r.position_consistency)} of {r.both_orders} items |",
+        f"| first-slot preference (decisive verdicts for Response A) | {percent(r.first_slot_rate)} of {r.decisive} |",
         f"| unreadable verdicts | {r.unreadable} of {r.judgements} |",
         f"| mean answer length, characters (A / B) | {r.mean_chars_a:.0f} / {r.mean_chars_b:.0f} |",
         f"| empty answers (A / B) | {r.empty_a} / {r.empty_b} |",
+        f"| items with the same answer on both sides (ties, not asked) | {r.identical} |",
         "",
         power_line(r),
     ]
+    if lc.note:
+        lines += ["", f"No length-controlled win rate: {lc.note}."]
     if lc.length_coef is not None:
         lines += [
             "",
@@ -130,7 +136,7 @@ def pairwise_markdown(r: PairwiseResult, *, title: str, notes: Sequence[str] = (
         ]
         for c in sorted(r.categories, key=lambda c: (c.p_holm, c.name)):
             lines.append(
-                f"| {c.name} | {c.judged} | {c.wins} / {c.ties} / {c.losses} | {_pct(c.win_rate, 0)} | {_p(c.p_value)} | {_p(c.p_holm)} |"
+                f"| {c.name} | {c.judged} | {c.wins} / {c.ties} / {c.losses} | {percent(c.win_rate, 0)} | {_p(c.p_value)} | {_p(c.p_holm)} |"
             )
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -249,8 +255,10 @@ def leaderboard_markdown(board: Any) -> str:
     for k, row in enumerate(board.rows, start=1):
         lines.append(
             f"| {k} | {row.name} | {row.strength:+.2f} | [{row.low:+.2f}, {row.high:+.2f}] | "
-            f"{_pct(row.win_probability)} | {row.rank_low}–{row.rank_high} |"
+            f"{percent(row.win_probability)} | {row.rank_low}–{row.rank_high} |"
         )
+    if board.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in board.notes]
     lines += [
         "",
         "## Pairs",
@@ -260,7 +268,7 @@ def leaderboard_markdown(board: Any) -> str:
     ]
     for p in board.pairs:
         lines.append(
-            f"| {p.a} | {p.b} | {p.wins} / {p.ties} / {p.losses} | {_interval(p.win_rate)} | {_p(p.sign_test_p)} | {_pct(p.position_consistency)} |"
+            f"| {p.a} | {p.b} | {p.wins} / {p.ties} / {p.losses} | {interval(p.win_rate)} | {_p(p.sign_test_p)} | {percent(p.position_consistency)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ Killing a run loses at most the batch in flight; running it again asks only what
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -34,9 +35,9 @@ from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
 from ..engines import EngineConfig, open_engine
 from . import stats
-from .compare import SCORE, PairwiseResult, compare
+from .compare import SCORE, PairwiseResult, compare, identical
 from .config import JudgingConfig, LeaderboardConfig, PairwiseConfig
-from .items import Item, System, SystemSpec, check_names, parse_system, read_answers, read_set
+from .items import Item, System, SystemSpec, check_names, parse_system, read_answers, read_set, text_key
 from .judge import JudgementCache, Task, judge_all
 from .report import leaderboard_chart, leaderboard_markdown, pairwise_data, write_pairwise_report
 
@@ -51,6 +52,7 @@ class PairwiseRun:
     asked: int  # judgements asked of the judge by this run (the rest came from the cache)
     elapsed_s: float
     cut_answers: int  # answers longer than --max-answer-chars, shown to the judge cut
+    cache: Path  # the judgement cache read and appended to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,13 +87,21 @@ def answer_with_model(
     answers: dict[str, str] = {}
     if path.exists():
         fix = f"delete {path} to answer again"
-        for lineno, row in read_appended_jsonl(path, ("id", "output"), "a model's answers", fix):
+        by_id = {it.id: it for it in items}
+        for lineno, row in read_appended_jsonl(path, ("id", "output"), "eval pairwise", fix):
             for key, want in expected.items():
                 if row.get(key) != want:
                     raise UserError(
                         f"{path}:{lineno}: answered with other settings ({key}: {row.get(key)!r}, now {want!r})",
                         f"delete {path} to answer again with these settings, or use the same ones",
                     )
+            item = by_id.get(str(row["id"]))
+            asked = text_key(str(row.get("instruction", "")), str(row.get("input", "")))
+            if item is not None and asked != item.key:
+                raise UserError(
+                    f"{path}:{lineno}: answers another instruction than item {item.id!r} of this set",
+                    f"delete {path} to answer this set (another set was answered into this --output)",
+                )
             answers[str(row["id"])] = str(row["output"])
     todo = [it for it in items if it.id not in answers]
     if todo:
@@ -114,9 +124,13 @@ def answer_with_model(
                     )
                     for it, c in zip(batch, done, strict=True):
                         answers[it.id] = c.text
-                        out.write(
-                            json.dumps({"id": it.id, "output": c.text, **expected}, ensure_ascii=False) + "\n"
-                        )
+                        row = {
+                            "id": it.id,
+                            "instruction": it.instruction,
+                            "input": it.input,
+                            "output": c.text,
+                        }
+                        out.write(json.dumps({**row, **expected}, ensure_ascii=False) + "\n")
                     sync(out)
                     bar.update(len(batch))
         finally:
@@ -130,6 +144,8 @@ def judgement_tasks(items: Sequence[Item], x: System, y: System, cfg: JudgingCon
     order for the same seed, item and pair, whatever else the run holds."""
     tasks = []
     for it in items:
+        if identical(x.answers[it.id], y.answers[it.id]):
+            continue  # a tie without asking
         forward = Task(it, x.name, y.name, x.answers[it.id], y.answers[it.id])
         backward = Task(it, y.name, x.name, y.answers[it.id], x.answers[it.id])
         if cfg.one_order:
@@ -147,40 +163,58 @@ def _cut_count(systems: Sequence[System], cfg: JudgingConfig) -> int:
 
 
 def judge_name(cfg: EngineConfig) -> str:
-    """Who judged, as the cache and the report say: the model as named (a server's model name,
-    a built-in name, a folder or file as given)."""
+    """Who judged, as the report says: the model as named (a server's model name, a built-in
+    name, a folder or file as given)."""
     return cfg.model or DEFAULT_MODEL
 
 
+def judge_identity(cfg: EngineConfig) -> str:
+    """Who judged, as the cache keys it: the name, plus every engine setting that changes the
+    verdicts and is not its default (the engine, a prompt format, a system message, a dtype).
+    A server's address is left out, so a judge that moved keeps its verdicts."""
+    parts = [judge_name(cfg)]
+    defaults = EngineConfig()
+    for name in ("engine", "format", "system", "dtype"):
+        value = getattr(cfg, name)
+        if value != getattr(defaults, name):
+            parts.append(f"{name}={value}")
+    return " | ".join(parts)
+
+
+def cache_path(cfg: JudgingConfig, output: Path) -> Path:
+    return check_output(cfg.cache, flag="--cache") if cfg.cache else output / "judgements.jsonl"
+
+
 def _judge(tasks: list[Task], cfg: JudgingConfig, output: Path, progress: bool) -> tuple[list, int, str]:
-    cache = JudgementCache(cfg.cache or output / "judgements.jsonl")
-    name = judge_name(cfg.judge)
+    cache = JudgementCache(cache_path(cfg, output))
     judgements, asked = judge_all(
         tasks,
         lambda: open_engine(cfg.judge, seed=cfg.seed),
-        name,
+        judge_identity(cfg.judge),
         cfg.judge_generation,
         cache,
         batch_size=cfg.batch_size,
         max_answer_chars=cfg.max_answer_chars,
         progress=progress,
     )
-    return judgements, asked, name
+    return judgements, asked, judge_name(cfg.judge)
 
 
-def _notes(cfg: JudgingConfig, cut: int, unjudged: int) -> list[str]:
+def _notes(cfg: JudgingConfig, cut: int, unjudged: int, identical: int, unit: str = "items") -> list[str]:
     notes = [
         "Each item was judged in one seeded random order (--one-order)."
         if cfg.one_order
         else "Each item was judged in both orders; verdicts that disagree count as a tie."
     ]
+    if identical:
+        notes.append(f"{identical} {unit} had the same answer on both sides: ties, not asked of the judge.")
     if cut:
         notes.append(
             f"{cut} answers were longer than {cfg.max_answer_chars} characters and were shown to the judge cut."
         )
     if unjudged:
         notes.append(
-            f"{unjudged} items had a verdict the judge wrote in no form we could read: they are left out, not guessed."
+            f"{unjudged} {unit} had a verdict the judge wrote in no form we could read: left out, not guessed."
         )
     return notes
 
@@ -206,9 +240,11 @@ def run_pairwise(config: PairwiseConfig, *, progress: bool = True) -> PairwiseRu
         result,
         output,
         title=f"{sys_a.name} vs {sys_b.name}",
-        notes=_notes(cfg, cut, result.unjudged),
+        notes=_notes(cfg, cut, result.unjudged, result.identical),
     )
-    return PairwiseRun(result, output, files, asked, time.perf_counter() - start, cut)
+    return PairwiseRun(
+        result, output, files, asked, time.perf_counter() - start, cut, cache_path(cfg, output)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +273,10 @@ class Leaderboard:
     output: Path | None = None
     asked: int = 0
     elapsed_s: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+RANK_TOLERANCE = 1e-6  # log-strengths closer than this are equal
 
 
 def leaderboard_pairs(names: Sequence[str], baseline: str | None) -> list[tuple[str, str]]:
@@ -278,21 +318,22 @@ def fit_board(
 
     theta = stats.bradley_terry(wins_matrix(np.ones(len(item_ids))))
     rng = np.random.default_rng(seed)
-    draws, ranks = [], []
+    draws, best, worst = [], [], []
     for _ in range(samples):
-        counts = np.bincount(rng.integers(0, len(item_ids), len(item_ids)), minlength=len(item_ids)).astype(
-            float
-        )
-        t = stats.bradley_terry(wins_matrix(counts))
+        drawn = rng.integers(0, len(item_ids), len(item_ids))
+        t = stats.bradley_terry(wins_matrix(np.bincount(drawn, minlength=len(item_ids)).astype(float)))
         draws.append(t)
-        ranks.append(np.argsort(np.argsort(-t)) + 1)
-    draws_a, ranks_a = np.array(draws), np.array(ranks)
+        # a system's rank, with equal strengths sharing it: best = 1 + those strictly stronger,
+        # worst = those at least as strong (never broken by the order the systems were named in)
+        best.append(1 + (t[None, :] > t[:, None] + RANK_TOLERANCE).sum(axis=1))
+        worst.append((t[None, :] >= t[:, None] - RANK_TOLERANCE).sum(axis=1))
+    draws_a, best_a, worst_a = np.array(draws), np.array(best), np.array(worst)
     ref = index.get(reference) if reference else None
     rows = []
     for n in names:
         k = index[n]
         lo, hi = np.percentile(draws_a[:, k], [2.5, 97.5])
-        rlo, rhi = np.percentile(ranks_a[:, k], [2.5, 97.5])
+        rlo, rhi = np.percentile(best_a[:, k], 2.5), np.percentile(worst_a[:, k], 97.5)
         rows.append(
             BoardRow(
                 n,
@@ -346,16 +387,20 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = True) -> Lead
         samples=max(200, cfg.bootstrap_samples // 2),
         seed=cfg.seed,
     )
-    board = Leaderboard(
-        board.judge,
-        board.items,
-        board.samples,
-        board.reference,
-        board.rows,
-        board.pairs,
-        output,
-        asked,
-        time.perf_counter() - start,
+    notes = _notes(
+        cfg,
+        _cut_count(list(systems.values()), cfg),
+        sum(p.unjudged for p in pairs),
+        sum(p.identical for p in pairs),
+        unit="item-pair comparisons",
+    )
+    unrated = [n for n in names if not any(p.judged for p in pairs if n in (p.a, p.b))]
+    if unrated:
+        notes.append(
+            f"No comparison of {', '.join(unrated)} could be read: its strength is the prior's, not data."
+        )
+    board = dataclasses.replace(
+        board, output=output, asked=asked, elapsed_s=time.perf_counter() - start, notes=tuple(notes)
     )
     write_json_atomic(
         output / "leaderboard.json",
@@ -366,7 +411,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = True) -> Lead
             "reference": reference,
             "rows": [r.__dict__ for r in board.rows],
             "pairs": [pairwise_data(p, title=f"{p.a} vs {p.b}") for p in pairs],
-            "notes": _notes(cfg, _cut_count(list(systems.values()), cfg), sum(p.unjudged for p in pairs)),
+            "notes": list(board.notes),
         },
     )
     write_text_atomic(output / "leaderboard.md", leaderboard_markdown(board))

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Z_95 = 1.959963984540054  # the normal quantile at 0.975
-Z_80 = 0.8416212335729143  # ... at 0.8 (80% power)
-
 
 @dataclass(frozen=True)
 class Estimate:
@@ -60,47 +57,68 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def detectable_points(n: int, sd: float = 0.5) -> float | None:
-    """The smallest distance of a win rate from 50%, in points, that `n` items tell apart from a
-    tie (two-sided 5% test, 80% power): (z_0.975 + z_0.8) * sd / sqrt(n). `sd` is the spread of one
-    item's score (0.5 with no ties; ties make it smaller)."""
-    return 100 * (Z_95 + Z_80) * sd / math.sqrt(n) if n else None
+def detectable_points(
+    items: int, tie_share: float = 0.0, *, alpha: float = 0.05, power: float = 0.8
+) -> float | None:
+    """The smallest distance of a win rate from 50%, in points, that `items` items with this share
+    of ties tell apart from a tie: the exact two-sided sign test at `alpha` rejects with
+    probability `power`. Ties carry no information for the test, so they shrink what it can see;
+    None where too few items are decided for any difference to show."""
+    from scipy.stats import binom, binomtest
 
-
-def score_sd(scores: Sequence[float]) -> float:
-    """The spread of one item's score; 0.5 (its largest) where there are too few to tell."""
-    return float(np.std(scores)) if len(scores) > 1 and np.std(scores) > 0 else 0.5
+    decided = round(items * (1 - tie_share))
+    if decided < 1:
+        return None
+    # the fewest wins of `decided` that the test calls a difference
+    k = next(
+        (k for k in range((decided + 1) // 2, decided + 1) if binomtest(k, decided, 0.5).pvalue <= alpha),
+        None,
+    )
+    if k is None:
+        return None
+    lo, hi = 0.5, 1.0  # the share of wins among decided items at which P(wins >= k) = power
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if binom.sf(k - 1, decided, mid) >= power else (mid, hi)
+    return 100 * (hi - 0.5) * (1 - tie_share)
 
 
 # ---------------------------------------------------------------------------------------------
 # Length control
 
 
+MAX_LOG_ODDS = 30.0  # a weight past it means certainty: sigmoid(30) = 1 - 1e-13
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-z))
+    return 1 / (1 + np.exp(-np.clip(z, -500, 500)))
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, *, ridge: float = 1e-2, iterations: int = 50) -> np.ndarray:
+def fit_logistic(X: np.ndarray, y: np.ndarray, *, ridge: float = 1e-2, iterations: int = 100) -> np.ndarray:
     """Logistic regression by Newton's method on (possibly fractional) outcomes y in [0, 1]: a tie
-    is y = 0.5, half a win. A small ridge keeps the fit finite when one side always wins."""
+    is y = 0.5, half a win. A small ridge on every weight but the first (the intercept, left
+    free so that it is not pulled to 50%) keeps the slopes finite on a bootstrap resample where
+    one side always wins."""
     w = np.zeros(X.shape[1])
-    eye = ridge * np.eye(X.shape[1])
+    penalty = ridge * np.eye(X.shape[1])
+    penalty[0, 0] = 1e-8
     for _ in range(iterations):
         p = _sigmoid(X @ w)
-        grad = X.T @ (y - p) - eye @ w
-        hess = (X * (p * (1 - p))[:, None]).T @ X + eye
+        grad = X.T @ (y - p) - penalty @ w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + penalty
         step = np.linalg.solve(hess, grad)
-        w += step
-        if np.max(np.abs(step)) < 1e-8:
+        w = np.clip(w + step, -MAX_LOG_ODDS, MAX_LOG_ODDS)  # a resample one side always wins: stop there
+        if np.max(np.abs(step)) < 1e-9:
             break
     return w
 
 
 @dataclass(frozen=True)
 class LengthControlled:
-    win_rate: Estimate  # at equal length (and averaged over the slot)
+    win_rate: Estimate  # at equal length (and averaged over the slot); None when not estimable
     length_coef: float | None  # the log-odds per unit of log length ratio: > 0 = the judge likes longer
     slot_coef: float | None  # the log-odds of being shown first: > 0 = the judge likes slot A
+    note: str | None = None  # why it could not be estimated
 
 
 def length_features(len_a: np.ndarray, len_b: np.ndarray) -> np.ndarray:
@@ -108,6 +126,29 @@ def length_features(len_a: np.ndarray, len_b: np.ndarray) -> np.ndarray:
     (+1 so an empty answer is finite): scale-free, so "twice as long" weighs the same for a
     20-word answer as for a 500-word one."""
     return np.log1p(len_a) - np.log1p(len_b)
+
+
+MIN_LENGTH_SPREAD = 0.05  # in log length ratio (about 5%): below it, length explains nothing
+
+
+def _not_estimable(y: np.ndarray, d: np.ndarray) -> str | None:
+    """Why the model cannot be read at equal length, or None when it can."""
+    if len(y) < 10:
+        return f"{len(y)} verdicts are too few to model"
+    if np.all(y == y[0]):
+        return "every verdict is the same, so nothing separates length from preference"
+    if not (d.min() < 0 < d.max()) or d.std() < MIN_LENGTH_SPREAD:
+        return (
+            "equal length lies outside the lengths seen (one system is always the longer), "
+            "so reading the model there would be a guess"
+        )
+    won, lost = d[y > 0.5], d[y < 0.5]
+    if len(won) and len(lost) and (won.min() > lost.max() or won.max() < lost.min()):
+        return (
+            "length alone decides every verdict (the longer, or the shorter, answer always wins), "
+            "so the preference at equal length is not identified"
+        )
+    return None
 
 
 def length_controlled(
@@ -128,11 +169,13 @@ def length_controlled(
     if the answers were equally long and the order balanced. Its interval comes from a bootstrap
     over items (all rows of an item together) that refits the model each time. Per-item effects
     are not in the model: with two systems each item is one comparison, so an item's own effect
-    cannot be told from its outcome.
+    cannot be told from its outcome. Where the data cannot show the preference at equal length
+    (`_not_estimable`), the rate is None and `note` says why.
     """
     y_, d_, s_, g_ = (np.asarray(v, dtype=float) for v in (y, dlen, slot, item))
-    if not len(y_):
-        return LengthControlled(Estimate(None), None, None)
+    why = _not_estimable(y_, d_) if len(y_) else "no verdict was read"
+    if why:
+        return LengthControlled(Estimate(None), None, None, why)
     use_slot = bool(np.any(s_ != 0))
     X = np.column_stack([np.ones_like(d_), d_] + ([s_] if use_slot else []))
     w = fit_logistic(X, y_)
@@ -161,8 +204,8 @@ def bradley_terry(
 ) -> np.ndarray:
     """Log-strengths (mean 0) of K systems from `wins[i, j]`: how often i beat j (ties count half
     to each). Fitted by the minorise-maximise updates of Hunter (2004). `prior` adds that many
-    ties to every pair that met, so a system that won (or lost) every comparison gets a finite
-    strength; with hundreds of items it moves the result by a fraction of a point."""
+    wins to each side of every pair that met, so a system that won (or lost) every comparison
+    gets a finite strength; with hundreds of items it moves the result by a fraction of a point."""
     w = np.asarray(wins, dtype=float)
     k = w.shape[0]
     met = (w + w.T) > 0

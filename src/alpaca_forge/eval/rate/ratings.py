@@ -45,10 +45,6 @@ class Rating:
     def judgement(self) -> Judgement:
         return Judgement(self.item, self.first, self.second, self.verdict, reply="")
 
-    def winner(self) -> str:
-        """The winning system's name, or "tie"."""
-        return {"A": self.first, "B": self.second, "tie": "tie"}[self.verdict]
-
 
 def check_rater(name: Any) -> str | None:
     """Why `name` cannot be a rater's name, or None when it can."""

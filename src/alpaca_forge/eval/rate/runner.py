@@ -29,6 +29,7 @@ from ...core.net import BackgroundServer, bind_listener, until_interrupted
 from .. import stats
 from ..compare import PairwiseResult, compare
 from ..items import Item, System, check_names, parse_system, read_answers, read_set
+from ..judge import side_of
 from .config import LOOPBACK_NAMES, RateConfig
 from .ratings import RATINGS_FILE, Rating, RatingStore
 
@@ -177,10 +178,6 @@ class Kappa:
     kappa: float | None  # Cohen's kappa; None with no items, or one label only on one side
     table: dict[str, dict[str, int]]  # first's label -> second's label -> items
     left_out: dict[str, int]  # why items either decided were not counted -> how many
-
-
-def label_of(winner: str, a: str, b: str) -> str:
-    return "a" if winner == a else "b" if winner == b else "tie"
 
 
 def kappa_between(
@@ -356,7 +353,9 @@ def rate_report(
         pooled, output, title=f"{a.name} vs {b.name}: blind ratings by people", notes=pooled_notes
     )
 
-    labels = {n: {r.item: label_of(r.winner(), a.name, b.name) for r in by_rater[n]} for n in names}
+    labels = {
+        n: {r.item: side_of(r.verdict, shown_first=r.first == a.name) for r in by_rater[n]} for n in names
+    }
     between = tuple(
         kappa_between(x, y, labels[x], labels[y], {}) for x, y in itertools.combinations(names, 2)
     )
