@@ -129,6 +129,9 @@ def length_features(len_a: np.ndarray, len_b: np.ndarray) -> np.ndarray:
 
 
 MIN_LENGTH_SPREAD = 0.05  # in log length ratio (about 5%): below it, length explains nothing
+# An effect past this (odds of ~150 to 1 across one spread of it) leaves the rest to a handful of
+# verdicts: the equal-length rate is then theirs, not the judge's, and is not reported.
+MAX_EFFECT_LOG_ODDS = 5.0
 
 
 def _not_estimable(y: np.ndarray, d: np.ndarray) -> str | None:
@@ -179,6 +182,16 @@ def length_controlled(
     use_slot = bool(np.any(s_ != 0))
     X = np.column_stack([np.ones_like(d_), d_] + ([s_] if use_slot else []))
     w = fit_logistic(X, y_)
+    length_coef, slot_coef = float(w[1]), float(w[2]) if use_slot else None
+    if slot_coef is not None and abs(slot_coef) > MAX_EFFECT_LOG_ODDS:
+        why = (
+            f"the verdicts follow the slot, not the answers (log-odds {slot_coef:+.1f} for being shown first), "
+            "so the few that do not decide the estimate"
+        )
+    elif abs(length_coef) * d_.std() > MAX_EFFECT_LOG_ODDS:
+        why = f"length all but decides the verdicts (log-odds {length_coef:+.1f} per unit of log length ratio)"
+    if why:
+        return LengthControlled(Estimate(None), length_coef, slot_coef, why)
     groups = np.unique(g_)
     rows_of = [np.flatnonzero(g_ == g) for g in groups]
     rng = np.random.default_rng(seed)
@@ -188,11 +201,7 @@ def length_controlled(
         idx = np.concatenate([rows_of[k] for k in pick])
         thetas.append(fit_logistic(X[idx], y_[idx])[0])
     lo, hi = np.percentile(_sigmoid(np.asarray(thetas)), [2.5, 97.5])
-    return LengthControlled(
-        Estimate(float(_sigmoid(w[0])), float(lo), float(hi)),
-        float(w[1]),
-        float(w[2]) if use_slot else None,
-    )
+    return LengthControlled(Estimate(float(_sigmoid(w[0])), float(lo), float(hi)), length_coef, slot_coef)
 
 
 # ---------------------------------------------------------------------------------------------
