@@ -287,6 +287,13 @@ def test_length_control_is_refused_where_the_data_cannot_show_it(tmp_path):
         "length alone decides"
         in stats.length_controlled(y, d, [1, -1] * 20, [k // 2 for k in range(40)]).note
     )
+    # a judge that picks slot A but for one verdict: the slot, not the answers, decides
+    rng = np.random.default_rng(0)
+    slots = [1, -1] * 100
+    y = [1.0 if s == 1 else 0.0 for s in slots]
+    y[1] = 1.0
+    lc = stats.length_controlled(y, rng.normal(0, 0.5, 200), slots, [k // 2 for k in range(200)])
+    assert lc.win_rate.value is None and "follow the slot" in lc.note and lc.slot_coef > 5
 
 
 def test_length_control_recovers_a_true_preference_under_a_length_bias():
