@@ -192,7 +192,8 @@ def _pairwise_charts(r: PairwiseResult, folder: Path, title: str) -> list[Path]:
     top.axvline(0.5, color="black", lw=0.8, ls=":")
     top.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, fontsize=8, frameon=False)
     top.set_title(title, fontsize=10)
-    rows = [("win rate", r.win_rate), ("length-controlled", r.length_controlled.win_rate)]
+    lc = r.length_controlled.win_rate
+    rows = [("win rate", r.win_rate), ("length-controlled" + (" (n/a)" if lc.value is None else ""), lc)]
     for k, (_label, e) in enumerate(rows):
         if e.value is not None:
             bottom.errorbar(
