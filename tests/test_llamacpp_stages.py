@@ -190,6 +190,28 @@ def test_generate_on_llamacpp_with_the_embedded_model(tmp_path):
     assert summary["accepted"] == (len(_rows(out)) if out.exists() else 0)
 
 
+def test_eval_judges_on_llamacpp_as_on_transformers(tmp_path, tiny_model_dir, tiny_gguf):
+    """The judge is an engine like any other: the tiny model judging on llama.cpp writes the same
+    replies as on transformers (greedy, f32), and the cache keeps the two judges apart."""
+    rows = [{"id": f"q{k}", "instruction": f"Name colour number {k}."} for k in range(3)]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, text in (("a", "Red."), ("b", "Blue, I think.")):
+        preds = [{"id": r["id"], "instruction": r["instruction"], "output": text} for r in rows]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    replies = {}
+    for engine, model in (("transformers", str(tiny_model_dir)), ("llamacpp", str(tiny_gguf))):
+        out = tmp_path / engine
+        r = run_cli(
+            "eval", "pairwise", "--set", str(tmp_path / "set.jsonl"), "--a", str(tmp_path / "a.jsonl"),
+            "--b", str(tmp_path / "b.jsonl"), "--output", str(out), "--judge-engine", engine,
+            "--judge-model", model, "--judge-max-new-tokens", "6", "--bootstrap-samples", "200",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "report.json").read_text())["judgements"] == 6
+        replies[engine] = [row["reply"] for row in _rows(out / "judgements.jsonl")]
+    assert replies["llamacpp"] == replies["transformers"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Careless input
 
