@@ -121,9 +121,9 @@ def until_interrupted(wait: Callable[[], None]) -> None:
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
-    if main:
-        signal.signal(signal.SIGTERM, stop_on_term)
     try:
+        if main:
+            signal.signal(signal.SIGTERM, stop_on_term)
         wait()
     except KeyboardInterrupt:
         log.info("stopping ...")

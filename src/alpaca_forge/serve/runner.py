@@ -185,21 +185,20 @@ def start(config: ServeConfig, *, engine: Engine | Callable[[], Engine] | None =
 def run(config: ServeConfig, *, engine: Engine | None = None, progress: bool = True) -> ServeResult:
     """Serve until Ctrl-C (or SIGTERM); the result counts what was served."""
     server = start(config, engine=engine)
-    log.info("listening on %s (chat page: %s/, API: %s)", server.url, server.url, server.api_url)
-    if config.host not in LOOPBACK_HOSTS:
-        log.info(
-            "reachable from other machines; %s",
-            "API keys required" if server.state.keys.required else "NO API key",
-        )
+    try:  # whenever Ctrl-C comes, from here on the server is stopped (a live one keeps the process up)
+        log.info("listening on %s (chat page: %s/, API: %s)", server.url, server.url, server.api_url)
+        if config.host not in LOOPBACK_HOSTS:
+            log.info(
+                "reachable from other machines; %s",
+                "API keys required" if server.state.keys.required else "NO API key",
+            )
 
-    def serve_when_ready() -> None:
-        try:
+        def serve_when_ready() -> None:
             server.wait_ready()
-        except UserError:
-            server.stop()
-            raise
-        log.info("ready: %s", server.state.backend.model_id if server.state.backend else "?")
-        server.wait()
+            log.info("ready: %s", server.state.backend.model_id if server.state.backend else "?")
+            server.wait()
 
-    until_interrupted(serve_when_ready)
-    return server.stop()
+        until_interrupted(serve_when_ready)
+    finally:
+        result = server.stop()
+    return result

@@ -143,15 +143,14 @@ def run_rate(config: RateConfig) -> RateRun:
     if config.report_only:
         return RateRun(None, 0, write_rate_report(config), time.perf_counter() - started)
     server = start(config)
-    log.info(
-        "rating page: %s/  (%d items; give the raters this address; Ctrl-C stops and writes the report)",
-        server.url,
-        len(server.session.items),
-    )
-    if config.host not in LOOPBACK_NAMES:
-        log.info("reachable from other machines: anyone who can reach it can rate, under any name")
-
-    try:
+    try:  # whenever Ctrl-C comes, from here on the server is stopped (a live one keeps the process up)
+        log.info(
+            "rating page: %s/  (%d items; give the raters this address; Ctrl-C stops and writes the report)",
+            server.url,
+            len(server.session.items),
+        )
+        if config.host not in LOOPBACK_NAMES:
+            log.info("reachable from other machines: anyone who can reach it can rate, under any name")
         until_interrupted(server.wait)
     finally:
         server.stop()
