@@ -268,3 +268,11 @@ def assert_user_error(result: CliResult | subprocess.CompletedProcess, *needles:
     assert "fix:" in result.stderr, result.stderr
     for needle in needles:
         assert needle in result.stderr, (needle, result.stderr)
+
+
+def sigint_default() -> None:
+    """`preexec_fn` for a child that is sent SIGINT: Ctrl-C as a user's terminal has it. A suite
+    started in the background passes SIGINT on ignored, and Python then keeps ignoring it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,7 +15,7 @@ import pytest
 from alpaca_forge import get_format, save_model
 from alpaca_forge.cli import build_parser
 
-from conftest import CLI, assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
+from conftest import CLI, assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli, sigint_default
 
 
 def _instructions(path, n):
@@ -207,12 +207,6 @@ def endless_model_dir(tmp_path_factory):
     return save_model(model, tok, tmp_path_factory.mktemp("endless"), get_format("user-assistant"))
 
 
-def _sigint_default() -> None:
-    """In the child, Ctrl-C as a user's terminal has it: a suite started in the background may
-    pass SIGINT on ignored, and Python then keeps ignoring it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_stops_the_answer_not_the_chat(endless_model_dir):
     proc = subprocess.Popen(
         [
@@ -225,7 +219,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(endless_model_dir):
             "--repetition-penalty",
             "1",
         ],
-        preexec_fn=_sigint_default,
+        preexec_fn=sigint_default,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -297,7 +291,7 @@ def test_interactive_chat_in_a_terminal(endless_model_dir):
 
     pid, fd = pty.fork()
     if pid == 0:  # the child: the CLI, attached to the terminal
-        _sigint_default()
+        sigint_default()
         os.execv(
             str(CLI),
             [str(CLI), "chat", "--model", str(endless_model_dir), "--max-new-tokens", "4000", "--no-stats"],

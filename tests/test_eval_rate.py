@@ -28,7 +28,7 @@ import pytest
 
 from browser import open_chromium, wait_for
 
-from conftest import CLI, assert_user_error, run_cli
+from conftest import CLI, assert_user_error, run_cli, sigint_default
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".test-artifacts"
@@ -600,6 +600,7 @@ def test_the_command_serves_until_ctrl_c_then_writes_the_report(files, tmp_path)
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=sigint_default,
     )
     try:
         for line in proc.stderr:  # the address comes first, once the page listens
