@@ -185,8 +185,9 @@ def cache_path(cfg: JudgingConfig, output: Path) -> Path:
     return check_output(cfg.cache, flag="--cache") if cfg.cache else output / "judgements.jsonl"
 
 
-def _judge(tasks: list[Task], cfg: JudgingConfig, output: Path, progress: bool) -> tuple[list, int, str]:
-    cache = JudgementCache(cache_path(cfg, output))
+def _judge(
+    tasks: list[Task], cfg: JudgingConfig, cache: JudgementCache, progress: bool
+) -> tuple[list, int, str]:
     judgements, asked = judge_all(
         tasks,
         lambda: open_engine(cfg.judge, seed=cfg.seed),
@@ -231,7 +232,8 @@ def run_pairwise(config: PairwiseConfig, *, progress: bool = True) -> PairwiseRu
     start = time.perf_counter()
     sys_a, sys_b = load_systems(specs, items, cfg, output, progress)
     tasks = judgement_tasks(items, sys_a, sys_b, cfg)
-    judgements, asked, judge = _judge(tasks, cfg, output, progress)
+    cache = JudgementCache(cache_path(cfg, output))
+    judgements, asked, judge = _judge(tasks, cfg, cache, progress)
     result = compare(
         items, sys_a, sys_b, judgements, judge=judge, samples=cfg.bootstrap_samples, seed=cfg.seed
     )
@@ -242,9 +244,7 @@ def run_pairwise(config: PairwiseConfig, *, progress: bool = True) -> PairwiseRu
         title=f"{sys_a.name} vs {sys_b.name}",
         notes=_notes(cfg, cut, result.unjudged, result.identical),
     )
-    return PairwiseRun(
-        result, output, files, asked, time.perf_counter() - start, cut, cache_path(cfg, output)
-    )
+    return PairwiseRun(result, output, files, asked, time.perf_counter() - start, cut, cache.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def run_leaderboard(config: LeaderboardConfig, *, progress: bool = True) -> Lead
     systems = {s.name: s for s in load_systems(specs, items, cfg, output, progress)}
     matchups = leaderboard_pairs(names, config.baseline)
     tasks = [t for x, y in matchups for t in judgement_tasks(items, systems[x], systems[y], cfg)]
-    judgements, asked, judge = _judge(tasks, cfg, output, progress)
+    judgements, asked, judge = _judge(tasks, cfg, JudgementCache(cache_path(cfg, output)), progress)
     pairs = [
         compare(
             items,
