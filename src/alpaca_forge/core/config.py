@@ -371,10 +371,9 @@ def _defaults_tree(cls: type) -> dict[str, Any]:
     return tree
 
 
-def read_yaml_settings(
-    cls: type, path: str | os.PathLike
-) -> tuple[dict[FieldPath, Any], dict[FieldPath, str], list[Problem]]:
-    """The settings a YAML file gives, each with its file:line; unknown keys are problems."""
+def compose_yaml(path: str | os.PathLike) -> Any:
+    """The YAML file's node tree (None when empty), every line number kept; read and syntax
+    errors are the user's, named by file and line."""
     import yaml
 
     p = Path(path)
@@ -391,20 +390,46 @@ def read_yaml_settings(
             f"save the config as UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > fixed.yaml`",
         ) from e
     try:
-        root = yaml.compose(text)
+        return yaml.compose(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
         raise UserError(
             f"{where}: not valid YAML ({getattr(e, 'problem', e)})", "fix the syntax at that line"
         ) from e
+
+
+def yaml_where(path: str | os.PathLike, node: Any, yaml_path: FieldPath = ()) -> str:
+    """`file:line`, with the key's place in the file (`stages.train.epochs`) when it is nested."""
+    where = f"{path}:{node.start_mark.line + 1}"
+    return f"{where} ({'.'.join(yaml_path)})" if len(yaml_path) > 1 else where
+
+
+def read_yaml_settings(
+    cls: type, path: str | os.PathLike
+) -> tuple[dict[FieldPath, Any], dict[FieldPath, str], list[Problem]]:
+    """The settings a YAML file gives, each with its file:line; unknown keys are problems."""
+    import yaml
+
+    p = Path(path)
+    root = compose_yaml(p)
+    if root is None:
+        return {}, {}, []
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError(f"{p}: a config is a mapping of settings", "write one `name: value` per line")
+    return settings_from_node(cls, root, p)
+
+
+def settings_from_node(
+    cls: type, root: Any, p: str | os.PathLike, yaml_path: FieldPath = ()
+) -> tuple[dict[FieldPath, Any], dict[FieldPath, str], list[Problem]]:
+    """The settings one YAML mapping gives `cls` (a whole file, or a section of a recipe at
+    `yaml_path`), each with where it was written; unknown keys are problems."""
+    import yaml
+
     values: dict[FieldPath, Any] = {}
     origins: dict[FieldPath, str] = {}
     problems: list[Problem] = []
-    if root is None:
-        return values, origins, problems
-    if not isinstance(root, yaml.MappingNode):
-        raise UserError(f"{p}: a config is a mapping of settings", "write one `name: value` per line")
     index = _leaf_index(cls)
     sections = {f.name: _hints(cls)[f.name] for f in dataclasses.fields(cls) if _is_nested(f)}
 
@@ -415,8 +440,9 @@ def read_yaml_settings(
             if len(leaf.path) == len(prefix) + 1
         }
         for key_node, value_node in node.value:
-            where = f"{p}:{key_node.start_mark.line + 1}"
             name = str(key_node.value).replace("-", "_")
+            # a section of a recipe names the key's place; a file of one config, its line alone
+            where = yaml_where(p, key_node, (*yaml_path, *prefix, str(key_node.value)) if yaml_path else ())
             if not prefix and name in sections and isinstance(value_node, yaml.MappingNode):
                 take(value_node, sections[name], (name,))
                 continue
@@ -437,6 +463,26 @@ def read_yaml_settings(
 
     take(root, cls, ())
     return values, origins, problems
+
+
+def config_from(
+    cls: type,
+    values: Mapping[FieldPath, Any],
+    origins: Mapping[FieldPath, str],
+    default_where: Callable[[FieldPath], str],
+) -> tuple[Any, list[Problem]]:
+    """Defaults, then `values`: the config, or None and every problem (a recipe gathers the
+    problems of all its stages before it reports)."""
+    tree = _defaults_tree(cls)
+    for path, value in values.items():
+        _set(tree, path, value)
+    checked, problems = _validate(cls, tree, dict(origins), default_where)
+    return (None if problems else _instance(cls, checked)), problems
+
+
+def leaf_paths(cls: type) -> dict[str, FieldPath]:
+    """A setting's place in `cls` by its YAML key / flag name (`judge_model` -> judge.model)."""
+    return {name: leaf.path for name, leaf in _leaf_index(cls).items()}
 
 
 def build_config(cls: type, flags: Mapping[str, Any], file: str | os.PathLike | None = None) -> Any:

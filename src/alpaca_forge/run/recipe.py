@@ -1,0 +1,433 @@
+"""A recipe file, read and checked: every stage's section becomes that stage's own typed config.
+
+    name: demo                     # a run directory belongs to one recipe
+    run_dir: ../runs/demo          # relative to the recipe file
+    forecast: {gpu: cpu, mfu: 0.5} # the dry run's assumptions
+    launch: {processes: 1}         # more than 1: train runs under `accelerate launch`
+    stages:
+      generate: {seeds: package:demo-seeds.jsonl, num_instructions: 24, ...}   # GenerateConfig
+      data: {include_seeds: true, clean: {...}, dedupe: {...}}                   # CleanConfig, DedupeConfig
+      train: {method: lora, epochs: 3, ...}                                      # TrainConfig
+      infer: {input: package:demo-eval.jsonl, max_new_tokens: 80}                # InferConfig
+      eval: {judge_model: ..., one_order: false}                                 # PairwiseConfig
+      export: {quant: q8_0}                                                      # GgufConfig
+
+Each stage's keys are exactly its command's settings (flag names with `_`, nested sections as its
+`--config` file takes them). What joins the stages (every output path, the data each stage reads,
+the models infer compares) is set by the recipe, and setting it is a problem. Every problem in the
+file is reported at once with its line and its place (`stages.train.epochs`), before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from ..core.config import (
+    REQUIRED,
+    Config,
+    FieldPath,
+    compose_yaml,
+    config_from,
+    leaf_paths,
+    nested,
+    setting,
+    settings_from_node,
+    yaml_where,
+)
+from ..core.errors import Problem, UserError, ValidationError
+from ..data.config import CleanConfig, DedupeConfig, QualityConfig
+from ..eval.config import PairwiseConfig
+from ..export.config import GgufConfig
+from ..generate.config import GenerateConfig
+from ..infer.config import InferConfig
+from ..train.config import TrainConfig
+
+STAGES = ("generate", "data", "train", "infer", "eval", "export")
+PACKAGE_PREFIX = "package:"  # a file shipped with alpaca-forge (run/data/), e.g. package:demo-seeds.jsonl
+PLACEHOLDER = "<set by the recipe>"  # what a wired field holds until the run directory is known
+GPUS = ("cpu", "a10", "l4", "rtx3090", "rtx4090", "l40s", "a100", "h100", "h200")
+
+
+@dataclass(frozen=True)
+class ForecastConfig(Config):
+    """What the dry run assumes where nothing can be measured before the run."""
+
+    teacher_records_per_request: float = setting(
+        8.0,
+        "records one teacher request yields after filtering (measured: the embedded SmolLM2 ~1.2 at "
+        "768 tokens; a strong teacher 8-12 of the 16 a reply can hold)",
+        gt=0,
+    )
+    teacher_completion_tokens_per_request: int | None = setting(
+        None,
+        "completion tokens one teacher request returns (default: its max_new_tokens, an upper bound)",
+        ge=1,
+    )
+    judge_price_prompt_per_1m: float = setting(0.0, "USD per million judge prompt tokens", ge=0)
+    judge_price_completion_per_1m: float = setting(0.0, "USD per million judge completion tokens", ge=0)
+    gpu: Literal[GPUS] = setting(  # type: ignore[valid-type]
+        "h100", "the accelerator training runs on (its dense bf16 peak sets the GPU-hours; cpu: fp32)"
+    )
+    peak_tflops: float | None = setting(
+        None, "the accelerator's peak TFLOP/s, instead of the table's figure for --gpu", gt=0
+    )
+    mfu: float = setting(
+        0.35, "model FLOPs utilisation assumed for training (share of the peak the run reaches)", gt=0, le=1
+    )
+    gpu_usd_per_hour: float = setting(0.0, "USD per accelerator-hour, to price the training", ge=0)
+    parameters: float | None = setting(
+        None, "the model's parameter count, where it cannot be read from local weights (e.g. 6.7e9)", gt=0
+    )
+
+
+@dataclass(frozen=True)
+class LaunchConfig(Config):
+    """How the train stage is started."""
+
+    processes: int = setting(
+        1, "training processes (GPUs); above 1 the stage runs under accelerate launch", ge=1
+    )
+    accelerate_config: str | None = setting(
+        None,
+        "accelerate config file for several processes (e.g. configs/accelerate/fsdp.yaml)",
+        metavar="FILE",
+    )
+
+
+@dataclass(frozen=True)
+class DataStage(Config):
+    """The data stage: the teacher's records (and the seeds) -> quality report -> clean -> dedupe."""
+
+    input: str | None = setting(
+        None, "records to start from when the recipe has no generate stage", metavar="FILE"
+    )
+    include_seeds: bool = setting(
+        False,
+        "the seed tasks join the training data (a weak teacher yields few records); the report counts each source",
+    )
+    # Their files are the recipe's (the wiring below); only their settings are the user's.
+    quality: QualityConfig = nested(
+        QualityConfig, "quality", lambda: QualityConfig(file=PLACEHOLDER), prefix="quality"
+    )
+    clean: CleanConfig = nested(
+        CleanConfig, "clean", lambda: CleanConfig(file=PLACEHOLDER, output=PLACEHOLDER), prefix="clean"
+    )
+    dedupe: DedupeConfig = nested(
+        DedupeConfig, "dedupe", lambda: DedupeConfig(file=PLACEHOLDER, output=PLACEHOLDER), prefix="dedupe"
+    )
+
+
+@dataclass(frozen=True)
+class Top(Config):
+    name: str = setting(REQUIRED, "the recipe's name: a run directory belongs to one recipe")
+    run_dir: str = setting(REQUIRED, "the run directory, relative to the recipe file", metavar="DIR")
+    description: str = setting("", "one line on what the recipe makes, shown in the report")
+
+
+# Each stage's config class, and the fields the recipe sets (joining the stages), by path.
+STAGE_CLASSES: dict[str, type] = {
+    "generate": GenerateConfig,
+    "data": DataStage,
+    "train": TrainConfig,
+    "infer": InferConfig,
+    "eval": PairwiseConfig,
+    "export": GgufConfig,
+}
+WIRED: dict[str, dict[FieldPath, str]] = {
+    "generate": {("output",): "RUN/generate/records.jsonl"},
+    "data": {
+        ("quality", "file"): "the records being prepared",
+        ("quality", "report"): "RUN/data/quality.json",
+        ("clean", "file"): "the records being prepared",
+        ("clean", "output"): "RUN/data/clean.jsonl",
+        ("dedupe", "file"): "RUN/data/clean.jsonl",
+        ("dedupe", "output"): "RUN/data/train.jsonl",
+        ("dedupe", "dropped"): "RUN/data/train.dropped.jsonl",
+    },
+    "train": {("data",): "the data stage's output", ("output",): "RUN/train"},
+    "infer": {
+        ("output",): "RUN/infer/before.jsonl and after.jsonl",
+        ("engine", "model"): "the base, then the fine-tuned model",
+    },
+    "eval": {
+        ("set",): "the infer stage's input",
+        ("a",): "the fine-tuned model's answers",
+        ("b",): "the base model's answers",
+        ("output",): "RUN/eval",
+    },
+    "export": {
+        ("model",): "the fine-tuned model (merged first when it is LoRA)",
+        ("output",): "RUN/export/model.QUANT.gguf",
+    },
+}
+# Fields naming the user's own files: read relative to the recipe file.
+USER_PATHS: dict[str, tuple[FieldPath, ...]] = {
+    "generate": (("seeds",),),
+    "data": (("input",),),
+    "train": (("val",),),
+    "infer": (("input",),),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    top: Top
+    forecast: ForecastConfig
+    launch: LaunchConfig
+    stages: dict[str, Any]  # stage name -> its config (wired fields hold PLACEHOLDER), in STAGES order
+    where: dict[str, str]  # stage name -> "recipe.yaml:12 (stages.train)", for later problems
+
+    @property
+    def run_dir(self) -> Path:
+        return resolve_path(self.top.run_dir, self.path.parent)
+
+    @property
+    def name(self) -> str:
+        return self.top.name
+
+    def has(self, stage: str) -> bool:
+        return stage in self.stages
+
+
+def package_file(name: str) -> Path:
+    """A data file shipped with alpaca-forge (`package:demo-seeds.jsonl`)."""
+    return Path(str(resources.files("alpaca_forge.run") / "data" / name))
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    if value.startswith(PACKAGE_PREFIX):
+        return package_file(value[len(PACKAGE_PREFIX) :])
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def resolve_model(value: str, base: Path) -> str:
+    """A model given as a folder or file relative to the recipe, else a name as it is."""
+    candidate = resolve_path(value, base)
+    return str(candidate) if (value.startswith((".", "/", "~")) or candidate.exists()) else value
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """The recipe, every problem in it raised at once (ValidationError)."""
+    import yaml
+
+    p = Path(path).expanduser()
+    root = compose_yaml(p)
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError(
+            f"{p}: a recipe is a mapping (name, run_dir, stages, ...)",
+            "start from recipes/demo.yaml",
+        )
+    problems: list[Problem] = []
+    top_node = yaml.MappingNode("tag:yaml.org,2002:map", [])
+    sections: dict[str, tuple[Any, Any]] = {}
+    for key_node, value_node in root.value:
+        key = str(key_node.value)
+        if key in ("forecast", "launch", "stages"):
+            if not isinstance(value_node, yaml.MappingNode):
+                problems.append(
+                    Problem(
+                        yaml_where(p, key_node),
+                        f"'{key}' must be a mapping",
+                        f"write `{key}:` with indented keys below it",
+                    )
+                )
+                continue
+            sections[key] = (key_node, value_node)
+        else:
+            top_node.value.append((key_node, value_node))
+
+    def build(
+        cls: type,
+        node: Any,
+        yaml_path: FieldPath,
+        fixed: dict[FieldPath, Any] | None = None,
+        user_paths: tuple[FieldPath, ...] = (),
+        name: str = "",
+    ) -> Any:
+        values, origins, found = (
+            settings_from_node(cls, node, p, yaml_path) if node is not None else ({}, {}, [])
+        )
+        problems.extend(found)
+        for path_, what in (fixed or {}).items():
+            if path_ in values:
+                problems.append(
+                    Problem(
+                        origins[path_],
+                        f"'{'.'.join(path_)}' is set by the recipe ({what})",
+                        f"remove it from stages.{name}: the recipe joins the stages itself",
+                    )
+                )
+            values[path_] = PLACEHOLDER
+            origins[path_] = f"{p} (stages.{name}.{'.'.join(path_)})"
+        for path_ in user_paths:
+            if isinstance(values.get(path_), str):
+                values[path_] = str(resolve_path(values[path_], p.parent))
+        flags = {v: k for k, v in leaf_paths(cls).items()}
+        where = _where_missing(p, yaml_path, flags)
+        config, more = config_from(cls, values, origins, where)
+        problems.extend(more)
+        return config
+
+    top = build(Top, top_node, ("",))
+    forecast = build(ForecastConfig, sections.get("forecast", (None, None))[1], ("forecast",))
+    launch = build(LaunchConfig, sections.get("launch", (None, None))[1], ("launch",))
+    stages: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    stage_nodes: dict[str, Any] = {}
+    if "stages" not in sections:
+        problems.append(
+            Problem(
+                str(p),
+                "the recipe has no 'stages'",
+                "add `stages:` with at least generate or data, and train",
+            )
+        )
+    else:
+        for key_node, value_node in sections["stages"][1].value:
+            name = str(key_node.value)
+            at = yaml_where(p, key_node, ("stages", name))
+            if name not in STAGE_CLASSES:
+                problems.append(Problem(at, f"unknown stage '{name}'", f"stages are: {', '.join(STAGES)}"))
+                continue
+            if value_node.tag == "tag:yaml.org,2002:null":
+                value_node = yaml.MappingNode("tag:yaml.org,2002:map", [])
+            if not isinstance(value_node, yaml.MappingNode):
+                problems.append(
+                    Problem(
+                        at,
+                        f"stage '{name}' must be a mapping of its settings",
+                        f"write `{name}:` with its settings indented below",
+                    )
+                )
+                continue
+            stage_nodes[name] = value_node
+            where[name] = at
+        for name in STAGES:
+            if name in stage_nodes:
+                config = build(
+                    STAGE_CLASSES[name],
+                    stage_nodes[name],
+                    ("stages", name),
+                    WIRED[name],
+                    USER_PATHS.get(name, ()),
+                    name,
+                )
+                stages[name] = config
+    for stage, config in stages.items():
+        if config is not None:
+            problems.extend(_missing_files(stage, config, p, where[stage]))
+    problems.extend(_joins(stages, where, p))
+    if launch is not None and launch.accelerate_config:
+        cfg = resolve_path(launch.accelerate_config, p.parent)
+        if not cfg.is_file():
+            problems.append(
+                Problem(
+                    f"{p} (launch.accelerate_config)",
+                    f"{cfg} does not exist",
+                    "give an accelerate config file, e.g. configs/accelerate/fsdp.yaml",
+                )
+            )
+        else:
+            launch = dataclasses.replace(launch, accelerate_config=str(cfg))
+    if problems:
+        raise ValidationError(problems, what=f"recipe {p}")
+    if "train" in stages:
+        stages["train"] = dataclasses.replace(
+            stages["train"], model=resolve_model(stages["train"].model, p.parent)
+        )
+    return Recipe(p, top, forecast, launch, stages, where)
+
+
+def _where_missing(p: Path, yaml_path: FieldPath, flags: dict[FieldPath, str]) -> Callable[[FieldPath], str]:
+    """A required setting that is not written is named by where it belongs."""
+    prefix = ".".join(x for x in yaml_path if x)
+
+    def where(path: FieldPath) -> str:
+        key = flags.get(path, ".".join(path))
+        return f"{p} ({prefix + '.' if prefix else ''}{key})"
+
+    return where
+
+
+def _missing_files(stage: str, config: Any, p: Path, where: str) -> list[Problem]:
+    problems = []
+    for path_ in USER_PATHS.get(stage, ()):
+        value = config
+        for part in path_:
+            value = getattr(value, part)
+        if value and not Path(value).exists():
+            problems.append(
+                Problem(
+                    f"{where.split(' (')[0]} (stages.{stage}.{'.'.join(path_)})",
+                    f"{value} does not exist",
+                    "give a file that exists (paths are relative to the recipe file; package:NAME is a shipped file)",
+                )
+            )
+    return problems
+
+
+def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Problem]:
+    """Each stage present has what it reads: a stage before it, or a file of the user's."""
+    problems = []
+    needs = {"train": "data", "infer": "train", "eval": "infer", "export": "train"}
+    for stage, before in needs.items():
+        if stage in stages and before not in stages:
+            problems.append(
+                Problem(
+                    where[stage],
+                    f"stage '{stage}' reads the output of a '{before}' stage, and the recipe has none",
+                    f"add a '{before}' stage to stages, or remove '{stage}'",
+                )
+            )
+    data = stages.get("data")
+    if "data" in stages and "generate" not in stages and data is not None and not data.input:
+        problems.append(
+            Problem(
+                f"{p} (stages.data.input)",
+                "the data stage has nothing to read: the recipe has no generate stage and no data.input",
+                "add a generate stage, or give data.input: FILE (Alpaca records)",
+            )
+        )
+    if data is not None and data.include_seeds and "generate" not in stages:
+        problems.append(
+            Problem(
+                where["data"],
+                "'include_seeds' takes the generate stage's seeds, and the recipe has no generate stage",
+                "add a generate stage, or remove include_seeds",
+            )
+        )
+    if "generate" in stages and data is not None and data.input:
+        problems.append(
+            Problem(
+                f"{p} (stages.data.input)",
+                "is given, but the generate stage's records are what the data stage reads",
+                "remove data.input, or remove the generate stage",
+            )
+        )
+    if "train" in stages and "data" not in stages and "generate" in stages:
+        pass  # reported above (train needs data)
+    return problems
+
+
+def placeholder_free(config: Any, values: dict[FieldPath, Any]) -> Any:
+    """The config with its wired fields filled in (`values` by path), checked again."""
+    changes: dict[str, Any] = {}
+    nested_changes: dict[str, dict[str, Any]] = {}
+    for path_, value in values.items():
+        if len(path_) == 1:
+            changes[path_[0]] = value
+        else:
+            nested_changes.setdefault(path_[0], {})[path_[1]] = value
+    for outer, inner in nested_changes.items():
+        changes[outer] = dataclasses.replace(getattr(config, outer), **inner)
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["REQUIRED", "STAGES", "Recipe", "load_recipe", "package_file", "placeholder_free"]

@@ -1,0 +1,406 @@
+"""One self-contained HTML report of a run, `RUN/report.html`: no external assets (charts are
+inlined PNGs, the style is inline, no script), so it opens offline and can be mailed as one file.
+
+Sections, in the order the data flowed: the run (stages, times), data, preflight, training,
+evaluation, samples before and after fine-tuning side by side, export, cost (forecast vs actual)
+and provenance.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..core.files import write_text_atomic
+from .forecast import PEAK_TFLOPS, Forecast, mfu
+from .recipe import Recipe
+from .state import RunState
+
+REPORT_FILE = "report.html"
+SECTIONS = ("run", "data", "preflight", "training", "evaluation", "samples", "export", "cost", "provenance")
+SAMPLES_SHOWN = 12
+
+STYLE = """
+body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:0 0 12px;border-bottom:1px solid #dde1e7;padding-bottom:6px}
+section{background:#fff;border:1px solid #e3e6eb;border-radius:8px;padding:18px 22px;margin:18px 0}
+table{border-collapse:collapse;margin:8px 0;font-size:14px}td,th{border-bottom:1px solid #eceff3;padding:4px 12px 4px 0;text-align:left;vertical-align:top}
+th{color:#58607a;font-weight:600}.num{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #eceff3;border-radius:4px}
+.muted{color:#6b7386}.ok{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}
+pre{white-space:pre-wrap;background:#f3f4f7;border-radius:6px;padding:10px;font-size:13px}
+.masked{color:#8a91a5;background:#eceef3}.trained{color:#0b5a2a;background:#e6f4ea}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:12px}.pair div{background:#f7f8fa;border-radius:6px;padding:8px 10px;white-space:pre-wrap;font-size:14px}
+.tag{display:inline-block;font-size:12px;border-radius:10px;padding:0 8px;background:#eef0f4;margin-left:6px}
+nav a{margin-right:12px;color:#2a55c9;text-decoration:none}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _png(path: Path | None) -> str:
+    if path is None or not Path(path).is_file():
+        return '<p class="muted">(no chart: matplotlib not installed, or the stage did not draw one)</p>'
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{_e(Path(path).name)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: Iterable[Sequence[Any]], head: Sequence[str] | None = None) -> str:
+    out = ["<table>"]
+    if head:
+        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>")
+    for row in rows:
+        cells = []
+        for cell in row:
+            is_num = isinstance(cell, (int, float)) and not isinstance(cell, bool)
+            cells.append(
+                f'<td class="num">{_fmt(cell)}</td>'
+                if is_num
+                else f"<td>{cell if _is_html(cell) else _e(_fmt(cell))}</td>"
+            )
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+class Html(str):
+    """Text already escaped."""
+
+
+def _is_html(value: Any) -> bool:
+    return isinstance(value, Html)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _section(key: str, title: str, body: str) -> str:
+    return f'<section id="{key}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _figures(state: RunState, stage: str) -> dict[str, Any]:
+    rec = state.stages.get(stage)
+    return rec.figures if rec else {}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(recipe: Recipe, state: RunState) -> str:
+    rows = []
+    for name in recipe.stages:
+        rec = state.stages.get(name)
+        rows.append((name, rec.status if rec else "not run", rec.wall_s if rec else None))
+    total = sum(r[2] or 0 for r in rows)
+    rows.append((Html("<b>all stages</b>"), "", round(total, 1)))
+    return (
+        f"<p>{_e(recipe.top.description)}</p>"
+        f'<p class="muted">recipe {_e(recipe.path)} · run directory {_e(recipe.run_dir)}</p>'
+        + _table(rows, ("stage", "status", "wall time, s"))
+    )
+
+
+def _data(state: RunState) -> str:
+    d = _figures(state, "data")
+    if not d:
+        return '<p class="muted">no data stage in this recipe</p>'
+    g = _figures(state, "generate")
+    quality = d.get("quality", {})
+    rows = [
+        ("records from the teacher", d.get("from_teacher_in")),
+        ("records from the seed tasks", d.get("from_seeds_in")),
+        ("removed by cleaning (" + ", ".join(d.get("clean_checks", [])) + ")", d.get("cleaned_out")),
+        ("removed as near duplicates (ROUGE-L)", d.get("deduped_out")),
+        (Html("<b>training records</b>"), d.get("records")),
+        ("… of which from the teacher", d.get("from_teacher")),
+        ("… of which seed tasks", d.get("from_seeds")),
+    ]
+    parts = [_table(rows)]
+    if g:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(g.get("dropped", {}).items())) or "none"
+        parts.append(
+            f"<p>The teacher ({_e(g.get('teacher'))}) accepted {_e(g.get('accepted'))} of the {_e(g.get('target'))} "
+            f"records asked for, from {_e(g.get('requests'))} requests ({_e(g.get('accepted_per_request'))} per request); "
+            f"stopped: {_e(g.get('stop_reason'))}. Candidates dropped: {_e(dropped)}.</p>"
+        )
+    checks = quality.get("checks") if isinstance(quality.get("checks"), dict) else None
+    if checks:
+        parts.append("<h3>Quality checks on the records before cleaning</h3>")
+        parts.append(
+            _table(
+                ((k, v.get("count") if isinstance(v, dict) else v) for k, v in checks.items()),
+                ("check", "records flagged"),
+            )
+        )
+    stats = d.get("stats") or {}
+    if stats:
+        flat = [(k, v) for k, v in stats.items() if isinstance(v, (int, float, str))]
+        if flat:
+            parts.append(_table(flat, ("statistic", "value")))
+    parts.append(_png(Path(d["lengths_plot"]) if d.get("lengths_plot") else None))
+    return "".join(parts)
+
+
+_MASK = re.compile(r"⟦(.*?)⟧", re.DOTALL)
+
+
+def _example(text: str) -> str:
+    """⟦masked⟧ prompt spans and the trained answer, told apart by colour."""
+    head, _, body = text.partition("\n")
+    out, last = [], 0
+    for m in _MASK.finditer(body):
+        if m.start() > last:
+            out.append(f'<span class="trained">{_e(body[last : m.start()])}</span>')
+        out.append(f'<span class="masked">{_e(m.group(1))}</span>')
+        last = m.end()
+    if last < len(body):
+        out.append(f'<span class="trained">{_e(body[last:])}</span>')
+    return f'<p class="muted">{_e(head)}</p><pre>{"".join(out)}</pre>'
+
+
+def _preflight(state: RunState) -> str:
+    pre = _figures(state, "train").get("preflight")
+    if not pre:
+        return '<p class="muted">no train stage in this recipe</p>'
+    verdict = '<span class="ok">passed</span>' if pre["ok"] else '<span class="bad">failed</span>'
+    head = (
+        f"<p>EOS check {verdict}: the EOS token {_e(pre['eos_token'])} carries loss in {pre['eos_trained']} of "
+        f"{pre['examples']} examples after batching ({pre['format']} format, {pre['tokens']:,} tokens, "
+        f"{pre['trained_tokens']:,} trained). Grey: the prompt, masked (no loss); green: the answer the model learns, "
+        "ending in EOS.</p>"
+    )
+    return head + "".join(_example(t) for t in pre["shown"])
+
+
+def _training(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
+    t = _figures(state, "train")
+    if not t:
+        return '<p class="muted">no train stage in this recipe</p>'
+    s = t["summary"]
+    config = recipe.stages["train"]
+    tps = s.get("steady_tokens_per_s") or s.get("tokens_per_s")
+    rows = [
+        ("method", config.method),
+        ("base model", config.model),
+        ("optimiser steps", s.get("steps")),
+        ("first / last training loss", f"{_fmt(s.get('first_loss'))} / {_fmt(s.get('last_loss'))}"),
+        ("validation loss", s.get("last_eval_loss")),
+        (
+            "tokens seen / trained on",
+            f"{_fmt(s.get('tokens_seen_this_run'))} / {_fmt(s.get('trained_tokens_this_run'))}",
+        ),
+        ("padding share", s.get("padding_share")),
+        ("steady throughput, tokens/s", tps),
+        ("wall time, s", s.get("wall_time_s")),
+        ("processes", t.get("processes")),
+    ]
+    params = forecast.train.parameters if forecast.train else None
+    gpu = recipe.forecast.gpu
+    if tps and params:
+        peak = recipe.forecast.peak_tflops or PEAK_TFLOPS[gpu]
+        value = mfu(tps, params, config.method, peak, t.get("processes", 1))
+        if gpu == "cpu":
+            rows.append(("achieved FLOP/s (CPU; MFU is a GPU measure)", f"{value * peak * 1e12:.3g}"))
+        else:
+            rows.append((f"MFU ({gpu}, {peak:g} TFLOP/s peak)", f"{value:.1%}"))
+    plot = Path(config.output if config.output.startswith("/") else recipe.run_dir / "train") / "loss.png"
+    return _table(rows) + _png(plot)
+
+
+def _evaluation(state: RunState) -> str:
+    e = _figures(state, "eval")
+    if not e:
+        return '<p class="muted">no eval stage in this recipe</p>'
+    r = e["report"]
+    wr = r.get("win_rate") or {}
+    pc = r.get("position_consistency")
+    rows = [
+        ("system A", r.get("a")),
+        ("system B", r.get("b")),
+        ("judge", r.get("judge")),
+        ("items judged / in the set", f"{r.get('judged')} / {r.get('items')}"),
+        ("A wins / ties / B wins", f"{r.get('wins')} / {r.get('ties')} / {r.get('losses')}"),
+        (
+            "A's win rate (ties ½), 95% bootstrap",
+            f"{_pct(wr.get('value'))} [{_pct(wr.get('low'))}, {_pct(wr.get('high'))}]",
+        ),
+        ("sign test p", r.get("sign_test_p")),
+        ("position consistency (both orders agree)", _pct(pc) if pc is not None else "—"),
+        ("unreadable verdicts", f"{r.get('unreadable_verdicts')} of {r.get('judgements')}"),
+        ("identical answers (ties, not asked)", r.get("identical_answers")),
+    ]
+    chart = next((Path(f) for f in e.get("files", []) if f.endswith("winrate.png")), None)
+    notes = "".join(f"<li>{_e(n)}</li>" for n in r.get("notes", []))
+    return _table(rows) + (f"<ul>{notes}</ul>" if notes else "") + _png(chart)
+
+
+def _pct(x: Any) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _samples(recipe: Recipe, state: RunState) -> str:
+    before = _read_jsonl(recipe.run_dir / "infer" / "before.jsonl")
+    after = {
+        (r["instruction"], r.get("input", "")): r
+        for r in _read_jsonl(recipe.run_dir / "infer" / "after.jsonl")
+    }
+    if not before:
+        return '<p class="muted">no infer stage in this recipe</p>'
+    outcomes = {}
+    report = recipe.run_dir / "eval" / "report.json"
+    if report.is_file():
+        per_item = json.loads(report.read_text()).get("per_item", [])
+        outcomes = {o["id"]: o["outcome"] for o in per_item}
+    parts = [
+        "<p>The same instructions, answered by the base model (left) and the fine-tuned one (right), "
+        "greedy, in the prompt format of the training.</p>"
+    ]
+    for i, b in enumerate(before[:SAMPLES_SHOWN]):
+        a = after.get((b["instruction"], b.get("input", "")), {})
+        inp = f"<br><span class='muted'>{_e(b['input'])}</span>" if b.get("input") else ""
+        outcome = outcomes.get(str(b.get("id"))) or outcomes.get(b.get("id"))
+        tag = f'<span class="tag">judge: {_e(outcome)}</span>' if outcome else ""
+        parts.append(
+            f"<h3>{i + 1}. {_e(b['instruction'])}{tag}</h3>{inp}"
+            f'<div class="pair"><div><b>before</b>\n{_e(b.get("output", ""))}</div>'
+            f"<div><b>after</b>\n{_e(a.get('output', '(no answer)'))}</div></div>"
+        )
+    return "".join(parts)
+
+
+def _export(state: RunState) -> str:
+    x = _figures(state, "export")
+    if not x:
+        return '<p class="muted">no export stage in this recipe</p>'
+    g = x["gguf"]
+    p = g.get("parity") or {}
+    speed = x.get("speed") or {}
+    after = _figures(state, "infer").get("after", {})
+    rows = [
+        ("file", g["output"]),
+        ("quantisation", g["quant"]),
+        ("size, MB (safetensors → GGUF)", f"{x.get('source_bytes', 0) / 1e6:,.1f} → {g['bytes'] / 1e6:,.1f}"),
+        ("export time, s", g.get("export_s")),
+        (
+            "parity: next token agrees after the prompt / at every position",
+            f"{_pct(p.get('top1_last'))} / {_pct(p.get('top1_all'))}" if p else "not checked",
+        ),
+        ("parity: largest logit difference", p.get("max_logit_diff") if p else None),
+        ("parity: tokenisation agrees", _pct(p.get("tokenization_agree")) if p else None),
+        ("llama.cpp greedy decode, tokens/s", speed.get("tokens_per_s")),
+        ("transformers (the infer stage, batched), tokens/s", after.get("tokens_per_s")),
+    ]
+    return _table(rows)
+
+
+def _cost(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
+    g = _figures(state, "generate")
+    t = _figures(state, "train").get("summary", {})
+    e = _figures(state, "eval")
+    rows = []
+    if forecast.teacher:
+        f = forecast.teacher
+        rows += [
+            ("teacher requests", f.requests, g.get("requests")),
+            ("teacher prompt tokens", f.prompt_tokens, g.get("prompt_tokens")),
+            ("teacher completion tokens", f.completion_tokens, g.get("completion_tokens")),
+            ("teacher USD", round(f.cost_usd, 4), g.get("cost_usd")),
+        ]
+    if forecast.train:
+        f2 = forecast.train
+        actual_hours = (
+            (state.stages["train"].wall_s * _figures(state, "train").get("processes", 1) / 3600)
+            if "train" in state.stages
+            else None
+        )
+        kind = "CPU" if f2.gpu == "cpu" else "GPU"
+        rows += [
+            ("training tokens", f2.tokens, t.get("tokens_seen_this_run")),
+            (
+                f"training {kind}-hours",
+                round(f2.accelerator_hours, 4),
+                round(actual_hours, 4) if actual_hours else None,
+            ),
+            (
+                "training USD",
+                round(f2.cost_usd, 4),
+                round((actual_hours or 0) * recipe.forecast.gpu_usd_per_hour, 4),
+            ),
+        ]
+    if forecast.judge:
+        rows.append(("judgements", forecast.judge.judgements, (e.get("report") or {}).get("judgements")))
+        rows.append(("judge USD", round(forecast.judge.cost_usd, 4), None))
+    head = ("", "forecast", "actual")
+    lines = "".join(f"<li>{_e(line)}</li>" for line in forecast.lines())
+    return (
+        _table(rows, head) + f'<p class="muted">How the forecast was made:</p><ul class="muted">{lines}</ul>'
+    )
+
+
+def _provenance(manifest: dict[str, Any]) -> str:
+    versions = _table(((k, v) for k, v in manifest["versions"].items()), ("package", "version"))
+    licences = _table(
+        ((k, ", ".join(f"{a}: {b}" for a, b in v.items())) for k, v in manifest["licences"].items()),
+        ("what", "licence or terms"),
+    )
+    hashes = _table(((k, v) for k, v in manifest["hashes"].items()), ("file", "sha256"))
+    return (
+        "<h3>Licences and terms</h3>"
+        + licences
+        + "<h3>Versions</h3>"
+        + versions
+        + f"<details><summary>Content hashes ({len(manifest['hashes'])})</summary>{hashes}</details>"
+        + '<p class="muted">Everything here, with every stage\'s resolved settings, is in manifest.json.</p>'
+    )
+
+
+def render(recipe: Recipe, state: RunState, forecast: Forecast, manifest: dict[str, Any]) -> str:
+    bodies = {
+        "run": ("The run", _run(recipe, state)),
+        "data": ("Data", _data(state)),
+        "preflight": ("Preflight", _preflight(state)),
+        "training": ("Training", _training(recipe, state, forecast)),
+        "evaluation": ("Evaluation", _evaluation(state)),
+        "samples": ("Before and after fine-tuning", _samples(recipe, state)),
+        "export": ("Export", _export(state)),
+        "cost": ("Cost: forecast and actual", _cost(recipe, state, forecast)),
+        "provenance": ("Provenance", _provenance(manifest)),
+    }
+    nav = "".join(f'<a href="#{k}">{_e(bodies[k][0])}</a>' for k in SECTIONS)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = "".join(_section(k, *bodies[k]) for k in SECTIONS)
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>alpaca-forge: {_e(recipe.name)}</title><style>{STYLE}</style></head><body><main>"
+        f'<h1>alpaca-forge run: {_e(recipe.name)}</h1><p class="muted">{when}</p><nav>{nav}</nav>'
+        f"{sections}</main></body></html>"
+    )
+
+
+def write_report(recipe: Recipe, state: RunState, forecast: Forecast, manifest_path: Path) -> Path:
+    manifest = json.loads(Path(manifest_path).read_text())
+    path = recipe.run_dir / REPORT_FILE
+    write_text_atomic(path, render(recipe, state, forecast, manifest))
+    return path

@@ -1,0 +1,383 @@
+"""The six stages of a recipe, each as the work it plans and the stage command it runs.
+
+    generate -> data (quality, clean, dedupe) -> train (preflight first) -> infer (base, then
+    fine-tuned) -> eval (fine-tuned vs base, blind, both orders) -> export (merge, GGUF, parity,
+    llama.cpp speed)
+
+`plan(recipe)` fills in the paths that join the stages and lists what each stage reads (hashed
+into its fingerprint) and writes. `execute(work, ...)` runs a stage through its own `run(config)`
+and returns the figures the report and the manifest show. Each stage resumes as its command does
+(generate, infer and eval from their appended files and caches, train from its last complete
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import UserError
+from ..core.files import write_json_atomic, write_text_atomic
+from .recipe import Recipe, placeholder_free
+
+log = logging.getLogger("alpaca_forge")
+
+
+@dataclass
+class StageWork:
+    name: str
+    folder: Path  # removed when the stage starts over
+    configs: dict[str, Any]  # the stage commands' configs, every path filled in
+    inputs: dict[str, Path]  # what the stage reads, by role: hashed into its fingerprint
+    outputs: list[Path]  # what it leaves for later stages: hashed when it is done
+    extra: dict[str, Any] = field(default_factory=dict)  # settings of the recipe's own (include_seeds)
+
+    def settings(self) -> dict[str, Any]:
+        return {"configs": {k: v.to_dict() for k, v in self.configs.items()}, **self.extra}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage writes, under the run directory."""
+
+    run: Path
+
+    @property
+    def records(self) -> Path:
+        return self.run / "generate" / "records.jsonl"
+
+    @property
+    def train_data(self) -> Path:
+        return self.run / "data" / "train.jsonl"
+
+    @property
+    def model(self) -> Path:
+        return self.run / "train"
+
+    @property
+    def before(self) -> Path:
+        return self.run / "infer" / "before.jsonl"
+
+    @property
+    def after(self) -> Path:
+        return self.run / "infer" / "after.jsonl"
+
+
+def plan(recipe: Recipe) -> list[StageWork]:
+    run = recipe.run_dir
+    p = Paths(run)
+    works: list[StageWork] = []
+    s = recipe.stages
+    if "generate" in s:
+        g = placeholder_free(s["generate"], {("output",): str(p.records)})
+        works.append(
+            StageWork("generate", run / "generate", {"generate": g}, {"seeds": Path(g.seeds)}, [p.records])
+        )
+    if "data" in s:
+        d = s["data"]
+        data_dir = run / "data"
+        source = p.records if "generate" in s else Path(d.input)
+        combined = data_dir / "input.jsonl"
+        clean_out = data_dir / "clean.jsonl"
+        configs = {
+            "quality": placeholder_free(
+                d.quality, {("file",): str(combined), ("report",): str(data_dir / "quality.json")}
+            ),
+            "clean": placeholder_free(d.clean, {("file",): str(combined), ("output",): str(clean_out)}),
+            "dedupe": placeholder_free(
+                d.dedupe,
+                {
+                    ("file",): str(clean_out),
+                    ("output",): str(p.train_data),
+                    ("dropped",): str(data_dir / "train.dropped.jsonl"),
+                },
+            ),
+        }
+        inputs = {"records": source}
+        if d.include_seeds:
+            inputs["seeds"] = Path(s["generate"].seeds)
+        works.append(
+            StageWork("data", data_dir, configs, inputs, [p.train_data], {"include_seeds": d.include_seeds})
+        )
+    if "train" in s:
+        t = placeholder_free(s["train"], {("data",): str(p.train_data), ("output",): str(p.model)})
+        launch = recipe.launch
+        works.append(
+            StageWork(
+                "train",
+                p.model,
+                {"train": t},
+                {"data": p.train_data},
+                [p.model],
+                {"processes": launch.processes, "accelerate_config": launch.accelerate_config},
+            )
+        )
+    if "infer" in s:
+        i = s["infer"]
+        base = s["train"].model
+        before = placeholder_free(i, {("output",): str(p.before), ("engine", "model"): base})
+        after = placeholder_free(i, {("output",): str(p.after), ("engine", "model"): str(p.model)})
+        works.append(
+            StageWork(
+                "infer",
+                run / "infer",
+                {"before": before, "after": after},
+                {"set": Path(i.input), "model": p.model},
+                [p.before, p.after],
+                {"train_format": s["train"].format, "train_system": s["train"].system},
+            )
+        )
+    if "eval" in s:
+        e = placeholder_free(
+            s["eval"],
+            {
+                ("set",): s["infer"].input,
+                ("a",): f"fine-tuned={p.after}",
+                ("b",): f"base={p.before}",
+                ("output",): str(run / "eval"),
+            },
+        )
+        answered = s["infer"].limit  # infer answered only the set's first N: judge those
+        if answered and (e.judging.limit is None or e.judging.limit > answered):
+            e = dataclasses.replace(e, judging=dataclasses.replace(e.judging, limit=answered))
+        works.append(
+            StageWork(
+                "eval",
+                run / "eval",
+                {"eval": e},
+                {"before": p.before, "after": p.after},
+                [run / "eval" / "report.json"],
+            )
+        )
+    if "export" in s:
+        x = s["export"]
+        out = run / "export" / f"model.{x.quant}.gguf"
+        lora = s["train"].method in ("lora", "qlora")
+        merged = run / "export" / "merged"
+        configs: dict[str, Any] = {}
+        if lora:
+            from ..export.config import MergeConfig
+
+            configs["merge"] = MergeConfig(adapter=str(p.model), output=str(merged), force=True)
+        configs["gguf"] = placeholder_free(
+            dataclasses.replace(x, force=True),
+            {("model",): str(merged if lora else p.model), ("output",): str(out)},
+        )
+        works.append(StageWork("export", run / "export", configs, {"model": p.model}, [out]))
+    return works
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one stage
+
+
+def execute(work: StageWork, recipe: Recipe, *, resume: bool, progress: bool) -> dict[str, Any]:
+    """Runs the stage; returns its figures. `resume`: a killed run left this stage in flight."""
+    work.folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "generate": _generate,
+        "data": _data,
+        "train": _train,
+        "infer": _infer,
+        "eval": _eval,
+        "export": _export,
+    }[work.name](work, recipe, resume, progress)
+
+
+def _generate(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..generate.runner import run
+
+    r = run(work.configs["generate"], progress=progress)
+    if r.accepted == 0:
+        raise UserError(
+            f"generate: the teacher yielded no records ({r.stop_detail}; dropped: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items()))
+            + ")",
+            "use a stronger teacher (stages.generate.engine: openai, base_url, model), or allow more max_requests",
+        )
+    return {**r.to_dict(), "teacher": r.teacher}
+
+
+def _data(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..core.records import read_records, write_records
+    from ..data.config import StatsConfig
+    from ..data.runner import run_clean, run_dedupe, run_quality, run_stats
+
+    teacher = read_records(work.inputs["records"], require_output=True)
+    seeds = read_records(work.inputs["seeds"]) if "seeds" in work.inputs else []
+    combined = Path(work.configs["quality"].file)
+    write_records(combined, [*seeds, *teacher])
+    quality = run_quality(work.configs["quality"], progress=progress)
+    clean = run_clean(work.configs["clean"], progress=progress)
+    dedupe = run_dedupe(work.configs["dedupe"], progress=progress)
+    final = read_records(dedupe.output)
+    seed_keys = {(r.instruction, r.input, r.output) for r in seeds}
+    from_seeds = sum(1 for r in final if (r.instruction, r.input, r.output) in seed_keys)
+    folder = work.folder
+    stats = run_stats(
+        StatsConfig(
+            file=str(dedupe.output), plot=str(folder / "lengths.png"), json_path=str(folder / "stats.json")
+        )
+    )
+    return {
+        "from_teacher_in": len(teacher),
+        "from_seeds_in": len(seeds),
+        "quality": {k: v.get("count", v) if isinstance(v, dict) else v for k, v in quality.report.items()},
+        "cleaned_out": clean.removed,
+        "clean_checks": list(work.configs["clean"].checks),
+        "deduped_out": dedupe.dropped,
+        "records": dedupe.kept,
+        "from_teacher": dedupe.kept - from_seeds,
+        "from_seeds": from_seeds,
+        "stats": stats.numbers,
+        "lengths_plot": str(stats.plot) if stats.plot else None,
+    }
+
+
+def _train(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..core.records import read_records
+    from . import preflight
+
+    config = work.configs["train"]
+    records = read_records(config.data)
+    pre = preflight.check(config, records, f"{recipe.path} (stages.train)")
+    kept = recipe.run_dir / "preflight.txt"
+    write_text_atomic(kept, pre.text())
+    write_json_atomic(recipe.run_dir / "preflight.json", pre.to_dict())
+    log.info("%s", pre.text().rstrip())
+    preflight.require_eos(pre, f"{recipe.path} (stages.train)", kept)
+    processes = work.extra["processes"]
+    if processes > 1:
+        _launch_train(config, work, processes, resume)
+    else:
+        from ..train.runner import run
+
+        run(config, resume=resume, progress=progress)
+    summary = json.loads((Path(config.output) / "train_summary.json").read_text())
+    return {"summary": summary, "preflight": pre.to_dict(), "processes": processes}
+
+
+def launch_command(
+    config_file: Path, processes: int, accelerate_config: str | None, resume: bool
+) -> list[str]:
+    """The train stage under accelerate: one process per GPU, the stage's config as a file."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    cmd += ["-m", "alpaca_forge", "train", "--config", str(config_file)]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _launch_train(config: Any, work: StageWork, processes: int, resume: bool) -> None:
+    import yaml
+
+    config_file = work.folder.parent / "train.launch.yaml"
+    write_text_atomic(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    cmd = launch_command(config_file, processes, work.extra["accelerate_config"], resume)
+    log.info("train: %s", " ".join(cmd))
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise UserError(
+            f"train under accelerate launch ({processes} processes) failed with exit status {done.returncode}",
+            "see its output above; run the recipe again to resume from the last checkpoint",
+        )
+
+
+def _infer(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..core.models import load_tokenizer, model_format
+    from ..infer.runner import run
+
+    before = work.configs["before"]
+    if before.engine.format is None:  # the base answers in the prompt format it is trained in
+        tokenizer = load_tokenizer(before.engine.model)
+        fmt = model_format(
+            before.engine.model,
+            work.extra["train_format"],
+            work.extra["train_system"],
+            tokenizer,
+            for_training=True,
+        )
+        before = dataclasses.replace(before, engine=dataclasses.replace(before.engine, format=fmt.name))
+    figures = {}
+    for role, config in (("before", before), ("after", work.configs["after"])):
+        log.info("infer: the %s model answers the set", "base" if role == "before" else "fine-tuned")
+        r = run(config, progress=progress)
+        figures[role] = {
+            "model": config.engine.model,
+            "answers": r.written + r.already_done,
+            "tokens": r.tokens,
+            "tokens_per_s": round(r.tokens_per_s, 2),
+            "elapsed_s": round(r.elapsed_s, 2),
+        }
+    return figures
+
+
+def _eval(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..eval.runner import run_pairwise
+
+    r = run_pairwise(work.configs["eval"], progress=progress)
+    report = json.loads((r.output / "report.json").read_text())
+    return {
+        "asked": r.asked,
+        "elapsed_s": round(r.elapsed_s, 2),
+        "report": {k: v for k, v in report.items() if k != "per_item"},
+        "files": [str(f) for f in r.files],
+    }
+
+
+SPEED_PROMPTS = ("Give three tips for staying healthy.", "Explain what a prime number is.")
+SPEED_TOKENS = 64
+
+
+def _export(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..export.runner import run_gguf, run_merge
+
+    figures: dict[str, Any] = {}
+    if "merge" in work.configs:
+        m = run_merge(work.configs["merge"])
+        figures["merge"] = {
+            "output": str(m.output),
+            "parameters": m.parameters,
+            "elapsed_s": round(m.elapsed_s, 2),
+        }
+    g = run_gguf(work.configs["gguf"], progress=progress)
+    figures["gguf"] = {
+        "output": str(g.output),
+        "quant": g.quant,
+        "bytes": g.bytes,
+        "export_s": round(g.export_s, 2),
+        "parity": g.parity.to_dict() if g.parity else None,
+    }
+    source = Path(work.configs["gguf"].model)
+    figures["source_bytes"] = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    figures["speed"] = _llamacpp_speed(g.output)
+    return figures
+
+
+def _llamacpp_speed(gguf: Path) -> dict[str, Any] | None:
+    """Greedy decode speed of the exported file in llama.cpp (None where it is not installed)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    from ..core.prompts import Message
+    from ..engines import EngineConfig, GenerationSettings, using_engine
+
+    settings = GenerationSettings(max_new_tokens=SPEED_TOKENS, temperature=0.0)
+    with using_engine(EngineConfig(engine="llamacpp", model=str(gguf))) as engine:
+        start = time.perf_counter()
+        done = engine.chat([[Message("user", p)] for p in SPEED_PROMPTS], settings)
+        elapsed = time.perf_counter() - start
+    tokens = sum(c.completion_tokens for c in done)
+    return {
+        "tokens": tokens,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 2) if elapsed else None,
+    }

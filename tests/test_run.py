@@ -1,0 +1,442 @@
+"""`alpaca-forge run`: recipes end to end on a tiny random model, a scripted teacher and judge on
+loopback, and llama.cpp for the export; skipping, --from, kill -9 and resume; the dry run's
+forecast against a hand computation; every shipped recipe loads and dry-runs; bad recipes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fake_judge import FakeJudge
+
+from conftest import CLI, VENDORED_DATA, assert_user_error, run_cli
+from fake_teacher import FakeTeacher, Script
+
+REPO = Path(__file__).resolve().parent.parent
+SEEDS = VENDORED_DATA / "seed_tasks.jsonl"
+EVAL_SET = VENDORED_DATA / "eval" / "user_oriented_instructions.jsonl"
+NOWHERE = "http://127.0.0.1:9/v1"  # a server never reached: these runs stop before any request
+
+
+def _prefer_longer(ask) -> str:
+    return "A" if len(ask.a) >= len(ask.b) else "B"
+
+
+@dataclass(frozen=True)
+class Servers:
+    teacher: str  # the scripted teacher's API base
+    judge: str
+    script: Script  # what the teacher was asked
+
+
+@pytest.fixture(scope="module")
+def servers():
+    script = Script()
+    with FakeTeacher(script) as teacher, FakeJudge(_prefer_longer) as judge:
+        yield Servers(teacher, judge, script)
+
+
+def write_recipe(
+    folder: Path, model: Path, teacher: str, judge: str, *, name: str = "tiny", **changes
+) -> Path:
+    """A whole recipe in seconds: the scripted teacher, a tiny Llama, the scripted judge."""
+    recipe = {
+        "name": name,
+        "run_dir": "run",
+        "description": "the tiny test recipe",
+        "forecast": {"teacher_records_per_request": 10, "gpu": "cpu", "parameters": 1.0e5},
+        "stages": {
+            "generate": {
+                "seeds": str(SEEDS),
+                "num_instructions": 12,
+                "engine": "openai",
+                "base_url": teacher,
+                "model": "fake-teacher",
+                "concurrency": 2,
+                "price_prompt_per_1m": 1.0,
+                "price_completion_per_1m": 2.0,
+            },
+            "data": {"include_seeds": True, "clean": {"checks": ["empty_output", "refusal"]}},
+            "train": {
+                "model": str(model),
+                "method": "full",
+                "format": "alpaca",
+                "learning_rate": 5.0e-3,  # a visible change in a few steps: answers differ, so they are judged
+                "max_seq_len": 512,
+                "epochs": 1,
+                "batch_size": 4,
+                "save_steps": 2,
+                "logging_steps": 1,
+            },
+            "infer": {"input": str(EVAL_SET), "limit": 4, "max_new_tokens": 8, "batch_size": 4},
+            "eval": {
+                "judge_engine": "openai",
+                "judge_base_url": judge,
+                "judge_model": "fake-judge",
+                "bootstrap_samples": 200,
+            },
+            "export": {"quant": "f32", "verify_prompts": 4},
+        },
+    }
+    for path, value in changes.items():
+        node = recipe
+        *parents, last = path.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path = folder / "recipe.yaml"
+    path.write_text("# alpaca-forge run recipe.yaml\n" + yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def _actions(result) -> dict[str, str]:
+    """The plan lines, `  STAGE     ACTION   why`, as {stage: action}."""
+    from alpaca_forge.run.recipe import STAGES
+
+    lines = [line for line in result.stdout.splitlines() if line[2:11].strip() in STAGES]
+    return {line[2:11].strip(): line[12:20].strip() for line in lines}
+
+
+@pytest.mark.llamacpp
+def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path, tiny_model_dir, servers):
+    teacher, judge = servers.teacher, servers.judge
+    recipe = write_recipe(tmp_path, tiny_model_dir, teacher, judge)
+    first = run_cli("run", str(recipe))
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "run"
+    assert set(_actions(first).values()) == {"run"}
+    state = _state(run_dir)
+    assert all(s["status"] == "done" for s in state["stages"].values())
+    data = state["stages"]["data"]["figures"]
+    assert data["from_teacher"] == 12 and data["from_seeds"] == 24 and data["records"] == 36
+    # every stage's product is where the recipe put it
+    for rel in ("generate/records.jsonl", "data/train.jsonl", "train/config.json", "infer/before.jsonl",
+                "infer/after.jsonl", "eval/report.json", "export/model.f32.gguf", "preflight.txt",
+                "manifest.json", "report.html", "forecast.json", "recipe.yaml"):  # fmt: skip
+        assert (run_dir / rel).exists(), rel
+    assert "⟦" in (run_dir / "preflight.txt").read_text()  # the masked prompt is shown
+    pre = json.loads((run_dir / "preflight.json").read_text())
+    assert pre["ok"] and pre["eos_trained"] == pre["examples"] == 36
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["versions"]["alpaca-forge"] and manifest["versions"]["torch"]
+    assert manifest["tokens"]["teacher_completion"] > 0 and manifest["cost"]["teacher_usd"] > 0
+    assert (
+        manifest["licences"]["teacher"]["engine"] == "openai" and "terms" in manifest["licences"]["teacher"]
+    )
+    assert manifest["stages"]["train"]["settings"]["configs"]["train"]["data"].endswith("data/train.jsonl")
+    weights = str(run_dir / "train")
+    assert len(manifest["hashes"][weights]) == 64  # the weights' content hash
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["judgements"] == 8  # 4 items x both orders
+
+    # nothing changed: every stage is skipped, and nothing is asked of the teacher again
+    asked = len(servers.script.seen)
+    again = run_cli("run", str(recipe))
+    assert again.returncode == 0, again.stderr
+    assert set(_actions(again).values()) == {"skipped"}
+    assert len(servers.script.seen) == asked
+
+    # a training setting changes: train and everything after it rerun; generate and data do not
+    recipe = write_recipe(tmp_path, tiny_model_dir, teacher, judge, stages__train__learning_rate=1e-2)
+    changed = run_cli("run", str(recipe))
+    assert changed.returncode == 0, changed.stderr
+    assert _actions(changed) == {
+        "generate": "skipped", "data": "skipped", "train": "run", "infer": "run", "eval": "run", "export": "run",
+    }  # fmt: skip
+
+    # --from reruns the stage named and all after it, whatever the state says
+    forced = run_cli("run", str(recipe), "--from", "eval")
+    assert forced.returncode == 0, forced.stderr
+    assert _actions(forced) == {
+        "generate": "skipped", "data": "skipped", "train": "skipped", "infer": "skipped", "eval": "run", "export": "run",
+    }  # fmt: skip
+
+    # an output edited by hand is noticed: its stage reruns
+    (run_dir / "data" / "train.jsonl").write_text(
+        (run_dir / "data" / "train.jsonl").read_text().replace("a", "b", 1)
+    )
+    edited = run_cli("run", str(recipe))
+    assert _actions(edited)["data"] == "run" and _actions(edited)["generate"] == "skipped"
+    _check_report_in_a_browser(run_dir / "report.html")
+
+
+def _check_report_in_a_browser(report: Path) -> None:
+    """The report in headless Chromium: it loads from the file alone, every section is there,
+    every chart is drawn, and the console stays clean."""
+    from browser import open_chromium
+
+    text = report.read_text()
+    # nothing to fetch: every chart inlined, no stylesheet, script or font from elsewhere
+    assert not re.search(r"""(src|href)=["']?(https?:|//)|url\(|<script|<link""", text, re.IGNORECASE)
+    driver = open_chromium()
+    try:
+        driver.get(report.as_uri())
+        from selenium.webdriver.common.by import By
+
+        from alpaca_forge.run.report import SECTIONS
+
+        for key in SECTIONS:
+            section = driver.find_element(By.ID, key)
+            assert section.is_displayed() and section.find_element(By.TAG_NAME, "h2").text
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert len(images) >= 3  # data lengths, loss curve, win rate
+        for img in images:
+            assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
+        samples = driver.find_element(By.ID, "samples").text
+        assert "before" in samples and "after" in samples
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+    finally:
+        driver.quit()
+
+
+@pytest.mark.llamacpp
+def test_a_run_killed_in_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, servers):
+    teacher, judge = servers.teacher, servers.judge
+    recipe = write_recipe(
+        tmp_path, tiny_model_dir, teacher, judge,
+        stages__train__epochs=None, stages__train__max_steps=300, stages__train__save_steps=5,
+        stages__eval=None, stages__export=None, stages__infer=None,
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(CLI), "-q", "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if (
+                list((run_dir / "train").glob("checkpoint-*/.complete"))
+                if (run_dir / "train").is_dir()
+                else []
+            ):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint appeared")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    state = _state(run_dir)
+    assert state["stages"]["train"]["status"] == "running"
+    assert state["stages"]["generate"]["status"] == "done"
+    requests_log = (run_dir / "generate" / "records.requests.jsonl").read_text()
+    resumed = run_cli("run", str(recipe))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _actions(resumed) == {"generate": "skipped", "data": "skipped", "train": "resumed"}
+    assert (
+        run_dir / "generate" / "records.requests.jsonl"
+    ).read_text() == requests_log  # the teacher was not asked again
+    summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 300
+    # this run trained only the steps after the checkpoint, not all 300 again
+    assert summary["tokens_seen_this_run"] < summary["tokenized"]["tokens"] * summary["epochs_done"]
+
+
+def test_the_dry_run_forecast_matches_a_hand_computation(tmp_path):
+    """Teacher: ceil(100 / 8) = 13 requests x 500 completion tokens at $2/M; training: max_steps
+    x global batch x max_seq_len tokens, 6 x params x tokens FLOPs at 40% MFU of an H100 (989
+    TFLOP/s), priced at $3/h; the judge: 5 items x 2 orders x 32 completion tokens at $10/M."""
+    eval_set = tmp_path / "eval.jsonl"
+    eval_set.write_text(
+        "".join(json.dumps({"instruction": f"Say {w}.", "input": ""}) + "\n" for w in "abcde")
+    )
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "big",
+                "run_dir": "run",
+                "forecast": {
+                    "teacher_records_per_request": 8,
+                    "teacher_completion_tokens_per_request": 500,
+                    "gpu": "h100",
+                    "mfu": 0.4,
+                    "gpu_usd_per_hour": 3.0,
+                    "parameters": 7.0e9,
+                    "judge_price_prompt_per_1m": 0,
+                    "judge_price_completion_per_1m": 10.0,
+                },
+                "launch": {"processes": 8},
+                "stages": {
+                    "generate": {
+                        "seeds": str(SEEDS),
+                        "num_instructions": 100,
+                        "engine": "openai",
+                        "base_url": "http://127.0.0.1:9/v1",
+                        "model": "teacher",
+                        "price_prompt_per_1m": 0,
+                        "price_completion_per_1m": 2.0,
+                    },
+                    "data": {},
+                    "train": {
+                        "model": "not-cached/llama-7b",
+                        "max_steps": 10,
+                        "global_batch_size": 128,
+                        "max_seq_len": 512,
+                    },
+                    "infer": {"input": str(eval_set), "max_new_tokens": 100},
+                    "eval": {
+                        "judge_engine": "openai",
+                        "judge_base_url": "http://127.0.0.1:9/v1",
+                        "judge_model": "j",
+                    },
+                },
+            }
+        )
+    )
+    r = run_cli("run", str(recipe), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    assert _actions(r) == {s: "to run" for s in ("generate", "data", "train", "infer", "eval")}
+    from alpaca_forge.run.recipe import load_recipe
+    from alpaca_forge.run.runner import make_forecast
+
+    f = make_forecast(load_recipe(recipe))
+    assert f.teacher.requests == 13 == math.ceil(100 / 8)
+    assert f.teacher.completion_tokens == 13 * 500
+    assert f.teacher.cost_usd == pytest.approx(13 * 500 * 2.0 / 1e6)
+    tokens = 10 * 128 * 512
+    assert f.train.tokens == tokens
+    assert f.train.flops == pytest.approx(6 * 7e9 * tokens)
+    hours = 6 * 7e9 * tokens / (0.4 * 989e12) / 3600
+    assert f.train.accelerator_hours == pytest.approx(hours)
+    assert f.train.wall_hours == pytest.approx(hours / 8)
+    assert f.train.cost_usd == pytest.approx(hours * 3.0)
+    assert f.judge.judgements == 10 and f.judge.completion_tokens == 10 * 32
+    assert f.judge.cost_usd == pytest.approx(10 * 32 * 10.0 / 1e6)
+    assert f.judge.prompt_tokens_per_judgement > 2 * 100  # both answers at max_new_tokens, and the prompt
+    assert f.inference_tokens == 2 * 5 * 100
+    assert f"${f.cost_usd:.2f}" in r.stdout and "GPU-hours" in r.stdout
+    assert "the EOS check runs when the train stage starts" in r.stdout  # the 7B model is not here
+
+
+@pytest.mark.parametrize("shipped", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_dry_runs(tmp_path, shipped):
+    text = shipped.read_text()
+    assert text.startswith(f"# alpaca-forge run recipes/{shipped.name}\n")  # headed by its command
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    copy = folder / shipped.name
+    shutil.copy(shipped, copy)
+    # the user's own files a recipe names (the 175 seeds and the 252 instructions are not ours to ship)
+    for name, stage in (yaml.safe_load(text)["stages"] or {}).items():
+        for key in ("seeds", "input"):
+            value = (stage or {}).get(key)
+            if value and not str(value).startswith("package:"):
+                target = folder / value
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(EVAL_SET if name == "infer" else SEEDS, target)
+    (tmp_path / "configs" / "accelerate").mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "accelerate" / "fsdp.yaml", tmp_path / "configs" / "accelerate")
+    r = run_cli("run", str(copy), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "cost forecast:" in r.stdout and "training:" in r.stdout and "total:" in r.stdout
+
+
+def test_the_launch_command_for_several_processes():
+    from alpaca_forge.run.stages import launch_command
+
+    cmd = launch_command(Path("/r/train.launch.yaml"), 8, "configs/accelerate/fsdp.yaml", resume=True)
+    assert cmd[1:] == [
+        "-m", "accelerate.commands.launch", "--num_processes", "8", "--config_file", "configs/accelerate/fsdp.yaml",
+        "-m", "alpaca_forge", "train", "--config", "/r/train.launch.yaml", "--resume",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad recipes: clear errors before any compute
+
+
+def test_unknown_keys_and_wrong_types_are_all_listed_with_their_yaml_path(tmp_path, tiny_model_dir):
+    recipe = write_recipe(
+        tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1",
+        stages__train__epochs="three", stages__train__learnig_rate=1e-4, stages__generate__num_instructions=-5,
+        stages__train__data="mine.jsonl", stages__bake={}, forecast__mfu=2,
+    )  # fmt: skip
+    r = run_cli("run", str(recipe), "--dry-run")
+    assert_user_error(
+        r,
+        "(stages.train.epochs): 'epochs' must be a number",
+        "(stages.train.learnig_rate): unknown setting 'learnig_rate'",
+        "learning_rate",  # the close name is offered
+        "(stages.generate.num_instructions): 'num_instructions' must be at least 1",
+        "(stages.train.data): 'data' is set by the recipe",
+        "(stages.bake): unknown stage 'bake'",
+        "(forecast.mfu): 'mfu' must be at most 1",
+        "6 problems in the recipe",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_whose_input_is_missing(tmp_path, tiny_model_dir):
+    missing = write_recipe(
+        tmp_path, tiny_model_dir, NOWHERE, NOWHERE, stages__generate__seeds="nowhere/seeds.jsonl"
+    )
+    assert_user_error(
+        run_cli("run", str(missing)), "(stages.generate.seeds)", "nowhere/seeds.jsonl does not exist"
+    )
+    no_source = write_recipe(
+        tmp_path, tiny_model_dir, NOWHERE, NOWHERE, stages__generate=None, stages__data__include_seeds=None
+    )
+    assert_user_error(
+        run_cli("run", str(no_source)), "(stages.data.input)", "the data stage has nothing to read"
+    )
+    no_train = write_recipe(tmp_path, tiny_model_dir, NOWHERE, NOWHERE, stages__train=None)
+    assert_user_error(run_cli("run", str(no_train)), "stage 'infer' reads the output of a 'train' stage")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_from_a_different_recipe_is_refused(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(
+        json.dumps({"recipe_name": "other", "recipe_path": "/x/other.yaml", "stages": {}})
+    )
+    recipe = write_recipe(tmp_path, tiny_model_dir, NOWHERE, NOWHERE)
+    assert_user_error(run_cli("run", str(recipe)), "belongs to recipe 'other'", "its own run_dir")
+    (run_dir / "state.json").unlink()
+    (run_dir / "notes.txt").write_text("mine")
+    assert_user_error(run_cli("run", str(recipe)), "not a run directory")
+
+
+def test_a_recipe_whose_eos_check_fails_stops_before_any_compute(tmp_path, servers):
+    """A tokenizer without an EOS token: the model could never learn to stop. The run stops at
+    once, before the teacher is asked anything."""
+    from alpaca_forge import get_format, save_model
+
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    folder = save_model(model, tokenizer, tmp_path / "no-eos", get_format("alpaca"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").unlink(missing_ok=True)
+    teacher, judge = servers.teacher, servers.judge
+    before = len(servers.script.seen)
+    recipe = write_recipe(tmp_path, folder, teacher, judge)
+    r = run_cli("run", str(recipe))
+    assert_user_error(r, "(stages.train)", "EOS")
+    assert not (tmp_path / "run" / "generate").exists()
+    assert len(servers.script.seen) == before
