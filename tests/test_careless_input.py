@@ -700,6 +700,26 @@ def eval_output_is_the_set(w: Workspace) -> Attempt:
 
 
 @case
+def run_recipe_with_a_typo_and_a_missing_seed_file(w: Workspace) -> Attempt:
+    recipe = w.write(
+        "recipe.yaml",
+        "name: r\nrun_dir: run\nstages:\n  generate:\n    seeds: nowhere.jsonl\n    num_instructions: 5\n"
+        "  data: {}\n  train:\n    epocs: 2\n",
+    )
+    return Attempt(
+        ["run", str(recipe), "--dry-run"],
+        [f"{recipe}:9 (stages.train.epocs): unknown setting 'epocs'", "nowhere.jsonl does not exist"],
+        untouched=(recipe,),
+    )
+
+
+@case
+def run_recipe_that_is_not_a_mapping(w: Workspace) -> Attempt:
+    recipe = w.write("recipe.yaml", "- generate\n- train\n")
+    return Attempt(["run", str(recipe)], [f"{recipe}: a recipe is a mapping"])
+
+
+@case
 def serve_port_in_use(w: Workspace) -> Attempt:
     import socket
 

@@ -353,6 +353,21 @@ def test_every_shipped_recipe_loads_and_dry_runs(tmp_path, shipped):
     assert "cost forecast:" in r.stdout and "training:" in r.stdout and "total:" in r.stdout
 
 
+def test_a_train_stage_asking_for_two_processes_runs_under_accelerate_launch(tmp_path, tiny_model_dir):
+    """Two gloo processes on this CPU, as eight GPUs would be on a cluster: one model, trained by both."""
+    recipe = write_recipe(
+        tmp_path, tiny_model_dir, NOWHERE, NOWHERE,
+        stages__generate=None, stages__data={"input": str(SEEDS)},
+        stages__train__epochs=None, stages__train__max_steps=4,
+        stages__infer=None, stages__eval=None, stages__export=None, launch={"processes": 2},
+    )  # fmt: skip
+    r = run_cli("run", str(recipe))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "train" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    assert (tmp_path / "run" / "train.launch.yaml").is_file()  # the stage's config, as the launched command read it
+
+
 def test_the_launch_command_for_several_processes():
     from alpaca_forge.run.stages import launch_command
 
@@ -361,6 +376,7 @@ def test_the_launch_command_for_several_processes():
         "-m", "accelerate.commands.launch", "--num_processes", "8", "--config_file", "configs/accelerate/fsdp.yaml",
         "-m", "alpaca_forge", "train", "--config", "/r/train.launch.yaml", "--resume",
     ]  # fmt: skip
+    assert "--multi_gpu" in launch_command(Path("c.yaml"), 2, None, resume=False)  # no config: plain DDP
 
 
 # ---------------------------------------------------------------------------------------------

@@ -269,6 +269,15 @@ def load_recipe(path: str | Path) -> Recipe:
         for path_ in user_paths:
             if isinstance(values.get(path_), str):
                 values[path_] = str(resolve_path(values[path_], p.parent))
+                if not Path(values[path_]).exists():
+                    problems.append(
+                        Problem(
+                            origins[path_],
+                            f"{values[path_]} does not exist",
+                            "give a file that exists (paths are relative to the recipe file; "
+                            "package:NAME is a file shipped with alpaca-forge)",
+                        )
+                    )
         flags = {v: k for k, v in leaf_paths(cls).items()}
         where = _where_missing(p, yaml_path, flags)
         config, more = config_from(cls, values, origins, where)
@@ -320,9 +329,6 @@ def load_recipe(path: str | Path) -> Recipe:
                     name,
                 )
                 stages[name] = config
-    for stage, config in stages.items():
-        if config is not None:
-            problems.extend(_missing_files(stage, config, p, where[stage]))
     problems.extend(_joins(stages, where, p))
     if launch is not None and launch.accelerate_config:
         cfg = resolve_path(launch.accelerate_config, p.parent)
@@ -354,23 +360,6 @@ def _where_missing(p: Path, yaml_path: FieldPath, flags: dict[FieldPath, str]) -
         return f"{p} ({prefix + '.' if prefix else ''}{key})"
 
     return where
-
-
-def _missing_files(stage: str, config: Any, p: Path, where: str) -> list[Problem]:
-    problems = []
-    for path_ in USER_PATHS.get(stage, ()):
-        value = config
-        for part in path_:
-            value = getattr(value, part)
-        if value and not Path(value).exists():
-            problems.append(
-                Problem(
-                    f"{where.split(' (')[0]} (stages.{stage}.{'.'.join(path_)})",
-                    f"{value} does not exist",
-                    "give a file that exists (paths are relative to the recipe file; package:NAME is a shipped file)",
-                )
-            )
-    return problems
 
 
 def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Problem]:

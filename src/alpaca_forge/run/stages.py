@@ -269,8 +269,9 @@ def launch_command(
 ) -> list[str]:
     """The train stage under accelerate: one process per GPU, the stage's config as a file."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-    if accelerate_config:
-        cmd += ["--config_file", accelerate_config]
+    # A config file says how (DDP, FSDP, DeepSpeed); without one, plain data parallel: one
+    # process per GPU, or gloo processes on a machine without GPUs.
+    cmd += ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu"]
     cmd += ["-m", "alpaca_forge", "train", "--config", str(config_file)]
     return cmd + (["--resume"] if resume else [])
 
