@@ -169,6 +169,22 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
         "generate": "skipped", "data": "skipped", "train": "skipped", "infer": "skipped", "eval": "run", "export": "run",
     }  # fmt: skip
 
+    # a data setting changes but its output does not: data reruns, and what follows is skipped
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        teacher,
+        judge,
+        stages__train__learning_rate=1e-2,
+        stages__data__quality={"examples": 5},
+    )
+    same = run_cli("run", str(recipe))
+    assert same.returncode == 0, same.stderr
+    assert _actions(same) == {
+        "generate": "skipped", "data": "run", "train": "skipped", "infer": "skipped", "eval": "skipped",
+        "export": "skipped",
+    }  # fmt: skip
+
     # an output edited by hand is noticed: its stage reruns
     (run_dir / "data" / "train.jsonl").write_text(
         (run_dir / "data" / "train.jsonl").read_text().replace("a", "b", 1)
@@ -176,6 +192,15 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
     edited = run_cli("run", str(recipe))
     assert _actions(edited)["data"] == "run" and _actions(edited)["generate"] == "skipped"
     _check_report_in_a_browser(run_dir / "report.html")
+
+    # the project moves (a new clone, another machine): the recipe and its run directory together
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(str(run_dir), str(elsewhere / "run"))
+    shutil.move(str(recipe), str(elsewhere / "recipe.yaml"))
+    moved = run_cli("run", str(elsewhere / "recipe.yaml"))
+    assert moved.returncode == 0, moved.stderr
+    assert set(_actions(moved).values()) == {"skipped"}
 
 
 def _check_report_in_a_browser(report: Path) -> None:
@@ -365,7 +390,9 @@ def test_a_train_stage_asking_for_two_processes_runs_under_accelerate_launch(tmp
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "run" / "train" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 4
-    assert (tmp_path / "run" / "train.launch.yaml").is_file()  # the stage's config, as the launched command read it
+    assert (
+        tmp_path / "run" / "train.launch.yaml"
+    ).is_file()  # the stage's config, as the launched command read it
 
 
 def test_the_launch_command_for_several_processes():
@@ -416,6 +443,17 @@ def test_a_stage_whose_input_is_missing(tmp_path, tiny_model_dir):
     )
     assert_user_error(
         run_cli("run", str(no_source)), "(stages.data.input)", "the data stage has nothing to read"
+    )
+    uneven = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        NOWHERE,
+        NOWHERE,
+        stages__train__global_batch_size=10,
+        launch={"processes": 3},
+    )
+    assert_user_error(
+        run_cli("run", str(uneven), "--dry-run"), "(stages.train.global_batch_size)", "is not a multiple of"
     )
     no_train = write_recipe(tmp_path, tiny_model_dir, NOWHERE, NOWHERE, stages__train=None)
     assert_user_error(run_cli("run", str(no_train)), "stage 'infer' reads the output of a 'train' stage")

@@ -17,7 +17,7 @@ class RunConfig(Config):
     dry_run: bool = setting(False, "check everything and print the plan and the cost forecast; run nothing")
     from_stage: Literal[STAGES] | None = setting(  # type: ignore[valid-type]
         None,
-        "rerun this stage and every later one, whatever the run directory holds",
+        f"rerun this stage and every later one, whatever the run directory holds ({', '.join(STAGES)})",
         flag="--from",
         metavar="STAGE",
     )

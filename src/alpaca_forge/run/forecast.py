@@ -3,10 +3,12 @@ configured prices, training tokens, FLOPs and accelerator-hours at a stated MFU.
 
 The arithmetic, stated once (the dry run prints it too):
 
-    teacher requests   = ceil(num_instructions / records_per_request), capped by max_requests
+    teacher requests   = ceil(num_instructions / records_per_request), capped by max_requests and
+                         by max_cost_usd (no request is sent once it is spent)
     teacher tokens     = requests x (prompt tokens of the real prompts + completion tokens per request)
     training tokens    = training records x mean tokens per example (as `train` tokenises them) x epochs
-                         (max_steps: steps x global batch x max_seq_len, packed rows being full)
+                         (max_steps: steps x global batch x max_seq_len, packed rows being full;
+                         other batching: x tokens per example)
     training FLOPs     = k x parameters x training tokens, k = 6 (full: forward 2, backward 4) or
                          4 (LoRA/QLoRA: the frozen weights get no gradient, saving a third)
     accelerator-hours  = FLOPs / (MFU x peak FLOP/s) / 3600; wall hours = that / processes
@@ -154,17 +156,21 @@ def teacher(
     if max_requests is not None:
         requests = min(requests, max_requests)
     per_prompt = sum(count(p) for p in prompts) / len(prompts)
+    per_request_usd = _usd(
+        per_prompt, completion_tokens_per_request, price_prompt_per_1m, price_completion_per_1m
+    )
+    capped = max_cost_usd is not None and requests * per_request_usd > max_cost_usd
+    if capped and max_cost_usd is not None:  # generate sends no request once the limit is spent
+        requests = math.ceil(max_cost_usd / per_request_usd)
     prompt_tokens = round(requests * per_prompt)
     completion_tokens = requests * completion_tokens_per_request
-    cost = _usd(prompt_tokens, completion_tokens, price_prompt_per_1m, price_completion_per_1m)
-    capped = max_cost_usd is not None and cost > max_cost_usd
     return TeacherForecast(
         requests,
         per_prompt,
         completion_tokens_per_request,
         prompt_tokens,
         completion_tokens,
-        min(cost, max_cost_usd) if capped and max_cost_usd is not None else cost,
+        _usd(prompt_tokens, completion_tokens, price_prompt_per_1m, price_completion_per_1m),
         capped,
         counted_with,
     )
@@ -178,6 +184,7 @@ def training(
     max_steps: int,
     rows_per_step: int,
     max_seq_len: int,
+    packed: bool,
     parameters: int,
     method: str,
     gpu: str,
@@ -187,8 +194,12 @@ def training(
     usd_per_hour: float,
     counted_with: str,
 ) -> TrainForecast:
-    if max_steps > 0:
-        tokens = max_steps * rows_per_step * max_seq_len
+    if max_steps > 0:  # packed rows are full windows; other batches hold one example a row
+        tokens = (
+            max_steps
+            * rows_per_step
+            * (max_seq_len if packed else min(max_seq_len, round(tokens_per_example)))
+        )
     else:
         tokens = round(records * tokens_per_example * epochs)
     factor = 6 if method == "full" else 4

@@ -125,7 +125,7 @@ def build_manifest(
             hashes[f"{work.name}.{role}: {p}"] = state.hash_of(p)
         if rec:
             for p, h in rec.outputs.items():
-                hashes[p] = h
+                hashes[str(state.output_path(p))] = h
     figures = {name: (state.stages[name].figures if name in state.stages else {}) for name in s}
     gen = figures.get("generate", {})
     train_summary = figures.get("train", {}).get("summary", {})

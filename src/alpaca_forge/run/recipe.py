@@ -172,6 +172,13 @@ USER_PATHS: dict[str, tuple[FieldPath, ...]] = {
     "train": (("val",),),
     "infer": (("input",),),
 }
+# Paths of the user's that may not exist yet (a cache the stage creates), and local models.
+USER_OUTPUTS: dict[str, tuple[FieldPath, ...]] = {"eval": (("judging", "cache"),)}
+USER_MODELS: dict[str, tuple[FieldPath, ...]] = {
+    "generate": (("engine", "model"),),
+    "train": (("model",),),
+    "eval": (("judging", "judge", "model"),),
+}
 
 
 @dataclass(frozen=True)
@@ -266,6 +273,12 @@ def load_recipe(path: str | Path) -> Recipe:
                 )
             values[path_] = PLACEHOLDER
             origins[path_] = f"{p} (stages.{name}.{'.'.join(path_)})"
+        for path_ in USER_OUTPUTS.get(name, ()):
+            if isinstance(values.get(path_), str):
+                values[path_] = str(resolve_path(values[path_], p.parent))
+        for path_ in USER_MODELS.get(name, ()):
+            if isinstance(values.get(path_), str):
+                values[path_] = resolve_model(values[path_], p.parent)
         for path_ in user_paths:
             if isinstance(values.get(path_), str):
                 values[path_] = str(resolve_path(values[path_], p.parent))
@@ -290,6 +303,14 @@ def load_recipe(path: str | Path) -> Recipe:
     stages: dict[str, Any] = {}
     where: dict[str, str] = {}
     stage_nodes: dict[str, Any] = {}
+    if "stages" in sections and not sections["stages"][1].value:
+        problems.append(
+            Problem(
+                yaml_where(p, sections["stages"][0]),
+                "'stages' is empty",
+                "add at least generate or data, and train",
+            )
+        )
     if "stages" not in sections:
         problems.append(
             Problem(
@@ -342,13 +363,22 @@ def load_recipe(path: str | Path) -> Recipe:
             )
         else:
             launch = dataclasses.replace(launch, accelerate_config=str(cfg))
+    if stages.get("train") is not None and launch is not None:
+        problems.extend(_batch_fits(stages["train"], launch.processes, where["train"]))
     if problems:
         raise ValidationError(problems, what=f"recipe {p}")
-    if "train" in stages:
-        stages["train"] = dataclasses.replace(
-            stages["train"], model=resolve_model(stages["train"].model, p.parent)
-        )
     return Recipe(p, top, forecast, launch, stages, where)
+
+
+def _batch_fits(train: Any, processes: int, where: str) -> list[Problem]:
+    """The global batch splits over the processes, checked now rather than after the teacher is paid."""
+    from ..train.setup import gradient_accumulation
+
+    try:
+        gradient_accumulation(train, processes)
+    except UserError as e:
+        return [Problem(f"{where.split(' (')[0]} (stages.train.global_batch_size)", e.message, e.fix or "")]
+    return []
 
 
 def _where_missing(p: Path, yaml_path: FieldPath, flags: dict[FieldPath, str]) -> Callable[[FieldPath], str]:

@@ -244,6 +244,11 @@ def _evaluation(state: RunState) -> str:
         ("position consistency (both orders agree)", _pct(pc) if pc is not None else "—"),
         ("unreadable verdicts", f"{r.get('unreadable_verdicts')} of {r.get('judgements')}"),
         ("identical answers (ties, not asked)", r.get("identical_answers")),
+        ("empty answers, A / B", "{a} / {b}".format(**(r.get("empty_answers") or {"a": "—", "b": "—"}))),
+        (
+            "mean answer length in characters, A / B",
+            "{a:.0f} / {b:.0f}".format(**r["mean_chars"]) if r.get("mean_chars") else "—",
+        ),
     ]
     chart = next((Path(f) for f in e.get("files", []) if f.endswith("winrate.png")), None)
     notes = "".join(f"<li>{_e(n)}</li>" for n in r.get("notes", []))
@@ -284,10 +289,18 @@ def _samples(recipe: Recipe, state: RunState) -> str:
         tag = f'<span class="tag">judge: {_e(outcome)}</span>' if outcome else ""
         parts.append(
             f"<h3>{i + 1}. {_e(b['instruction'])}{tag}</h3>{inp}"
-            f'<div class="pair"><div><b>before</b>\n{_e(b.get("output", ""))}</div>'
-            f"<div><b>after</b>\n{_e(a.get('output', '(no answer)'))}</div></div>"
+            f'<div class="pair"><div><b>before</b>\n{_answer(b)}</div><div><b>after</b>\n{_answer(a)}</div></div>'
         )
     return "".join(parts)
+
+
+def _answer(row: dict[str, Any]) -> str:
+    if not row:
+        return '<span class="muted">(no answer in the file)</span>'
+    text = row.get("output", "")
+    return (
+        _e(text) if text.strip() else '<span class="muted">(empty: the model ended its answer at once)</span>'
+    )
 
 
 def _export(state: RunState) -> str:

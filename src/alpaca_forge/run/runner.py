@@ -85,6 +85,8 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
             log.info("run: %s skipped (settings and inputs unchanged)", work.name)
             continue
         resume = not forced and state.in_flight(work.name, fp)
+        previous = state.stages.get(work.name)  # read before `started` replaces it
+        before_hashes = dict(previous.outputs) if previous else {}
         if not resume:
             remove_tree(work.folder)
         state.started(work.name, fp)
@@ -92,8 +94,6 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
         t0 = time.perf_counter()
         figures = execute(work, recipe, resume=resume, progress=progress)
         wall = time.perf_counter() - t0
-        previous = state.stages.get(work.name)
-        before_hashes = dict(previous.outputs) if previous else {}
         state.finished(work.name, fp, work.outputs, wall, figures)
         # A stage rerun to the same outputs (same hashes) leaves later stages skippable.
         changed_upstream = changed_upstream or forced or before_hashes != state.stages[work.name].outputs
@@ -119,7 +119,19 @@ def _why(forced: bool, resume: bool) -> str:
 
 def _fingerprint(work: StageWork, state: RunState, recipe: Recipe) -> str:
     inputs = {role: state.hash_of(path) for role, path in work.inputs.items()}
-    return fingerprint(work.name, relative_settings(work.settings(), recipe.run_dir), inputs)
+    return fingerprint(work.name, relative_settings(work.settings(), path_roots(recipe)), inputs)
+
+
+def path_roots(recipe: Recipe) -> dict[str, str]:
+    """Folders written as names in fingerprints, so a project cloned or installed elsewhere keeps
+    them (the files themselves are content-hashed as inputs)."""
+    from .recipe import package_file
+
+    return {
+        str(recipe.run_dir): "RUN",
+        str(package_file("")).rstrip("/"): "PACKAGE",
+        str(recipe.path.parent.resolve()): "RECIPE",
+    }
 
 
 def dry_plan(
@@ -286,6 +298,7 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
             max_steps=t.max_steps,
             rows_per_step=rows,
             max_seq_len=t.max_seq_len,
+            packed=t.batching == "packed",
             parameters=parameters,
             method=t.method,
             gpu=f.gpu,

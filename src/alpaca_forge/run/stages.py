@@ -109,12 +109,19 @@ def plan(recipe: Recipe) -> list[StageWork]:
     if "train" in s:
         t = placeholder_free(s["train"], {("data",): str(p.train_data), ("output",): str(p.model)})
         launch = recipe.launch
+        inputs = {"data": p.train_data}
+        if t.val:
+            inputs["val"] = Path(t.val)
+        if Path(t.model).exists():  # a local base model: its files, not only its name
+            inputs["base_model"] = Path(t.model)
+        if launch.accelerate_config:
+            inputs["accelerate_config"] = Path(launch.accelerate_config)
         works.append(
             StageWork(
                 "train",
                 p.model,
                 {"train": t},
-                {"data": p.train_data},
+                inputs,
                 [p.model],
                 {"processes": launch.processes, "accelerate_config": launch.accelerate_config},
             )
@@ -152,7 +159,7 @@ def plan(recipe: Recipe) -> list[StageWork]:
                 "eval",
                 run / "eval",
                 {"eval": e},
-                {"before": p.before, "after": p.after},
+                {"set": Path(s["infer"].input), "before": p.before, "after": p.after},
                 [run / "eval" / "report.json"],
             )
         )
@@ -254,7 +261,11 @@ def _train(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dic
     log.info("%s", pre.text().rstrip())
     preflight.require_eos(pre, f"{recipe.path} (stages.train)", kept)
     processes = work.extra["processes"]
-    if processes > 1:
+    from ..train.checkpoints import CONFIG_FILE
+
+    if resume and (Path(config.output) / CONFIG_FILE).is_file():
+        log.info("train: the model was saved before the run was stopped; not trained again")
+    elif processes > 1:
         _launch_train(config, work, processes, resume)
     else:
         from ..train.runner import run

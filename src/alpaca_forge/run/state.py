@@ -123,12 +123,20 @@ class RunState:
     def hash_of(self, path: Path) -> str:
         return content_hash(path, self.hashes)
 
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def output_path(self, name: str) -> Path:
+        """An output as recorded: relative to the run directory, so a moved run still finds it."""
+        return self.run_dir / name
+
     def done_and_intact(self, stage: str, fp: str) -> bool:
         """The stage finished with this fingerprint and its outputs are as it left them."""
         rec = self.stages.get(stage)
         if rec is None or rec.status != "done" or rec.fingerprint != fp:
             return False
-        return all(self.hash_of(Path(p)) == h for p, h in rec.outputs.items())
+        return all(self.hash_of(self.output_path(p)) == h for p, h in rec.outputs.items())
 
     def started(self, stage: str, fp: str) -> None:
         self.stages[stage] = StageRecord(fp, "running")
@@ -137,9 +145,8 @@ class RunState:
     def finished(
         self, stage: str, fp: str, outputs: list[Path], wall_s: float, figures: dict[str, Any]
     ) -> None:
-        self.stages[stage] = StageRecord(
-            fp, "done", {str(p): self.hash_of(p) for p in outputs}, round(wall_s, 2), figures
-        )
+        hashes = {str(p.relative_to(self.run_dir)): self.hash_of(p) for p in outputs}
+        self.stages[stage] = StageRecord(fp, "done", hashes, round(wall_s, 2), figures)
         self.save()
 
     def in_flight(self, stage: str, fp: str) -> bool:
@@ -152,15 +159,18 @@ class RunState:
             self.save()
 
 
-def relative_settings(settings: Any, run_dir: Path) -> Any:
-    """Settings with run-directory paths written as RUN/..., so a moved run keeps its fingerprints."""
-    root = str(run_dir)
+def relative_settings(settings: Any, roots: dict[str, str]) -> Any:
+    """Settings with the paths under `roots` (folder -> name, e.g. the run directory -> RUN)
+    written by name, so a moved or re-cloned project keeps its fingerprints. The first root a
+    path is under wins: give the deepest first."""
     if isinstance(settings, dict):
-        return {k: relative_settings(v, run_dir) for k, v in settings.items()}
+        return {k: relative_settings(v, roots) for k, v in settings.items()}
     if isinstance(settings, list):
-        return [relative_settings(v, run_dir) for v in settings]
-    if isinstance(settings, str) and root in settings:
-        return settings.replace(root, "RUN")
+        return [relative_settings(v, roots) for v in settings]
+    if isinstance(settings, str):
+        for folder, name in roots.items():
+            if folder and folder in settings:
+                return settings.replace(folder, name)
     return settings
 
 
