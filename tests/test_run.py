@@ -146,6 +146,8 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
     assert len(manifest["hashes"][weights]) == 64  # the weights' content hash
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert report["judgements"] == 8  # 4 items x both orders
+    judged = state["stages"]["eval"]["figures"]
+    assert judged["prompt_tokens"] > 0 and judged["completion_tokens"] > 0  # the judge's actual cost
 
     # nothing changed: every stage is skipped, and nothing is asked of the teacher again
     asked = len(servers.script.seen)

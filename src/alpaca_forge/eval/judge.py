@@ -249,6 +249,8 @@ def judge_all(
                         "prompt_version": PROMPT_VERSION,
                         "reply": c.text,
                         "verdict": parse_verdict(c.text),
+                        "prompt_tokens": c.prompt_tokens,  # what the judge cost (`run` sums them)
+                        "completion_tokens": c.completion_tokens,
                     }
                     for i, c in zip(batch, replies, strict=True)
                 ]

@@ -363,8 +363,21 @@ def _cost(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
             ),
         ]
     if forecast.judge:
-        rows.append(("judgements", forecast.judge.judgements, (e.get("report") or {}).get("judgements")))
-        rows.append(("judge USD", round(forecast.judge.cost_usd, 4), None))
+        f3, prices = forecast.judge, recipe.forecast
+        rows += [
+            ("judgements", f3.judgements, (e.get("report") or {}).get("judgements")),
+            ("judge prompt tokens", f3.prompt_tokens, e.get("prompt_tokens")),
+            ("judge completion tokens", f3.completion_tokens, e.get("completion_tokens")),
+            (
+                "judge USD",
+                round(f3.cost_usd, 4),
+                round(
+                    (e.get("prompt_tokens", 0) * prices.judge_price_prompt_per_1m
+                     + e.get("completion_tokens", 0) * prices.judge_price_completion_per_1m) / 1e6,
+                    4,
+                ) if e else None,
+            ),
+        ]  # fmt: skip
     head = ("", "forecast", "actual")
     lines = "".join(f"<li>{_e(line)}</li>" for line in forecast.lines())
     return (

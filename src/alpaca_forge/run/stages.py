@@ -336,7 +336,17 @@ def _eval(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict
 
     r = run_pairwise(work.configs["eval"], progress=progress)
     report = json.loads((r.output / "report.json").read_text())
+    prompt_tokens = completion_tokens = 0
+    for line in r.cache.read_text().splitlines() if r.cache.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a kill: eval dropped it too
+            continue
+        prompt_tokens += int(row.get("prompt_tokens") or 0)
+        completion_tokens += int(row.get("completion_tokens") or 0)
     return {
+        "prompt_tokens": prompt_tokens,  # every judgement in the cache, asked by this stage
+        "completion_tokens": completion_tokens,
         "asked": r.asked,
         "elapsed_s": round(r.elapsed_s, 2),
         "report": {k: v for k, v in report.items() if k != "per_item"},
