@@ -47,7 +47,7 @@ def build_model(folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(model: Path, data: Path, out: Path, method: str, steps: int) -> dict:
+def run(model: Path, data: Path, out: Path, method: str, steps: int, compile: bool = False) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -76,6 +76,7 @@ def run(model: Path, data: Path, out: Path, method: str, steps: int) -> dict:
         "1",
         "--learning-rate",
         "1e-5" if method == "full" else "1e-4",
+        *(["--compile"] if compile else []),
     ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
@@ -108,16 +109,17 @@ def main() -> int:
     data.write_text("".join(lines))
     params = build_model(work / "llama-1b")
     results = {"gpu": name, "parameters": params, "peak_bf16_flops": peak, "runs": {}}
-    for method in ("full", "lora"):
-        out = work / f"run-{method}"
+    for method, compile in (("full", False), ("full", True), ("lora", False), ("lora", True)):
+        key = method + ("+compile" if compile else "")
+        out = work / f"run-{key}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        r = run(work / "llama-1b", data, out, method, args.steps)
+        r = run(work / "llama-1b", data, out, method, args.steps, compile)
         s = r["summary"]
         tokens_per_step = s["tokens_seen_this_run"] / max(1, s["steps"])
         tok_s = s["tokens_seen_this_run"] / s["train_runtime_s"]
         flops_per_token = 6 * params if method == "full" else 4 * params  # LoRA: no weight gradients
         mfu = tok_s * flops_per_token / peak if peak else None
-        results["runs"][method] = {
+        results["runs"][key] = {
             "steps": s["steps"],
             "tokens_per_step": round(tokens_per_step),
             "tokens_per_s": round(tok_s),
@@ -128,11 +130,15 @@ def main() -> int:
             "steady_mfu": round(s["steady_tokens_per_s"] * flops_per_token / peak, 3)
             if peak and s.get("steady_tokens_per_s")
             else None,
+            "summary_mfu": s.get("mfu"),  # what train itself reports on CUDA
+            "peak_gpu_memory_gb": s.get("peak_gpu_memory_gb"),
+            "setup_s": s.get("setup_s"),
+            "save_s": s.get("save_s"),
             "padding_share": s["padding_share"],
             "train_runtime_s": s["train_runtime_s"],
             "wall_s": round(r["wall_s"], 1),
         }
-        print(method, json.dumps(results["runs"][method]))
+        print(key, json.dumps(results["runs"][key]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -25,18 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Dense bf16 peak TFLOP/s (fp32 for the CPU), without sparsity, from the makers' data sheets.
-PEAK_TFLOPS = {
-    "cpu": 0.2,  # 2 AVX2 cores: 2 FMA units x 8 fp32 lanes x 2 FLOPs x ~3 GHz each
-    "a10": 125.0,
-    "l4": 121.0,
-    "rtx3090": 71.0,
-    "rtx4090": 165.0,
-    "l40s": 362.0,
-    "a100": 312.0,
-    "h100": 989.0,  # SXM
-    "h200": 989.0,
-}
+from ..core.hardware import PEAK_TFLOPS, flops_per_token_factor
+
 CHARS_PER_TOKEN = 4  # the estimate when no tokenizer is at hand
 
 
@@ -202,7 +192,7 @@ def training(
         )
     else:
         tokens = round(records * tokens_per_example * epochs)
-    factor = 6 if method == "full" else 4
+    factor = flops_per_token_factor(method)
     flops = float(factor) * parameters * tokens
     peak = peak_tflops or PEAK_TFLOPS[gpu]
     hours = flops / (mfu * peak * 1e12) / 3600
@@ -247,9 +237,3 @@ def judge(
         _usd(prompt, completion, price_prompt_per_1m, price_completion_per_1m),
         counted_with,
     )
-
-
-def mfu(tokens_per_s: float, parameters: int, method: str, peak_tflops: float, processes: int = 1) -> float:
-    """The MFU a training run reached: k x parameters x tokens/s over the peak of its devices."""
-    factor = 6 if method == "full" else 4
-    return factor * parameters * tokens_per_s / (peak_tflops * 1e12 * processes)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import write_text_atomic
-from .forecast import PEAK_TFLOPS, Forecast, mfu
+from ..core.hardware import PEAK_TFLOPS, mfu
+from .forecast import Forecast
 from .recipe import Recipe
 from .state import RunState
 

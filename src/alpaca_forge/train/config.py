@@ -62,6 +62,11 @@ class TrainConfig(Config):
     )
     seed: int = setting(42, "seeds initialisation, data order, dropout and the --val-size split", ge=0)
     gradient_checkpointing: bool = setting(False, "trade compute for memory")
+    compile: bool = setting(
+        False,
+        "torch.compile the model: the first steps compile (minutes on a GPU, reported apart as "
+        "first_step_s), the steady ones run faster; needs a C++ compiler on a CPU",
+    )
     lora_r: int = setting(8, "LoRA rank; higher = more capacity and memory", ge=1)
     lora_alpha: int = setting(16, "LoRA scaling numerator (the update is scaled by alpha / r)", ge=1)
     lora_dropout: float = setting(0.05, "dropout on the LoRA path", ge=0, lt=1)

@@ -92,6 +92,10 @@ def training_arguments(config: TrainConfig, prep: Prepared) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "ddp_find_unused_parameters": False,
         "save_safetensors": True,
+        "torch_compile": config.compile,
+        # fused AdamW (one kernel for the whole update), on every device: said here, not left to
+        # whatever this transformers version defaults to
+        "optim": "adamw_torch_fused",
     }
     if config.batching == "grouped":
         if "train_sampling_strategy" in known:

@@ -44,8 +44,10 @@ def run(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> 
     started = time.perf_counter()
     prep = setup.prepare(config, resume=resume)
     trainer = loop.build_trainer(config, prep, progress=progress)
+    setup_s = time.perf_counter() - started  # reading, tokenising, loading, building the Trainer
     loop.train(trainer, prep)
     summary = save.summarize(trainer, prep.description, started)
+    summary["setup_s"] = round(setup_s, 2)
     save.save(config, trainer, prep, summary)
     model = trainer.accelerator.unwrap_model(trainer.model)
     leave_together()

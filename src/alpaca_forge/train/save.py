@@ -44,6 +44,7 @@ def summarize(trainer: Any, description: dict[str, Any], started: float) -> dict
     for c in gather((trainer.counts.real, trainer.counts.padding, trainer.counts.trained)):
         counts.add(c)
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
+    steps = timer.summary(trainer.args.world_size)
     return {
         **description,
         "steps": state.global_step,
@@ -56,8 +57,34 @@ def summarize(trainer: Any, description: dict[str, Any], started: float) -> dict
         "padding_share": round(counts.padding_share, 4),
         "tokens_seen_this_run": counts.real,
         "trained_tokens_this_run": counts.trained,
-        **timer.summary(trainer.args.world_size),
+        **steps,
+        **_gpu_figures(trainer, steps.get("steady_tokens_per_s")),
     }
+
+
+def _gpu_figures(trainer: Any, tokens_per_s: float | None) -> dict[str, Any]:
+    """On CUDA: peak memory of this process's GPU, and the MFU of the steady steps over the
+    devices' bf16 peak (6 x N FLOPs per token for a full fine-tune, 4 x N for adapters)."""
+    import torch
+
+    from ..core.hardware import flops_per_token_factor, mfu, peak_tflops_of
+
+    if not torch.cuda.is_available() or trainer.args.use_cpu:
+        return {}
+    out: dict[str, Any] = {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)}
+    name = torch.cuda.get_device_name()
+    peak = peak_tflops_of(name)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    method = "full" if all(p.requires_grad for p in model.parameters()) else "adapter"
+    if peak and tokens_per_s:
+        params = sum(p.numel() for p in model.parameters())
+        world = max(1, trainer.args.world_size)
+        out["mfu"] = round(mfu(tokens_per_s, params, method, peak, world), 4)
+        out["mfu_basis"] = (
+            f"{flops_per_token_factor(method)} x {params:,} parameters x {tokens_per_s:,.0f} tokens/s "
+            f"over {world} x {peak:g} TFLOP/s ({name}, dense bf16)"
+        )
+    return out
 
 
 def save(config: TrainConfig, trainer: Any, prep: Prepared, summary: dict[str, Any]) -> None:
@@ -66,6 +93,7 @@ def save(config: TrainConfig, trainer: Any, prep: Prepared, summary: dict[str, A
     output = prep.output
     tmp = output / ".final-tmp"
     main = trainer.is_world_process_zero()
+    start = time.perf_counter()
     with write_failures(f"{output}: saving the final model failed", "the checkpoints are intact"):
         try:
             if main:
@@ -80,6 +108,7 @@ def save(config: TrainConfig, trainer: Any, prep: Prepared, summary: dict[str, A
                 plot = plot_losses(trainer.state.log_history, output / LOSS_PLOT)
                 if plot:
                     summary["loss_plot"] = str(plot)
+                summary["save_s"] = round(time.perf_counter() - start, 2)  # model, adapter check, merge, plot
                 write_json_atomic(output / SUMMARY_FILE, summary)
         finally:
             if main:

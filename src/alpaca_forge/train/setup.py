@@ -99,6 +99,11 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
     model = load_model(config, autocast)
     if config.method == "lora":  # a merge checks that it is given these very base weights
         facts["base_fingerprint"] = weights_fingerprint(model)
+        if autocast is not None:
+            # The frozen base gets no gradient and no optimiser state, so it needs no fp32 master
+            # copy: held in the compute dtype it takes half the memory and is not cast at every
+            # step. The adapters stay fp32 (cast back after wrapping, below).
+            model = model.to(autocast)
     if config.method == "qlora":
         facts["layers_in_4bit"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if added_pad:
@@ -108,6 +113,9 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
         )
     if config.method in ("lora", "qlora"):
         model = wrap_lora(model, config)
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point():  # fp32 weights for the optimiser
+                p.data = p.data.float()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if config.method != "full":
