@@ -714,6 +714,17 @@ def run_recipe_with_a_typo_and_a_missing_seed_file(w: Workspace) -> Attempt:
 
 
 @case
+def run_recipe_whose_run_dir_sits_under_a_file(w: Workspace) -> Attempt:
+    blocker = w.write("notes.txt", "mine\n")
+    recipe = w.write("recipe.yaml", "name: r\nrun_dir: notes.txt/run\nstages:\n  data: {input: notes.txt}\n")
+    return Attempt(
+        ["run", str(recipe), "--dry-run"],
+        [f"{recipe} (run_dir)", f"{blocker} is a file, so nothing can be written under it"],
+        untouched=(blocker,),
+    )
+
+
+@case
 def run_recipe_that_is_not_a_mapping(w: Workspace) -> Attempt:
     recipe = w.write("recipe.yaml", "- generate\n- train\n")
     return Attempt(["run", str(recipe)], [f"{recipe}: a recipe is a mapping"])

@@ -24,7 +24,8 @@ from typing import IO, Any
 from .errors import UserError
 
 
-def _under_a_file(path: Path) -> Path | None:
+def under_a_file(path: Path) -> Path | None:
+    """The file among `path`'s parents that keeps anything from being written there, if any."""
     for parent in path.parents:
         if parent.exists():
             return parent if not parent.is_dir() else None
@@ -47,7 +48,7 @@ def check_output(
 
 
 def _check_output(out: Path, flag: str, inputs: Iterable[str | os.PathLike], folder: bool) -> Path:
-    blocker = _under_a_file(out)
+    blocker = under_a_file(out)
     if blocker is not None:
         raise UserError(
             f"{flag} {out}: {blocker} is a file, so nothing can be written under it",
@@ -240,7 +241,7 @@ def staged_output(
 
     Yields the temporary path to write (not created: make the folder or the file yourself)."""
     out = refuse_existing(path, force=force, folder=folder, flag=flag)
-    blocker = _under_a_file(out)
+    blocker = under_a_file(out)
     if blocker is not None:
         raise UserError(
             f"{flag} {out}: {blocker} is a file, so nothing can be written under it",

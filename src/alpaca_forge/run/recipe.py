@@ -40,6 +40,7 @@ from ..core.config import (
     yaml_where,
 )
 from ..core.errors import Problem, UserError, ValidationError
+from ..core.files import under_a_file
 from ..data.config import CleanConfig, DedupeConfig, QualityConfig
 from ..eval.config import PairwiseConfig
 from ..export.config import GgufConfig
@@ -298,6 +299,8 @@ def load_recipe(path: str | Path) -> Recipe:
         return config
 
     top = build(Top, top_node, ("",))
+    if top is not None:
+        problems.extend(_run_dir_problems(resolve_path(top.run_dir, p.parent), p))
     forecast = build(ForecastConfig, sections.get("forecast", (None, None))[1], ("forecast",))
     launch = build(LaunchConfig, sections.get("launch", (None, None))[1], ("launch",))
     stages: dict[str, Any] = {}
@@ -368,6 +371,15 @@ def load_recipe(path: str | Path) -> Recipe:
     if problems:
         raise ValidationError(problems, what=f"recipe {p}")
     return Recipe(p, top, forecast, launch, stages, where)
+
+
+def _run_dir_problems(run_dir: Path, p: Path) -> list[Problem]:
+    """The run directory can be a folder: checked before any compute, created only by a real run."""
+    blocker = under_a_file(run_dir)
+    if blocker is None and not (run_dir.exists() and not run_dir.is_dir()):
+        return []
+    what = f"{blocker} is a file, so nothing can be written under it" if blocker else "is a file, not a folder"
+    return [Problem(f"{p} (run_dir)", f"{run_dir}: {what}", "give run_dir a folder path (relative to the recipe file)")]
 
 
 def _batch_fits(train: Any, processes: int, where: str) -> list[Problem]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.files import write_json_atomic, write_text_atomic
+from ..core.files import check_output, write_json_atomic, write_text_atomic
 from . import forecast as fc
 from .config import RunConfig
 from .recipe import STAGES, Recipe, load_recipe
@@ -72,7 +72,7 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
     if config.dry_run:
         outcomes = dry_plan(works, state, recipe, config.from_stage)
         return RunResult(recipe.path, recipe.run_dir, True, outcomes, forecast, notes=notes)
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    check_output(recipe.run_dir, flag="run_dir", folder=True)  # made here, or a clear error
     write_text_atomic(recipe.run_dir / "recipe.yaml", recipe.path.read_text())
     write_json_atomic(recipe.run_dir / FORECAST_FILE, forecast.to_dict())
     outcomes = []
