@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def build_model(folder: Path) -> int:
@@ -99,7 +98,10 @@ def main() -> int:
         print("skipped: no CUDA GPU")
         return 0
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    from alpaca_forge.core.hardware import peak_tflops_of
+
+    peak_tflops = peak_tflops_of(name)
+    peak = peak_tflops * 1e12 if peak_tflops else None
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if args.corpus.endswith(".gz") else open

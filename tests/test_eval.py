@@ -80,6 +80,22 @@ def pairwise(tmp: Path, url: str, a: Path | str, b: Path | str, **more) -> objec
     return run_pairwise(build_config(PairwiseConfig, flags), progress=False)
 
 
+def pairwise_cli(tmp: Path, a: Path, b: Path):
+    """`eval pairwise` on the command line, for the mistakes it must refuse before any judging."""
+    return run_cli(
+        "eval",
+        "pairwise",
+        "--set",
+        str(tmp / "set.jsonl"),
+        "--a",
+        str(a),
+        "--b",
+        str(b),
+        "--output",
+        str(tmp / "o"),
+    )
+
+
 # Item k's truth: X better, Y better, or equally good (two texts the judge calls a tie).
 def truth(k: int) -> str:
     return ("x", "x", "y", "same")[k % 4]
@@ -567,18 +583,7 @@ def test_duplicate_ids_in_the_set_and_duplicate_system_names(tmp_path):
     assert_user_error(r, "set.jsonl:2", "id 'same' again (first at", "set.jsonl:1")
     make_set(tmp_path, 2)
     x = make_system(tmp_path, "x", ["a", "b"])
-    r = run_cli(
-        "eval",
-        "pairwise",
-        "--set",
-        str(tmp_path / "set.jsonl"),
-        "--a",
-        str(x),
-        "--b",
-        str(x),
-        "--output",
-        str(tmp_path / "o"),
-    )
+    r = pairwise_cli(tmp_path, x, x)
     assert_user_error(r, "two systems are both called 'x'", "NAME=FILE")
 
 
@@ -772,18 +777,7 @@ def test_an_id_whose_instruction_is_another_is_an_error(tmp_path):
     y = write_jsonl(
         tmp_path / "y.jsonl", [{"id": "t0", "instruction": "Translate to French: cat", "output": "chat"}]
     )
-    r = run_cli(
-        "eval",
-        "pairwise",
-        "--set",
-        str(tmp_path / "set.jsonl"),
-        "--a",
-        str(x),
-        "--b",
-        str(y),
-        "--output",
-        str(tmp_path / "o"),
-    )
+    r = pairwise_cli(tmp_path, x, y)
     assert_user_error(r, "y.jsonl:1", "id 't0' is the set's, but the instruction is another")
 
 

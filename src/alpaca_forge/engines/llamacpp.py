@@ -20,7 +20,6 @@ One llama.cpp context runs one generation at a time (a lock); a serve batch wait
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import os
 import queue
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.files import sha256_of
 from ..core.prompts import Message, PromptFormat, get_format, render_to_fit, resolve_format
 from .base import AnswerPieces, Completion, FinishReason, GenerationSettings, cut_at_stop
 
@@ -259,11 +259,7 @@ class LlamaCppEngine:
 
     def weights_digest(self) -> bytes:
         """sha256 of the file (the weights and everything else in it): ~0.3 s per 100 MB."""
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return h.digest()
+        return bytes.fromhex(sha256_of(self.path))
 
     # -- generation -------------------------------------------------------------------------
 

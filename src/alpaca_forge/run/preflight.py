@@ -78,12 +78,15 @@ def eos_labels_after_batching(examples: Sequence[Any], config: TrainConfig, eos:
     return min(ends, len(examples))
 
 
-def check(config: TrainConfig, records: Sequence[Record], where: str, shown: int = SHOWN) -> Preflight:
-    """Tokenises the records exactly as `train` will; raises when any EOS carries no loss."""
+def check(
+    config: TrainConfig, records: Sequence[Record], where: str, shown: int = SHOWN, tokenizer: Any = None
+) -> Preflight:
+    """Tokenises the records exactly as `train` will (with `tokenizer`, else the model's, loaded);
+    `require_eos` then refuses a run in which any EOS carries no loss."""
     from ..core.examples import describe_example, eos_id, tokenize_records
     from ..core.models import load_tokenizer, model_format
 
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     fmt = model_format(config.model, config.format, config.system, tokenizer, for_training=True)
     eos = eos_id(tokenizer)
     examples, report = tokenize_records(records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs)

@@ -378,8 +378,14 @@ def _run_dir_problems(run_dir: Path, p: Path) -> list[Problem]:
     blocker = under_a_file(run_dir)
     if blocker is None and not (run_dir.exists() and not run_dir.is_dir()):
         return []
-    what = f"{blocker} is a file, so nothing can be written under it" if blocker else "is a file, not a folder"
-    return [Problem(f"{p} (run_dir)", f"{run_dir}: {what}", "give run_dir a folder path (relative to the recipe file)")]
+    what = (
+        f"{blocker} is a file, so nothing can be written under it" if blocker else "is a file, not a folder"
+    )
+    return [
+        Problem(
+            f"{p} (run_dir)", f"{run_dir}: {what}", "give run_dir a folder path (relative to the recipe file)"
+        )
+    ]
 
 
 def _batch_fits(train: Any, processes: int, where: str) -> list[Problem]:
@@ -442,8 +448,6 @@ def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Probl
                 "remove data.input, or remove the generate stage",
             )
         )
-    if "train" in stages and "data" not in stages and "generate" in stages:
-        pass  # reported above (train needs data)
     return problems
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import write_text_atomic
-from ..core.hardware import PEAK_TFLOPS, mfu
+from ..core.hardware import flops_per_token_factor
 from .forecast import Forecast
 from .recipe import Recipe
 from .state import RunState
@@ -140,15 +140,9 @@ def _data(state: RunState) -> str:
             f"records asked for, from {_e(g.get('requests'))} requests ({_e(g.get('accepted_per_request'))} per request); "
             f"stopped: {_e(g.get('stop_reason'))}. Candidates dropped: {_e(dropped)}.</p>"
         )
-    checks = quality.get("checks") if isinstance(quality.get("checks"), dict) else None
-    if checks:
+    if quality:
         parts.append("<h3>Quality checks on the records before cleaning</h3>")
-        parts.append(
-            _table(
-                ((k, v.get("count") if isinstance(v, dict) else v) for k, v in checks.items()),
-                ("check", "records flagged"),
-            )
-        )
+        parts.append(_table(quality.items(), ("check", "records flagged")))
     stats = d.get("stats") or {}
     if stats:
         flat = [(k, v) for k, v in stats.items() if isinstance(v, (int, float, str))]
@@ -211,17 +205,12 @@ def _training(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
         ("wall time, s", s.get("wall_time_s")),
         ("processes", t.get("processes")),
     ]
-    params = forecast.train.parameters if forecast.train else None
-    gpu = recipe.forecast.gpu
-    if tps and params:
-        peak = recipe.forecast.peak_tflops or PEAK_TFLOPS[gpu]
-        value = mfu(tps, params, config.method, peak, t.get("processes", 1))
-        if gpu == "cpu":
-            rows.append(("achieved FLOP/s (CPU; MFU is a GPU measure)", f"{value * peak * 1e12:.3g}"))
-        else:
-            rows.append((f"MFU ({gpu}, {peak:g} TFLOP/s peak)", f"{value:.1%}"))
-    plot = Path(config.output if config.output.startswith("/") else recipe.run_dir / "train") / "loss.png"
-    return _table(rows) + _png(plot)
+    if s.get("mfu") is not None:  # train measures it on a CUDA device it knows the peak of
+        rows.append(("MFU", f"{s['mfu']:.1%} ({s['mfu_basis']})"))
+    elif tps and forecast.train:  # all processes' tokens/s already
+        achieved = flops_per_token_factor(config.method) * forecast.train.parameters * tps
+        rows.append(("achieved FLOP/s (train reports MFU on CUDA)", f"{achieved:.3g}"))
+    return _table(rows) + _png(Path(s["loss_plot"]) if s.get("loss_plot") else None)
 
 
 def _evaluation(state: RunState) -> str:

@@ -13,6 +13,7 @@ last complete checkpoint; data and export are quick and start over.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -59,6 +60,8 @@ class RunResult:
 
 def run(config: RunConfig, *, progress: bool = True) -> RunResult:
     started = time.perf_counter()
+    _tokenizer.cache_clear()  # read afresh by each run: a model folder may have changed since
+    _records.cache_clear()
     recipe = load_recipe(config.recipe)
     if config.from_stage and not recipe.has(config.from_stage):
         raise UserError(
@@ -166,13 +169,26 @@ def dry_plan(
 
 
 def _sample_records(recipe: Recipe) -> list[Any]:
+    if recipe.has("generate"):
+        return _records(recipe.stages["generate"].seeds)
+    if recipe.has("data"):
+        return _records(recipe.stages["data"].input)
+    return []
+
+
+# The checks and the forecast look at the same tokenizers and files: each is read once a run.
+@functools.lru_cache(maxsize=8)
+def _tokenizer(spec: str) -> Any:
+    from ..core.models import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+@functools.lru_cache(maxsize=8)
+def _records(path: str, require_output: bool = True) -> list[Any]:
     from ..core.records import read_records
 
-    if recipe.has("generate"):
-        return read_records(recipe.stages["generate"].seeds)
-    if recipe.has("data"):
-        return read_records(recipe.stages["data"].input)
-    return []
+    return read_records(path, require_output=require_output)
 
 
 def early_checks(recipe: Recipe) -> list[str]:
@@ -185,7 +201,8 @@ def early_checks(recipe: Recipe) -> list[str]:
     records = _sample_records(recipe)[:64]
     where = recipe.where["train"]
     try:
-        pre = preflight.check(recipe.stages["train"], records, where, shown=0)
+        train = recipe.stages["train"]
+        pre = preflight.check(train, records, where, shown=0, tokenizer=_tokenizer(train.model))
     except UserError as e:
         if "not in the local Hugging Face cache" in e.message or "is not installed" in e.message:
             return [f"the EOS check runs when the train stage starts: {e.message}"]
@@ -202,9 +219,7 @@ def _token_counter(spec: str | None) -> tuple[Callable[[str], int], str]:
     """The model's own tokenizer where it is on this machine, else 4 characters per token."""
     if spec:
         try:
-            from ..core.models import load_tokenizer
-
-            tok = load_tokenizer(spec)
+            tok = _tokenizer(spec)
             return (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), "tokenizer"
         except (UserError, OSError, ValueError):
             pass
@@ -251,11 +266,10 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
     teacher = train = judge = None
     records_expected = 0
     if "generate" in s:
-        from ..core.records import read_records
         from ..generate.steps import build_prompt, sample_demos
 
         g = s["generate"]
-        seeds = read_records(g.seeds)
+        seeds = _records(g.seeds)
         count, how = _token_counter(_local_engine_model(g.engine))
         prompts = [build_prompt(sample_demos(seeds, k, g.seed)) for k in range(8)]
         teacher = fc.teacher(
@@ -277,9 +291,7 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
         include = "data" in s and s["data"].include_seeds
         records_expected = expected_from_teacher + (len(seeds) if include else 0)
     elif "data" in s:
-        from ..core.records import read_records
-
-        records_expected = len(read_records(s["data"].input))
+        records_expected = len(_records(s["data"].input))
     if "train" in s:
         t = s["train"]
         tokens_per_example, how = _tokens_per_example(t, _sample_records(recipe))
@@ -310,10 +322,8 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
         )
     inference_tokens = 0
     if "infer" in s:
-        from ..core.records import read_records
-
         i = s["infer"]
-        items = read_records(i.input, require_output=False)
+        items = _records(i.input, require_output=False)
         n = min(len(items), i.limit or len(items))
         inference_tokens = 2 * n * i.generation.max_new_tokens
         if "eval" in s:
@@ -342,9 +352,9 @@ def _tokens_per_example(t: Any, records: list[Any]) -> tuple[float, str]:
         return float(t.max_seq_len), "max_seq_len (no records at hand)"
     try:
         from ..core.examples import tokenize_records
-        from ..core.models import load_tokenizer, model_format
+        from ..core.models import model_format
 
-        tok = load_tokenizer(t.model)
+        tok = _tokenizer(t.model)
         fmt = model_format(t.model, t.format, t.system, tok, for_training=True)
         examples, _ = tokenize_records(records, tok, fmt, t.max_seq_len, t.train_on_inputs)
         if examples:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.files import write_json_atomic, write_text_atomic
+from ..core.files import read_appended_jsonl, write_json_atomic, write_text_atomic
 from .recipe import Recipe, placeholder_free
 
 log = logging.getLogger("alpaca_forge")
@@ -236,7 +236,7 @@ def _data(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict
     return {
         "from_teacher_in": len(teacher),
         "from_seeds_in": len(seeds),
-        "quality": {k: v.get("count", v) if isinstance(v, dict) else v for k, v in quality.report.items()},
+        "quality": {name: check["count"] for name, check in quality.report["checks"].items()},
         "cleaned_out": clean.removed,
         "clean_checks": list(work.configs["clean"].checks),
         "deduped_out": dedupe.dropped,
@@ -337,11 +337,8 @@ def _eval(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict
     r = run_pairwise(work.configs["eval"], progress=progress)
     report = json.loads((r.output / "report.json").read_text())
     prompt_tokens = completion_tokens = 0
-    for line in r.cache.read_text().splitlines() if r.cache.is_file() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut by a kill: eval dropped it too
-            continue
+    fix = "run the recipe with --from eval to judge again"
+    for _line, row in read_appended_jsonl(r.cache, ("key", "reply"), "run", fix) if r.cache.is_file() else ():
         prompt_tokens += int(row.get("prompt_tokens") or 0)
         completion_tokens += int(row.get("completion_tokens") or 0)
     return {

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.files import write_json_atomic
+from ..core.files import sha256_of, write_json_atomic
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -32,12 +32,9 @@ def _file_digest(path: Path, cache: dict[str, Any]) -> str:
     known = cache.get(key)
     if known and known["size"] == st.st_size and known["mtime_ns"] == st.st_mtime_ns:
         return known["sha256"]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-    return h.hexdigest()
+    digest = sha256_of(path)
+    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return digest
 
 
 def content_hash(path: Path, cache: dict[str, Any]) -> str:
