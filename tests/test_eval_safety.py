@@ -6,6 +6,7 @@ process. No mocks: the content filter, the HTTP engine and the files are the rea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -23,7 +24,8 @@ from alpaca_forge.eval.safety import (
     run_safety,
 )
 from alpaca_forge.eval.safety.cli import TOOL, handle
-from alpaca_forge.eval.safety.runner import ANSWERS, BENIGN, UNCATEGORISED
+from alpaca_forge.eval.safety.prompts import BENIGN, UNCATEGORISED
+from alpaca_forge.eval.safety.report import ANSWERS
 
 from conftest import REPO, assert_user_error, run_cli
 from openai_server import LoopbackServer
@@ -382,3 +384,26 @@ def test_the_tiny_model_in_process_answers_caches_and_reports(tiny_model_dir, tm
     again = run_safety(config, progress=False)  # a rerun loads the model but asks nothing
     assert (again.asked, again.cached) == (0, 7)
     assert [o.id for o in again.outcomes] == [row["id"] for row in rows]
+
+
+def test_prompt_files_are_read_through_core_records_with_its_line_problems(tmp_path):
+    import gzip
+
+    from alpaca_forge.core.records import read_records
+
+    plain = write_prompts(tmp_path / "prompts.jsonl")
+    packed = tmp_path / "prompts.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_prompts(packed) == [
+        dataclasses.replace(p, where=p.where.replace(str(plain), str(packed))) for p in load_prompts(plain)
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"instruction": "ok"}\n{"instruction": "caf\xe9"}\nnot json\n')
+    with pytest.raises(ValidationError) as ours:
+        load_prompts(bad)
+    with pytest.raises(ValidationError) as records:
+        read_records(bad, require_output=False)
+    # the same file:line and message for what is wrong with the bytes and the JSON
+    assert [(p.where, p.message) for p in ours.value.problems] == [
+        (p.where, p.message) for p in records.value.problems
+    ]
