@@ -137,8 +137,9 @@ def main() -> int:
         return 0
     import torch
 
+    from alpaca_forge.core.devices import cpu_has_native_bf16
     from alpaca_forge.core.examples import tokenize_records
-    from alpaca_forge.core.models import cpu_has_native_bf16, load_tokenizer
+    from alpaca_forge.core.models import load_tokenizer
     from alpaca_forge.core.prompts import get_format
     from alpaca_forge.core.records import read_records
     from alpaca_forge.train.batching import pack

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alpaca_forge import UserError, get_format, load_model, resolve_model, save_model
-from alpaca_forge.core.models import pick_dtype
+from alpaca_forge.core.devices import pick_dtype
 
 from conftest import assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from alpaca_forge import FinishReason, GenerationSettings, Message, get_format, load_model
-from alpaca_forge.core.models import BUILTIN_MODELS, _load_gguf, builtin_gguf_path, cache_root
+from alpaca_forge.core.gguf_cache import cache_root, load_gguf
+from alpaca_forge.core.models import BUILTIN_MODELS, builtin_gguf_path
 from alpaca_forge.engines.transformers_engine import TransformersEngine
 
 from conftest import run_cli
@@ -40,7 +41,7 @@ def test_loads_as_a_134m_llama_and_caches_the_conversion(smollm2):
 
 
 def test_the_cached_copy_is_exactly_the_gguf(smollm2):
-    direct, tokenizer = _load_gguf(builtin_gguf_path(BUILTIN_MODELS["smollm2-135m-instruct"]))
+    direct, tokenizer = load_gguf(builtin_gguf_path(BUILTIN_MODELS["smollm2-135m-instruct"]))
     ids = tokenizer("Below is an instruction that describes a task.", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(direct(**ids).logits, smollm2.model(**ids).logits)

@@ -447,7 +447,7 @@ def test_data_tokenize_writes_what_the_trainer_sees(tiny_model_dir, data, tmp_pa
 
 
 def test_bf16_on_a_cpu_is_checked_against_its_flags(tmp_path):
-    from alpaca_forge.core.models import cpu_has_native_bf16
+    from alpaca_forge.core.devices import cpu_has_native_bf16
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")

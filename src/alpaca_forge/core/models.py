@@ -8,8 +8,9 @@ A model is named by one string (`--model`), resolved in this order:
 3. a Hugging Face id (`org/name`) already in the local HF cache. Nothing is downloaded while
    `HF_HUB_OFFLINE=1`, which the CLI sets unless the user set it otherwise.
 
-GGUF files are dequantized by transformers into a dense model; that takes ~20 s for SmolLM2, so
-the dense result is saved once under the cache directory and later loads take under a second.
+A GGUF is read through its dense copy (`gguf_cache`); the device and dtype come from the one
+policy in `devices`. Loading gives weights, tokenizer and the prompt format together; a LoRA
+adapter is merged into its base here, on the one merge path.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .devices import DTYPES as DTYPES  # the --dtype choices, which every stage config imports from here
+from .devices import pick_device, pick_dtype
 from .errors import UserError
+from .gguf_cache import clear_gguf_marker, dense_gguf, no_hf_progress_bars
 from .prompts import PromptFormat, read_saved_format, resolve_format, save_format
 
 log = logging.getLogger(__name__)
@@ -175,188 +176,6 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices and dtypes
-
-
-def pick_device(device: str = "auto") -> Any:
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device {device!r} asked for, but no CUDA GPU is available", "use --device cpu (or auto)"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(
-            f"device {device!r} asked for, but MPS is not available", "use --device cpu (or auto)"
-        )
-    return dev
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def pick_dtype(dtype: str, device: Any) -> Any:
-    """`auto` is bf16 on a GPU that supports it, else fp32 (fp16 is only ever an explicit choice)."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}", f"use one of: {', '.join(DTYPES)}")
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
-def training_precision(dtype: str) -> tuple[str, Any]:
-    """(device type, autocast dtype or None for fp32) for training: the same policy as `pick_dtype`
-    (bf16 on a GPU that has it, fp32 elsewhere), plus what only training needs (fp16 loss scaling
-    runs on CUDA alone)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if dtype == "auto":
-        return ("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else None) if cuda else ("cpu", None)
-    if dtype == "float16":
-        if not cuda:
-            raise UserError(
-                "float16 training needs a CUDA GPU (it relies on loss scaling, which runs there)",
-                "on a CPU use --dtype bfloat16 or float32",
-            )
-        return "cuda", torch.float16
-    if dtype == "bfloat16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise UserError("this GPU has no bfloat16", "use --dtype float16 (loss-scaled) or float32")
-        if not cuda and cpu_has_native_bf16() is False:
-            log.warning(
-                "warning: this CPU has no bfloat16 instructions (no AVX512-BF16 or AMX): bfloat16 "
-                "matrix products are emulated and run far slower than float32 (130x, measured on an "
-                "AVX2 EPYC); use --dtype float32 here"
-            )
-        return ("cuda" if cuda else "cpu"), torch.bfloat16
-    return ("cuda" if cuda else "cpu"), None
-
-
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
-    """Whether the CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); None where
-    the CPU's flags cannot be read."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return None
-    flags = {
-        word
-        for line in text.splitlines()
-        if line.lower().startswith(("flags", "features"))
-        for word in line.split(":", 1)[-1].split()
-    }
-    if not flags:
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF: dequantized once, cached dense
-
-
-def cache_root() -> Path:
-    """Where converted models are kept: $ALPACA_FORGE_CACHE, else the XDG cache folder."""
-    if os.environ.get("ALPACA_FORGE_CACHE"):
-        return Path(os.environ["ALPACA_FORGE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "alpaca-forge"
-
-
-def _gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
-
-
-@contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """Silence transformers' own bars for steps that take a second (loading or saving dense weights)."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
-def _load_gguf(gguf: Path) -> tuple[Any, Any]:
-    """Dequantize a GGUF file into a dense fp32 model and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("reading %s (GGUF, dequantized once to a dense model)", gguf.name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (ValueError, OSError, KeyError) as e:
-        raise UserError(
-            f"{gguf}: cannot be loaded as a GGUF model ({e})",
-            "check that the file is a complete GGUF of a causal LM",
-        ) from e
-    clear_gguf_marker(model)
-    return model, tokenizer
-
-
-def clear_gguf_marker(model: Any) -> None:
-    """Make a model that transformers loaded from GGUF saveable like any dense model.
-
-    The weights are already dequantized, but the model still carries the GGUF quantizer, whose
-    `save_pretrained` refuses with "not serializable". This is the one place that clears it.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if getattr(method, "value", method) == "gguf":
-        quantizer.remove_quantization_config(model)
-
-
-def _dense_dir_for_gguf(gguf: Path) -> Path | tuple[Any, Any]:
-    """The cached dense copy of a GGUF, made now if missing. Returns the loaded pair instead when
-    the cache cannot be written (read-only home, ALPACA_FORGE_NO_CACHE=1)."""
-    target = _gguf_cache_dir(gguf)
-    if (target / ".complete").is_file():
-        return target
-    model, tokenizer = _load_gguf(gguf)
-    if os.environ.get("ALPACA_FORGE_NO_CACHE"):
-        return model, tokenizer
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        with _no_hf_progress_bars():
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        (tmp / ".complete").write_text(str(gguf) + "\n")
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-        log.info("cached the dense model in %s (later loads take under a second)", target)
-        return target
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.warning(
-            "could not cache the converted model in %s (%s); it will be converted on every load", target, e
-        )
-        return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -380,7 +199,7 @@ def _from_pretrained(location: str, *, hub: bool, **model_kwargs: Any) -> tuple[
 
     tokenizer = _tokenizer_from(location)
     try:
-        with _no_hf_progress_bars():  # a dense load takes about a second: no bar needed
+        with no_hf_progress_bars():  # a dense load takes about a second: no bar needed
             model = AutoModelForCausalLM.from_pretrained(
                 location, local_files_only=hub_offline(), **model_kwargs
             )
@@ -483,8 +302,8 @@ def load_tokenizer(spec: str = DEFAULT_MODEL) -> Any:
     """Only the tokenizer of a model (fast: no weights are read once a GGUF is cached)."""
     source = resolve_model(spec)
     if source.kind in ("gguf", "builtin"):
-        found = _dense_dir_for_gguf(Path(source.location))
-        return found[1] if isinstance(found, tuple) else _tokenizer_from(str(found))
+        dense = dense_gguf(Path(source.location))
+        return dense.tokenizer if dense.folder is None else _tokenizer_from(str(dense.folder))
     return _tokenizer_from(source.location)
 
 
@@ -510,22 +329,22 @@ def load_pretrained(spec: str, **model_kwargs: Any) -> tuple[Any, Any, ModelSour
     if source.kind == "adapter":
         model, tokenizer = merge_adapter(Path(source.location))
     elif source.kind in ("gguf", "builtin"):
-        found = _dense_dir_for_gguf(Path(source.location))
-        if isinstance(found, tuple) and not model_kwargs:  # no cache could be written: the pair itself
-            model, tokenizer = found
-        elif isinstance(found, tuple):
+        dense = dense_gguf(Path(source.location))
+        if dense.folder is not None:
+            model, tokenizer = _from_pretrained(str(dense.folder), hub=False, **model_kwargs)
+        elif not model_kwargs:  # no cache could be written: the pair itself
+            model, tokenizer = dense.model, dense.tokenizer
+        else:
             # The load options (a 4-bit quantization config for QLoRA) only apply to a load from
             # files, so the dense copy goes to a temporary folder for this one load.
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="alpaca-forge-dense-") as tmp:
-                with _no_hf_progress_bars():
-                    found[0].save_pretrained(tmp)
-                    found[1].save_pretrained(tmp)
-                del found
+                with no_hf_progress_bars():
+                    dense.model.save_pretrained(tmp)
+                    dense.tokenizer.save_pretrained(tmp)
+                del dense
                 model, tokenizer = _from_pretrained(tmp, hub=False, **model_kwargs)
-        else:
-            model, tokenizer = _from_pretrained(str(found), hub=False, **model_kwargs)
     else:
         model, tokenizer = _from_pretrained(source.location, hub=source.kind == "hub", **model_kwargs)
     return model, tokenizer, source

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.devices import training_precision
 from ..core.errors import UserError
 from ..core.examples import eos_id, fingerprint, tokenize_records
 from ..core.files import check_output
@@ -21,7 +22,6 @@ from ..core.models import (
     load_pretrained,
     load_tokenizer,
     model_format,
-    training_precision,
     weights_fingerprint,
 )
 from ..core.prompts import PromptFormat
