@@ -5,11 +5,16 @@ port 0 gives a free port whose number is known before the first request. The end
 thread is signalled by an Event, never read from `Thread.join`: after Ctrl-C interrupts a join,
 CPython (3.11) reports the thread stopped while it still runs, and closing the socket under a
 live uvicorn then fails with a traceback.
+
+Both servers face clients before any key is checked, so each connection is held to a deadline for
+its request headers and the server to a cap on open connections (`core/http_guard.py` says how);
+the process's open-file limit is raised to its hard limit, and the cap kept well under it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import signal
@@ -24,6 +29,22 @@ from .errors import UserError
 log = logging.getLogger("alpaca_forge")
 
 EADDRINUSE = 98
+# What to assume where the open-file limit is unknown or unlimited (then the cap is 1000 anyway).
+ASSUMED_FILE_LIMIT = 1 << 16
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit; the limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not on this system (Windows): leave it
+        return ASSUMED_FILE_LIMIT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # a sandbox may refuse it: keep the old one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft if soft != resource.RLIM_INFINITY else ASSUMED_FILE_LIMIT
 
 
 def bind_listener(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
@@ -51,7 +72,14 @@ def bind_listener(host: str, port: int, *, backlog: int = 2048) -> socket.socket
 
 
 class BackgroundServer:
-    """`app` served by uvicorn on `sock` from a daemon thread, until `stop()`."""
+    """`app` served by uvicorn on `sock` from a daemon thread, until `stop()`.
+
+    `keep_alive_s`: how long a connection may sit idle between requests. `header_timeout_s`: how
+    long a client has to send a request's line and headers, from opening the connection (or from
+    the next request's first byte). `max_connections`: open connections at most (held under half
+    the open-file limit); past it the oldest connection that is idle or still sending headers is
+    closed. A request whose headers are in is never cut by these (its body has the app's limits).
+    """
 
     def __init__(
         self,
@@ -61,15 +89,24 @@ class BackgroundServer:
         name: str,
         keep_alive_s: float = 5,
         graceful_shutdown_s: float = 5,
+        header_timeout_s: float = 5,
+        max_connections: int = 1000,
     ):
         import uvicorn
 
+        from .http_guard import ConnectionLimits, GuardedH11Protocol
+
+        # Half the open-file limit at most: the other half is room for what is not a client (the
+        # model's files, the request log, pipes, the listening socket), so accept() never fails.
+        self.limits = ConnectionLimits(header_timeout_s, min(max_connections, raise_open_file_limit() // 2))
         self.sock = sock
         host, port = sock.getsockname()[:2]
         self.port = port
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         config = uvicorn.Config(
             app,
+            http=functools.partial(GuardedH11Protocol, limits=self.limits),
+            ws="none",  # neither server speaks WebSocket: an upgrade request is answered as plain HTTP
             log_level="warning",
             access_log=False,
             timeout_keep_alive=keep_alive_s,
