@@ -15,6 +15,10 @@ is where each value came from, so every problem names its flag (`--learning-rate
 Built from Python (`InferConfig(input="x.jsonl")`) the same checks run in `__post_init__`;
 built from the command line or a YAML file (`build_config`), nested configs are flattened into
 one set of flags and YAML keys, and may also be written as nested YAML sections.
+
+Here: the `Config` base, the checks, and building a config from defaults, YAML and flags. How
+fields are declared and flattened is in `config_fields`, reading YAML with its lines in
+`config_yaml`; stage configs, the command line and the recipe import all of it from here.
 """
 
 from __future__ import annotations
@@ -22,63 +26,44 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import types
-import typing
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, get_origin
 
-from .errors import Problem, UserError, ValidationError
+from .config_fields import (
+    REQUIRED,
+    FieldPath,
+    Leaf,
+    base_type,
+    choices_of,
+    field_types,
+    is_nested,
+    leaf_index,
+    leaves,
+    nested,
+    setting,
+    shown_default,
+)
+from .config_yaml import compose_yaml, read_yaml_settings, settings_from_node, yaml_where
+from .errors import Problem, ValidationError
 
-REQUIRED: Any = dataclasses.MISSING  # a setting with no default: the user must give it
-FieldPath = tuple[str, ...]  # a field's place in a nested config, e.g. ("engine", "model")
-
-
-def setting(
-    default: Any,
-    help: str,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    positional: bool = False,
-    repeat: bool = False,
-    sep: str | None = None,
-    metavar: str | None = None,
-    flag: str | None = None,
-    cli: bool = True,
-) -> Any:
-    """A config field. `ge/gt/le/lt` bound a number; `repeat` makes a flag repeatable and `sep`
-    splits one flag value into a list; `cli=False` keeps a field out of the command line."""
-    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    metadata = {
-        "help": help,
-        "bounds": bounds,
-        "positional": positional,
-        "repeat": repeat,
-        "sep": sep,
-        "metavar": metavar,
-        "flag": flag,
-        "cli": cli,
-    }
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def nested(
-    cls: type,
-    title: str,
-    factory: Callable[[], Any] | None = None,
-    exclude: tuple[str, ...] = (),
-    prefix: str = "",
-) -> Any:
-    """A config inside a config (its flags shown under `title`); `exclude` leaves some of its
-    fields off the command line where the outer config has a flag of the same name; `prefix`
-    names its settings apart from another of the same kind (`judge` -> --judge-model)."""
-    return dataclasses.field(
-        default_factory=factory or cls,
-        metadata={"nested": True, "title": title, "exclude": exclude, "prefix": prefix},
-    )
+__all__ = [
+    "REQUIRED",
+    "Config",
+    "FieldPath",
+    "Leaf",
+    "base_type",
+    "build_config",
+    "choices_of",
+    "compose_yaml",
+    "config_from",
+    "leaf_paths",
+    "leaves",
+    "nested",
+    "setting",
+    "settings_from_node",
+    "shown_default",
+    "yaml_where",
+]
 
 
 class Config:
@@ -94,7 +79,7 @@ class Config:
         if problems:
             raise ValidationError(problems, what=f"{type(self).__name__} settings")
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            if not _is_nested(f):  # keep the coerced values ("5" -> 5, [..] -> (..))
+            if not is_nested(f):  # keep the coerced values ("5" -> 5, [..] -> (..))
                 object.__setattr__(self, f.name, checked[f.name])
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,93 +96,6 @@ def _json(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fields, flattened
-
-
-@dataclasses.dataclass(frozen=True)
-class Leaf:
-    """One setting as the command line and a YAML file see it."""
-
-    path: FieldPath
-    field: dataclasses.Field
-    type: Any
-    default: Any  # REQUIRED when there is none
-    prefix: str = ""  # the nested config's name prefix, if it has one (`judge` -> judge_model)
-
-    @property
-    def name(self) -> str:
-        return f"{self.prefix}_{self.path[-1]}" if self.prefix else self.path[-1]
-
-    @property
-    def flag(self) -> str:
-        return self.field.metadata.get("flag") or "--" + self.name.replace("_", "-")
-
-    @property
-    def help(self) -> str:
-        return self.field.metadata.get("help", "")
-
-    @property
-    def bounds(self) -> dict[str, float]:
-        return self.field.metadata.get("bounds", {})
-
-
-def _is_nested(f: dataclasses.Field) -> bool:
-    return bool(f.metadata.get("nested"))
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def leaves(cls: type, prefix: FieldPath = (), defaults: Any = None, name_prefix: str = "") -> list[Leaf]:
-    """Every setting of `cls`, nested configs expanded, with its default."""
-    out = []
-    for f in dataclasses.fields(cls):
-        t = _hints(cls)[f.name]
-        if _is_nested(f):
-            inner = f.default_factory()  # type: ignore[misc]
-            for leaf in leaves(t, (*prefix, f.name), inner, f.metadata.get("prefix", "") or name_prefix):
-                if leaf.path[-1] not in f.metadata["exclude"]:
-                    out.append(leaf)
-            continue
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        elif f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = REQUIRED
-        out.append(Leaf((*prefix, f.name), f, t, default, name_prefix))
-    return out
-
-
-def _leaf_index(cls: type) -> dict[str, Leaf]:
-    """Settings by name, as YAML keys and flags spell them (a field whose flag differs, e.g.
-    `echo` / `--print`, answers to both)."""
-    index: dict[str, Leaf] = {}
-    for leaf in leaves(cls):
-        index.setdefault(leaf.name, leaf)  # the outer config's own field wins a name clash
-    for leaf in leaves(cls):
-        index.setdefault(leaf.flag.lstrip("-").replace("-", "_"), leaf)
-    return index
-
-
-def base_type(t: Any) -> Any:
-    """`int | None` -> int; `tuple[str, ...]` -> tuple; a Literal stays a Literal."""
-    args = [a for a in get_args(t) if a is not type(None)]
-    if get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1:
-        return base_type(args[0])
-    return t
-
-
-def choices_of(t: Any) -> tuple[Any, ...] | None:
-    t = base_type(t)
-    return get_args(t) if get_origin(t) is Literal else None
-
-
-# ---------------------------------------------------------------------------------------------
 # Validation: pydantic, with every problem located
 
 
@@ -209,8 +107,8 @@ def _model(cls: type) -> Any:
 
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        t = _hints(cls)[f.name]
-        if _is_nested(f):
+        t = field_types(cls)[f.name]
+        if is_nested(f):
             fields[f.name] = (_model(t), ...)
         else:
             fields[f.name] = (t, pydantic.Field(..., **f.metadata.get("bounds", {})))
@@ -256,13 +154,6 @@ def _describe(error: dict[str, Any], quote: bool) -> str:
         "list_type": "must be a list",
     }
     return phrases.get(kind, error["msg"].lower()) + shown
-
-
-def shown_default(value: Any) -> str | None:
-    """A default worth showing (not None, off, empty)."""
-    if value is REQUIRED or value is None or value is False or value == "" or value == ():
-        return None
-    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _fix_for(leaf: Leaf | None, where: str) -> str:
@@ -313,10 +204,13 @@ def _validate(
         # Nested configs whose own fields are fine still get their cross-field checks, so one
         # run reports everything.
         for f in dataclasses.fields(cls):
-            if _is_nested(f) and f.name not in failed and isinstance(values.get(f.name), dict):
+            if is_nested(f) and f.name not in failed and isinstance(values.get(f.name), dict):
                 inner = {p[1:]: w for p, w in origins.items() if p[:1] == (f.name,)}
                 _, more = _validate(
-                    _hints(cls)[f.name], values[f.name], inner, lambda p, n=f.name: default_where((n, *p))
+                    field_types(cls)[f.name],
+                    values[f.name],
+                    inner,
+                    lambda p, n=f.name: default_where((n, *p)),
                 )
                 problems += more
         return values, problems
@@ -332,8 +226,8 @@ def _cross_checks(
     for field, message, fix in _instance(cls, checked).check():
         yield (*prefix, *field.split(".")), message, fix
     for f in dataclasses.fields(cls):
-        if _is_nested(f):
-            yield from _cross_checks(_hints(cls)[f.name], checked[f.name], (*prefix, f.name))
+        if is_nested(f):
+            yield from _cross_checks(field_types(cls)[f.name], checked[f.name], (*prefix, f.name))
 
 
 def _instance(cls: type, data: dict[str, Any]) -> Any:
@@ -341,9 +235,9 @@ def _instance(cls: type, data: dict[str, Any]) -> Any:
     obj = object.__new__(cls)
     for f in dataclasses.fields(cls):
         v = data[f.name]
-        if _is_nested(f):
-            v = _instance(_hints(cls)[f.name], v)
-        elif isinstance(v, list) and get_origin(base_type(_hints(cls)[f.name])) is tuple:
+        if is_nested(f):
+            v = _instance(field_types(cls)[f.name], v)
+        elif isinstance(v, list) and get_origin(base_type(field_types(cls)[f.name])) is tuple:
             v = tuple(v)
         object.__setattr__(obj, f.name, v)
     return obj
@@ -362,107 +256,13 @@ def _set(tree: dict[str, Any], path: FieldPath, value: Any) -> None:
 def _defaults_tree(cls: type) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if _is_nested(f):
+        if is_nested(f):
             tree[f.name] = _plain(f.default_factory())  # type: ignore[misc]
         elif f.default is not dataclasses.MISSING:
             tree[f.name] = _plain(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             tree[f.name] = _plain(f.default_factory())
     return tree
-
-
-def compose_yaml(path: str | os.PathLike) -> Any:
-    """The YAML file's node tree (None when empty), every line number kept; read and syntax
-    errors are the user's, named by file and line."""
-    import yaml
-
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"{p}: cannot read the config ({e.strerror})", "check the path") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(
-            f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x})",
-            f"save the config as UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > fixed.yaml`",
-        ) from e
-    try:
-        return yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise UserError(
-            f"{where}: not valid YAML ({getattr(e, 'problem', e)})", "fix the syntax at that line"
-        ) from e
-
-
-def yaml_where(path: str | os.PathLike, node: Any, yaml_path: FieldPath = ()) -> str:
-    """`file:line`, with the key's place in the file (`stages.train.epochs`) when it is nested."""
-    where = f"{path}:{node.start_mark.line + 1}"
-    return f"{where} ({'.'.join(yaml_path)})" if len(yaml_path) > 1 else where
-
-
-def read_yaml_settings(
-    cls: type, path: str | os.PathLike
-) -> tuple[dict[FieldPath, Any], dict[FieldPath, str], list[Problem]]:
-    """The settings a YAML file gives, each with its file:line; unknown keys are problems."""
-    import yaml
-
-    p = Path(path)
-    root = compose_yaml(p)
-    if root is None:
-        return {}, {}, []
-    if not isinstance(root, yaml.MappingNode):
-        raise UserError(f"{p}: a config is a mapping of settings", "write one `name: value` per line")
-    return settings_from_node(cls, root, p)
-
-
-def settings_from_node(
-    cls: type, root: Any, p: str | os.PathLike, yaml_path: FieldPath = ()
-) -> tuple[dict[FieldPath, Any], dict[FieldPath, str], list[Problem]]:
-    """The settings one YAML mapping gives `cls` (a whole file, or a section of a recipe at
-    `yaml_path`), each with where it was written; unknown keys are problems."""
-    import yaml
-
-    values: dict[FieldPath, Any] = {}
-    origins: dict[FieldPath, str] = {}
-    problems: list[Problem] = []
-    index = _leaf_index(cls)
-    sections = {f.name: _hints(cls)[f.name] for f in dataclasses.fields(cls) if _is_nested(f)}
-
-    def take(node: Any, scope: type, prefix: FieldPath) -> None:
-        names = {
-            leaf.path[len(prefix)]: leaf
-            for leaf in leaves(scope, prefix)
-            if len(leaf.path) == len(prefix) + 1
-        }
-        for key_node, value_node in node.value:
-            name = str(key_node.value).replace("-", "_")
-            # a section of a recipe names the key's place; a file of one config, its line alone
-            where = yaml_where(p, key_node, (*yaml_path, *prefix, str(key_node.value)) if yaml_path else ())
-            if not prefix and name in sections and isinstance(value_node, yaml.MappingNode):
-                take(value_node, sections[name], (name,))
-                continue
-            leaf = names.get(name) or (index.get(name) if not prefix else None)
-            if leaf is None:
-                known = sorted(names) if prefix else sorted(index)
-                close = [n for n in known if n.startswith(name[:4])] or known
-                problems.append(
-                    Problem(
-                        where,
-                        f"unknown setting '{key_node.value}'",
-                        f"known settings include: {', '.join(close)}",
-                    )
-                )
-                continue
-            values[leaf.path] = yaml.safe_load(yaml.serialize(value_node))
-            origins[leaf.path] = where
-
-    take(root, cls, ())
-    return values, origins, problems
 
 
 def config_from(
@@ -482,7 +282,7 @@ def config_from(
 
 def leaf_paths(cls: type) -> dict[str, FieldPath]:
     """A setting's place in `cls` by its YAML key / flag name (`judge_model` -> judge.model)."""
-    return {name: leaf.path for name, leaf in _leaf_index(cls).items()}
+    return {name: leaf.path for name, leaf in leaf_index(cls).items()}
 
 
 def build_config(cls: type, flags: Mapping[str, Any], file: str | os.PathLike | None = None) -> Any:
@@ -495,7 +295,7 @@ def build_config(cls: type, flags: Mapping[str, Any], file: str | os.PathLike | 
         values, origins, problems = read_yaml_settings(cls, file)
         for path, value in values.items():
             _set(tree, path, value)
-    index = _leaf_index(cls)
+    index = leaf_index(cls)
     for name, value in flags.items():
         leaf = index[name]
         _set(tree, leaf.path, value)
