@@ -1,8 +1,8 @@
 """Alpaca records: `{instruction, input, output}`, read from and written to JSON arrays or JSONL.
 
-Reading streams the file (a JSON array is parsed item by item, never loaded whole with `json.load`)
-and remembers where each item came from, so every problem can be reported as `file:line` plus the
-field and a fix. Three input shapes are understood:
+Reading streams the file item by item (`core/json_items.py`), each item with where it came from,
+so every problem can be reported as `file:line` plus the field and a fix. Here each item becomes
+records, whatever its shape; these are understood:
 
 - Alpaca: `{"instruction", "input", "output"}`, as in the 52K `alpaca_data.json`;
 - seed tasks and evaluation tasks: `{"id", "instruction", "instances": [{"input", "output"}]}`,
@@ -14,22 +14,17 @@ field and a fix. Three input shapes are understood:
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .errors import Problem, UserError, ValidationError
 from .files import atomic_writer
-
-_RECORD_EXAMPLE = (
-    '{"instruction": "Name three primary colours.", "input": "", "output": "Red, yellow and blue."}'
-)
+from .json_items import RECORD_EXAMPLE, iter_json_items
 
 
 @dataclass(frozen=True)
@@ -46,217 +41,6 @@ class Record:
         if self.id is not None:
             d = {"id": self.id, **d}
         return d
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading: raw JSON items with their location
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    if not path.exists():
-        raise UserError(
-            f"{path}: no such file", "check the path; relative paths start from the current directory"
-        )
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a data file", "name a .json or .jsonl file inside it")
-    try:
-        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror})", "check the file's permissions") from e
-
-
-def _decode_line(raw: bytes, where: str, problems: list[Problem]) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        problems.append(
-            Problem(
-                where,
-                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.json > out.json`",
-            )
-        )
-        return raw.decode("utf-8", errors="replace")
-
-
-# What reading a damaged file raises: a cut-off gzip stream (EOFError), a corrupt one (zlib.error,
-# or gzip's OSError on a bad header or checksum), a failing disk (OSError).
-_READ_ERRORS = (OSError, EOFError, zlib.error)
-
-
-def _read_error(path: Path, e: BaseException) -> UserError:
-    if isinstance(e, EOFError):
-        return UserError(
-            f"{path}: the compressed file ends early: it is cut off",
-            "the file was truncated while being written or copied; regenerate or re-copy it",
-        )
-    return UserError(f"{path}: cannot be read ({e})", "check that the file is not damaged")
-
-
-def _lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
-    """The file's lines, a read that fails part way through reported as the user's problem."""
-    try:
-        yield from f
-    except _READ_ERRORS as e:
-        raise _read_error(path, e) from e
-
-
-def _first_char(path: Path) -> str:
-    with _open_binary(path) as f:
-        try:
-            head = f.read(4096)
-        except _READ_ERRORS as e:
-            raise _read_error(path, e) from e
-    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-    return text[:1]
-
-
-def iter_json_items(path: str | os.PathLike, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
-    """Yield `(where, value)` for each item of a JSON array or each line of a JSONL file.
-
-    Problems (bad JSON, bad UTF-8, a truncated array) are appended to `problems` rather than
-    raised, so that a caller can report them all at once; items that cannot be parsed are skipped.
-    """
-    path = Path(path)
-    first = _first_char(path)
-    if first == "":
-        problems.append(
-            Problem(str(path), "the file is empty", f"add records, one per line: {_RECORD_EXAMPLE}")
-        )
-        return
-    if first == "[":
-        yield from _iter_json_array(path, problems)
-    else:
-        yield from _iter_jsonl(path, problems)
-
-
-def _iter_jsonl(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(_lines(f, path), start=1):
-            where = f"{path}:{lineno}"
-            text = _decode_line(raw, where, problems).rstrip("\r\n")
-            if lineno == 1:
-                text = text.lstrip("\ufeff")
-            if not text.strip():
-                continue
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as e:
-                problems.append(
-                    Problem(
-                        where,
-                        f"not valid JSON ({e.msg}: column {e.colno})",
-                        f"each line of a .jsonl file must be one JSON object, e.g. {_RECORD_EXAMPLE}",
-                    )
-                )
-
-
-_WHITESPACE = " \t\r\n"
-
-
-def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
-    """Parse `[item, item, ...]` one item at a time, reading the file line by line.
-
-    `buf[pos:]` is the text not yet parsed; `buf_line` is the file line on which `buf` starts.
-    """
-    decoder = json.JSONDecoder()
-    buf, pos, buf_line, next_line = "", 0, 1, 1
-    index = 0
-    state = "open"  # open -> item -> sep -> item ... -> done
-    with _open_binary(path) as f:
-        lines = _lines(f, path)
-        eof = False
-
-        def more() -> bool:
-            nonlocal buf, pos, buf_line, next_line, eof
-            raw = next(lines, None)
-            if raw is None:
-                eof = True
-                return False
-            text = _decode_line(raw, f"{path}:{next_line}", problems)
-            if next_line == 1:
-                text = text.lstrip("\ufeff")
-            next_line += 1
-            # Drop what is parsed so the buffer holds only the current item.
-            buf_line += buf.count("\n", 0, pos)
-            buf, pos = buf[pos:] + text, 0
-            return True
-
-        def line_at(p: int) -> int:
-            return buf_line + buf.count("\n", 0, p)
-
-        while True:
-            while pos < len(buf) and buf[pos] in _WHITESPACE:
-                pos += 1
-            if pos == len(buf):
-                if more():
-                    continue
-                if state != "done":
-                    problems.append(
-                        Problem(
-                            f"{path}[{index}] (line {line_at(pos)})",
-                            "the file ends inside the JSON array (no closing ']'): it is cut off",
-                            "the file was truncated while being written or copied; regenerate or re-copy it",
-                        )
-                    )
-                return
-            ch = buf[pos]
-            if state == "open":
-                pos += 1  # the '[' that _first_char saw
-                state = "item"
-            elif state == "item":
-                if ch == "]" and index == 0:
-                    pos += 1
-                    state = "done"
-                    continue
-                try:
-                    value, end = decoder.raw_decode(buf, pos)
-                except json.JSONDecodeError as e:
-                    if not eof and more():
-                        continue  # the item goes on over the next line
-                    # At the end of the file an unclosed item means the file was cut short.
-                    cut_off = e.pos >= len(buf.rstrip()) or e.msg.startswith("Unterminated string")
-                    problems.append(
-                        Problem(
-                            f"{path}[{index}] (line {line_at(e.pos)})",
-                            "the file ends in the middle of this record: it is cut off"
-                            if cut_off
-                            else f"not valid JSON ({e.msg})",
-                            "the file was truncated while being written or copied; regenerate or re-copy it"
-                            if cut_off
-                            else "fix the JSON syntax at that line (a missing comma or quote is the usual cause)",
-                        )
-                    )
-                    return
-                yield f"{path}[{index}] (line {line_at(pos)})", value
-                index += 1
-                pos = end
-                state = "sep"
-            elif state == "sep":
-                if ch == ",":
-                    pos += 1
-                    state = "item"
-                elif ch == "]":
-                    pos += 1
-                    state = "done"
-                else:
-                    problems.append(
-                        Problem(
-                            f"{path}:{line_at(pos)}",
-                            f"expected ',' or ']' after record {index - 1}, found {ch!r}",
-                            "separate records with commas and close the array with ']'",
-                        )
-                    )
-                    return
-            else:  # done
-                problems.append(
-                    Problem(
-                        f"{path}:{line_at(pos)}",
-                        "there is more text after the closing ']' of the array",
-                        "remove it, or keep one JSON array per file",
-                    )
-                )
-                return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +74,7 @@ def records_from_item(value: Any, where: str, *, require_output: bool) -> tuple[
             Problem(
                 where,
                 f"expected a JSON object, got {type(value).__name__}",
-                f"write each record as {_RECORD_EXAMPLE}",
+                f"write each record as {RECORD_EXAMPLE}",
             )
         )
         return [], problems
@@ -393,7 +177,7 @@ def read_records(path: str | os.PathLike, *, require_output: bool = True) -> lis
         raise ValidationError(problems, what=str(path))
     if not records:
         raise UserError(
-            f"{path}: holds no records", f"add records, one JSON object per line: {_RECORD_EXAMPLE}"
+            f"{path}: holds no records", f"add records, one JSON object per line: {RECORD_EXAMPLE}"
         )
     return records
 
