@@ -1,4 +1,4 @@
-"""A recipe file, read and checked: every stage's section becomes that stage's own typed config.
+"""A recipe file, read and checked: every stage's section becomes the configs that stage runs.
 
     name: demo                     # a run directory belongs to one recipe
     run_dir: ../runs/demo          # relative to the recipe file
@@ -14,8 +14,10 @@
 
 Each stage's keys are exactly its command's settings (flag names with `_`, nested sections as its
 `--config` file takes them). What joins the stages (every output path, the data each stage reads,
-the models infer compares) is set by the recipe, and setting it is a problem. Every problem in the
-file is reported at once with its line and its place (`stages.train.epochs`), before any compute.
+the models infer compares) is the wiring table's (`wiring.WIRES`): setting it is a problem, and
+each stage's configs are built here with those fields filled from the table, in stage order. Every
+problem in the file is reported at once with its line and its place (`stages.train.epochs`),
+before any compute.
 """
 
 from __future__ import annotations
@@ -34,23 +36,15 @@ from ..core.config import (
     compose_yaml,
     config_from,
     leaf_paths,
-    nested,
     setting,
     settings_from_node,
     yaml_where,
 )
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.files import under_a_file
-from ..data.config import CleanConfig, DedupeConfig, QualityConfig
-from ..eval.config import PairwiseConfig
-from ..export.config import GgufConfig
-from ..generate.config import GenerateConfig
-from ..infer.config import InferConfig
-from ..train.config import TrainConfig
+from .wiring import ROLES, SECTIONS, STAGES, USER_MODELS, USER_OUTPUTS, USER_PATHS, wired_fields, wired_values
 
-STAGES = ("generate", "data", "train", "infer", "eval", "export")
 PACKAGE_PREFIX = "package:"  # a file shipped with alpaca-forge (run/data/), e.g. package:demo-seeds.jsonl
-PLACEHOLDER = "<set by the recipe>"  # what a wired field holds until the run directory is known
 GPUS = ("cpu", "a10", "l4", "rtx3090", "rtx4090", "l40s", "a100", "h100", "h200")
 
 
@@ -101,85 +95,10 @@ class LaunchConfig(Config):
 
 
 @dataclass(frozen=True)
-class DataStage(Config):
-    """The data stage: the teacher's records (and the seeds) -> quality report -> clean -> dedupe."""
-
-    input: str | None = setting(
-        None, "records to start from when the recipe has no generate stage", metavar="FILE"
-    )
-    include_seeds: bool = setting(
-        False,
-        "the seed tasks join the training data (a weak teacher yields few records); the report counts each source",
-    )
-    # Their files are the recipe's (the wiring below); only their settings are the user's.
-    quality: QualityConfig = nested(
-        QualityConfig, "quality", lambda: QualityConfig(file=PLACEHOLDER), prefix="quality"
-    )
-    clean: CleanConfig = nested(
-        CleanConfig, "clean", lambda: CleanConfig(file=PLACEHOLDER, output=PLACEHOLDER), prefix="clean"
-    )
-    dedupe: DedupeConfig = nested(
-        DedupeConfig, "dedupe", lambda: DedupeConfig(file=PLACEHOLDER, output=PLACEHOLDER), prefix="dedupe"
-    )
-
-
-@dataclass(frozen=True)
 class Top(Config):
     name: str = setting(REQUIRED, "the recipe's name: a run directory belongs to one recipe")
     run_dir: str = setting(REQUIRED, "the run directory, relative to the recipe file", metavar="DIR")
     description: str = setting("", "one line on what the recipe makes, shown in the report")
-
-
-# Each stage's config class, and the fields the recipe sets (joining the stages), by path.
-STAGE_CLASSES: dict[str, type] = {
-    "generate": GenerateConfig,
-    "data": DataStage,
-    "train": TrainConfig,
-    "infer": InferConfig,
-    "eval": PairwiseConfig,
-    "export": GgufConfig,
-}
-WIRED: dict[str, dict[FieldPath, str]] = {
-    "generate": {("output",): "RUN/generate/records.jsonl"},
-    "data": {
-        ("quality", "file"): "the records being prepared",
-        ("quality", "report"): "RUN/data/quality.json",
-        ("clean", "file"): "the records being prepared",
-        ("clean", "output"): "RUN/data/clean.jsonl",
-        ("dedupe", "file"): "RUN/data/clean.jsonl",
-        ("dedupe", "output"): "RUN/data/train.jsonl",
-        ("dedupe", "dropped"): "RUN/data/train.dropped.jsonl",
-    },
-    "train": {("data",): "the data stage's output", ("output",): "RUN/train"},
-    "infer": {
-        ("output",): "RUN/infer/before.jsonl and after.jsonl",
-        ("engine", "model"): "the base, then the fine-tuned model",
-    },
-    "eval": {
-        ("set",): "the infer stage's input",
-        ("a",): "the fine-tuned model's answers",
-        ("b",): "the base model's answers",
-        ("output",): "RUN/eval",
-    },
-    "export": {
-        ("model",): "the fine-tuned model (merged first when it is LoRA)",
-        ("output",): "RUN/export/model.QUANT.gguf",
-    },
-}
-# Fields naming the user's own files: read relative to the recipe file.
-USER_PATHS: dict[str, tuple[FieldPath, ...]] = {
-    "generate": (("seeds",),),
-    "data": (("input",),),
-    "train": (("val",),),
-    "infer": (("input",),),
-}
-# Paths of the user's that may not exist yet (a cache the stage creates), and local models.
-USER_OUTPUTS: dict[str, tuple[FieldPath, ...]] = {"eval": (("judging", "cache"),)}
-USER_MODELS: dict[str, tuple[FieldPath, ...]] = {
-    "generate": (("engine", "model"),),
-    "train": (("model",),),
-    "eval": (("judging", "judge", "model"),),
-}
 
 
 @dataclass(frozen=True)
@@ -188,7 +107,8 @@ class Recipe:
     top: Top
     forecast: ForecastConfig
     launch: LaunchConfig
-    stages: dict[str, Any]  # stage name -> its config (wired fields hold PLACEHOLDER), in STAGES order
+    stages: dict[str, Any]  # stage name -> its section's config, wired, in STAGES order
+    configs: dict[str, dict[str, Any]]  # stage name -> role -> each config it runs (infer: before, after)
     where: dict[str, str]  # stage name -> "recipe.yaml:12 (stages.train)", for later problems
 
     @property
@@ -201,24 +121,6 @@ class Recipe:
 
     def has(self, stage: str) -> bool:
         return stage in self.stages
-
-
-def package_file(name: str) -> Path:
-    """A data file shipped with alpaca-forge (`package:demo-seeds.jsonl`)."""
-    return Path(str(resources.files("alpaca_forge.run") / "data" / name))
-
-
-def resolve_path(value: str, base: Path) -> Path:
-    if value.startswith(PACKAGE_PREFIX):
-        return package_file(value[len(PACKAGE_PREFIX) :])
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()
-
-
-def resolve_model(value: str, base: Path) -> str:
-    """A model given as a folder or file relative to the recipe, else a name as it is."""
-    candidate = resolve_path(value, base)
-    return str(candidate) if (value.startswith((".", "/", "~")) or candidate.exists()) else value
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -251,108 +153,19 @@ def load_recipe(path: str | Path) -> Recipe:
         else:
             top_node.value.append((key_node, value_node))
 
-    def build(
-        cls: type,
-        node: Any,
-        yaml_path: FieldPath,
-        fixed: dict[FieldPath, Any] | None = None,
-        user_paths: tuple[FieldPath, ...] = (),
-        name: str = "",
-    ) -> Any:
-        values, origins, found = (
-            settings_from_node(cls, node, p, yaml_path) if node is not None else ({}, {}, [])
-        )
-        problems.extend(found)
-        for path_, what in (fixed or {}).items():
-            if path_ in values:
-                problems.append(
-                    Problem(
-                        origins[path_],
-                        f"'{'.'.join(path_)}' is set by the recipe ({what})",
-                        f"remove it from stages.{name}: the recipe joins the stages itself",
-                    )
-                )
-            values[path_] = PLACEHOLDER
-            origins[path_] = f"{p} (stages.{name}.{'.'.join(path_)})"
-        for path_ in USER_OUTPUTS.get(name, ()):
-            if isinstance(values.get(path_), str):
-                values[path_] = str(resolve_path(values[path_], p.parent))
-        for path_ in USER_MODELS.get(name, ()):
-            if isinstance(values.get(path_), str):
-                values[path_] = resolve_model(values[path_], p.parent)
-        for path_ in user_paths:
-            if isinstance(values.get(path_), str):
-                values[path_] = str(resolve_path(values[path_], p.parent))
-                if not Path(values[path_]).exists():
-                    problems.append(
-                        Problem(
-                            origins[path_],
-                            f"{values[path_]} does not exist",
-                            "give a file that exists (paths are relative to the recipe file; "
-                            "package:NAME is a file shipped with alpaca-forge)",
-                        )
-                    )
-        flags = {v: k for k, v in leaf_paths(cls).items()}
-        where = _where_missing(p, yaml_path, flags)
-        config, more = config_from(cls, values, origins, where)
-        problems.extend(more)
-        return config
-
-    top = build(Top, top_node, ("",))
+    top = _build(Top, top_node, p, ("",), problems)
+    run_dir = resolve_path(top.run_dir, p.parent) if top is not None else p.parent
     if top is not None:
-        problems.extend(_run_dir_problems(resolve_path(top.run_dir, p.parent), p))
-    forecast = build(ForecastConfig, sections.get("forecast", (None, None))[1], ("forecast",))
-    launch = build(LaunchConfig, sections.get("launch", (None, None))[1], ("launch",))
+        problems.extend(_run_dir_problems(run_dir, p))
+    forecast = _build(ForecastConfig, sections.get("forecast", (None, None))[1], p, ("forecast",), problems)
+    launch = _build(LaunchConfig, sections.get("launch", (None, None))[1], p, ("launch",), problems)
+    nodes, where = _stage_nodes(sections.get("stages"), p, problems)
+    configs: dict[str, dict[str, Any]] = {}
     stages: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    stage_nodes: dict[str, Any] = {}
-    if "stages" in sections and not sections["stages"][1].value:
-        problems.append(
-            Problem(
-                yaml_where(p, sections["stages"][0]),
-                "'stages' is empty",
-                "add at least generate or data, and train",
-            )
-        )
-    if "stages" not in sections:
-        problems.append(
-            Problem(
-                str(p),
-                "the recipe has no 'stages'",
-                "add `stages:` with at least generate or data, and train",
-            )
-        )
-    else:
-        for key_node, value_node in sections["stages"][1].value:
-            name = str(key_node.value)
-            at = yaml_where(p, key_node, ("stages", name))
-            if name not in STAGE_CLASSES:
-                problems.append(Problem(at, f"unknown stage '{name}'", f"stages are: {', '.join(STAGES)}"))
-                continue
-            if value_node.tag == "tag:yaml.org,2002:null":
-                value_node = yaml.MappingNode("tag:yaml.org,2002:map", [])
-            if not isinstance(value_node, yaml.MappingNode):
-                problems.append(
-                    Problem(
-                        at,
-                        f"stage '{name}' must be a mapping of its settings",
-                        f"write `{name}:` with its settings indented below",
-                    )
-                )
-                continue
-            stage_nodes[name] = value_node
-            where[name] = at
-        for name in STAGES:
-            if name in stage_nodes:
-                config = build(
-                    STAGE_CLASSES[name],
-                    stage_nodes[name],
-                    ("stages", name),
-                    WIRED[name],
-                    USER_PATHS.get(name, ()),
-                    name,
-                )
-                stages[name] = config
+    for name in STAGES:  # in order: a stage's wires read the configs of the stages before it
+        if name in nodes:
+            configs[name] = _stage_configs(name, nodes[name], p, run_dir, stages, problems)
+            stages[name] = next(c for role, c in configs[name].items() if ROLES[name][role] is SECTIONS[name])
     problems.extend(_joins(stages, where, p))
     if launch is not None and launch.accelerate_config:
         cfg = resolve_path(launch.accelerate_config, p.parent)
@@ -370,7 +183,119 @@ def load_recipe(path: str | Path) -> Recipe:
         problems.extend(_batch_fits(stages["train"], launch.processes, where["train"]))
     if problems:
         raise ValidationError(problems, what=f"recipe {p}")
-    return Recipe(p, top, forecast, launch, stages, where)
+    return Recipe(p, top, forecast, launch, stages, configs, where)
+
+
+def _stage_nodes(
+    section: tuple[Any, Any] | None, p: Path, problems: list[Problem]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each stage's mapping under `stages:`, and where it is written ("recipe.yaml:12 (stages.train)")."""
+    import yaml
+
+    nodes: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if section is None:
+        problems.append(
+            Problem(
+                str(p),
+                "the recipe has no 'stages'",
+                "add `stages:` with at least generate or data, and train",
+            )
+        )
+        return nodes, where
+    key_node, mapping = section
+    if not mapping.value:
+        problems.append(
+            Problem(yaml_where(p, key_node), "'stages' is empty", "add at least generate or data, and train")
+        )
+    for key_node, value_node in mapping.value:
+        name = str(key_node.value)
+        at = yaml_where(p, key_node, ("stages", name))
+        if name not in SECTIONS:
+            problems.append(Problem(at, f"unknown stage '{name}'", f"stages are: {', '.join(STAGES)}"))
+            continue
+        if value_node.tag == "tag:yaml.org,2002:null":
+            value_node = yaml.MappingNode("tag:yaml.org,2002:map", [])
+        if not isinstance(value_node, yaml.MappingNode):
+            problems.append(
+                Problem(
+                    at,
+                    f"stage '{name}' must be a mapping of its settings",
+                    f"write `{name}:` with its settings indented below",
+                )
+            )
+            continue
+        nodes[name] = value_node
+        where[name] = at
+    return nodes, where
+
+
+def _stage_configs(
+    name: str, node: Any, p: Path, run_dir: Path, before: dict[str, Any], problems: list[Problem]
+) -> dict[str, Any]:
+    """The stage's configs by role: the user's settings, and its wired fields from the table.
+    `before`: the configs of the stages before it, which its wires may read."""
+    section = SECTIONS[name]
+    yaml_path = ("stages", name)
+    values, origins, found = settings_from_node(section, node, p, yaml_path)
+    problems.extend(found)
+    for path_, what in wired_fields(name).items():
+        if path_ in values:
+            problems.append(
+                Problem(
+                    origins[path_],
+                    f"'{'.'.join(path_)}' is set by the recipe ({what})",
+                    f"remove it from stages.{name}: the recipe joins the stages itself",
+                )
+            )
+            del values[path_]
+    _resolve_user_files(name, values, origins, p, problems)
+    own = {f.name: f.default for f in dataclasses.fields(section) if f.default is not REQUIRED}
+    own.update({path_[0]: v for path_, v in values.items() if len(path_) == 1})
+    configs: dict[str, Any] = {}
+    for role, wired in wired_values(name, run_dir, before, own).items():
+        cls = ROLES[name][role]
+        role_values = {**values, **wired} if cls is section else wired
+        role_origins = {**origins, **{w: f"{p} (stages.{name}.{'.'.join(w)})" for w in wired}}
+        flags = {v: k for k, v in leaf_paths(cls).items()}
+        config, more = config_from(cls, role_values, role_origins, _where_missing(p, yaml_path, flags))
+        problems.extend(m for m in more if m not in problems)  # infer's two roles share the user's settings
+        configs[role] = config
+    return configs
+
+
+def _resolve_user_files(
+    name: str, values: dict[FieldPath, Any], origins: dict[FieldPath, str], p: Path, problems: list[Problem]
+) -> None:
+    """The user's own files and local models, relative to the recipe file; inputs must exist."""
+    for path_ in USER_OUTPUTS.get(name, ()):
+        if isinstance(values.get(path_), str):
+            values[path_] = str(resolve_path(values[path_], p.parent))
+    for path_ in USER_MODELS.get(name, ()):
+        if isinstance(values.get(path_), str):
+            values[path_] = resolve_model(values[path_], p.parent)
+    for path_ in USER_PATHS.get(name, ()):
+        if isinstance(values.get(path_), str):
+            values[path_] = str(resolve_path(values[path_], p.parent))
+            if not Path(values[path_]).exists():
+                problems.append(
+                    Problem(
+                        origins[path_],
+                        f"{values[path_]} does not exist",
+                        "give a file that exists (paths are relative to the recipe file; "
+                        "package:NAME is a file shipped with alpaca-forge)",
+                    )
+                )
+
+
+def _build(cls: type, node: Any, p: Path, yaml_path: FieldPath, problems: list[Problem]) -> Any:
+    """A top-level section's config (None where it has problems, which join `problems`)."""
+    values, origins, found = settings_from_node(cls, node, p, yaml_path) if node is not None else ({}, {}, [])
+    problems.extend(found)
+    flags = {v: k for k, v in leaf_paths(cls).items()}
+    config, more = config_from(cls, values, origins, _where_missing(p, yaml_path, flags))
+    problems.extend(more)
+    return config
 
 
 def _run_dir_problems(run_dir: Path, p: Path) -> list[Problem]:
@@ -451,18 +376,22 @@ def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Probl
     return problems
 
 
-def placeholder_free(config: Any, values: dict[FieldPath, Any]) -> Any:
-    """The config with its wired fields filled in (`values` by path), checked again."""
-    changes: dict[str, Any] = {}
-    nested_changes: dict[str, dict[str, Any]] = {}
-    for path_, value in values.items():
-        if len(path_) == 1:
-            changes[path_[0]] = value
-        else:
-            nested_changes.setdefault(path_[0], {})[path_[1]] = value
-    for outer, inner in nested_changes.items():
-        changes[outer] = dataclasses.replace(getattr(config, outer), **inner)
-    return dataclasses.replace(config, **changes)
+def package_file(name: str) -> Path:
+    """A data file shipped with alpaca-forge (`package:demo-seeds.jsonl`)."""
+    return Path(str(resources.files("alpaca_forge.run") / "data" / name))
 
 
-__all__ = ["REQUIRED", "STAGES", "Recipe", "load_recipe", "package_file", "placeholder_free"]
+def resolve_path(value: str, base: Path) -> Path:
+    if value.startswith(PACKAGE_PREFIX):
+        return package_file(value[len(PACKAGE_PREFIX) :])
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def resolve_model(value: str, base: Path) -> str:
+    """A model given as a folder or file relative to the recipe, else a name as it is."""
+    candidate = resolve_path(value, base)
+    return str(candidate) if (value.startswith((".", "/", "~")) or candidate.exists()) else value
+
+
+__all__ = ["REQUIRED", "STAGES", "Recipe", "load_recipe", "package_file"]

@@ -22,6 +22,7 @@ from ..core.hardware import flops_per_token_factor
 from .forecast import Forecast
 from .recipe import Recipe
 from .state import RunState
+from .wiring import run_file
 
 REPORT_FILE = "report.html"
 SECTIONS = ("run", "data", "preflight", "training", "evaluation", "samples", "export", "cost", "provenance")
@@ -256,15 +257,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _samples(recipe: Recipe, state: RunState) -> str:
-    before = _read_jsonl(recipe.run_dir / "infer" / "before.jsonl")
+    before = _read_jsonl(run_file(recipe.run_dir, "infer", "base answers"))
     after = {
         (r["instruction"], r.get("input", "")): r
-        for r in _read_jsonl(recipe.run_dir / "infer" / "after.jsonl")
+        for r in _read_jsonl(run_file(recipe.run_dir, "infer", "tuned answers"))
     }
     if not before:
         return '<p class="muted">no infer stage in this recipe</p>'
     outcomes = {}
-    report = recipe.run_dir / "eval" / "report.json"
+    report = run_file(recipe.run_dir, "eval", "report")
     if report.is_file():
         per_item = json.loads(report.read_text()).get("per_item", [])
         outcomes = {o["id"]: o["outcome"] for o in per_item}

@@ -4,8 +4,8 @@
     fine-tuned) -> eval (fine-tuned vs base, blind, both orders) -> export (merge, GGUF, parity,
     llama.cpp speed)
 
-`plan(recipe)` fills in the paths that join the stages and lists what each stage reads (hashed
-into its fingerprint) and writes. `execute(work, ...)` runs a stage through its own `run(config)`
+`plan(recipe)` lists, for each stage, the configs the recipe built for it (their joining fields
+filled from the wiring table), what it reads (hashed into its fingerprint) and what it writes. `execute(work, ...)` runs a stage through its own `run(config)`
 and returns the figures the report and the manifest show. Each stage resumes as its command does
 (generate, infer and eval from their appended files and caches, train from its last complete
 checkpoint).
@@ -25,7 +25,8 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.files import read_appended_jsonl, write_json_atomic, write_text_atomic
-from .recipe import Recipe, placeholder_free
+from .recipe import Recipe
+from .wiring import run_file
 
 log = logging.getLogger("alpaca_forge")
 
@@ -43,141 +44,59 @@ class StageWork:
         return {"configs": {k: v.to_dict() for k, v in self.configs.items()}, **self.extra}
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Where every stage writes, under the run directory."""
-
-    run: Path
-
-    @property
-    def records(self) -> Path:
-        return self.run / "generate" / "records.jsonl"
-
-    @property
-    def train_data(self) -> Path:
-        return self.run / "data" / "train.jsonl"
-
-    @property
-    def model(self) -> Path:
-        return self.run / "train"
-
-    @property
-    def before(self) -> Path:
-        return self.run / "infer" / "before.jsonl"
-
-    @property
-    def after(self) -> Path:
-        return self.run / "infer" / "after.jsonl"
-
-
 def plan(recipe: Recipe) -> list[StageWork]:
+    """Each stage's work: the configs the loader built (wired from the table), what it reads
+    (hashed into its fingerprint) and what it leaves for later stages."""
     run = recipe.run_dir
-    p = Paths(run)
+    s, c = recipe.stages, recipe.configs
     works: list[StageWork] = []
-    s = recipe.stages
     if "generate" in s:
-        g = placeholder_free(s["generate"], {("output",): str(p.records)})
+        g = s["generate"]
         works.append(
-            StageWork("generate", run / "generate", {"generate": g}, {"seeds": Path(g.seeds)}, [p.records])
+            StageWork("generate", run / "generate", c["generate"], {"seeds": Path(g.seeds)}, [Path(g.output)])
         )
     if "data" in s:
         d = s["data"]
-        data_dir = run / "data"
-        source = p.records if "generate" in s else Path(d.input)
-        combined = data_dir / "input.jsonl"
-        clean_out = data_dir / "clean.jsonl"
-        configs = {
-            "quality": placeholder_free(
-                d.quality, {("file",): str(combined), ("report",): str(data_dir / "quality.json")}
-            ),
-            "clean": placeholder_free(d.clean, {("file",): str(combined), ("output",): str(clean_out)}),
-            "dedupe": placeholder_free(
-                d.dedupe,
-                {
-                    ("file",): str(clean_out),
-                    ("output",): str(p.train_data),
-                    ("dropped",): str(data_dir / "train.dropped.jsonl"),
-                },
-            ),
-        }
+        source = Path(s["generate"].output) if "generate" in s else Path(d.input)
         inputs = {"records": source}
         if d.include_seeds:
             inputs["seeds"] = Path(s["generate"].seeds)
-        works.append(
-            StageWork("data", data_dir, configs, inputs, [p.train_data], {"include_seeds": d.include_seeds})
-        )
+        configs = {"quality": d.quality, "clean": d.clean, "dedupe": d.dedupe}
+        extra = {"include_seeds": d.include_seeds}
+        works.append(StageWork("data", run / "data", configs, inputs, [Path(d.dedupe.output)], extra))
     if "train" in s:
-        t = placeholder_free(s["train"], {("data",): str(p.train_data), ("output",): str(p.model)})
+        t = s["train"]
         launch = recipe.launch
-        inputs = {"data": p.train_data}
+        inputs = {"data": Path(t.data)}
         if t.val:
             inputs["val"] = Path(t.val)
         if Path(t.model).exists():  # a local base model: its files, not only its name
             inputs["base_model"] = Path(t.model)
         if launch.accelerate_config:
             inputs["accelerate_config"] = Path(launch.accelerate_config)
-        works.append(
-            StageWork(
-                "train",
-                p.model,
-                {"train": t},
-                inputs,
-                [p.model],
-                {"processes": launch.processes, "accelerate_config": launch.accelerate_config},
-            )
-        )
+        extra = {"processes": launch.processes, "accelerate_config": launch.accelerate_config}
+        works.append(StageWork("train", run / "train", c["train"], inputs, [Path(t.output)], extra))
     if "infer" in s:
-        i = s["infer"]
-        base = s["train"].model
-        before = placeholder_free(i, {("output",): str(p.before), ("engine", "model"): base})
-        after = placeholder_free(i, {("output",): str(p.after), ("engine", "model"): str(p.model)})
-        works.append(
-            StageWork(
-                "infer",
-                run / "infer",
-                {"before": before, "after": after},
-                {"set": Path(i.input), "model": p.model},
-                [p.before, p.after],
-                {"train_format": s["train"].format, "train_system": s["train"].system},
-            )
-        )
+        before, after = c["infer"]["before"], c["infer"]["after"]
+        inputs = {"set": Path(before.input), "model": Path(after.engine.model)}
+        extra = {"train_format": s["train"].format, "train_system": s["train"].system}
+        outputs = [Path(before.output), Path(after.output)]
+        works.append(StageWork("infer", run / "infer", c["infer"], inputs, outputs, extra))
     if "eval" in s:
-        e = placeholder_free(
-            s["eval"],
-            {
-                ("set",): s["infer"].input,
-                ("a",): f"fine-tuned={p.after}",
-                ("b",): f"base={p.before}",
-                ("output",): str(run / "eval"),
-            },
-        )
+        e = s["eval"]
         answered = s["infer"].limit  # infer answered only the set's first N: judge those
         if answered and (e.judging.limit is None or e.judging.limit > answered):
             e = dataclasses.replace(e, judging=dataclasses.replace(e.judging, limit=answered))
+        answers = {role: Path(config.output) for role, config in c["infer"].items()}
+        inputs = {"set": Path(e.set), **answers}
+        works.append(StageWork("eval", run / "eval", {"eval": e}, inputs, [run_file(run, "eval", "report")]))
+    if "export" in s:
+        gguf = s["export"]
         works.append(
             StageWork(
-                "eval",
-                run / "eval",
-                {"eval": e},
-                {"set": Path(s["infer"].input), "before": p.before, "after": p.after},
-                [run / "eval" / "report.json"],
+                "export", run / "export", c["export"], {"model": Path(s["train"].output)}, [Path(gguf.output)]
             )
         )
-    if "export" in s:
-        x = s["export"]
-        out = run / "export" / f"model.{x.quant}.gguf"
-        lora = s["train"].method in ("lora", "qlora")
-        merged = run / "export" / "merged"
-        configs: dict[str, Any] = {}
-        if lora:
-            from ..export.config import MergeConfig
-
-            configs["merge"] = MergeConfig(adapter=str(p.model), output=str(merged), force=True)
-        configs["gguf"] = placeholder_free(
-            dataclasses.replace(x, force=True),
-            {("model",): str(merged if lora else p.model), ("output",): str(out)},
-        )
-        works.append(StageWork("export", run / "export", configs, {"model": p.model}, [out]))
     return works
 
 

@@ -1,0 +1,231 @@
+"""The recipe's wiring in one table: which output of which stage feeds which field of which stage.
+
+    generate --records--> data --train data--> train --model--> infer (the base, then the fine-tuned
+    model answers the set) --answers--> eval;  train --model--> export (merged first when LoRA)
+
+Each stage has its section class (the recipe's `stages.NAME` keys are that class's settings), the
+files it leaves under the run directory (`OUTPUTS`), and the rows of `WIRES` that feed its configs.
+The loader reads the table once per stage: a wired field set in the recipe is a problem named by
+its line, and every wired field takes its value from its row when the stage's config is built.
+Adding a stage is its section, its outputs and its rows here, its runner in `stages`, and its own
+package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.config import Config, FieldPath, nested, setting
+from ..data.config import CleanConfig, DedupeConfig, QualityConfig
+from ..eval.config import PairwiseConfig
+from ..export.config import GgufConfig, MergeConfig
+from ..generate.config import GenerateConfig
+from ..infer.config import InferConfig
+from ..train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class DataStage(Config):
+    """The data stage: the teacher's records (and the seeds) -> quality report -> clean -> dedupe."""
+
+    input: str | None = setting(
+        None, "records to start from when the recipe has no generate stage", metavar="FILE"
+    )
+    include_seeds: bool = setting(
+        False,
+        "the seed tasks join the training data (a weak teacher yields few records); the report counts each source",
+    )
+    # Their files are wired (WIRES below): the loader replaces these empty names before any check
+    # reads them; only their other settings are the user's.
+    quality: QualityConfig = nested(
+        QualityConfig, "quality", lambda: QualityConfig(file=""), prefix="quality"
+    )
+    clean: CleanConfig = nested(CleanConfig, "clean", lambda: CleanConfig(file="", output=""), prefix="clean")
+    dedupe: DedupeConfig = nested(
+        DedupeConfig, "dedupe", lambda: DedupeConfig(file="", output=""), prefix="dedupe"
+    )
+
+
+# Each stage's section of the recipe, read into its command's config; in the order they run.
+SECTIONS: dict[str, type] = {
+    "generate": GenerateConfig,
+    "data": DataStage,
+    "train": TrainConfig,
+    "infer": InferConfig,
+    "eval": PairwiseConfig,
+    "export": GgufConfig,
+}
+STAGES = tuple(SECTIONS)
+
+# The configs each stage runs, by role. A role of the section's class is the section with its
+# wires; another (export's merge) is made from its wires alone, when one of them applies.
+ROLES: dict[str, dict[str, type]] = {
+    "generate": {"generate": GenerateConfig},
+    "data": {"data": DataStage},
+    "train": {"train": TrainConfig},
+    "infer": {"before": InferConfig, "after": InferConfig},
+    "eval": {"eval": PairwiseConfig},
+    "export": {"merge": MergeConfig, "gguf": GgufConfig},
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An output that is one of the stage's own settings (the base model train starts from)."""
+
+    path: FieldPath
+
+
+# What each stage offers: a file or folder under the run directory (`{quant}` is the stage's own
+# setting), or one of its settings.
+OUTPUTS: dict[str, dict[str, str | Setting]] = {
+    "generate": {"records": "generate/records.jsonl", "seeds": Setting(("seeds",))},
+    "data": {
+        "combined records": "data/input.jsonl",  # the seeds and the teacher's records, as the checks read them
+        "quality report": "data/quality.json",
+        "clean records": "data/clean.jsonl",
+        "train data": "data/train.jsonl",
+        "dropped records": "data/train.dropped.jsonl",
+    },
+    "train": {"model": "train", "base model": Setting(("model",))},
+    "infer": {
+        "set": Setting(("input",)),
+        "base answers": "infer/before.jsonl",
+        "tuned answers": "infer/after.jsonl",
+    },
+    "eval": {"report folder": "eval", "report": "eval/report.json"},
+    "export": {"merged model": "export/merged", "gguf file": "export/model.{quant}.gguf"},
+}
+
+
+def _lora(stages: dict[str, Any]) -> bool:
+    train = stages.get("train")
+    return train is not None and train.method in ("lora", "qlora")
+
+
+# A row applies only where its condition holds (on the configs built so far).
+CONDITIONS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "train is LoRA": _lora,  # an adapter is merged into its base before it becomes a GGUF file
+    "train is full": lambda stages: not _lora(stages),
+}
+
+
+@dataclass(frozen=True)
+class Wire:
+    """`output` of `from_stage` fills `field` of `to_stage`'s config `role` (default: the stage's name)."""
+
+    from_stage: str
+    output: str
+    to_stage: str
+    field: FieldPath
+    role: str = ""
+    label: str = ""  # the field names a system: "fine-tuned=PATH"
+    when: str = ""  # a name in CONDITIONS
+
+    @property
+    def into(self) -> str:
+        return self.role or self.to_stage
+
+
+WIRES: tuple[Wire, ...] = (
+    Wire("generate", "records", "generate", ("output",)),
+    Wire("data", "combined records", "data", ("quality", "file")),
+    Wire("data", "quality report", "data", ("quality", "report")),
+    Wire("data", "combined records", "data", ("clean", "file")),
+    Wire("data", "clean records", "data", ("clean", "output")),
+    Wire("data", "clean records", "data", ("dedupe", "file")),
+    Wire("data", "train data", "data", ("dedupe", "output")),
+    Wire("data", "dropped records", "data", ("dedupe", "dropped")),
+    Wire("data", "train data", "train", ("data",)),
+    Wire("train", "model", "train", ("output",)),
+    Wire("infer", "base answers", "infer", ("output",), role="before"),
+    Wire("train", "base model", "infer", ("engine", "model"), role="before"),
+    Wire("infer", "tuned answers", "infer", ("output",), role="after"),
+    Wire("train", "model", "infer", ("engine", "model"), role="after"),
+    Wire("infer", "set", "eval", ("set",)),
+    Wire("infer", "tuned answers", "eval", ("a",), label="fine-tuned"),
+    Wire("infer", "base answers", "eval", ("b",), label="base"),
+    Wire("eval", "report folder", "eval", ("output",)),
+    Wire("train", "model", "export", ("adapter",), role="merge", when="train is LoRA"),
+    Wire("export", "merged model", "export", ("output",), role="merge", when="train is LoRA"),
+    Wire("export", "merged model", "export", ("model",), role="gguf", when="train is LoRA"),
+    Wire("train", "model", "export", ("model",), role="gguf", when="train is full"),
+    Wire("export", "gguf file", "export", ("output",), role="gguf"),
+)
+
+# Settings the recipe fixes without a row, silently: a rerun replaces the export's own files.
+FIXED: dict[tuple[str, str], dict[FieldPath, Any]] = {
+    ("export", "merge"): {("force",): True},
+    ("export", "gguf"): {("force",): True},
+}
+
+# Fields naming the user's own files: read relative to the recipe file.
+USER_PATHS: dict[str, tuple[FieldPath, ...]] = {
+    "generate": (("seeds",),),
+    "data": (("input",),),
+    "train": (("val",),),
+    "infer": (("input",),),
+}
+# Paths of the user's that may not exist yet (a cache the stage creates), and local models.
+USER_OUTPUTS: dict[str, tuple[FieldPath, ...]] = {"eval": (("judging", "cache"),)}
+USER_MODELS: dict[str, tuple[FieldPath, ...]] = {
+    "generate": (("engine", "model"),),
+    "train": (("model",),),
+    "eval": (("judging", "judge", "model"),),
+}
+
+
+def wired_fields(stage: str) -> dict[FieldPath, str]:
+    """The section's fields the recipe sets, each with what feeds it (for the loader's problems)."""
+    fields: dict[FieldPath, list[str]] = {}
+    for w in WIRES:
+        if w.to_stage == stage and ROLES[stage][w.into] is SECTIONS[stage]:
+            source = OUTPUTS[w.from_stage][w.output]
+            text = f"the {w.from_stage} stage's {w.output}" + (
+                f", RUN/{source}" if isinstance(source, str) else ""
+            )
+            fields.setdefault(w.field, []).append(text + (f" when {w.when}" if w.when else ""))
+    return {path: "; ".join(sources) for path, sources in fields.items()}
+
+
+def run_file(run_dir: Path, stage: str, output: str, settings: dict[str, Any] | None = None) -> Path:
+    """A stage's file under the run directory (`settings` fill a `{quant}` in its name)."""
+    name = OUTPUTS[stage][output]
+    assert isinstance(name, str), f"{stage}'s {output} is a setting, not a file"
+    return run_dir / name.format_map(settings or {})
+
+
+def _value(w: Wire, run_dir: Path, stages: dict[str, Any], own: dict[str, Any]) -> Any:
+    """What the row carries: the file's path, or the setting's value, with its label."""
+    source = OUTPUTS[w.from_stage][w.output]
+    if isinstance(source, Setting):
+        config = stages.get(w.from_stage)
+        if config is None:  # the recipe lacks the stage: a problem the loader reports itself
+            value: Any = f"(the {w.from_stage} stage's {w.output})"
+        else:
+            for part in source.path:
+                config = getattr(config, part)
+            value = config
+    else:
+        value = str(run_file(run_dir, w.from_stage, w.output, own))
+    return f"{w.label}={value}" if w.label else value
+
+
+def wired_values(
+    stage: str, run_dir: Path, stages: dict[str, Any], own: dict[str, Any]
+) -> dict[str, dict[FieldPath, Any]]:
+    """Each role of the stage with its wired fields' values, by path, from the rows that apply.
+    `stages`: the configs of the stages before it; `own`: the stage's own settings by name."""
+    roles: dict[str, dict[FieldPath, Any]] = {
+        role: {} for role, cls in ROLES[stage].items() if cls is SECTIONS[stage]
+    }
+    for w in WIRES:
+        if w.to_stage == stage and (not w.when or CONDITIONS[w.when](stages)):
+            roles.setdefault(w.into, {})[w.field] = _value(w, run_dir, stages, own)
+    ordered = {role: roles[role] for role in ROLES[stage] if role in roles}
+    for role, values in ordered.items():
+        values.update(FIXED.get((stage, role), {}))
+    return ordered
