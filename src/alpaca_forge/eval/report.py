@@ -4,13 +4,16 @@ person reads) and PNG charts (matplotlib; skipped, saying so, where it is not in
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..core.errors import UserError
 from ..core.files import write_json_atomic, write_text_atomic
 from . import stats
 from .compare import PairwiseResult
@@ -18,6 +21,7 @@ from .compare import PairwiseResult
 log = logging.getLogger("alpaca_forge")
 
 REPORT_VERSION = 1
+REPORT_FILE = "report.json"  # in a comparison's folder; read back by `read_pairwise_report`
 
 
 def percent(x: float | None, digits: int = 1) -> str:
@@ -150,11 +154,59 @@ def write_pairwise_report(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = [
-        write_json_atomic(folder / "report.json", pairwise_data(r, title=title, notes=notes)),
+        write_json_atomic(folder / REPORT_FILE, pairwise_data(r, title=title, notes=notes)),
         write_text_atomic(folder / "report.md", pairwise_markdown(r, title=title, notes=notes)),
     ]
     written += _pairwise_charts(r, folder, title)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading report.json back: beside `pairwise_data`, the one place that knows its keys
+
+REPORT_OUTCOMES = ("win", "loss", "tie", "unjudged")  # an item's outcome, from A's side
+
+
+@dataclass(frozen=True)
+class ReportedItem:
+    id: str
+    outcome: str  # one of REPORT_OUTCOMES, from A's side
+
+
+@dataclass(frozen=True)
+class PairwiseReport:
+    """An `eval pairwise` report.json, read back: the two systems, the judge, each item's outcome."""
+
+    path: Path  # the report.json read
+    a: str | None  # system A's name; None where the report does not say
+    b: str | None
+    judge: str | None
+    per_item: tuple[ReportedItem, ...]
+
+
+def read_pairwise_report(path: str | Path, *, flag: str, fix: str) -> PairwiseReport:
+    """The report.json at `path`, or in the folder `path`. What cannot be read, or is not a
+    pairwise report, is a UserError naming `flag`, the file and what is wrong, with `fix`."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / REPORT_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{flag} {p}: cannot be read ({e.strerror or e})", fix) from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag} {p}:{e.lineno}: not JSON ({e.msg})", fix) from e
+    rows = data.get("per_item") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{flag} {p}: not a pairwise report (no per-item outcomes)", fix)
+    items = []
+    for row in rows:
+        item, outcome = str(row.get("id")), row.get("outcome")
+        if outcome not in REPORT_OUTCOMES:
+            raise UserError(f"{flag} {p}: item {item!r} has the outcome {outcome!r}", fix)
+        items.append(ReportedItem(item, outcome))
+    a, b, judge = (data.get(k) if isinstance(data.get(k), str) else None for k in ("a", "b", "judge"))
+    return PairwiseReport(p, a, b, judge, tuple(items))
 
 
 # ---------------------------------------------------------------------------------------------
