@@ -509,6 +509,132 @@ def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(files, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
+# Attacks: another site's page, DNS rebinding, odd tokens, a flood of names
+
+
+def _route_calls(server: Any) -> list[tuple[str, str]]:
+    """(method, path) for every route of the running app, and a path no route has."""
+    from starlette.routing import Route
+
+    calls = [("GET", "/nothing")]
+    for route in server.app.routes:
+        assert isinstance(route, Route), route
+        path = route.path.replace("{name}", "rate.js")
+        if path == "/api/next":
+            path += "?rater=dave"
+        calls += [(method, path) for method in sorted(route.methods - {"HEAD"})]
+    return calls
+
+
+def _send(url: str, method: str, headers: dict[str, str], body: Any = None) -> tuple[int, Any]:
+    if method == "GET":
+        return _get(url, headers)
+    return _post(url, body if body is not None else {"rater": "dave"}, headers)
+
+
+def test_every_route_refuses_a_foreign_host_and_another_sites_origin_null_included(files, tmp_path):
+    from alpaca_forge.eval.rate import start
+
+    with start(files.config(tmp_path / "out")) as server:
+        calls = _route_calls(server)
+        assert {path for _, path in calls} >= {
+            "/",
+            "/static/rate.js",
+            "/api/next?rater=dave",
+            "/api/rate",
+            "/api/undo",
+        }
+        status, first = _get(server.url + "/api/next?rater=dave")
+        good = {"rater": "dave", "item": "t0", "verdict": "A", "token": first["item"]["token"]}
+        own = server.url  # "http://127.0.0.1:PORT", what the page's own calls send as Origin
+        assert _post(server.url + "/api/rate", good, {"origin": own})[0] == 200
+        attacks = [
+            ({"host": "evil.example:8400"}, "host_not_allowed"),  # DNS rebinding
+            (
+                {"host": f"evil.example:{server.port}", "origin": f"http://evil.example:{server.port}"},
+                "host_not_allowed",
+            ),
+            ({"origin": "null"}, "origin_not_allowed"),  # a sandboxed iframe, a file: page
+            ({"origin": "http://evil.example"}, "origin_not_allowed"),
+            ({"origin": "http://127.0.0.1:1"}, "origin_not_allowed"),  # another page on this machine
+            ({"origin": f"file://127.0.0.1:{server.port}"}, "origin_not_allowed"),
+        ]
+        for headers, code in attacks:
+            for method, path in calls:
+                body = good if path == "/api/rate" else None
+                status, reply = _send(server.url + path, method, headers, body)
+                assert isinstance(reply, dict), (headers, method, path, reply)
+                assert (status, reply["error"]["code"]) == (403, code), (headers, method, path, reply)
+        # nothing the attacks sent was recorded or undone
+        assert [(r["item"], r.get("undo", False)) for r in ratings_rows(tmp_path / "out")] == [("t0", False)]
+        for method, path in calls:  # the page's own calls still pass the gate
+            status, reply = _send(server.url + path, method, {"origin": own} if method == "POST" else {})
+            assert status != 403, (method, path, reply)
+        assert _get(server.url + "/static/rate.js", {"origin": own})[0] == 200
+
+
+def test_odd_tokens_names_and_items_are_json_4xx_not_500(files, tmp_path):
+    from alpaca_forge.eval.rate import start
+
+    with start(files.config(tmp_path / "out")) as server:
+        api = server.url + "/api"
+        first = _get(api + "/next?rater=dave")[1]
+        good = {"rater": "dave", "item": "t0", "verdict": "A", "token": first["item"]["token"]}
+        for token in ("é" * 32, "\ud800", "\u0000" * 32, "令牌"):
+            status, reply = _post(api + "/rate", {**good, "token": token})
+            assert (status, reply["error"]["code"]) == (409, "stale_token"), (token, reply)
+        raw = json.dumps({k: v for k, v in good.items() if k != "token"})[:-1] + ', "token": "\u00e9\u00e9"}'
+        status, reply = _post(api + "/rate", raw.encode("utf-8"))
+        assert (status, reply["error"]["code"]) == (409, "stale_token"), reply
+        status, reply = _post(api + "/rate", {**good, "token": good["token"][:-1] + "é"})
+        assert (status, reply["error"]["code"]) == (409, "stale_token"), reply
+        for body, code in (
+            ({**good, "rater": "é"}, "bad_rater"),
+            ({**good, "item": "\ud800"}, "unknown_item"),
+        ):
+            status, reply = _post(api + "/rate", body)
+            assert status in (400, 404) and reply["error"]["code"] == code, reply
+        for query in ("rater=%C3%A9", "rater=%FF", "rater=%ED%A0%80"):
+            status, reply = _get(api + "/next?" + query)
+            assert (status, reply["error"]["code"]) == (400, "bad_rater"), (query, reply)
+        assert _post(api + "/rate", good)[0] == 200  # and the server still records
+    assert [r["item"] for r in ratings_rows(tmp_path / "out")] == ["t0"]
+
+
+def test_a_flood_of_rater_names_holds_a_bounded_state_and_loses_no_rating(files, tmp_path, monkeypatch):
+    from alpaca_forge.eval.rate import RatingStore, start
+
+    kept = 16
+    monkeypatch.setattr("alpaca_forge.eval.rate.app.RATERS_KEPT", kept)
+    with start(files.config(tmp_path / "out")) as server:
+        api = server.url + "/api"
+        alice = _get(api + "/next?rater=alice")[1]["item"]
+        shown_first = {}
+        for k in range(10 * kept):  # the attack: a new name per request
+            status, reply = _get(api + f"/next?rater=flood{k}")
+            assert status == 200, reply
+            shown_first[k] = reply["item"]["response_a"]
+            assert server.session.raters_kept <= kept
+            if k % kept == 0:  # some of them rate: what is on disk must stay
+                token = reply["item"]["token"]
+                body = {"rater": f"flood{k}", "item": "t0", "verdict": "tie", "token": token}
+                assert _post(api + "/rate", body)[0] == 200
+        assert server.session.raters_kept == kept
+        # alice's sides were dropped long ago, and worked out again the same: her token still rates
+        body = {"rater": "alice", "item": "t0", "verdict": "B", "token": alice["token"]}
+        assert _post(api + "/rate", body)[0] == 200
+        again = _get(api + "/next?rater=flood0")[1]
+        assert again["rated"] == 1 and again["item"]["id"] == "t1"
+        assert _get(api + "/next?rater=flood1")[1]["item"]["response_a"] == shown_first[1]
+        assert _post(api + "/undo", {"rater": "alice"})[1]["undone"] == "t0"
+        assert _post(api + "/rate", body)[0] == 200  # and rated again, the same pair
+        assert server.session.raters_kept <= kept
+    with RatingStore(tmp_path / "out" / "ratings.jsonl") as store:
+        assert store.raters() == sorted(["alice", *(f"flood{k}" for k in range(0, 10 * kept, kept))])
+        assert [r.verdict for r in store.ratings("alice")] == ["B"]
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line
 
 

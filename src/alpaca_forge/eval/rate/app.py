@@ -11,6 +11,12 @@ preference for a slot cancels out instead of favouring a system. The token ties 
 the pair this server handed out: a tab left open across a restart with another --seed, another
 set or other answers cannot record its verdict on the wrong sides (the page gets 409 and shows
 the item again). Every error is JSON, `{"error": {"message", "code"}}`, with a 4xx status.
+
+Every route, the page and its static files included, passes one gate (`check_request`): served
+on loopback, the Host must be a loopback name (a DNS-rebinding page sends its own); on any
+address, a browser's Origin, when sent, must be this page's own (`null`, from a sandboxed frame or
+a `file:` page, is another site's). A rater's sides are worked out from the seed and the name, so
+only the latest raters' are kept (an LRU): a flood of names costs time, never memory.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import hmac
 import json
 import os
 import random
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +46,9 @@ STATIC = resources.files("alpaca_forge.eval.rate") / "static"
 MAX_BODY_BYTES = 16_384  # a verdict is a hundred bytes
 STATIC_KINDS = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 NO_STORE = {"cache-control": "no-store"}  # a reload must ask again, never show a cached pair
+# Raters whose sides stay worked out (about 7 KB each on a 252-item set); another rater's are
+# worked out again, the same, when they come back (a shuffle of the item ids: microseconds).
+RATERS_KEPT = 1024
 
 
 class ApiError(Exception):
@@ -79,14 +90,28 @@ class RateSession:
         self.by_id = {it.id: it for it in items}
         self.loopback_only = loopback_only
         self._key = os.urandom(32)  # tokens of another server run are stale, by design
-        self._sides: dict[str, dict[str, bool]] = {}
+        # rater -> item -> A first, least recently used first; requests arrive on several threads
+        self._sides: OrderedDict[str, dict[str, bool]] = OrderedDict()
+        self._sides_lock = threading.Lock()
+        self._raters_kept = RATERS_KEPT
 
     def pair(self, rater: str, item_id: str) -> tuple[System, System]:
         """(shown as Response A, shown as Response B) for this rater."""
-        sides = self._sides.get(rater)
-        if sides is None:
-            sides = self._sides[rater] = a_first_sides(self.seed, rater, [it.id for it in self.items])
+        with self._sides_lock:
+            sides = self._sides.get(rater)
+            if sides is None:
+                sides = self._sides[rater] = a_first_sides(self.seed, rater, [it.id for it in self.items])
+                if len(self._sides) > self._raters_kept:
+                    self._sides.popitem(last=False)
+            else:
+                self._sides.move_to_end(rater)
         return (self.a, self.b) if sides[item_id] else (self.b, self.a)
+
+    @property
+    def raters_kept(self) -> int:
+        """Raters whose sides are held in memory now (at most RATERS_KEPT)."""
+        with self._sides_lock:
+            return len(self._sides)
 
     def token(self, rater: str, item_id: str, first: str, second: str) -> str:
         message = json.dumps([rater, item_id, first, second]).encode()
@@ -118,7 +143,10 @@ class RateSession:
 
     def rate(self, rater: str, item_id: str, verdict: str, token: str) -> dict[str, Any]:
         first, second = self.pair(rater, item_id)
-        if not hmac.compare_digest(token, self.token(rater, item_id, first.name, second.name)):
+        # As bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, a 500);
+        # surrogatepass, because JSON can carry a lone surrogate ("\ud800") that UTF-8 cannot.
+        given = token.encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(given, self.token(rater, item_id, first.name, second.name).encode()):
             raise ApiError(
                 409,
                 "this pair was not handed out by this server as it runs now (it restarted, or the "
@@ -161,21 +189,24 @@ def _body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _check_origin(session: RateSession, request: Any, *, writing: bool) -> None:
-    """Served on loopback, only this machine may call, and not through another site's page: the
-    Host must be a loopback name (a DNS-rebinding page sends its own) and a browser's Origin, on
-    a call that records, loopback too."""
-    if not session.loopback_only:
-        return
-    host = urlsplit("//" + (request.headers.get("host") or "")).hostname or ""
-    if host not in LOOPBACK_NAMES:
-        raise ApiError(
-            403,
-            f"this page answers requests to a loopback address only, not {host[:80]!r}",
-            "host_not_allowed",
-        )
-    origin = request.headers.get("origin")
-    if writing and origin and origin != "null" and (urlsplit(origin).hostname or "") not in LOOPBACK_NAMES:
+def check_request(session: RateSession, headers: Mapping[str, str]) -> None:
+    """The gate every route passes. Served on loopback, only this machine may call: the Host must
+    be a loopback name. On any address, not through another site's page: a browser's Origin, when
+    sent, must be this page's own (its host and port are the Host's); `null` never is."""
+    authority = headers.get("host") or ""
+    if session.loopback_only:
+        host = urlsplit("//" + authority).hostname or ""
+        if host not in LOOPBACK_NAMES:
+            raise ApiError(
+                403,
+                f"this page answers requests to a loopback address only, not {host[:80]!r}",
+                "host_not_allowed",
+            )
+    origin = headers.get("origin")
+    if origin is None:
+        return  # not a browser's cross-origin call: same-origin GETs, curl, the tests
+    scheme, _, origin_authority = origin.partition("://")
+    if scheme not in ("http", "https") or origin_authority.lower() != authority.lower():
         raise ApiError(403, f"cross-site request from {origin[:80]!r} refused", "origin_not_allowed")
 
 
@@ -193,6 +224,15 @@ def create_app(session: RateSession) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> Any:
         return error(exc)
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next: Any) -> Any:
+        # Here rather than in each route, so none can skip it: unknown paths and /static too.
+        try:
+            check_request(session, request.headers)
+        except ApiError as e:
+            return error(e)
+        return await call_next(request)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> Any:
@@ -213,8 +253,7 @@ def create_app(session: RateSession) -> FastAPI:
         return _body(raw)
 
     @app.get("/")
-    async def page(request: Request) -> Any:
-        _check_origin(session, request, writing=False)
+    async def page() -> Any:
         return HTMLResponse((STATIC / "rate.html").read_text(encoding="utf-8"), headers=NO_STORE)
 
     @app.get("/static/{name}")
@@ -227,13 +266,11 @@ def create_app(session: RateSession) -> FastAPI:
 
     @app.get("/api/next")
     async def next_item(request: Request) -> Any:
-        _check_origin(session, request, writing=False)
         rater = _rater(request.query_params.get("rater"))
         return JSONResponse(await run_in_threadpool(session.next_for, rater), headers=NO_STORE)
 
     @app.post("/api/rate")
     async def rate(request: Request) -> Any:
-        _check_origin(session, request, writing=True)
         body = await read_body(request)
         rater = _rater(body.get("rater"))
         verdict, item_id, token = body.get("verdict"), body.get("item"), body.get("token")
@@ -249,7 +286,6 @@ def create_app(session: RateSession) -> FastAPI:
 
     @app.post("/api/undo")
     async def undo(request: Request) -> Any:
-        _check_origin(session, request, writing=True)
         body = await read_body(request)
         rater = _rater(body.get("rater"))
         return JSONResponse(await run_in_threadpool(session.undo, rater), headers=NO_STORE)
