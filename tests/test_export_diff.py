@@ -26,14 +26,12 @@ from alpaca_forge.export.config import DiffConfig, RecoverConfig
 from alpaca_forge.export.diff import (
     MANIFEST_FILE,
     Change,
-    Verification,
     resize_rows,
-    run_diff,
-    run_recover,
     shape_change,
     tensor_sha256,
     xor_bytes,
 )
+from alpaca_forge.export.diff_runner import Verification, run_diff, run_recover
 
 from conftest import assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
 
@@ -516,7 +514,7 @@ def test_a_disk_that_fills_up_leaves_nothing_behind(pairs, tmp_path):
         import resource, signal, sys
         from alpaca_forge import UserError
         from alpaca_forge.export.config import RecoverConfig
-        from alpaca_forge.export.diff import run_recover
+        from alpaca_forge.export.diff_runner import run_recover
         import safetensors.torch, torch  # loaded before the limit
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))

@@ -1,11 +1,17 @@
-"""Accelerators' peak throughput, and the model FLOPs utilisation (MFU) a training run reaches.
+"""What a run takes of the machine: accelerators' peak throughput and the model FLOPs utilisation
+(MFU) a training run reaches, and this process's peak resident memory.
 
 MFU = k x parameters x tokens per second / (peak FLOP/s of the devices), with k = 6 for a full
 fine-tune (forward 2, backward 4 per parameter and token) and 4 for LoRA/QLoRA (the frozen
 weights get no weight gradient, saving a third). Used by `train` (measured) and `run` (forecast).
+Peak memory is what `export diff | recover` report, to show that they stream.
 """
 
 from __future__ import annotations
+
+import sys
+
+BYTES_PER_MB = 1_000_000  # decimal MB, as Hugging Face counts "MB" in max_shard_size
 
 # Dense bf16 peak TFLOP/s (fp32 for the CPU), without sparsity, from the makers' data sheets.
 PEAK_TFLOPS = {
@@ -42,3 +48,13 @@ def peak_tflops_of(device_name: str) -> float | None:
 def mfu(tokens_per_s: float, parameters: int, method: str, peak_tflops: float, processes: int = 1) -> float:
     """The share of the devices' peak that k x parameters x tokens/s is."""
     return flops_per_token_factor(method) * parameters * tokens_per_s / (peak_tflops * 1e12 * processes)
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / BYTES_PER_MB if sys.platform == "darwin" else peak * 1024 / BYTES_PER_MB  # bytes / KiB

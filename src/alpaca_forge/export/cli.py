@@ -88,7 +88,7 @@ def _merge(config: c.MergeConfig, args: Any) -> int:
 
 
 def _diff(config: c.DiffConfig, args: Any) -> int:
-    from .diff import run_diff
+    from .diff_runner import run_diff
 
     r = run_diff(config, progress=not args.quiet)
     exact = f"{r.bit_exact} of {r.tensors} tensors recover bit for bit"
@@ -99,7 +99,7 @@ def _diff(config: c.DiffConfig, args: Any) -> int:
 
 
 def _recover(config: c.RecoverConfig, args: Any) -> int:
-    from .diff import run_recover
+    from .diff_runner import run_recover
 
     r = run_recover(config, progress=not args.quiet)
     if r.verified:
