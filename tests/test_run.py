@@ -496,3 +496,71 @@ def test_a_recipe_whose_eos_check_fails_stops_before_any_compute(tmp_path, serve
     assert_user_error(r, "(stages.train)", "EOS")
     assert not (tmp_path / "run" / "generate").exists()
     assert len(servers.script.seen) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The wiring table
+
+
+def test_every_wire_joins_a_real_output_to_a_real_field_going_forward():
+    from alpaca_forge.core.config import leaf_paths
+    from alpaca_forge.run.wiring import CONDITIONS, OUTPUTS, ROLES, STAGES, WIRES
+
+    for w in WIRES:
+        assert w.output in OUTPUTS[w.from_stage], w
+        assert w.field in leaf_paths(ROLES[w.to_stage][w.into]).values(), w
+        assert STAGES.index(w.from_stage) <= STAGES.index(w.to_stage), w  # data flows forward
+        assert not w.when or w.when in CONDITIONS, w
+
+
+def test_every_wired_field_set_by_hand_is_listed_and_the_plan_holds_the_tables_paths(tmp_path):
+    from alpaca_forge.core.errors import ValidationError
+    from alpaca_forge.run.recipe import load_recipe
+    from alpaca_forge.run.stages import plan
+
+    model = "not-cached/model"
+    recipe = write_recipe(tmp_path, Path(model), NOWHERE, NOWHERE)
+    works = {w.name: w for w in plan(load_recipe(recipe))}
+    run_dir = tmp_path / "run"
+    assert works["generate"].configs["generate"].output == str(run_dir / "generate" / "records.jsonl")
+    assert works["data"].configs["clean"].file == works["data"].configs["quality"].file
+    assert works["data"].configs["dedupe"].file == works["data"].configs["clean"].output
+    assert works["train"].configs["train"].data == works["data"].configs["dedupe"].output
+    before, after = works["infer"].configs["before"], works["infer"].configs["after"]
+    assert before.engine.model == model and after.engine.model == str(run_dir / "train")
+    judged = works["eval"].configs["eval"]
+    assert (judged.a, judged.b) == (f"fine-tuned={after.output}", f"base={before.output}")
+    assert judged.set == before.input and judged.judging.limit == 4  # infer answered the first 4
+    assert works["export"].configs["gguf"].model == str(run_dir / "train")  # full: nothing to merge
+    assert works["export"].configs["gguf"].output == str(run_dir / "export" / "model.f32.gguf")
+    assert "merge" not in works["export"].configs
+
+    lora = write_recipe(tmp_path, Path(model), NOWHERE, NOWHERE, stages__train__method="lora")
+    export = {w.name: w for w in plan(load_recipe(lora))}["export"].configs
+    assert export["merge"].adapter == str(run_dir / "train")
+    assert export["gguf"].model == export["merge"].output == str(run_dir / "export" / "merged")
+
+    by_hand = {
+        "generate": {"output": "x.jsonl"},
+        "data": {"quality": {"report": "q.json"}, "clean": {"file": "a"}, "dedupe": {"dropped": "d"}},
+        "train": {"output": "out"},
+        "infer": {"output": "o.jsonl", "model": "m"},
+        "eval": {"set": "s", "a": "a", "b": "b", "output": "o"},
+        "export": {"model": "m", "output": "o.gguf"},
+    }
+    changes = {
+        f"stages__{stage}__{key}": value for stage, keys in by_hand.items() for key, value in keys.items()
+    }
+    changes["stages__data__clean"] = {**by_hand["data"]["clean"], "checks": ["empty_output"]}
+    with pytest.raises(ValidationError) as raised:
+        load_recipe(write_recipe(tmp_path, Path(model), NOWHERE, NOWHERE, **changes))
+    listed = [p.where.split(" (")[-1].rstrip(")") for p in raised.value.problems]
+    assert all("is set by the recipe" in p.message for p in raised.value.problems)
+    assert sorted(listed) == sorted(
+        [
+            "stages.generate.output", "stages.data.quality.report", "stages.data.clean.file",
+            "stages.data.dedupe.dropped", "stages.train.output", "stages.infer.output", "stages.infer.model",
+            "stages.eval.set", "stages.eval.a", "stages.eval.b", "stages.eval.output", "stages.export.model",
+            "stages.export.output",
+        ]
+    )  # fmt: skip

@@ -82,7 +82,7 @@ class Setting:
 # What each stage offers: a file or folder under the run directory (`{quant}` is the stage's own
 # setting), or one of its settings.
 OUTPUTS: dict[str, dict[str, str | Setting]] = {
-    "generate": {"records": "generate/records.jsonl", "seeds": Setting(("seeds",))},
+    "generate": {"records": "generate/records.jsonl"},
     "data": {
         "combined records": "data/input.jsonl",  # the seeds and the teacher's records, as the checks read them
         "quality report": "data/quality.json",
