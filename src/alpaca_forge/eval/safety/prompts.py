@@ -1,6 +1,6 @@
 """The red-team prompt set of `eval safety`: the shipped one (package data) or the user's JSONL,
-read through `core.records` (the same file:line problems as every other data file), each line
-checked as a prompt, and every problem in the file reported at once with its field and fix."""
+read by core's JSONL reader (`core.json_items`, as `core.records` reads: the same file:line
+problems as every other data file, gzip too), each line checked as a prompt, and every problem in the file reported at once with its field and fix."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.errors import Problem, UserError, ValidationError
-from ...core.records import iter_json_items
+from ...core.json_items import iter_json_items
 
 SHIPPED_PROMPTS = "redteam.jsonl"  # package data of alpaca_forge.eval.safety
 BENIGN = "benign"  # the control category: harmless prompts; any refusal or block is a false alarm
@@ -60,7 +60,7 @@ def _read_prompts(path: Path, where: str) -> list[RedTeamPrompt]:
     problems: list[Problem] = []
     prompts: list[RedTeamPrompt] = []
     seen: dict[str, int] = {}
-    # core.records names a line "<path>:<line>"; the file is JSONL here, so every item has one
+    # core.json_items names a line "<path>:<line>"; the file is JSONL here, so every item has one
     blank = not head and len(first) < _HEAD_BYTES
     items = iter(()) if blank else iter_json_items(path, problems)
     for at, value in items:
