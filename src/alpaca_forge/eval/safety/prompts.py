@@ -1,6 +1,7 @@
 """The red-team prompt set of `eval safety`: the shipped one (package data) or the user's JSONL,
 read by core's JSONL reader (`core.json_items`, as `core.records` reads: the same file:line
-problems as every other data file, gzip too), each line checked as a prompt, and every problem in the file reported at once with its field and fix."""
+problems as every other data file, gzip too), each line checked as a prompt, and every problem
+in the file reported at once with its field and fix."""
 
 from __future__ import annotations
 
