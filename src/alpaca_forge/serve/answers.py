@@ -92,7 +92,7 @@ class Answers:
     @property
     def queue_s(self) -> float | None:
         """How long the first answer waited for the engine (engines that queue say; None otherwise)."""
-        waits = [w for s in self.streams if (w := getattr(s, "queue_s", None)) is not None]
+        waits = [s.queue_s for s in self.streams if s is not None and s.queue_s is not None]
         return min(waits) if waits else None
 
     def when_settled(self, callback: Callable[[], None]) -> None:

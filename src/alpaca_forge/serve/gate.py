@@ -1,5 +1,6 @@
-"""Who may ask, how often, and how many at once: API keys, a per-key rate limit and the bounded
-queue in front of the engine. All three answer before any work is done for a request."""
+"""Who may ask, how often, and how many at once: API keys, the loopback-only rule of a server
+without keys (Host and Origin), a per-key rate limit and the bounded queue in front of the engine.
+All of them answer before any work is done for a request."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..core.errors import UserError
 from .protocol import ApiError
 
 OPEN = "anonymous"  # the client id of every request when the server has no keys
+LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
 
 
 class Keys:
@@ -50,6 +53,40 @@ class Keys:
         if found is None:
             raise ApiError(401, "the API key is not valid for this server", code="invalid_api_key")
         return found
+
+
+def _hostname(authority: str) -> str:
+    """The name part of a `Host` header or an origin's authority ("[::1]:8000" -> "::1"); "" when
+    it cannot be read."""
+    try:
+        return urlsplit("//" + authority).hostname or ""
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        return ""
+
+
+def check_loopback(host: str | None, origin: str | None) -> None:
+    """The rule of a server without keys: only this machine may ask, and not through a web page of
+    another site. A request must be addressed to a loopback name (a DNS-rebinding page sends its
+    own `Host`), and a browser's `Origin`, when sent, must be loopback too (cross-site `fetch`).
+    `Origin: null` is cross-site: browsers send it from sandboxed frames and `file:` pages, which
+    any site can open."""
+    name = _hostname(host or "")
+    if name not in LOOPBACK_NAMES:
+        raise ApiError(
+            403,
+            f"this server has no API key, so it answers only requests to a loopback address, not Host {(host or '')[:80]!r}; "
+            "start it with --api-key to serve other names",
+            code="host_not_allowed",
+        )
+    if origin is None:
+        return
+    scheme, _, authority = origin.partition("://")
+    if scheme not in ("http", "https") or _hostname(authority) not in LOOPBACK_NAMES:
+        raise ApiError(
+            403,
+            f"cross-site request from {origin[:80]!r} refused: this server has no API key",
+            code="origin_not_allowed",
+        )
 
 
 def read_keys_file(path: str) -> dict[str, str]:

@@ -61,7 +61,8 @@ class RunningServer:
     """A server started by `start()`: its address, its state, `wait_ready()` and `stop()`."""
 
     def __init__(self, config: ServeConfig, engine: Engine | Callable[[], Engine] | None):
-        from .app import ServerState, create_app
+        from .app import create_app
+        from .state import ServerState
 
         self.config = config
         self.started = time.perf_counter()
@@ -110,7 +111,7 @@ class RunningServer:
                 )
                 self._owned.append(backend)
             else:
-                if not hasattr(engine, "stream"):  # a factory: load in this thread
+                if callable(engine):  # a factory (no engine is callable): load in this thread
                     engine = engine()
                     self._owned.append(engine)
                 served = serving_engine(
