@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from alpaca_forge import FinishReason, GenerationSettings, Message
-from alpaca_forge.engines.batching import BatchingEngine, EngineClosedError, TextPieces, batch_key
+from alpaca_forge.engines.batch_rows import TextPieces
+from alpaca_forge.engines.batching import BatchingEngine, EngineClosedError, batch_key
 from alpaca_forge.engines.transformers_engine import TransformersEngine
 from test_engines import (  # noqa: F401  (collected here, run with this module's `engine`)
     test_a_batch_answers_as_one_at_a_time,
     test_a_conversation_must_end_with_the_user,
     test_complete_continues_a_raw_prompt,
     test_concurrent_callers_get_what_they_would_alone,
+    test_every_declared_member_answers,
     test_length_limit_is_reported,
     test_sampling_is_seeded,
     test_stop_string_cuts_generation,

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from alpaca_forge import FinishReason, GenerationSettings, Message, UserError, load_model
-from alpaca_forge.engines import StopStringFilter, cut_at_stop, tokens_per_s
+from alpaca_forge.engines import (
+    Engine,
+    ModelIdentity,
+    StopStringFilter,
+    Stream,
+    cut_at_stop,
+    tokens_per_s,
+)
 from alpaca_forge.engines.llamacpp import LlamaCppEngine, gguf_path
 from alpaca_forge.engines.openai_http import OpenAIEngine
 from alpaca_forge.engines.transformers_engine import TransformersEngine
@@ -174,6 +181,40 @@ def test_stream_yields_the_same_answer_as_chat(engine):
     assert len(pieces) > 1
     assert "".join(pieces).strip() == stream.completion.text == engine.chat([conv], GREEDY)[0].text
     assert tokens_per_s(stream) > 0
+
+
+def test_every_declared_member_answers(engine):
+    """What the `Engine` protocol declares is what callers read (serve, generate): every engine
+    has all of it, so no caller probes an engine with hasattr. An engine with a server behind
+    (`upstream`) says so, and its prompt, count, context and digest are None."""
+    assert isinstance(engine, Engine)
+    conv = _conversations()[0]
+    assert isinstance(engine.name, str) and isinstance(engine.format_name, str)
+    assert isinstance(engine.multi_turn, bool) and isinstance(engine.upstream, bool)
+    assert engine.last_retries == 0
+    identity = engine.identity()
+    assert isinstance(identity, ModelIdentity) and identity.model
+    assert engine.identity() == identity  # the same model, the same identity
+    prompt = engine.render(conv, GREEDY.max_new_tokens)
+    raw = engine.count_tokens("The sky is", chat=False)
+    if engine.upstream:
+        assert prompt is None and raw is None and engine.context_tokens is None
+        assert identity.digest is None
+    else:
+        assert "capital of France" in prompt
+        assert engine.count_tokens(prompt, chat=True) == engine.chat([conv], GREEDY)[0].prompt_tokens
+        assert raw == engine.complete(["The sky is"], GREEDY)[0].prompt_tokens > 0
+        assert engine.context_tokens > GREEDY.max_new_tokens
+        assert identity.model == engine.name and len(identity.digest) == 32  # sha256
+    stream = engine.stream_prompt("The sky is", GREEDY)
+    assert isinstance(stream, Stream)
+    text = "".join(stream)
+    assert text.strip() == stream.completion.text == engine.complete(["The sky is"], GREEDY)[0].text
+    assert stream.queue_s is None or stream.queue_s >= 0
+    chat_stream = engine.stream(conv, GREEDY)
+    assert isinstance(chat_stream, Stream)
+    chat_stream.cancel()
+    assert chat_stream.completion.finish_reason == FinishReason.CANCELLED
 
 
 def test_stream_cancel_stops_generation_early(engine):

@@ -1,27 +1,49 @@
 """The engine interface: everything that turns prompts into text speaks it.
 
-An `Engine` has four calls:
+An `Engine` answers:
 
 - `complete(prompts, settings)`: raw prompts, continued as they are (a batch in one go);
 - `chat(conversations, settings)`: conversations, rendered by the engine: in-process with the
   model's saved prompt format, by a server with its own template;
-- `stream(conversation, settings)`: one answer piece by piece; `cancel()` stops it, and
-  `completion` holds the totals once it ends;
+- `stream(conversation, settings)` and `stream_prompt(prompt, settings)`: one answer piece by
+  piece; `cancel()` stops it, and `completion` holds the totals once it ends (an engine that can
+  only complete a raw prompt gives it as one piece, `WholeAnswer`);
+- `render`, `count_tokens`, `context_tokens`: the prompt it will read and how long it is (serve
+  refuses a prompt too long before it queues);
+- `identity()`: which model answers (serve sends it with every response);
 - `close()`.
 
+An engine whose server behind renders, counts and holds the weights says so with
+`upstream = True`; its `render` and `count_tokens` give None and its identity has no digest.
+Callers read these members and never probe an engine for others.
+
 All take one `GenerationSettings` and give `Completion`s, whichever engine runs: chat, infer, the
-generate teacher (and serve and the eval judge) never see which one it is.
+generate teacher, serve and the eval judge never see which one it is.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..core.config import Config, setting
-from ..core.prompts import Message
+from ..core.errors import UserError
+from ..core.prompts import Message, PromptFormat
+
+
+class EngineError(UserError):
+    """The server cannot be used: wrong key, wrong URL or model, unreachable, or not speaking the API.
+    `status` is the HTTP status the server answered with, when it answered (a gateway passes a
+    400 on to its own client)."""
+
+    def __init__(self, message: str, fix: str | None = None, *, status: int | None = None):
+        super().__init__(message, fix)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -66,10 +88,27 @@ class Stream(Protocol):
 
     completion: Completion | None
     elapsed_s: float
+    queue_s: float | None  # seconds it waited in a batch queue; None where the engine has no queue
 
     def __iter__(self) -> Iterator[str]: ...
 
     def cancel(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answers, as serve tells every client (`system_fingerprint`, `x-model-id`)."""
+
+    model: str  # as named: a model folder, a .gguf file, a built-in name, or the name a server serves
+    digest: bytes | None  # sha256 over the prompt format and every weight; None: a server behind holds them
+
+
+def local_identity(model: str, prompt_format: PromptFormat, weights_digest: bytes) -> ModelIdentity:
+    """The identity of a model run here: the same weights under another template differ."""
+    h = hashlib.sha256()
+    h.update(json.dumps(prompt_format.to_dict(), sort_keys=True).encode())
+    h.update(weights_digest)
+    return ModelIdentity(model, h.digest())
 
 
 @runtime_checkable
@@ -77,6 +116,9 @@ class Engine(Protocol):
     name: str  # written into outputs (infer rows, reports)
     format_name: str  # how chat() renders: a prompt format's name (alpaca, chat, ...) or "server"
     multi_turn: bool  # False: chat() answers the last user message alone (the Alpaca format)
+    upstream: bool  # True: a server behind renders prompts, counts tokens and holds the weights
+    context_tokens: int | None  # prompt + answer tokens the model takes; None: unknown (upstream)
+    last_retries: int  # failed attempts before this thread's last call succeeded (0: never retried)
 
     def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]: ...
 
@@ -86,7 +128,48 @@ class Engine(Protocol):
 
     def stream(self, conversation: Sequence[Message], settings: GenerationSettings) -> Stream: ...
 
+    def stream_prompt(self, prompt: str, settings: GenerationSettings) -> Stream:
+        """A raw prompt continued piece by piece, stopped only at `settings.stop` (as `complete`)."""
+        ...
+
+    def render(self, conversation: Sequence[Message], max_new_tokens: int) -> str | None:
+        """The prompt `chat` reads for a conversation, the oldest turns dropped until the answer
+        fits the context; None: the server renders."""
+        ...
+
+    def count_tokens(self, text: str, *, chat: bool) -> int | None:
+        """Tokens the model reads for a prompt: a rendered conversation (`chat`) or a raw one;
+        None: only the server can count."""
+        ...
+
+    def identity(self) -> ModelIdentity: ...
+
     def close(self) -> None: ...
+
+
+class WholeAnswer:
+    """A raw-prompt answer from an engine that can only complete (a server's /v1/completions
+    through the HTTP engine), given as a stream of one piece."""
+
+    def __init__(self, engine: Engine, prompt: str, settings: GenerationSettings):
+        self.engine, self.prompt, self.settings = engine, prompt, settings
+        self.completion: Completion | None = None
+        self.elapsed_s = 0.0
+        self.queue_s: float | None = None
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[str]:
+        start = time.perf_counter()
+        done = self.engine.complete([self.prompt], self.settings)[0]
+        self.elapsed_s = time.perf_counter() - start
+        if self.cancelled:
+            done = Completion(done.text, FinishReason.CANCELLED, done.prompt_tokens, done.completion_tokens)
+        self.completion = done
+        if done.text and not self.cancelled:
+            yield done.text
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def tokens_per_s(stream: Stream) -> float:

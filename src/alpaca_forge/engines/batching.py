@@ -6,7 +6,7 @@ runs the waiting ones that can share a decoding loop (same sampling settings) as
 `model.generate()`, the requests' rows demultiplexed step by step:
 
     submit -> pending (FIFO) -> worker: gather compatible requests for `wait_s` -> encode (padded)
-           -> generate(stopping_criteria=[_BatchStep]) -> each step, per row: token -> text piece
+           -> generate(stopping_criteria=[BatchStep]) -> each step, per row: token -> text piece
            -> stop check -> the row's queue -> its consumer (`BatchedStream`)
 
 Each row ends on its own (EOS, its own `max_new_tokens`, a stop string, or `cancel()`); the batch
@@ -14,7 +14,7 @@ ends when every row has. A request that arrives while a batch runs waits for tha
 this is micro-batching, not continuous batching (rows cannot join a running loop).
 
 Greedy and sampled requests share a batch whatever their temperature, top_p and seed: each row
-samples with its own settings and its own seeded generator (`_RowSampler`), so a sampled answer
+samples with its own settings and its own seeded generator (`batch_rows.RowSampler`), so a sampled answer
 is the same for its seed alone or batched. Only the prompt encoding and the repetition penalty,
 which transformers applies to a whole batch, split batches.
 Greedy answers are the same batched or alone (up to the float noise of padding).
@@ -31,11 +31,11 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from ..core.prompts import Message
-from .base import AnswerPieces, Completion, FinishReason, GenerationSettings
+from .base import Completion, FinishReason, GenerationSettings, ModelIdentity
+from .batch_rows import BatchStep, End, Failed, Request, Row, RowSampler
 from .transformers_engine import TransformersEngine
 
 
@@ -54,192 +54,8 @@ def batch_key(settings: GenerationSettings, add_special_tokens: bool) -> tuple:
     """Requests with equal keys can share one generate(): `encode` tokenizes a batch with one
     add_special_tokens choice, and transformers applies one repetition penalty to the whole batch.
     Temperature, top_p and the seed do not split batches: each row samples on its own
-    (`_RowSampler`), so greedy and sampled requests, a chat page's included, share a batch."""
+    (`RowSampler`), so greedy and sampled requests, a chat page's included, share a batch."""
     return (add_special_tokens, settings.repetition_penalty)
-
-
-# Below this a temperature is greedy: logits / 1e-38 overflow float32 to inf, and sampling from
-# the NaNs that follow would fail the whole batch.
-MIN_TEMPERATURE = 1e-5
-
-
-class _RowSampler:
-    """A logits processor that picks each row's next token with that row's own settings: argmax
-    for a greedy row; for a sampled one temperature, then top_p, then a draw from the row's own
-    `torch.Generator`, seeded with its request's seed. It returns scores that are -inf except at
-    the chosen token, so generate(), run greedy, takes exactly that token.
-
-    Why not generate()'s own sampling: it draws every row from torch's one global generator, so
-    a row's answer would depend on its batch-mates and one seed would rule the batch. Here an
-    answer is the same for its seed whether it runs alone or batched (up to the float noise of
-    padding). Cost: one sort of the vocabulary per sampled row per step (~0.5 ms for 49K tokens,
-    against a forward pass of 50-300 ms on a CPU)."""
-
-    def __init__(self, settings: Sequence[GenerationSettings], device: Any):
-        import torch
-
-        self.settings = list(settings)
-        self.generators = []
-        for s in self.settings:
-            g = None
-            if s.temperature >= MIN_TEMPERATURE:
-                g = torch.Generator(device=device)
-                g.manual_seed(s.seed)
-            self.generators.append(g)
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        chosen = scores.argmax(dim=-1)  # (batch,)
-        for i, (s, g) in enumerate(zip(self.settings, self.generators, strict=True)):
-            if g is None:
-                continue
-            logits = scores[i].float() / s.temperature  # (vocab,)
-            if s.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-                ordered, order = torch.sort(logits, descending=True)
-                cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-                drop = cumulative - ordered.softmax(dim=-1) >= s.top_p  # the first token always stays
-                logits = logits.scatter(0, order[drop], float("-inf"))
-            probs = logits.softmax(dim=-1)
-            if bool(torch.isfinite(probs).all()):  # else (overflowing logits) this row stays greedy
-                chosen[i] = torch.multinomial(probs, 1, generator=g)[0]
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen.unsqueeze(1), 0.0)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# What travels between a consumer and the worker
-
-
-@dataclass(eq=False)  # identity, not field equality: two identical prompts are two requests
-class _Request:
-    prompt: str
-    add_special_tokens: bool  # the prompt format's for a rendered conversation, True for a raw prompt
-    stops: tuple[str, ...]
-    settings: GenerationSettings
-    key: tuple
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # str pieces, then _End | _Failed
-    cancel: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.perf_counter)
-    started_at: float | None = None  # its batch's generate() began
-    first_piece_at: float | None = None
-    ended: bool = False  # _End or _Failed sent (written by the worker, or by close() for pending ones)
-
-
-@dataclass(frozen=True)
-class _End:
-    ids: list[int]  # the row's generated ids, EOS included, no padding
-    prompt_tokens: int
-    cancelled: bool
-    ended_at: float
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: BaseException
-    ended_at: float
-
-
-class TextPieces:
-    """Text of a growing list of token ids, piece by piece, decoding a few recent ids per token
-    (not the whole answer each step, which would cost O(n^2) over an answer).
-
-    Two windows over the ids: `ids[prefix:read]` was decoded already and `ids[prefix:]` is decoded
-    now; the new text is what the longer decode adds. Keeping a little context before the new ids
-    decodes tokens whose text depends on their neighbours (leading spaces) as the full decode
-    does. Text ending in U+FFFD (an incomplete UTF-8 character) is held until its bytes arrive.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
-        now = self._decode(self.ids[self.prefix :])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return now[len(before) :]
-
-    def flush(self) -> str:
-        """What is still held at the end (an incomplete character decodes as U+FFFD, as the full
-        decode does)."""
-        before = self._decode(self.ids[self.prefix : self.read])
-        now = self._decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before) :]
-
-
-class _Row:
-    """One request's row in the running batch: its tokens, text and stop check, in the worker."""
-
-    def __init__(self, request: _Request, prompt_tokens: int, tokenizer: Any, end_ids: set[int]):
-        self.request = request
-        self.prompt_tokens = prompt_tokens
-        self.end_ids = end_ids
-        self.text = TextPieces(tokenizer)  # holds the row's ids
-        self.pieces = AnswerPieces(request.stops)
-        self.done = False
-
-    def take(self, token: int) -> None:
-        """One generated token: its text goes out at once, and the row ends on EOS (or padding:
-        `TransformersEngine.finish` reads a pad id as the end, so the stream stops there too),
-        its own `max_new_tokens`, a stop string, or the consumer's `cancel()`."""
-        if self.request.cancel.is_set():  # this token is nobody's: the consumer has gone
-            self.end(cancelled=True)
-            return
-        self._send(self.pieces.push(self.text.push(token)))
-        if (
-            self.pieces.stopped
-            or token in self.end_ids
-            or len(self.text.ids) >= self.request.settings.max_new_tokens
-        ):
-            self.end(cancelled=False)
-
-    def _send(self, piece: str) -> None:
-        if piece:
-            if self.request.first_piece_at is None:
-                self.request.first_piece_at = time.perf_counter()
-            self.request.out.put(piece)
-
-    def end(self, cancelled: bool) -> None:
-        if not cancelled:
-            self._send(self.pieces.push(self.text.flush()))
-            self._send(self.pieces.end())
-        self.done = True
-        self.request.ended = True
-        self.request.out.put(_End(self.text.ids, self.prompt_tokens, cancelled, time.perf_counter()))
-
-
-class _BatchStep:
-    """generate()'s stopping criterion, which also streams: generate calls its criteria once per
-    step, right after appending the new tokens (`input_ids[:, -1]`) and before any streamer sees
-    them, so a row that ends on this token is marked done in this same step (a streamer would hear
-    of it one step late, costing an extra forward pass of the whole batch). Rows already done
-    receive padding, which is ignored; once every row is done, generate stops by itself."""
-
-    def __init__(self, rows: list[_Row], closed: threading.Event):
-        self.rows = rows
-        self.closed = closed
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        if self.closed.is_set():  # every row ends; the worker fails the unfinished ones
-            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        # (batch,) to the host: a sync per step, the same one generate's own stop check makes
-        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
-            if not row.done:
-                row.take(token)
-        return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +67,11 @@ class BatchingEngine:
 
     `complete` and `chat` submit each prompt as its own request (so they batch with other callers'
     too) and wait for all; `stream` and `stream_prompt` give one answer piece by piece.
+    Rendering, counting and the model's identity are the wrapped engine's.
     """
+
+    upstream = False
+    last_retries = 0
 
     def __init__(self, engine: TransformersEngine, *, max_batch_size: int = 16, wait_s: float = 0.005):
         """`max_batch_size`: most rows in one generate() (more = more throughput, more memory);
@@ -266,12 +86,11 @@ class BatchingEngine:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self._cond = threading.Condition()  # guards _pending (and the worker's gather)
-        self._pending: list[_Request] = []
+        self._pending: list[Request] = []
         self._closed = threading.Event()
-        self._rows: list[_Row] = []  # the running batch (replaced, never mutated, by the worker)
+        self._rows: list[Row] = []  # the running batch (replaced, never mutated, by the worker)
         self._stats = BatchStats()
-        # What ends a row: EOS, and the pad id (see `_Row.take`).
-        self._end_ids = {*engine._eos, engine._pad}
+        self._end_ids = engine.end_token_ids  # see `Row.take`
         self._worker = threading.Thread(target=self._work, name="alpaca-forge-batcher", daemon=True)
         self._worker.start()
 
@@ -288,16 +107,26 @@ class BatchingEngine:
     def stream(self, conversation: Sequence[Message], settings: GenerationSettings) -> BatchedStream:
         """A conversation's answer, rendered and stopped as `TransformersEngine.chat` does."""
         prompt = self.inner.render(conversation, settings.max_new_tokens)
-        special = self.inner.lm.prompt_format.add_special_tokens
-        return self._submit(prompt, special, self.inner._stops(settings), settings)
+        special = self.inner.prompt_format.add_special_tokens
+        return self._submit(prompt, special, self.inner.stop_strings(settings), settings)
 
     def stream_prompt(self, prompt: str, settings: GenerationSettings) -> BatchedStream:
         """A raw prompt continued, stopped only at `settings.stop` (as `complete`)."""
         return self._submit(prompt, True, settings.stop, settings)
 
+    def render(self, conversation: Sequence[Message], max_new_tokens: int) -> str:
+        return self.inner.render(conversation, max_new_tokens)
+
     def count_tokens(self, text: str, *, chat: bool) -> int:
         """Tokens the model reads for a prompt: a rendered conversation (`chat`) or a raw one."""
         return self.inner.count_tokens(text, chat=chat)
+
+    @property
+    def context_tokens(self) -> int | None:
+        return self.inner.context_tokens
+
+    def identity(self) -> ModelIdentity:
+        return self.inner.identity()
 
     @property
     def running(self) -> int:
@@ -334,7 +163,7 @@ class BatchingEngine:
         self, prompt: str, add_special_tokens: bool, stops: Sequence[str], settings: GenerationSettings
     ) -> BatchedStream:
         key = batch_key(settings, add_special_tokens)
-        request = _Request(prompt, add_special_tokens, tuple(stops), settings, key)
+        request = Request(prompt, add_special_tokens, tuple(stops), settings, key)
         with self._cond:
             if self._closed.is_set():
                 raise EngineClosedError("the engine is closed")
@@ -342,7 +171,7 @@ class BatchingEngine:
             self._cond.notify()
         return BatchedStream(self, request)
 
-    def _withdraw(self, request: _Request) -> bool:
+    def _withdraw(self, request: Request) -> bool:
         """Take a request that has not started out of the queue; False if it has started."""
         with self._cond:
             if request in self._pending:
@@ -350,7 +179,7 @@ class BatchingEngine:
                 return True
             return False
 
-    def _next_batch(self) -> list[_Request] | None:
+    def _next_batch(self) -> list[Request] | None:
         """The oldest waiting request and up to `max_batch_size - 1` compatible ones after it,
         waiting `wait_s` after each arrival for more; None once closed. The oldest request always
         leads the next batch, so an incompatible one waits one batch at most, never forever."""
@@ -379,7 +208,7 @@ class BatchingEngine:
                         r.started_at = started
                     return batch
 
-    def _compatible(self, key: tuple) -> list[_Request]:
+    def _compatible(self, key: tuple) -> list[Request]:
         return [r for r in self._pending if r.key == key][: self.max_batch_size]
 
     # -- the worker -------------------------------------------------------------------------
@@ -397,30 +226,30 @@ class BatchingEngine:
         finally:  # only close() ends the loop, or a bug here: then fail what waits, never hang it
             self.close()
 
-    def _run(self, batch: list[_Request]) -> None:
-        """One generate() over the batch; every request ends with an _End or a _Failed."""
+    def _run(self, batch: list[Request]) -> None:
+        """One generate() over the batch; every request ends with an End or a Failed."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         inner, first = self.inner, batch[0]
-        rows: list[_Row] = []
+        rows: list[Row] = []
         error: BaseException | None = None
         try:
             # (batch, width), left-padded
             enc = inner.encode([r.prompt for r in batch], first.add_special_tokens)
             prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
             tok = inner.lm.tokenizer
-            rows = [_Row(r, p, tok, self._end_ids) for r, p in zip(batch, prompt_tokens, strict=True)]
+            rows = [Row(r, p, tok, self._end_ids) for r, p in zip(batch, prompt_tokens, strict=True)]
             self._rows = rows
             s = self._stats
             self._stats = BatchStats(s.batches + 1, s.rows + len(rows), max(s.largest_batch, len(rows)))
-            greedy = dataclasses.replace(first.settings, temperature=0.0)  # rows sample in _RowSampler
+            greedy = dataclasses.replace(first.settings, temperature=0.0)  # rows sample in RowSampler
             kwargs = {
-                **inner.generate_kwargs(greedy, stops=()),  # stop strings differ per row: _Row
+                **inner.generate_kwargs(greedy, stops=()),  # stop strings differ per row: Row
                 "max_new_tokens": max(r.settings.max_new_tokens for r in batch),
                 "logits_processor": LogitsProcessorList(
-                    [_RowSampler([r.settings for r in batch], inner.lm.device)]
+                    [RowSampler([r.settings for r in batch], inner.lm.device)]
                 ),
-                "stopping_criteria": StoppingCriteriaList([_BatchStep(rows, self._closed)]),
+                "stopping_criteria": StoppingCriteriaList([BatchStep(rows, self._closed)]),
             }
             with inner.seeded(first.settings.seed):
                 inner.lm.model.generate(**enc, **kwargs)
@@ -451,9 +280,9 @@ def _wait_all(streams: list[BatchedStream]) -> list[Completion]:
         raise
 
 
-def _fail(request: _Request, error: BaseException) -> None:
+def _fail(request: Request, error: BaseException) -> None:
     request.ended = True
-    request.out.put(_Failed(error, time.perf_counter()))
+    request.out.put(Failed(error, time.perf_counter()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +294,7 @@ class BatchedStream:
     after the loop (or `cancel()`), `completion` and `elapsed_s` hold the totals, `queue_s` how
     long it waited for its batch, and `first_token_s` when its first text arrived."""
 
-    def __init__(self, engine: BatchingEngine, request: _Request):
+    def __init__(self, engine: BatchingEngine, request: Request):
         self._engine, self._request = engine, request
         self.completion: Completion | None = None
         self.elapsed_s = 0.0
@@ -502,14 +331,14 @@ class BatchedStream:
         self._request.cancel.set()
         if self._engine._withdraw(self._request):
             tokens = self._engine.inner.count(self._request.prompt, self._request.add_special_tokens)
-            self._end(_End([], tokens, True, time.perf_counter()))
+            self._end(End([], tokens, True, time.perf_counter()))
             return
         for item in self._items():
             if not isinstance(item, str):
                 self._end(item)
                 return
 
-    def _items(self) -> Iterator[str | _End | _Failed]:
+    def _items(self) -> Iterator[str | End | Failed]:
         """The worker's messages until the end, waiting in short slices: Python runs a pending
         Ctrl-C handler only when the main thread runs, never while it is blocked on a queue."""
         if self._error is not None:
@@ -528,14 +357,14 @@ class BatchedStream:
             if not isinstance(item, str):
                 return
 
-    def _end(self, item: _End | _Failed) -> None:
+    def _end(self, item: End | Failed) -> None:
         r = self._request
         self.elapsed_s = item.ended_at - r.submitted_at
         if r.started_at is not None:
             self.queue_s = r.started_at - r.submitted_at
         if r.first_piece_at is not None:
             self.first_token_s = r.first_piece_at - r.submitted_at
-        if isinstance(item, _Failed):
+        if isinstance(item, Failed):
             self._error = item.error
             raise item.error
         done = self._engine.inner.finish(item.ids, r.settings.max_new_tokens, r.stops, item.prompt_tokens)

@@ -25,22 +25,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.errors import UserError
 from ..core.prompts import Message, check_conversation
-from .base import AnswerPieces, Completion, FinishReason, GenerationSettings, cut_at_stop
+from .base import (
+    AnswerPieces,
+    Completion,
+    EngineError,
+    FinishReason,
+    GenerationSettings,
+    ModelIdentity,
+    WholeAnswer,
+    cut_at_stop,
+)
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_IN_FLIGHT = 64  # requests one complete()/chat() call has open at once
-
-
-class EngineError(UserError):
-    """The server cannot be used: wrong key, wrong URL or model, unreachable, or not speaking the API.
-    `status` is the HTTP status the server answered with, when it answered (a gateway passes a
-    400 on to its own client)."""
-
-    def __init__(self, message: str, fix: str | None = None, *, status: int | None = None):
-        super().__init__(message, fix)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,11 @@ class _Transient(Exception):
 
 
 class OpenAIEngine:
+    # The server behind renders prompts, counts tokens, limits the context and holds the weights:
+    # `render` and `count_tokens` give None, and the identity is the served model's name alone.
+    upstream = True
+    context_tokens: int | None = None
+
     def __init__(
         self,
         base_url: str,
@@ -114,6 +117,19 @@ class OpenAIEngine:
             "stream_options": {"include_usage": True},
         }
         return HttpStream(self, body, settings)
+
+    def stream_prompt(self, prompt: str, settings: GenerationSettings) -> WholeAnswer:
+        """A raw prompt through /v1/completions, answered whole: one piece."""
+        return WholeAnswer(self, prompt, settings)
+
+    def render(self, conversation: Sequence[Message], max_new_tokens: int) -> None:
+        return None
+
+    def count_tokens(self, text: str, *, chat: bool) -> None:
+        return None
+
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(self.model, None)
 
     def close(self) -> None:
         self._client.close()
@@ -253,6 +269,7 @@ class HttpStream:
         self.engine, self.body, self.settings = engine, body, settings
         self.completion: Completion | None = None
         self.elapsed_s = 0.0
+        self.queue_s: float | None = None  # the server's queue is its own
         self.cancelled = False
         self._response: Any = None
         self._pieces = AnswerPieces(settings.stop)

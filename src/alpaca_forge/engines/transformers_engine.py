@@ -13,9 +13,7 @@ on one device is no faster split across threads; batching is what `complete` and
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -23,10 +21,21 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.models import LoadedModel
 from ..core.prompts import Message, render_to_fit
-from .base import AnswerPieces, Completion, FinishReason, GenerationSettings, cut_at_stop
+from .base import (
+    Completion,
+    FinishReason,
+    GenerationSettings,
+    ModelIdentity,
+    cut_at_stop,
+    local_identity,
+)
+from .threaded import Put, ThreadStream
 
 
 class TransformersEngine:
+    upstream = False  # renders, counts and holds the weights here
+    last_retries = 0  # nothing to retry in process
+
     def __init__(self, lm: LoadedModel):
         self.lm = lm
         self.name = lm.name
@@ -34,8 +43,8 @@ class TransformersEngine:
         self.format_name = lm.prompt_format.name
         self.prompt_format = lm.prompt_format
         self._lock = threading.Lock()
-        self._eos = self._eos_ids()
-        self._pad = self._pad_id()
+        self.eos_token_ids = self._eos_ids()
+        self.pad_token_id = self._pad_id()
 
     # -- the interface ----------------------------------------------------------------------
 
@@ -48,12 +57,17 @@ class TransformersEngine:
         prompts = [self.render(c, settings.max_new_tokens) for c in conversations]
         fmt = self.lm.prompt_format
         return self._generate(
-            prompts, settings, self._stops(settings), add_special_tokens=fmt.add_special_tokens
+            prompts, settings, self.stop_strings(settings), add_special_tokens=fmt.add_special_tokens
         )
 
-    def stream(self, conversation: Sequence[Message], settings: GenerationSettings) -> TokenStream:
+    def stream(self, conversation: Sequence[Message], settings: GenerationSettings) -> ThreadStream:
         prompt = self.render(conversation, settings.max_new_tokens)
-        return TokenStream(self, prompt, settings)
+        fmt = self.lm.prompt_format
+        return self._stream(prompt, fmt.add_special_tokens, self.stop_strings(settings), settings)
+
+    def stream_prompt(self, prompt: str, settings: GenerationSettings) -> ThreadStream:
+        """A raw prompt continued piece by piece, stopped only at `settings.stop` (as `complete`)."""
+        return self._stream(prompt, True, settings.stop, settings)
 
     def close(self) -> None:
         pass
@@ -72,7 +86,7 @@ class TransformersEngine:
             None if limit is None else limit - max_new_tokens,
         )
 
-    # -- what serve asks of an engine that runs here ----------------------------------------
+    # -- what serve asks of an engine ------------------------------------------------------
 
     def count_tokens(self, text: str, *, chat: bool) -> int:
         """Tokens the model reads for a prompt: a rendered conversation (`chat`) or a raw one."""
@@ -85,6 +99,9 @@ class TransformersEngine:
     def context_tokens(self) -> int | None:
         return getattr(self.lm.model.config, "max_position_embeddings", None)
 
+    def identity(self) -> ModelIdentity:
+        return local_identity(self.name, self.prompt_format, self.weights_digest())
+
     def weights_digest(self) -> bytes:
         """sha256 over every tensor's name and bytes (~0.5 s per GB of weights)."""
         import hashlib
@@ -95,10 +112,16 @@ class TransformersEngine:
             h.update(_raw_bytes(tensor))
         return h.digest()
 
-    def _stops(self, settings: GenerationSettings) -> list[str]:
+    def stop_strings(self, settings: GenerationSettings) -> list[str]:
+        """Where a chat answer stops: the prompt format's stop strings, then the caller's."""
         return list(dict.fromkeys((*self.lm.prompt_format.stop_strings, *settings.stop)))
 
     # -- generation -------------------------------------------------------------------------
+
+    @property
+    def end_token_ids(self) -> set[int]:
+        """Ids that end an answer: EOS, and the pad id (generate pads a row a stop string ended)."""
+        return {*self.eos_token_ids, self.pad_token_id}
 
     def _eos_ids(self) -> set[int]:
         eos = self.lm.model.generation_config.eos_token_id
@@ -110,12 +133,12 @@ class TransformersEngine:
         tok = self.lm.tokenizer
         if tok.pad_token_id is not None:
             return tok.pad_token_id
-        if not self._eos:
+        if not self.eos_token_ids:
             raise UserError(
                 "the model's tokenizer has neither a pad nor an EOS token",
                 "use a tokenizer that defines eos_token",
             )
-        return min(self._eos)  # padding only ever sits where the attention mask is 0, so any id will do
+        return min(self.eos_token_ids)  # padding only ever sits where the attention mask is 0, so any id will do
 
     def encode(self, prompts: Sequence[str], add_special_tokens: bool) -> dict[str, Any]:
         """Prompts left-padded (generation appends on the right of every row), padded here so the
@@ -124,14 +147,14 @@ class TransformersEngine:
 
         ids = [self.lm.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
         width = max(len(e) for e in ids)
-        input_ids = torch.tensor([[self._pad] * (width - len(e)) + e for e in ids])
+        input_ids = torch.tensor([[self.pad_token_id] * (width - len(e)) + e for e in ids])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in ids])
         return {"input_ids": input_ids.to(self.lm.device), "attention_mask": mask.to(self.lm.device)}
 
     def generate_kwargs(self, settings: GenerationSettings, stops: Sequence[str]) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
-            "pad_token_id": self._pad,
+            "pad_token_id": self.pad_token_id,
             "do_sample": settings.temperature > 0,
             "repetition_penalty": settings.repetition_penalty,
         }
@@ -160,14 +183,35 @@ class TransformersEngine:
         left), decoded, cut at the first stop string."""
         n, reason = len(new_ids), FinishReason.LENGTH if len(new_ids) >= max_new_tokens else FinishReason.STOP
         for i, t in enumerate(new_ids):
-            if t in self._eos:
+            if t in self.eos_token_ids:
                 n, reason = i + 1, FinishReason.STOP
                 break
-            if t == self._pad:  # finished early by a stop string; the rest is padding
+            if t == self.pad_token_id:  # finished early by a stop string; the rest is padding
                 n, reason = i, FinishReason.STOP
                 break
         text, stopped = cut_at_stop(self.lm.tokenizer.decode(new_ids[:n], skip_special_tokens=True), stops)
         return Completion(text.strip(), FinishReason.STOP if stopped else reason, prompt_tokens, n)
+
+    def _stream(
+        self, prompt: str, add_special_tokens: bool, stops: Sequence[str], settings: GenerationSettings
+    ) -> ThreadStream:
+        """One answer generated in a worker thread, its text handed over as transformers decodes it."""
+        from transformers import StoppingCriteriaList
+
+        enc = self.encode([prompt], add_special_tokens)
+        width = enc["input_ids"].shape[1]  # (1, width)
+
+        def work(put: Put, stop: threading.Event) -> list[int]:
+            kwargs = {
+                **enc,
+                **self.generate_kwargs(settings, stops),
+                "streamer": _piece_streamer(self.lm.tokenizer, put),
+                "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)]),
+            }
+            with self.seeded(settings.seed):
+                return self.lm.model.generate(**kwargs)[0, width:].tolist()
+
+        return ThreadStream(work, lambda ids: self.finish(ids, settings.max_new_tokens, stops, width), stops)
 
     def _generate(
         self,
@@ -213,88 +257,14 @@ class _StopWhenSet:
         )
 
 
-class TokenStream:
-    """One answer, piece by piece, generated in a worker thread (transformers'
-    `TextIteratorStreamer` pattern), so the caller's thread stays free to react to Ctrl-C."""
+def _piece_streamer(tokenizer: Any, put: Put) -> Any:
+    """A generate() streamer handing each piece of decoded text to `put` (transformers'
+    `TextStreamer` decides where a piece ends: a word, a line, a CJK character)."""
+    from transformers import TextStreamer
 
-    def __init__(self, engine: TransformersEngine, prompt: str, settings: GenerationSettings):
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        self.engine, self.settings = engine, settings
-        self.completion: Completion | None = None
-        self.elapsed_s = 0.0
-        self.cancelled = False
-        self._stops = engine._stops(settings)
-        self._pieces_out = AnswerPieces(self._stops)
-        self._cancel = threading.Event()
-        self._result: dict[str, Any] = {}
-        # The timeout only makes the consumer wake every 0.1 s, so that a Ctrl-C delivered to
-        # another thread is noticed promptly (see `_pieces`).
-        self._streamer = TextIteratorStreamer(
-            engine.lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.1
-        )
-        enc = engine.encode([prompt], engine.lm.prompt_format.add_special_tokens)
-        self._width = enc["input_ids"].shape[1]
-        kwargs = {
-            **enc,
-            **engine.generate_kwargs(settings, self._stops),
-            "streamer": self._streamer,
-            "stopping_criteria": StoppingCriteriaList([_StopWhenSet(self._cancel)]),
-        }
-        self._start = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, args=(kwargs,), daemon=True)
-        self._thread.start()
-
-    def _run(self, kwargs: dict[str, Any]) -> None:
-        try:
-            with self.engine.seeded(self.settings.seed):
-                self._result["ids"] = self.engine.lm.model.generate(**kwargs)[0, self._width :].tolist()
-        except BaseException as e:  # re-raised in the caller's thread
-            self._result["error"] = e
-            self._streamer.end()
-
-    def _pieces(self) -> Iterator[str]:
-        """The streamer's text pieces, waiting in short slices: Python runs a pending Ctrl-C
-        handler only when this (main) thread runs, never while it is blocked on the queue."""
-        while True:
-            try:
-                yield next(self._streamer)
-            except queue.Empty:
-                continue
-            except StopIteration:
-                return
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces():
-            text = self._pieces_out.push(piece)
+    class PieceStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text:
-                yield text
-            if self._pieces_out.stopped:
-                self._cancel.set()  # the worker may not have seen the stop string yet
-                break
-        tail = self._pieces_out.end()
-        if tail:
-            yield tail
-        self._finish()
+                put(text)
 
-    def cancel(self) -> None:
-        """Stop generating (from the consumer's thread, e.g. on Ctrl-C) and wait for the worker."""
-        self.cancelled = True
-        self._cancel.set()
-        self._finish()
-
-    def _finish(self) -> None:
-        if self.completion is not None:
-            return
-        self._thread.join()
-        self.elapsed_s = time.perf_counter() - self._start
-        if "error" in self._result:
-            raise self._result["error"]
-        done = self.engine.finish(
-            self._result.get("ids", []), self.settings.max_new_tokens, self._stops, self._width
-        )
-        if self.cancelled:
-            done = Completion(done.text, FinishReason.CANCELLED, done.prompt_tokens, done.completion_tokens)
-        elif self._pieces_out.stopped:
-            done = Completion(done.text, FinishReason.STOP, done.prompt_tokens, done.completion_tokens)
-        self.completion = done
+    return PieceStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

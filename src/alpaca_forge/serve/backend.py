@@ -16,11 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from ..core.prompts import Message
-from ..engines import Completion, Engine, EngineConfig, FinishReason, GenerationSettings, Stream, open_engine
+from ..engines import Engine, EngineConfig, GenerationSettings, ModelIdentity, Stream, open_engine
 
 log = logging.getLogger("alpaca_forge")
 
@@ -28,46 +27,39 @@ log = logging.getLogger("alpaca_forge")
 class Backend:
     def __init__(self, engine: Engine, *, served_name: str | None = None, repetition_penalty: float = 1.1):
         self.engine = engine
-        inner = getattr(engine, "inner", engine)
         # An engine that runs here (transformers, llama.cpp) renders prompts and counts tokens;
-        # a gateway's server does both itself.
-        self.local: Any = inner if hasattr(inner, "weights_digest") else None
-        self.upstream = self.local is None
-        spec = getattr(engine, "model", "") if self.upstream else inner.name
+        # a gateway's server does both itself (`upstream`).
+        self.upstream = engine.upstream
+        identity = engine.identity()
+        spec = identity.model
         # A model folder or file is served by its last name part (`out/alpaca-7b` -> `alpaca-7b`);
         # requests may use either spelling.
         self.name = served_name or spec.rstrip("/").rpartition("/")[2].removesuffix(".gguf") or spec
         self.aliases = {self.name, spec}
         self.prompt_format = engine.format_name
         self.default_repetition_penalty = 1.0 if self.upstream else repetition_penalty
-        self.context_tokens: int | None = None if self.local is None else self.local.context_tokens
-        self.fingerprint = "fp_" + self._identity_hash()
+        self.context_tokens = engine.context_tokens
+        self.fingerprint = "fp_" + self._identity_hash(identity)
 
     @property
     def model_id(self) -> str:
         """`name@hash`, the `x-model-id` header."""
         return f"{self.name}@{self.fingerprint.removeprefix('fp_')}"
 
-    def _identity_hash(self) -> str:
-        h = hashlib.sha256()
-        if self.local is None:
-            h.update(json.dumps([self.engine.name, self.prompt_format]).encode())
-            return h.hexdigest()[:12]
-        h.update(json.dumps(self.local.prompt_format.to_dict(), sort_keys=True).encode())
-        h.update(self.local.weights_digest())
-        return h.hexdigest()[:12]
+    def _identity_hash(self, identity: ModelIdentity) -> str:
+        if identity.digest is None:  # a server's model, known by its name and our engine's
+            return hashlib.sha256(json.dumps([self.engine.name, self.prompt_format]).encode()).hexdigest()[:12]
+        return identity.digest.hex()[:12]
 
     # -- prompts ----------------------------------------------------------------------------
 
     def chat_prompt_tokens(self, conversation: Sequence[Message], max_new_tokens: int) -> int | None:
         """Tokens of the prompt the engine will render (None when a server renders it)."""
-        if self.local is None:
-            return None
-        prompt = self.local.render(conversation, max_new_tokens)
-        return self.engine.count_tokens(prompt, chat=True)
+        prompt = self.engine.render(conversation, max_new_tokens)
+        return None if prompt is None else self.engine.count_tokens(prompt, chat=True)
 
     def raw_prompt_tokens(self, prompt: str) -> int | None:
-        return None if self.local is None else self.engine.count_tokens(prompt, chat=False)
+        return self.engine.count_tokens(prompt, chat=False)
 
     # -- answers ----------------------------------------------------------------------------
 
@@ -75,39 +67,10 @@ class Backend:
         return self.engine.stream(conversation, settings)
 
     def prompt_stream(self, prompt: str, settings: GenerationSettings) -> Stream:
-        stream_prompt = getattr(self.engine, "stream_prompt", None)
-        if stream_prompt is not None:
-            return stream_prompt(prompt, settings)
-        return WholeAnswer(self.engine, prompt, settings)
+        return self.engine.stream_prompt(prompt, settings)
 
     def close(self) -> None:
         self.engine.close()
-
-
-class WholeAnswer:
-    """A raw-prompt answer from an engine that can only complete (a server's /v1/completions
-    through the HTTP engine), given as a stream of one piece."""
-
-    def __init__(self, engine: Engine, prompt: str, settings: GenerationSettings):
-        self.engine, self.prompt, self.settings = engine, prompt, settings
-        self.completion: Completion | None = None
-        self.elapsed_s = 0.0
-        self.cancelled = False
-
-    def __iter__(self) -> Iterator[str]:
-        import time
-
-        start = time.perf_counter()
-        done = self.engine.complete([self.prompt], self.settings)[0]
-        self.elapsed_s = time.perf_counter() - start
-        if self.cancelled:
-            done = Completion(done.text, FinishReason.CANCELLED, done.prompt_tokens, done.completion_tokens)
-        self.completion = done
-        if done.text and not self.cancelled:
-            yield done.text
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 def serving_engine(engine: Engine, *, max_batch_size: int, batch_wait_s: float) -> Engine:
