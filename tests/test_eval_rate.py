@@ -370,6 +370,33 @@ def test_kappa_between_raters_and_with_the_judge(rated, files):
     assert "| alice / bob | 6 |" in md and "tiny-judge" in md
 
 
+def test_eval_reports_are_read_back_through_one_typed_reader(rated, tmp_path):
+    from alpaca_forge.core.errors import UserError
+    from alpaca_forge.eval.rate import write_rate_report
+    from alpaca_forge.eval.report import read_pairwise_report
+
+    write_rate_report(rated["config"])  # writes raters/NAME/report.json as `eval pairwise` does
+    report = read_pairwise_report(rated["output"] / "raters" / "alice", flag="--judge-report", fix="f")
+    assert report.path == rated["output"] / "raters" / "alice" / "report.json"
+    assert (report.a, report.b, report.judge) == (A_NAME, B_NAME, "human:alice")
+    assert {r.id: r.outcome for r in report.per_item} == {
+        item: {"a": "win", "b": "loss", "tie": "tie"}[label] for item, label in PLAN["alice"].items()
+    }
+    bad = [
+        ("{not json", "report.json:1: not JSON"),
+        ('{"a": "x", "b": "y"}', "not a pairwise report (no per-item outcomes)"),
+        ('{"a": "x", "per_item": [{"id": 3, "outcome": "won"}]}', "item '3' has the outcome 'won'"),
+    ]
+    for text, message in bad:
+        (tmp_path / "report.json").write_text(text)
+        with pytest.raises(
+            UserError, match="--judge-report .*" + message.replace("(", r"\(").replace(")", r"\)")
+        ):
+            read_pairwise_report(tmp_path, flag="--judge-report", fix="f")
+    with pytest.raises(UserError, match="cannot be read"):
+        read_pairwise_report(tmp_path / "missing.json", flag="--judge-report", fix="f")
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming, undoing
 
@@ -605,8 +632,9 @@ def test_a_flood_of_rater_names_holds_a_bounded_state_and_loses_no_rating(files,
     from alpaca_forge.eval.rate import RatingStore, start
 
     kept = 16
-    monkeypatch.setattr("alpaca_forge.eval.rate.app.RATERS_KEPT", kept)
+    monkeypatch.setattr("alpaca_forge.eval.rate.app.SIDES_KEPT", kept * len(ITEMS))
     with start(files.config(tmp_path / "out")) as server:
+        assert server.session.raters_kept_at_most == kept
         api = server.url + "/api"
         alice = _get(api + "/next?rater=alice")[1]["item"]
         shown_first = {}
