@@ -18,7 +18,8 @@ import torch
 
 from alpaca_forge import get_format, save_model
 from alpaca_forge.core.models import ADAPTER_BASE_FILE
-from alpaca_forge.export.to_gguf import classify_pre_tokenizer, permute_rows
+from alpaca_forge.export.gguf_tokenizer import classify_pre_tokenizer
+from alpaca_forge.export.to_gguf import permute_rows
 
 from conftest import (
     _CORPUS,
@@ -64,7 +65,7 @@ def _bpe(pre_tokenizer, decoder=None, *, byte_fallback: bool = False, normalizer
 def byte_level(kind: str = "gpt-2"):
     from tokenizers import Regex, pre_tokenizers
 
-    from alpaca_forge.export import to_gguf
+    from alpaca_forge.export import gguf_tokenizer
 
     if kind == "gpt-2":
         return _bpe(pre_tokenizers.ByteLevel(add_prefix_space=False))
@@ -77,7 +78,7 @@ def byte_level(kind: str = "gpt-2"):
                 ]
             )
         )
-    regex = {"llama-bpe": to_gguf._LLAMA3_REGEX, "qwen2": to_gguf._QWEN2_REGEX}[kind]
+    regex = {"llama-bpe": gguf_tokenizer._LLAMA3_REGEX, "qwen2": gguf_tokenizer._QWEN2_REGEX}[kind]
     return _bpe(
         pre_tokenizers.Sequence(
             [
