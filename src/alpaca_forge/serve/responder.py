@@ -21,7 +21,7 @@ from typing import Any
 
 from ..content_filter import refusal_text
 from ..core.errors import UserError
-from ..engines import Completion
+from ..engines import Completion, EngineError
 from .answers import Answers, Event
 from .backend import Backend
 from .gate import Ticket
@@ -72,8 +72,6 @@ Outcome = Piece | Refused | Finished | Failed | TimedOut
 def engine_error(e: BaseException) -> ApiError:
     """Any error met while answering, as the ApiError the client gets: a UserError is a 400, a
     server behind us its own status (a 400 stays one, the rest are 502), anything else a logged 500."""
-    from ..engines.openai_http import EngineError
-
     if isinstance(e, ApiError):
         return e
     if isinstance(e, EngineError):
