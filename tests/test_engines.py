@@ -21,6 +21,7 @@ from alpaca_forge.engines import (
     cut_at_stop,
     tokens_per_s,
 )
+from alpaca_forge.engines.batching import BatchingEngine
 from alpaca_forge.engines.llamacpp import LlamaCppEngine, gguf_path
 from alpaca_forge.engines.openai_http import OpenAIEngine
 from alpaca_forge.engines.transformers_engine import TransformersEngine
@@ -181,6 +182,17 @@ def test_stream_yields_the_same_answer_as_chat(engine):
     assert len(pieces) > 1
     assert "".join(pieces).strip() == stream.completion.text == engine.chat([conv], GREEDY)[0].text
     assert tokens_per_s(stream) > 0
+
+
+@pytest.mark.parametrize("cls", [TransformersEngine, OpenAIEngine, LlamaCppEngine, BatchingEngine])
+def test_every_engine_class_defines_every_declared_member(cls):
+    """The same, read off the classes, so the llama.cpp engine is held to it where
+    llama-cpp-python is not installed: a member is on the class (a method, a property, a class
+    attribute) or set by its `__init__` (an attribute name `__init__` stores)."""
+    declared = {n for n in vars(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
+    assert {"stream_prompt", "render", "count_tokens", "identity", "upstream", "context_tokens"} <= declared
+    missing = [m for m in declared if not hasattr(cls, m) and m not in cls.__init__.__code__.co_names]
+    assert not missing, f"{cls.__name__} lacks {missing}"
 
 
 def test_every_declared_member_answers(engine):

@@ -171,7 +171,7 @@ class BatchingEngine:
             self._cond.notify()
         return BatchedStream(self, request)
 
-    def _withdraw(self, request: Request) -> bool:
+    def withdraw(self, request: Request) -> bool:
         """Take a request that has not started out of the queue; False if it has started."""
         with self._cond:
             if request in self._pending:
@@ -329,7 +329,7 @@ class BatchedStream:
             return
         self.cancelled = True
         self._request.cancel.set()
-        if self._engine._withdraw(self._request):
+        if self._engine.withdraw(self._request):
             tokens = self._engine.inner.count(self._request.prompt, self._request.add_special_tokens)
             self._end(End([], tokens, True, time.perf_counter()))
             return

@@ -190,6 +190,21 @@ class OpenAIEngine:
 
         return self.with_retries(attempt, endpoint)
 
+    def open_stream(self, body: dict[str, Any], endpoint: str) -> Any:
+        """The server's streaming answer to `body` once it says 200 (retried as `_request` is);
+        the caller reads its lines and closes it."""
+
+        def attempt() -> Any:
+            request = self._client.build_request("POST", self.url(endpoint), json=body)
+            response = self._client.send(request, stream=True)
+            if response.status_code != 200:
+                response.read()
+                response.close()
+            self._check(response, endpoint)
+            return response
+
+        return self.with_retries(attempt, endpoint)
+
     def with_retries(self, attempt: Any, endpoint: str) -> Any:
         import httpx
 
@@ -279,23 +294,8 @@ class HttpStream:
         self._count = 0
         self._start = time.perf_counter()
 
-    def _open(self) -> Any:
-        client = self.engine._client
-
-        def attempt() -> Any:
-            response = client.send(
-                client.build_request("POST", self.engine.url("chat/completions"), json=self.body), stream=True
-            )
-            if response.status_code != 200:
-                response.read()
-                response.close()
-            self.engine._check(response, "chat/completions")
-            return response
-
-        return self.engine.with_retries(attempt, "chat/completions")
-
     def _events(self) -> Iterator[dict[str, Any]]:
-        self._response = self._open()
+        self._response = self.engine.open_stream(self.body, "chat/completions")
         try:
             for line in self._response.iter_lines():
                 if not line.startswith("data:"):
