@@ -13,11 +13,15 @@ Screenshot for the closing note: .test-artifacts/eval-rate-page.png.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -660,6 +664,86 @@ def test_a_flood_of_rater_names_holds_a_bounded_state_and_loses_no_rating(files,
     with RatingStore(tmp_path / "out" / "ratings.jsonl") as store:
         assert store.raters() == sorted(["alice", *(f"flood{k}" for k in range(0, 10 * kept, kept))])
         assert [r.verdict for r in store.ratings("alice")] == ["B"]
+
+
+def _drip_body(port: int, gap_s: float, give_up_s: float) -> dict[str, Any]:
+    """A POST whose headers arrive at once (`Content-Length: 100`) and whose body then comes one
+    byte every `gap_s`, answered or not, until the server closes the connection or `give_up_s`
+    has passed. What came back, the seconds until it came and until the close (None: not by
+    then), and the body bytes sent before the answer."""
+    body = json.dumps({"rater": "mallory"}).ljust(100).encode()
+    head = (
+        f"POST /api/undo HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    out: dict[str, Any] = {"reply": b"", "answered_s": None, "closed_s": None, "sent": 0}
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head)
+        t0 = time.perf_counter()
+        s.settimeout(gap_s)
+        sent = 0
+        while time.perf_counter() - t0 < give_up_s:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:  # nothing from the server for a while: one more byte
+                if sent < len(body):
+                    with contextlib.suppress(OSError):
+                        s.send(body[sent : sent + 1])
+                    sent += 1
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                out["closed_s"] = time.perf_counter() - t0
+                break
+            if not out["reply"]:
+                out["answered_s"], out["sent"] = time.perf_counter() - t0, sent
+            out["reply"] += chunk
+    return out
+
+
+def test_a_body_dripped_a_byte_at_a_time_gets_a_408_and_its_connection_closed(files, tmp_path, monkeypatch):
+    """Headers sent at once and the body dripped: without a deadline each such client held its
+    connection for good (the connection cap never closes one in the middle of a request), so
+    enough of them locked honest raters out. With one, each gets a 408 within the deadline; its
+    connection, idle again, is closed (keep-alive, the header deadline, or the cap), dripping or
+    not; and honest raters are answered all the while."""
+    from alpaca_forge.eval.rate import start
+
+    deadline_s = 1.0
+    monkeypatch.setattr("alpaca_forge.eval.rate.app.BODY_TIMEOUT_S", deadline_s)
+    # the rating server's keep-alive and header deadline are 5 s each: closed within 5 s of the 408
+    give_up_s = deadline_s + 5 + 3
+    with start(files.config(tmp_path / "out")) as server:
+        drips: list[dict[str, Any]] = []
+        drippers = [
+            threading.Thread(target=lambda: drips.append(_drip_body(server.port, 0.1, give_up_s)))
+            for _ in range(20)
+        ]
+        for t in drippers:
+            t.start()
+        time.sleep(0.3)  # every dripper has sent its headers and some of its body
+        api = server.url + "/api"
+        status, first = _get(api + "/next?rater=dave")
+        assert status == 200 and first["item"]["id"] == "t0"
+        good = {"rater": "dave", "item": "t0", "verdict": "A", "token": first["item"]["token"]}
+        assert _post(api + "/rate", good)[0] == 200
+        assert all(t.is_alive() for t in drippers), "the honest rater was not answered during the attack"
+        for t in drippers:
+            t.join(give_up_s + 5)
+        assert len(drips) == 20
+        for drip in drips:
+            head, _, reply = drip["reply"].partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408 "), drip
+            assert json.loads(reply)["error"]["code"] == "body_timeout", drip
+            assert drip["sent"] < 100 and drip["answered_s"] < deadline_s + 1, drip
+            assert drip["closed_s"] is not None, f"the connection outlived its 408: {drip}"
+        assert _post(api + "/undo", {"rater": "dave"})[1]["undone"] == "t0"  # and it keeps serving
+    rows = ratings_rows(tmp_path / "out")
+    assert [(r["rater"], r["item"], r.get("undo", False)) for r in rows] == [
+        ("dave", "t0", False),
+        ("dave", "t0", True),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

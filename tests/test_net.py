@@ -188,3 +188,71 @@ def test_the_open_file_limit_is_raised_and_the_cap_kept_under_it():
             assert server.limits.header_timeout_s == 5
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---------------------------------------------------------------------------------------------
+# core.http_body: a request's body, at most so many bytes within so many seconds
+
+
+BODY_MAX_BYTES = 64
+BODY_TIMEOUT_S = 1.0
+
+
+async def body_app(scope, receive, send) -> None:
+    """Echoes the body read through core.http_body, or answers its BodyError's status and message."""
+    from starlette.requests import Request
+
+    from alpaca_forge.core.http_body import BodyError, read_body
+
+    try:
+        status, reply = 200, await read_body(Request(scope, receive), BODY_MAX_BYTES, BODY_TIMEOUT_S)
+    except BodyError as e:
+        status, reply = e.status, e.message.encode()
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": reply, "more_body": False})
+
+
+def post(port: int, body: object, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/", body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_body_is_read_whole_under_its_byte_cap_and_its_deadline():
+    server = BackgroundServer(body_app, bind_listener("127.0.0.1", 0), name="test-net-body")
+    assert server.wait_started()
+    try:
+        assert post(server.port, b'{"a": 1}') == (200, b'{"a": 1}')
+        assert post(server.port, b"x" * BODY_MAX_BYTES) == (200, b"x" * BODY_MAX_BYTES)
+        # refused on its declared length, before a byte of it is read
+        status, message = post(server.port, None, {"content-length": "1000"})
+        assert (status, message) == (413, b"the request body is 1,000 bytes; this server takes at most 64")
+        # a chunked body declares none: counted as it comes
+        status, message = post(server.port, iter([b"x" * 40, b"x" * 40]))
+        assert status == 413 and b"over 64 bytes" in message
+        # headers at once, then a body byte every 0.1 s: a 408 at the deadline, the rest unsent
+        with open_sockets(server.port, 1) as (s,):
+            s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n")
+            s.settimeout(0.1)
+            t0 = time.perf_counter()
+            reply = b""
+            for _ in range(50):
+                with contextlib.suppress(TimeoutError):
+                    reply = s.recv(4096)
+                if reply:
+                    break
+                s.send(b"x")
+            took_s = time.perf_counter() - t0
+            s.settimeout(5)
+            while not reply.endswith(b"0\r\n\r\n"):  # the whole (chunked) response
+                chunk = s.recv(4096)
+                assert chunk, f"closed in the middle of the response: {reply!r}"
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in reply
+        assert BODY_TIMEOUT_S <= took_s < BODY_TIMEOUT_S + 1
+    finally:
+        server.stop()

@@ -10,7 +10,9 @@ Response A is seeded per rater and item, half of each rater's items each way, so
 preference for a slot cancels out instead of favouring a system. The token ties a verdict to
 the pair this server handed out: a tab left open across a restart with another --seed, another
 set or other answers cannot record its verdict on the wrong sides (the page gets 409 and shows
-the item again). Every error is JSON, `{"error": {"message", "code"}}`, with a 4xx status.
+the item again). Every error is JSON, `{"error": {"message", "code"}}`, with a 4xx status. A
+body is at most 16 KB (413) and all of it must come within 10 s of its headers (408), read as
+`serve` reads its bodies (core.http_body).
 
 Every route, the page and its static files included, passes one gate (`check_request`): served
 on loopback, the Host must be a loopback name (a DNS-rebinding page sends its own); on any
@@ -39,12 +41,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ...core import http_body
 from ..items import Item, System
 from .config import LOOPBACK_NAMES
 from .ratings import VERDICTS, Rating, RatingStore, check_rater, now
 
 STATIC = resources.files("alpaca_forge.eval.rate") / "static"
 MAX_BODY_BYTES = 16_384  # a verdict is a hundred bytes
+# All of a body within this, from its headers: a client dripping one byte a second would hold its
+# connection for good, and the connection cap never closes one in the middle of a request.
+BODY_TIMEOUT_S = 10.0
+BODY_ERROR_CODES = {400: "bad_length", 408: "body_timeout", 413: "too_large"}
 STATIC_KINDS = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 NO_STORE = {"cache-control": "no-store"}  # a reload must ask again, never show a cached pair
 # A rater's sides are a flag per item, about 26 bytes each (6.4 KB a rater on a 252-item set).
@@ -244,14 +251,10 @@ def create_app(session: RateSession) -> FastAPI:
         )
 
     async def read_body(request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-            raise ApiError(413, f"the body may be at most {MAX_BODY_BYTES:,} bytes", "too_large")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the body may be at most {MAX_BODY_BYTES:,} bytes", "too_large")
+        try:
+            raw = await http_body.read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S)
+        except http_body.BodyError as e:
+            raise ApiError(e.status, e.message, BODY_ERROR_CODES[e.status]) from None
         return _body(raw)
 
     @app.get("/")
