@@ -1,13 +1,16 @@
 """Attacks on `alpaca-forge serve`, each sent over real HTTP to a server on loopback: another
 site's page (a sandboxed frame's `Origin: null`, a DNS-rebinding `Host`) on every route of a
-server without keys, a lone surrogate in every text field, and a request log others could read."""
+server without keys, a lone surrogate in every text field, a request log others could read, and a
+client that drops a non-streamed request to hold its queue slot."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
 import stat
+import time
 
 import httpx
 import pytest
@@ -175,6 +178,71 @@ def test_the_request_log_is_readable_by_its_owner_only(server, tiny_lm, tmp_path
         s.wait_ready(60)
         assert stat.S_IMODE(old.stat().st_mode) == 0o600
     assert any("readable by others" in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def endless(tiny_model_dir):
+    """The tiny model, never ending an answer early (EOS suppressed): every answer is max_tokens long."""
+    from alpaca_forge import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    lm.model.generation_config.suppress_tokens = [lm.tokenizer.eos_token_id]
+    return TransformersEngine(lm)
+
+
+def _wait_until(predicate, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _gauges(server) -> dict[str, float]:
+    """The in-flight gauges of /metrics: requests queued, and being generated."""
+    text = httpx.get(server.url + "/metrics").text
+    names = ("alpaca_forge_queue_depth", "alpaca_forge_running_requests")
+    return {
+        n: float(line.split()[1]) for line in text.splitlines() for n in names if line.startswith(n + " ")
+    }
+
+
+def test_a_dropped_plain_request_frees_its_slot_at_once(endless, tmp_path):
+    """A client sends a non-streamed request and closes its socket before the answer: the server
+    must cancel the generation and free the request's place in a queue of one at once, not when
+    --request-timeout-s runs out (a client that drops requests in a loop would lock others out)."""
+    log = tmp_path / "requests.jsonl"
+    with start(
+        ServeConfig(port=0, max_queue=1, max_tokens=3000, request_timeout_s=120, request_log=str(log)),
+        engine=endless,
+    ) as s:
+        s.wait_ready(60)
+        name, admission, batching = s.state.backend.name, s.state.admission, s.state.backend.engine
+        body = json.dumps({**ask(name), "max_tokens": 3000, "temperature": 0, "stream": False}).encode()
+        host, _, port = s.url.removeprefix("http://").rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            # generating: its first token came (a place counts as running from then)
+            assert _wait_until(lambda: batching.running == 1 and admission.running == 1, 30)
+            assert _gauges(s)["alpaca_forge_running_requests"] == 1
+        # the socket is closed; 3,000 tokens take the tiny model far longer than this
+        assert _wait_until(lambda: admission.running + admission.waiting == 0, 5), "the slot is still held"
+        assert _wait_until(lambda: batching.running == 0, 5), "the engine still generates for nobody"
+        assert _gauges(s) == {"alpaca_forge_queue_depth": 0, "alpaca_forge_running_requests": 0}
+        started = time.monotonic()
+        after = httpx.post(s.api_url + "/chat/completions", json={**ask(name), "max_tokens": 2}, timeout=60)
+        assert after.status_code == 200, after.text
+        assert time.monotonic() - started < 30
+        rows = lambda: [json.loads(line) for line in log.read_text().splitlines()]  # noqa: E731
+        assert _wait_until(lambda: any(r["status"] == 499 for r in rows()), 5)
+        gone = next(r for r in rows() if r["status"] == 499)
+        assert gone["stream"] is False and gone["finish_reason"] == "cancelled"
+        assert 0 < gone["completion_tokens"] < 3000
 
 
 @pytest.fixture(autouse=True, scope="module")

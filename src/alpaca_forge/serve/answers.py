@@ -54,12 +54,16 @@ class Answers:
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[Event] | None = None
+        # None in the queue: the answers were cancelled, so no more events will come
+        self._queue: asyncio.Queue[Event | None] | None = None
 
     async def events(self) -> AsyncIterator[Event]:
-        """Every answer's events; raises TimeoutError when the deadline passes (answers cancelled)."""
+        """Every answer's events; raises TimeoutError when the deadline passes (answers cancelled).
+        Ends at once, without the answers' last events, once `cancel()` was called."""
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
+        if self._cancelled.is_set():  # cancelled before the queue existed, so no None will come
+            return
         for i, start in enumerate(self.starts):
             with self._lock:
                 self._running += 1
@@ -71,6 +75,8 @@ class Answers:
                 if remaining <= 0:
                     raise TimeoutError
                 event = await asyncio.wait_for(self._queue.get(), remaining)
+                if event is None:  # a cancelled answer's thread stops without an event of its own
+                    return
                 if event.kind != "piece":
                     left -= 1
                 yield event
@@ -85,6 +91,9 @@ class Answers:
             if self._cancelled.is_set():
                 return
             self._cancelled.set()
+        # wake the reader: else a client that dropped a non-streamed request would hold its
+        # queue slot until the deadline, waiting for events that no thread will send
+        self._emit(None)
         streams = [s for s in self.streams if s is not None]
         if streams:
             threading.Thread(target=lambda: [_quietly_cancel(s) for s in streams], daemon=True).start()
@@ -148,7 +157,7 @@ class Answers:
                 log.warning("an answer failed after its request ended: %s: %s", type(e).__name__, e)
             self._emit(Event(index, "error", error=e))
 
-    def _emit(self, event: Event) -> None:
+    def _emit(self, event: Event | None) -> None:
         loop, queue = self._loop, self._queue
         if loop is None or queue is None:
             return

@@ -217,10 +217,11 @@ class Responder:
             watch.remove_done_callback(_cancel_on_disconnect)
             gone = watch.done() and not watch.cancelled()
             watch.cancel()
+        rec.completion_tokens = self._record_tokens(self.completions)
         if gone:  # the client left before its answer was ready: nobody reads this response
             rec.status, rec.finish_reason = 499, "cancelled"
-        rec.completion_tokens = self._record_tokens(self.completions)
-        rec.finish_reason = self.reasons[0] if self.n == 1 else ",".join(self.reasons)
+        else:
+            rec.finish_reason = self.reasons[0] if self.n == 1 else ",".join(self.reasons)
         choices = [self._choice(i) for i in range(self.n)]
         if self.state.config.log_text:
             said = [c["message"]["content"] if "message" in c else c["text"] for c in choices]
