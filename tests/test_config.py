@@ -170,3 +170,42 @@ def test_every_setting_has_help_and_a_config_file_flag(command):
     for leaf in leaves(COMMANDS[command]):
         assert leaf.help, f"{command}: {leaf.flag} has no help line"
     assert run_cli(*command.split(), "--help").returncode == 0
+
+
+# The engine + generation block of the commands that make text, declared once in engines.config.
+TEXT_STAGES = {  # command: (required settings, the stage's own default temperature)
+    "chat": ({}, 0.7),
+    "infer": ({"input": "i.jsonl", "output": "o.jsonl"}, 0.0),
+    "eval safety": ({"output": "out"}, 0.0),
+    "generate": ({"seeds": "s.jsonl", "output": "o.jsonl", "num_instructions": 1}, 1.0),
+}
+
+
+def test_every_command_that_makes_text_takes_the_one_engine_block():
+    from alpaca_forge.engines.config import TextStageConfig
+
+    with_generation = {
+        command
+        for command, cls in COMMANDS.items()
+        if any(f.name == "generation" for f in dataclasses.fields(cls))
+    }
+    assert with_generation == set(TEXT_STAGES)
+    assert all(issubclass(COMMANDS[command], TextStageConfig) for command in TEXT_STAGES)
+
+
+@pytest.mark.parametrize("command", sorted(TEXT_STAGES))
+def test_the_engine_block_keeps_its_paths_flags_and_per_stage_defaults(command):
+    cls, (required, temperature) = COMMANDS[command], TEXT_STAGES[command]
+    paths = {leaf.name: leaf.path for leaf in leaves(cls)}
+    # Paths the recipe and the runners read; the penalty is one flag outside the generation group.
+    assert paths["model"] == ("engine", "model") and paths["temperature"] == ("generation", "temperature")
+    assert paths["repetition_penalty"] == ("repetition_penalty",)
+    assert ("generation", "repetition_penalty") not in paths.values()
+    server = EngineConfig(engine="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    local, remote = cls(**required), cls(**required, engine=server)
+    assert not local.on_server and remote.on_server
+    assert (local.settings.repetition_penalty, remote.settings.repetition_penalty) == (1.1, 1.0)
+    assert cls(**required, repetition_penalty=1.3).settings.repetition_penalty == 1.3
+    assert local.settings.temperature == local.generation.temperature == temperature
+    with pytest.raises(ValidationError, match="--repetition-penalty"):
+        cls(**required, repetition_penalty=0)

@@ -8,15 +8,8 @@ import pytest
 from alpaca_forge import EngineConfig, Record, ValidationError
 from alpaca_forge.engines import cut_at_stop
 from alpaca_forge.generate import FilterConfig, GenerateConfig
-from alpaca_forge.generate.steps import (
-    FILTERS,
-    MAX_TASKS_PER_REPLY,
-    TEACHER_STOP,
-    build_prompt,
-    filter_reason,
-    parse_tasks,
-    sample_demos,
-)
+from alpaca_forge.generate.steps import FILTERS, filter_reason, parse_tasks
+from alpaca_forge.generate.teacher_prompt import MAX_TASKS_PER_REPLY, TEACHER_STOP, build_prompt, sample_demos
 
 from fake_teacher import tasks_text
 

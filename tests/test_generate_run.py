@@ -14,7 +14,8 @@ import pytest
 from alpaca_forge import EngineConfig, Record, write_records
 from alpaca_forge.core.rouge import rouge_l
 from alpaca_forge.generate import GenerateConfig, GenerateResult, StopReason, run
-from alpaca_forge.generate.steps import MAX_TASKS_PER_REPLY, Pool
+from alpaca_forge.generate.steps import Pool
+from alpaca_forge.generate.teacher_prompt import MAX_TASKS_PER_REPLY
 
 from conftest import CLI, assert_user_error, run_cli
 from fake_teacher import FakeTeacher, Script

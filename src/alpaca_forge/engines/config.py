@@ -3,23 +3,28 @@
 --engine transformers [--model NAME]                  a model in this process (the default)
 --engine openai --base-url URL --model NAME [--api-key-env VAR]   an OpenAI-compatible server
 --engine llamacpp [--model FILE.gguf]                 a GGUF file run by llama.cpp in this process
+
+and the settings block every such command shares (`TextStageConfig`): the engine, how it samples,
+and the repetition penalty whose default depends on the engine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from ..core.config import Config, setting
+from ..core.config import Config, nested, setting
 from ..core.errors import UserError
 from ..core.models import DEFAULT_MODEL, DTYPES
 from ..core.prompts import FORMATS
-from .base import Engine
+from .base import Engine, GenerationSettings
 
 log = logging.getLogger("alpaca_forge")
 
@@ -118,6 +123,57 @@ def repetition_penalty_for(cfg: EngineConfig, asked: float | None) -> float:
     if asked is not None:
         return asked
     return 1.0 if cfg.engine == "openai" else IN_PROCESS_REPETITION_PENALTY
+
+
+class TextStageConfig(Config):
+    """Base of the config of a stage that makes text (chat, infer, generate, eval safety).
+
+    A stage declares the three fields where its --help should show them, with the helpers below,
+    and its own defaults; what they mean, their help and how they resolve live here once:
+
+        engine: EngineConfig = engine_setting()
+        repetition_penalty: float | None = repetition_penalty_setting()
+        generation: GenerationSettings = generation_setting(temperature=0.0)
+    """
+
+    engine: EngineConfig
+    # None: the engine's default (see repetition_penalty_for); a flag of its own for that reason.
+    repetition_penalty: float | None
+    generation: GenerationSettings
+
+    @property
+    def settings(self) -> GenerationSettings:
+        """The generation settings, the repetition penalty resolved for the engine."""
+        penalty = repetition_penalty_for(self.engine, self.repetition_penalty)
+        return dataclasses.replace(self.generation, repetition_penalty=penalty)
+
+    @property
+    def on_server(self) -> bool:
+        """The text comes from a server (--engine openai), not a model in this process."""
+        return self.engine.engine == "openai"
+
+
+def engine_setting(title: str = "engine") -> Any:
+    """The engine, its flags shown under `title`."""
+    return nested(EngineConfig, title)
+
+
+def repetition_penalty_setting() -> Any:
+    """The repetition penalty asked for; None leaves it to the engine."""
+    return setting(None, REPETITION_PENALTY_HELP, gt=0)
+
+
+def generation_setting(title: str = "generation", exclude: tuple[str, ...] = (), **defaults: Any) -> Any:
+    """The generation settings, with this stage's `defaults` (GenerationSettings' fields), their
+    flags shown under `title`; `exclude` keeps more of them off the command line. The repetition
+    penalty always is off it: its default depends on the engine, so `repetition_penalty_setting`
+    is its flag."""
+    return nested(
+        GenerationSettings,
+        title,
+        functools.partial(GenerationSettings, **defaults),  # built when asked: checking imports pydantic
+        exclude=("repetition_penalty", *exclude),
+    )
 
 
 def _url_problem(url: str) -> str | None:

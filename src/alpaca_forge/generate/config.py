@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.config import REQUIRED, Config, nested, setting
-from ..engines import REPETITION_PENALTY_HELP, EngineConfig, GenerationSettings, repetition_penalty_for
-from .steps import TEACHER_STOP
+from ..engines import EngineConfig, GenerationSettings
+from ..engines.config import TextStageConfig, engine_setting, generation_setting, repetition_penalty_setting
+from .teacher_prompt import TEACHER_STOP
 
 DEFAULT_BLACKLIST = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -50,14 +51,8 @@ class FilterConfig(Config):
             )
 
 
-def _teacher_sampling() -> GenerationSettings:
-    # The Alpaca recipe's: room for a long list (3072 tokens), full-temperature sampling for
-    # variety, and the stop strings that end a reply before task 20.
-    return GenerationSettings(max_new_tokens=3072, temperature=1.0, top_p=1.0, stop=TEACHER_STOP)
-
-
 @dataclass(frozen=True)
-class GenerateConfig(Config):
+class GenerateConfig(TextStageConfig):
     seeds: str = setting(REQUIRED, "seed tasks (seed-task format or Alpaca records)", metavar="FILE")
     output: str = setting(REQUIRED, "accepted records, JSONL; resumed from if it exists", metavar="FILE")
     num_instructions: int = setting(
@@ -74,7 +69,7 @@ class GenerateConfig(Config):
         "completions continues the prompt as plain text (default in-process: small models follow the layout "
         "better so); chat sends it as a user message (default for a server)",
     )
-    repetition_penalty: float | None = setting(None, REPETITION_PENALTY_HELP, gt=0)
+    repetition_penalty: float | None = repetition_penalty_setting()
     price_prompt_usd_per_1m: float = setting(
         0.0, "USD per million prompt tokens", ge=0, flag="--price-prompt-per-1m"
     )
@@ -89,19 +84,19 @@ class GenerateConfig(Config):
         100, "stop once this many requests in a row gave no accepted record", ge=1
     )
     filters: FilterConfig = nested(FilterConfig, "filters")
-    engine: EngineConfig = nested(EngineConfig, "teacher")
-    # The request seed comes from --seed and the request number; the stop strings belong to the
-    # prompt (its numbering); the repetition penalty's default depends on the engine (above).
-    generation: GenerationSettings = nested(
-        GenerationSettings,
+    engine: EngineConfig = engine_setting("teacher")
+    # The Alpaca recipe's: room for a long list (3072 tokens), full-temperature sampling for
+    # variety, and the stop strings that end a reply before task 20. The request seed comes from
+    # --seed and the request number, and the stop strings belong to the prompt (its numbering),
+    # so neither is a flag.
+    generation: GenerationSettings = generation_setting(
         "teacher sampling",
-        _teacher_sampling,
-        exclude=("seed", "stop", "repetition_penalty"),
+        exclude=("seed", "stop"),
+        max_new_tokens=3072,
+        temperature=1.0,
+        top_p=1.0,
+        stop=TEACHER_STOP,
     )
-
-    @property
-    def on_server(self) -> bool:
-        return self.engine.engine == "openai"
 
     @property
     def api(self) -> str:
@@ -110,5 +105,4 @@ class GenerateConfig(Config):
 
     def sampling(self, request_seed: int) -> GenerationSettings:
         """The settings of one request."""
-        penalty = repetition_penalty_for(self.engine, self.repetition_penalty)
-        return dataclasses.replace(self.generation, repetition_penalty=penalty, seed=request_seed)
+        return dataclasses.replace(self.settings, seed=request_seed)

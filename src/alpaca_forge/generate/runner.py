@@ -3,8 +3,8 @@
 Data flow: the seeds file -> (resuming: the output and the request log rebuild the pool and the
 accounting) -> requests kept in flight, each: 3 demonstrations -> prompt -> the teacher (an
 `Engine`) -> parse -> filters -> ROUGE-L against the pool -> accepted records appended and flushed
-one by one, the request logged -> a summary. The pure steps are in `steps.py`; this module holds
-the outside world: files, the engine, threads, limits.
+one by one, the request logged -> a summary. The pure steps are in `teacher_prompt.py` and
+`steps.py`; this module holds the outside world: files, the engine, threads, limits.
 
 Crash-safe: a kill at any moment loses at most the requests in flight; running the same command
 again carries on to the target, losing and duplicating nothing (a record written just before a
@@ -30,17 +30,8 @@ from ..core.prompts import Message
 from ..core.records import Record, read_records
 from ..engines import Completion, Engine, using_engine
 from .config import GenerateConfig
-from .steps import (
-    DEMOS_PER_PROMPT,
-    Pool,
-    accept_into,
-    blacklist_pattern,
-    build_prompt,
-    filter_reason,
-    parse_tasks,
-    request_seed,
-    sample_demos,
-)
+from .steps import Pool, accept_into, blacklist_pattern, filter_reason, parse_tasks
+from .teacher_prompt import DEMOS_PER_PROMPT, build_prompt, request_seed, sample_demos
 
 log = logging.getLogger("alpaca_forge")
 
@@ -191,7 +182,7 @@ class _Job:
             reply = engine.complete([prompt], settings)[0]
         else:
             reply = engine.chat([[Message("user", prompt)]], settings)[0]
-        return request, reply, getattr(engine, "last_retries", 0)  # this thread's last call
+        return request, reply, engine.last_retries  # this thread's last call
 
     # -- one reply (in the main thread, one at a time) --------------------------------------
 

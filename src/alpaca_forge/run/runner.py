@@ -266,7 +266,7 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
     teacher = train = judge = None
     records_expected = 0
     if "generate" in s:
-        from ..generate.steps import build_prompt, sample_demos
+        from ..generate.teacher_prompt import build_prompt, sample_demos
 
         g = s["generate"]
         seeds = _records(g.seeds)

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from ...core.config import REQUIRED, Config, nested, setting
-from ...engines import REPETITION_PENALTY_HELP, EngineConfig, GenerationSettings, repetition_penalty_for
-
-
-def _greedy() -> GenerationSettings:
-    # Greedy, so a rerun asks the same questions and gets the same answers (the cache stays valid);
-    # a refusal shows in its first sentence, a blocked answer usually well within 256 tokens.
-    return GenerationSettings(temperature=0.0)
+from ...core.config import REQUIRED, setting
+from ...engines import EngineConfig, GenerationSettings
+from ...engines.config import TextStageConfig, engine_setting, generation_setting, repetition_penalty_setting
 
 
 @dataclass(frozen=True)
-class SafetyConfig(Config):
+class SafetyConfig(TextStageConfig):
     output: str = setting(
         REQUIRED,
         "folder for answers.jsonl (the answers, appended to and resumed from), safety.json, safety.md "
@@ -40,15 +34,8 @@ class SafetyConfig(Config):
     overwrite: bool = setting(
         False, "ask every prompt again instead of reusing the answers cached in --output"
     )
-    engine: EngineConfig = nested(EngineConfig, "engine")
-    repetition_penalty: float | None = setting(None, REPETITION_PENALTY_HELP, gt=0)
-    # The repetition penalty's default depends on the engine: see `settings`.
-    generation: GenerationSettings = nested(
-        GenerationSettings, "generation", _greedy, exclude=("repetition_penalty",)
-    )
-
-    @property
-    def settings(self) -> GenerationSettings:
-        """The generation settings, the repetition penalty resolved for the engine."""
-        penalty = repetition_penalty_for(self.engine, self.repetition_penalty)
-        return dataclasses.replace(self.generation, repetition_penalty=penalty)
+    engine: EngineConfig = engine_setting()
+    repetition_penalty: float | None = repetition_penalty_setting()
+    # Greedy, so a rerun asks the same questions and gets the same answers (the cache stays valid);
+    # a refusal shows in its first sentence, a blocked answer usually well within 256 tokens.
+    generation: GenerationSettings = generation_setting(temperature=0.0)
