@@ -564,3 +564,42 @@ def test_every_wired_field_set_by_hand_is_listed_and_the_plan_holds_the_tables_p
             "stages.export.output",
         ]
     )  # fmt: skip
+
+
+def test_the_run_report_shows_evals_report_as_the_typed_reader_reads_it(tmp_path):
+    """report.html's evaluation rows and sample tags come from eval's report.json read back
+    through eval's typed reader: every headline figure there is the comparison's own."""
+    from types import SimpleNamespace
+
+    from alpaca_forge.eval.compare import compare
+    from alpaca_forge.eval.items import Item, System
+    from alpaca_forge.eval.judge import Judgement
+    from alpaca_forge.eval.report import read_pairwise_report, write_pairwise_report
+    from alpaca_forge.run.report import _evaluation
+
+    items = [Item(f"t{k}", f"Say {k}.") for k in range(4)]
+    tuned = System("tuned", "after.jsonl", {i.id: f"a good answer {i.id}" for i in items})
+    base = System("base", "before.jsonl", {**{i.id: f"bad {i.id}" for i in items}, "t2": ""})
+    orders = (("tuned", "base"), ("base", "tuned"))
+    judged = [Judgement(i.id, a, b, "A" if a == "tuned" else "B", "") for i in items[:3] for a, b in orders]
+    judged += [Judgement("t3", a, b, None, "no verdict here") for a, b in orders]  # unreadable both ways
+    r = compare(items, tuned, base, judged, judge="fake-judge", samples=50)
+    write_pairwise_report(r, tmp_path, title="tuned vs base", notes=["a note"])
+
+    report = read_pairwise_report(tmp_path, flag="--report", fix="f")
+    assert (report.a, report.b, report.judge) == ("tuned", "base", "fake-judge")
+    assert (report.items, report.judged) == (4, 3)
+    assert (report.wins, report.ties, report.losses) == (r.wins, r.ties, r.losses) == (3, 0, 0)
+    assert (report.judgements, report.unreadable_verdicts) == (r.judgements, r.unreadable) == (8, 2)
+    assert report.win_rate == r.win_rate and report.sign_test_p == r.sign_test_p
+    assert report.position_consistency == r.position_consistency
+    assert report.empty_answers == (0, 1) and report.mean_chars == (r.mean_chars_a, r.mean_chars_b)
+    assert report.identical_answers == 0 and report.notes == ("a note",)
+    outcomes = {o.id: o.outcome for o in report.per_item}
+    assert outcomes == {"t0": "win", "t1": "win", "t2": "win", "t3": "unjudged"}
+
+    state = SimpleNamespace(stages={"eval": SimpleNamespace(figures={"files": []})})
+    shown = _evaluation(state, report)
+    for cell in ("tuned", "base", "fake-judge", "3 / 4", "3 / 0 / 0", "2 of 8", "0 / 1", "<li>a note</li>"):
+        assert cell in shown, cell
+    assert "report.json is gone" in _evaluation(state, None)

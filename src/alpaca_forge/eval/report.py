@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,13 +175,28 @@ class ReportedItem:
 
 @dataclass(frozen=True)
 class PairwiseReport:
-    """An `eval pairwise` report.json, read back: the two systems, the judge, each item's outcome."""
+    """An `eval pairwise` report.json, read back: the two systems, the judge, each item's outcome,
+    and the headline figures (each None where the report does not hold it)."""
 
     path: Path  # the report.json read
     a: str | None  # system A's name; None where the report does not say
     b: str | None
     judge: str | None
     per_item: tuple[ReportedItem, ...]
+    items: int | None = None  # in the set
+    judged: int | None = None  # items with a verdict
+    wins: int | None = None  # of A
+    ties: int | None = None
+    losses: int | None = None
+    judgements: int | None = None  # verdicts asked of the judge, both orders
+    unreadable_verdicts: int | None = None
+    win_rate: stats.Estimate = field(default_factory=lambda: stats.Estimate(None))  # A's, ties ½, 95% CI
+    sign_test_p: float | None = None
+    position_consistency: float | None = None  # share of items whose two orders agree
+    identical_answers: int | None = None  # ties never asked
+    empty_answers: tuple[int, int] | None = None  # (A, B)
+    mean_chars: tuple[float, float] | None = None  # mean answer length in characters, (A, B)
+    notes: tuple[str, ...] = ()
 
 
 def read_pairwise_report(path: str | Path, *, flag: str, fix: str) -> PairwiseReport:
@@ -206,7 +221,39 @@ def read_pairwise_report(path: str | Path, *, flag: str, fix: str) -> PairwiseRe
             raise UserError(f"{flag} {p}: item {item!r} has the outcome {outcome!r}", fix)
         items.append(ReportedItem(item, outcome))
     a, b, judge = (data.get(k) if isinstance(data.get(k), str) else None for k in ("a", "b", "judge"))
-    return PairwiseReport(p, a, b, judge, tuple(items))
+    counts = ("items", "judged", "wins", "ties", "losses", "judgements", "unreadable_verdicts")
+    rate = data.get("win_rate") if isinstance(data.get("win_rate"), dict) else {}
+    notes = data.get("notes") if isinstance(data.get("notes"), list) else []
+    return PairwiseReport(
+        p,
+        a,
+        b,
+        judge,
+        tuple(items),
+        **{k: _count(data.get(k)) for k in (*counts, "identical_answers")},
+        win_rate=stats.Estimate(*(_number(rate.get(k)) for k in ("value", "low", "high"))),
+        sign_test_p=_number(data.get("sign_test_p")),
+        position_consistency=_number(data.get("position_consistency")),
+        empty_answers=_sides(data.get("empty_answers"), _count),
+        mean_chars=_sides(data.get("mean_chars"), _number),
+        notes=tuple(str(n) for n in notes),
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _sides(value: Any, read: Any) -> tuple[Any, Any] | None:
+    """An {"a": .., "b": ..} figure as (A, B); None unless both sides are there."""
+    if not isinstance(value, dict):
+        return None
+    a, b = read(value.get("a")), read(value.get("b"))
+    return None if a is None or b is None else (a, b)
 
 
 # ---------------------------------------------------------------------------------------------

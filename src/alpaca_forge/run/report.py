@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.files import write_text_atomic
 from ..core.hardware import flops_per_token_factor
@@ -23,6 +23,9 @@ from .forecast import Forecast
 from .recipe import Recipe
 from .state import RunState
 from .wiring import run_file
+
+if TYPE_CHECKING:
+    from ..eval.report import PairwiseReport
 
 REPORT_FILE = "report.html"
 SECTIONS = ("run", "data", "preflight", "training", "evaluation", "samples", "export", "cost", "provenance")
@@ -214,35 +217,42 @@ def _training(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
     return _table(rows) + _png(Path(s["loss_plot"]) if s.get("loss_plot") else None)
 
 
-def _evaluation(state: RunState) -> str:
+def _eval_report(recipe: Recipe) -> PairwiseReport | None:
+    """The eval stage's report.json, read through eval's typed reader; None before it exists."""
+    from ..eval.report import read_pairwise_report
+
+    path = run_file(recipe.run_dir, "eval", "report")
+    if not path.is_file():
+        return None
+    return read_pairwise_report(path, flag="the eval stage's report", fix="run the recipe with --from eval")
+
+
+def _evaluation(state: RunState, r: PairwiseReport | None) -> str:
     e = _figures(state, "eval")
     if not e:
         return '<p class="muted">no eval stage in this recipe</p>'
-    r = e["report"]
-    wr = r.get("win_rate") or {}
-    pc = r.get("position_consistency")
+    if r is None:
+        return '<p class="muted">the eval stage\'s report.json is gone: run the recipe with --from eval</p>'
+    wr, pc = r.win_rate, r.position_consistency
     rows = [
-        ("system A", r.get("a")),
-        ("system B", r.get("b")),
-        ("judge", r.get("judge")),
-        ("items judged / in the set", f"{r.get('judged')} / {r.get('items')}"),
-        ("A wins / ties / B wins", f"{r.get('wins')} / {r.get('ties')} / {r.get('losses')}"),
-        (
-            "A's win rate (ties ½), 95% bootstrap",
-            f"{_pct(wr.get('value'))} [{_pct(wr.get('low'))}, {_pct(wr.get('high'))}]",
-        ),
-        ("sign test p", r.get("sign_test_p")),
+        ("system A", r.a),
+        ("system B", r.b),
+        ("judge", r.judge),
+        ("items judged / in the set", f"{r.judged} / {r.items}"),
+        ("A wins / ties / B wins", f"{r.wins} / {r.ties} / {r.losses}"),
+        ("A's win rate (ties ½), 95% bootstrap", f"{_pct(wr.value)} [{_pct(wr.low)}, {_pct(wr.high)}]"),
+        ("sign test p", r.sign_test_p),
         ("position consistency (both orders agree)", _pct(pc) if pc is not None else "—"),
-        ("unreadable verdicts", f"{r.get('unreadable_verdicts')} of {r.get('judgements')}"),
-        ("identical answers (ties, not asked)", r.get("identical_answers")),
-        ("empty answers, A / B", "{a} / {b}".format(**(r.get("empty_answers") or {"a": "—", "b": "—"}))),
+        ("unreadable verdicts", f"{r.unreadable_verdicts} of {r.judgements}"),
+        ("identical answers (ties, not asked)", r.identical_answers),
+        ("empty answers, A / B", "{} / {}".format(*(r.empty_answers or ("—", "—")))),
         (
             "mean answer length in characters, A / B",
-            "{a:.0f} / {b:.0f}".format(**r["mean_chars"]) if r.get("mean_chars") else "—",
+            "{:.0f} / {:.0f}".format(*r.mean_chars) if r.mean_chars else "—",
         ),
     ]
     chart = next((Path(f) for f in e.get("files", []) if f.endswith("winrate.png")), None)
-    notes = "".join(f"<li>{_e(n)}</li>" for n in r.get("notes", []))
+    notes = "".join(f"<li>{_e(n)}</li>" for n in r.notes)
     return _table(rows) + (f"<ul>{notes}</ul>" if notes else "") + _png(chart)
 
 
@@ -256,7 +266,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _samples(recipe: Recipe, state: RunState) -> str:
+def _samples(recipe: Recipe, state: RunState, report: PairwiseReport | None) -> str:
     before = _read_jsonl(run_file(recipe.run_dir, "infer", "base answers"))
     after = {
         (r["instruction"], r.get("input", "")): r
@@ -264,11 +274,7 @@ def _samples(recipe: Recipe, state: RunState) -> str:
     }
     if not before:
         return '<p class="muted">no infer stage in this recipe</p>'
-    outcomes = {}
-    report = run_file(recipe.run_dir, "eval", "report")
-    if report.is_file():
-        per_item = json.loads(report.read_text()).get("per_item", [])
-        outcomes = {o["id"]: o["outcome"] for o in per_item}
+    outcomes = {o.id: o.outcome for o in report.per_item} if report is not None else {}
     parts = [
         "<p>The same instructions, answered by the base model (left) and the fine-tuned one (right), "
         "greedy, in the prompt format of the training.</p>"
@@ -276,7 +282,7 @@ def _samples(recipe: Recipe, state: RunState) -> str:
     for i, b in enumerate(before[:SAMPLES_SHOWN]):
         a = after.get((b["instruction"], b.get("input", "")), {})
         inp = f"<br><span class='muted'>{_e(b['input'])}</span>" if b.get("input") else ""
-        outcome = outcomes.get(str(b.get("id"))) or outcomes.get(b.get("id"))
+        outcome = outcomes.get(str(b.get("id")))  # the reader holds every id as text
         tag = f'<span class="tag">judge: {_e(outcome)}</span>' if outcome else ""
         parts.append(
             f"<h3>{i + 1}. {_e(b['instruction'])}{tag}</h3>{inp}"
@@ -319,7 +325,7 @@ def _export(state: RunState) -> str:
     return _table(rows)
 
 
-def _cost(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
+def _cost(recipe: Recipe, state: RunState, forecast: Forecast, report: PairwiseReport | None) -> str:
     g = _figures(state, "generate")
     t = _figures(state, "train").get("summary", {})
     e = _figures(state, "eval")
@@ -356,7 +362,7 @@ def _cost(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
     if forecast.judge:
         f3, prices = forecast.judge, recipe.forecast
         rows += [
-            ("judgements", f3.judgements, (e.get("report") or {}).get("judgements")),
+            ("judgements", f3.judgements, report.judgements if report is not None else None),
             ("judge prompt tokens", f3.prompt_tokens, e.get("prompt_tokens")),
             ("judge completion tokens", f3.completion_tokens, e.get("completion_tokens")),
             (
@@ -394,15 +400,16 @@ def _provenance(manifest: dict[str, Any]) -> str:
 
 
 def render(recipe: Recipe, state: RunState, forecast: Forecast, manifest: dict[str, Any]) -> str:
+    judged = _eval_report(recipe) if "eval" in state.stages else None
     bodies = {
         "run": ("The run", _run(recipe, state)),
         "data": ("Data", _data(state)),
         "preflight": ("Preflight", _preflight(state)),
         "training": ("Training", _training(recipe, state, forecast)),
-        "evaluation": ("Evaluation", _evaluation(state)),
-        "samples": ("Before and after fine-tuning", _samples(recipe, state)),
+        "evaluation": ("Evaluation", _evaluation(state, judged)),
+        "samples": ("Before and after fine-tuning", _samples(recipe, state, judged)),
         "export": ("Export", _export(state)),
-        "cost": ("Cost: forecast and actual", _cost(recipe, state, forecast)),
+        "cost": ("Cost: forecast and actual", _cost(recipe, state, forecast, judged)),
         "provenance": ("Provenance", _provenance(manifest)),
     }
     nav = "".join(f'<a href="#{k}">{_e(bodies[k][0])}</a>' for k in SECTIONS)

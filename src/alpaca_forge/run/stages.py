@@ -251,12 +251,13 @@ def _infer(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dic
 
 
 def _eval(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..eval.report import read_pairwise_report
     from ..eval.runner import run_pairwise
 
     r = run_pairwise(work.configs["eval"], progress=progress)
-    report = json.loads((r.output / "report.json").read_text())
-    prompt_tokens = completion_tokens = 0
     fix = "run the recipe with --from eval to judge again"
+    report = read_pairwise_report(r.output, flag="the eval stage's report", fix=fix)
+    prompt_tokens = completion_tokens = 0
     for _line, row in read_appended_jsonl(r.cache, ("key", "reply"), "run", fix) if r.cache.is_file() else ():
         prompt_tokens += int(row.get("prompt_tokens") or 0)
         completion_tokens += int(row.get("completion_tokens") or 0)
@@ -265,7 +266,8 @@ def _eval(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict
         "completion_tokens": completion_tokens,
         "asked": r.asked,
         "elapsed_s": round(r.elapsed_s, 2),
-        "report": {k: v for k, v in report.items() if k != "per_item"},
+        # the headline, for state.json; report.html reads report.json itself
+        "report": {k: v for k, v in dataclasses.asdict(report).items() if k not in ("path", "per_item")},
         "files": [str(f) for f in r.files],
     }
 
