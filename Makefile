@@ -23,7 +23,7 @@ WHEELHOUSE ?= $(HOME)/.cache/alpaca-forge/wheels/llama-cpp-python-$(LLAMACPP_KEY
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: demo test lint install llamacpp clean
+.PHONY: demo test test-fast lint install llamacpp clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -59,8 +59,14 @@ llamacpp: $(BIN)/.llamacpp
 demo: $(BIN)/.llamacpp
 	$(BIN)/alpaca-forge run recipes/demo.yaml
 
+# Every tier: unit, integration (the real CLI, servers on loopback, a browser, llama.cpp) and
+# real_model (the embedded SmolLM2). CI runs this.
 test: $(BIN)/.installed $(BIN)/.llamacpp
 	$(BIN)/python -m pytest -q
+
+# The unit tier alone (pure functions, tiny in-process models): about a minute, while you work.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m unit
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

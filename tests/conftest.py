@@ -29,7 +29,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+# The tiers (pyproject.toml's markers): `make test-fast` runs the unit one, `make test` all three.
+TIERS = ("unit", "integration", "real_model")
+
+
 def pytest_collection_modifyitems(config, items):
+    _refuse_tests_outside_one_tier(items)
+    _skip_llamacpp_without_it(items)
+
+
+def _refuse_tests_outside_one_tier(items) -> None:
+    """A test in no tier would never run in `make test-fast` and nobody would notice; one in two
+    would run twice as fast as it is. So each names exactly one."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            "each test needs exactly one of the markers " + ", ".join(TIERS) + " (see pyproject.toml): "
+            "mark the module (pytestmark = pytest.mark.unit) or the test (@pytest.mark.integration)\n  "
+            + "\n  ".join(wrong)
+        )
+
+
+def _skip_llamacpp_without_it(items) -> None:
     """Without llama-cpp-python (a C++ build, `make llamacpp`), its tests skip, saying why; in CI
     they run, so a failed build cannot pass for a green suite."""
     import importlib.util
@@ -40,6 +65,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "llamacpp" in item.keywords:
             item.add_marker(skip)
+
+
+_current_test: list[pytest.Item] = []
+
+
+@pytest.fixture(autouse=True)
+def _note_the_running_test(request):
+    _current_test[:] = [request.node]
+    yield
+    _current_test.clear()
+
+
+def not_in_the_unit_tier(what: str) -> None:
+    """The unit tier stays fast only while nothing in it runs the CLI, a process or a browser."""
+    if _current_test and _current_test[0].get_closest_marker("unit") is not None:
+        pytest.fail(f"{what} makes this an integration test: mark it @pytest.mark.integration", pytrace=False)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -222,6 +263,8 @@ def run_cli(
     start-up cost per call; `run_cli_process` is for tests where the process itself is the point.)"""
     from alpaca_forge.cli import main
 
+    not_in_the_unit_tier("the real CLI")
+
     out_bytes = io.BytesIO()
     out = io.TextIOWrapper(out_bytes, encoding="utf-8", write_through=True)
     err = io.StringIO()
@@ -251,6 +294,7 @@ def run_cli_process(
     *args: str, input: str | None = None, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run the installed `alpaca-forge` console script in its own process."""
+    not_in_the_unit_tier("a process of its own")
     return subprocess.run(
         [str(CLI), *args],
         input=input,

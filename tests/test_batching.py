@@ -56,7 +56,9 @@ def batcher(inner):
     engine.close()
 
 
-@pytest.fixture
+# One param, for its mark: the conformance tests imported above are unit tests here (a tiny
+# model in this process), whatever tier their engines give them in test_engines.
+@pytest.fixture(params=[pytest.param("batching", marks=pytest.mark.unit)])
 def engine(batcher):
     return batcher
 
@@ -110,6 +112,7 @@ def _byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
+@pytest.mark.unit
 def test_text_pieces_join_to_the_full_decode():
     tok = _byte_tokenizer()
     ids = tok("the cat sat on the mat. Le chat é ü, 猫が座った")["input_ids"]
@@ -119,6 +122,7 @@ def test_text_pieces_join_to_the_full_decode():
     assert not any("\ufffd" in p for p in out)
 
 
+@pytest.mark.unit
 def test_an_incomplete_character_is_held_back():
     tok = _byte_tokenizer()
     ids = tok("猫")["input_ids"]
@@ -130,6 +134,7 @@ def test_an_incomplete_character_is_held_back():
     assert cut.flush() == "\ufffd"  # an answer cut mid-character ends as the full decode does
 
 
+@pytest.mark.unit
 def test_only_the_encoding_and_the_repetition_penalty_split_batches():
     a = GenerationSettings(temperature=0.0, seed=1, top_p=0.5)
     b = GenerationSettings(temperature=0.9, seed=2, top_p=0.9)  # sampled, another seed: same batch
@@ -142,6 +147,7 @@ def test_only_the_encoding_and_the_repetition_penalty_split_batches():
 # Batching
 
 
+@pytest.mark.unit
 def test_concurrent_requests_share_a_batch_and_answer_as_alone(batcher, inner):
     convs = [_conv(q) for q in QUESTIONS]
     alone = [inner.chat([c], GREEDY)[0] for c in convs]
@@ -152,6 +158,7 @@ def test_concurrent_requests_share_a_batch_and_answer_as_alone(batcher, inner):
     assert _wait_until(lambda: batcher.running == 0, 1.0) and batcher.waiting == 0
 
 
+@pytest.mark.unit
 def test_each_row_keeps_its_own_length_limit(batcher, inner):
     limits = [3, 9, 17]
     settings = [dataclasses.replace(GREEDY, max_new_tokens=n) for n in limits]
@@ -167,6 +174,7 @@ def test_each_row_keeps_its_own_length_limit(batcher, inner):
     assert batcher.stats.batches == 1 and batcher.stats.largest_batch == 3
 
 
+@pytest.mark.unit
 def test_each_row_stops_at_its_own_stop_string(batcher, inner):
     convs = [_conv(q) for q in QUESTIONS[:3]]
     full = [inner.chat([c], GREEDY)[0] for c in convs]
@@ -185,6 +193,7 @@ def test_each_row_stops_at_its_own_stop_string(batcher, inner):
     assert batcher.stats.batches == 1
 
 
+@pytest.mark.unit
 def test_greedy_and_sampled_rows_share_a_batch_and_each_answers_as_alone(batcher):
     """Each row samples with its own temperature, top_p and seed, so a sampled answer is the same
     for its seed batched or alone, and differs for another seed."""
@@ -201,6 +210,7 @@ def test_greedy_and_sampled_rows_share_a_batch_and_each_answers_as_alone(batcher
     assert other_seed.text != alone[1].text
 
 
+@pytest.mark.unit
 def test_a_different_repetition_penalty_runs_in_its_own_batch(batcher):
     conv = _conv(QUESTIONS[0])
     penalised = dataclasses.replace(GREEDY, repetition_penalty=1.3)
@@ -214,6 +224,7 @@ def test_a_different_repetition_penalty_runs_in_its_own_batch(batcher):
 # Cancelling
 
 
+@pytest.mark.unit
 def test_a_cancelled_stream_stops_its_generation(batcher):
     stream = batcher.stream(_conv(QUESTIONS[0]), LONG)
     for _ in stream:
@@ -227,6 +238,7 @@ def test_a_cancelled_stream_stops_its_generation(batcher):
     assert nxt.queue_s < 1.0
 
 
+@pytest.mark.unit
 def test_cancelling_one_row_lets_the_other_finish(batcher, inner):
     long, short = batcher.stream(_conv(QUESTIONS[0]), LONG), batcher.stream(_conv(QUESTIONS[1]), GREEDY)
     pieces = iter(long)  # held: a loop that is dropped cancels its stream
@@ -240,6 +252,7 @@ def test_cancelling_one_row_lets_the_other_finish(batcher, inner):
     assert _wait_until(lambda: batcher.running == 0, 1.0)
 
 
+@pytest.mark.unit
 def test_a_stream_left_unread_frees_its_row(batcher):
     stream = batcher.stream(_conv(QUESTIONS[0]), LONG)
     for _ in stream:
@@ -248,6 +261,7 @@ def test_a_stream_left_unread_frees_its_row(batcher):
     assert _wait_until(lambda: batcher.running == 0, 1.0)
 
 
+@pytest.mark.unit
 def test_cancel_from_another_thread_ends_the_readers_loop(batcher):
     """A server cancels from the thread that saw the client go, while another reads the stream."""
     stream = batcher.stream(_conv(QUESTIONS[0]), LONG)
@@ -262,6 +276,7 @@ def test_cancel_from_another_thread_ends_the_readers_loop(batcher):
     assert _wait_until(lambda: batcher.running == 0, 1.0)
 
 
+@pytest.mark.unit
 def test_cancelling_a_waiting_request_returns_at_once(batcher):
     running = batcher.stream(_conv(QUESTIONS[0]), LONG)
     pieces = iter(running)  # held: a loop that is dropped cancels its stream
@@ -281,6 +296,7 @@ def test_cancelling_a_waiting_request_returns_at_once(batcher):
 # Failures
 
 
+@pytest.mark.unit
 def test_a_failed_generate_reaches_every_row_and_the_engine_serves_on(batcher, inner):
     # An empty raw prompt tokenizes to no ids (the tiny tokenizer adds no BOS): generate raises.
     with pytest.raises(Exception) as direct:
@@ -295,6 +311,7 @@ def test_a_failed_generate_reaches_every_row_and_the_engine_serves_on(batcher, i
     assert batcher.chat([_conv(QUESTIONS[0])], GREEDY) == inner.chat([_conv(QUESTIONS[0])], GREEDY)
 
 
+@pytest.mark.unit
 def test_close_fails_running_and_waiting_requests(inner):
     engine = BatchingEngine(inner, wait_s=0.0)
     running = engine.stream(_conv(QUESTIONS[0]), LONG)
@@ -312,6 +329,7 @@ def test_close_fails_running_and_waiting_requests(inner):
         engine.chat([_conv(QUESTIONS[0])], GREEDY)
 
 
+@pytest.mark.unit
 def test_the_global_rng_is_left_alone(batcher):
     torch.manual_seed(123)
     expected = torch.rand(3)

@@ -745,6 +745,7 @@ def serve_port_in_use(w: Workspace) -> Attempt:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_careless_input_is_a_clear_user_error(name, tmp_path, request):
     attempt = CASES[name](Workspace(tmp_path, request))
@@ -755,6 +756,7 @@ def test_a_careless_input_is_a_clear_user_error(name, tmp_path, request):
         assert path.read_bytes() == content, f"{path} was changed"
 
 
+@pytest.mark.unit
 def test_the_sweep_covers_every_command(tmp_path, request):
     from alpaca_forge.cli import STAGES
     from alpaca_forge.data.cli import TOOLS

@@ -53,6 +53,7 @@ def _infer(model_dir, input_path, output_path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_infer_writes_predictions_and_resumes(tmp_path, tiny_model_dir):
     rows = _instructions(tmp_path / "in.jsonl", 7)
     out = tmp_path / "out" / "pred.jsonl"
@@ -77,6 +78,7 @@ def test_infer_writes_predictions_and_resumes(tmp_path, tiny_model_dir):
     assert "0 answers written" in r.stderr and len(_lines(out)) == len(rows)
 
 
+@pytest.mark.integration
 def test_infer_survives_kill_9_and_resumes_to_the_same_result(tmp_path, tiny_model_dir):
     rows = _instructions(tmp_path / "in.jsonl", 40)
     common = [
@@ -111,6 +113,7 @@ def test_infer_survives_kill_9_and_resumes_to_the_same_result(tmp_path, tiny_mod
     assert {(r["instruction"], r["input"]): r["output"] for r in resumed} == by_key
 
 
+@pytest.mark.integration
 def test_infer_drops_a_line_cut_by_a_kill(tmp_path, tiny_model_dir):
     rows = _instructions(tmp_path / "in.jsonl", 3)
     out = tmp_path / "pred.jsonl"
@@ -123,6 +126,7 @@ def test_infer_drops_a_line_cut_by_a_kill(tmp_path, tiny_model_dir):
     assert _keys(_lines(out)) == _keys(rows)
 
 
+@pytest.mark.integration
 def test_infer_refuses_to_mix_settings(tmp_path, tiny_model_dir):
     _instructions(tmp_path / "in.jsonl", 2)
     args = _infer(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "o.jsonl")
@@ -134,6 +138,7 @@ def test_infer_refuses_to_mix_settings(tmp_path, tiny_model_dir):
     } == {9}
 
 
+@pytest.mark.integration
 def test_infer_reads_seed_and_evaluation_tasks(tmp_path, tiny_model_dir, dataset):
     for path, first_id in [(dataset.seed_file, "seed_task_0"), (dataset.eval_file, "user_oriented_task_0")]:
         out = tmp_path / f"{first_id}.jsonl"
@@ -144,6 +149,7 @@ def test_infer_reads_seed_and_evaluation_tasks(tmp_path, tiny_model_dir, dataset
         assert rows[0]["instruction"] in r.stdout, "--print shows each instruction"
 
 
+@pytest.mark.integration
 def test_infer_rejects_an_unwritable_output(tmp_path, tiny_model_dir):
     _instructions(tmp_path / "in.jsonl", 1)
     (tmp_path / "file").write_text("")
@@ -151,6 +157,7 @@ def test_infer_rejects_an_unwritable_output(tmp_path, tiny_model_dir):
     assert_user_error(r, "nothing can be written under it", str(tmp_path / "file"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["a folder", "under a file", "the input", "missing folders"])
 def test_infer_checks_its_output_before_any_work(tmp_path, tiny_model_dir, case):
     """Output paths a careless user gives: each a clear error naming the path, before the model
@@ -183,6 +190,7 @@ def test_infer_checks_its_output_before_any_work(tmp_path, tiny_model_dir, case)
 # --- chat ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_chat_answers_each_piped_line(tiny_model_dir):
     r = run_cli(
         "chat",
@@ -207,6 +215,7 @@ def endless_model_dir(tmp_path_factory):
     return save_model(model, tok, tmp_path_factory.mktemp("endless"), get_format("user-assistant"))
 
 
+@pytest.mark.integration
 def test_ctrl_c_stops_the_answer_not_the_chat(endless_model_dir):
     proc = subprocess.Popen(
         [
@@ -264,6 +273,7 @@ def _all_parsers(parser, name="alpaca-forge"):
                 yield from _all_parsers(sub, f"{name} {sub_name}")
 
 
+@pytest.mark.unit
 def test_every_flag_has_help():
     parsers = dict(_all_parsers(build_parser()))
     expected = {"prompt", "chat", "infer", "generate", "data quality", "data clean", "data stats"}
@@ -273,6 +283,7 @@ def test_every_flag_has_help():
             assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "command",
     [[], ["prompt"], ["chat"], ["infer"], ["generate"]]
@@ -285,6 +296,7 @@ def test_help_runs(command):
         assert "example" in r.stdout
 
 
+@pytest.mark.unit
 def test_interactive_chat_in_a_terminal(endless_model_dir):
     """A real pseudo-terminal: the prompt, Ctrl-C typed mid-answer and at the prompt, /exit."""
     import pty

@@ -33,6 +33,7 @@ class Outer(Config):
             yield "rate", "a large size needs a small rate", "lower --rate"
 
 
+@pytest.mark.unit
 def test_python_construction_is_checked_and_coerced():
     assert Inner(size="4").size == 4
     with pytest.raises(ValidationError) as e:
@@ -40,6 +41,7 @@ def test_python_construction_is_checked_and_coerced():
     assert "--size" in str(e.value) and "at least 1" in str(e.value)
 
 
+@pytest.mark.unit
 def test_every_problem_at_once_with_its_flag():
     with pytest.raises(ValidationError) as e:
         build_config(Outer, {"rate": "2", "size": "zero"})
@@ -52,6 +54,7 @@ def test_every_problem_at_once_with_its_flag():
     assert "3 problems" in text
 
 
+@pytest.mark.unit
 def test_yaml_flat_and_nested_with_file_and_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: x.jsonl\ntags: [b, c]\ninner:\n  size: 4\n")
@@ -68,6 +71,7 @@ def test_yaml_flat_and_nested_with_file_and_line(tmp_path):
     assert f"{bad}:3: 'size' must be at least 1" in text
 
 
+@pytest.mark.unit
 def test_flags_win_over_the_file_and_cross_field_checks_run(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: x\nrate: 0.95\n")
@@ -76,6 +80,7 @@ def test_flags_win_over_the_file_and_cross_field_checks_run(tmp_path):
     assert build_config(Outer, {"size": 9, "rate": 0.1}, cfg).rate == 0.1
 
 
+@pytest.mark.unit
 def test_settings_record_as_json():
     assert GenerationSettings(stop=("a",)).to_dict()["stop"] == ["a"]
     assert EngineConfig().to_dict()["engine"] == "transformers"
@@ -124,6 +129,7 @@ def _required_args(cls) -> list[str]:
 COMMANDS = _commands()
 
 
+@pytest.mark.unit
 def test_every_stage_registers_a_config():
     assert {
         "generate",
@@ -142,6 +148,7 @@ def test_every_stage_registers_a_config():
     } <= set(COMMANDS)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_numeric_flag_rejects_an_out_of_range_value(tmp_path, command):
     """All of a command's out-of-range numbers in one run: exit 2, every flag named with its
@@ -165,6 +172,7 @@ def test_every_numeric_flag_rejects_an_out_of_range_value(tmp_path, command):
     assert f"{len(numeric)} problem" in r.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_setting_has_help_and_a_config_file_flag(command):
     for leaf in leaves(COMMANDS[command]):
@@ -181,6 +189,7 @@ TEXT_STAGES = {  # command: (required settings, the stage's own default temperat
 }
 
 
+@pytest.mark.unit
 def test_every_command_that_makes_text_takes_the_one_engine_block():
     from alpaca_forge.engines.config import TextStageConfig
 
@@ -193,6 +202,7 @@ def test_every_command_that_makes_text_takes_the_one_engine_block():
     assert all(issubclass(COMMANDS[command], TextStageConfig) for command in TEXT_STAGES)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", sorted(TEXT_STAGES))
 def test_the_engine_block_keeps_its_paths_flags_and_per_stage_defaults(command):
     cls, (required, temperature) = COMMANDS[command], TEXT_STAGES[command]

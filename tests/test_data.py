@@ -20,6 +20,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.integration
 def test_validate_reports_ok_and_every_problem(tmp_path):
     good = write_records(tmp_path / "good.json", [Record("Add.", "1+1", "2")])
     r = run_cli("data", "validate", str(good))
@@ -31,6 +32,7 @@ def test_validate_reports_ok_and_every_problem(tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_dedupe_keeps_the_first_and_names_the_collision(tmp_path):
     records = [
         Record("Give three tips for staying healthy.", "", "a"),
@@ -57,6 +59,7 @@ def test_dedupe_keeps_the_first_and_names_the_collision(tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_split_is_seeded_disjoint_and_complete(tmp_path):
     records = [Record(f"Task {i}.", "", str(i)) for i in range(100)]
     src = write_records(tmp_path / "in.jsonl", records)
@@ -83,6 +86,7 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     assert_user_error(r, "holds out 100 of 100 records, leaving nothing to train on")
 
 
+@pytest.mark.integration
 def test_convert_between_the_three_formats(tmp_path, dataset):
     seeds = dataset.seed_file
     assert (
@@ -116,6 +120,7 @@ def test_convert_between_the_three_formats(tmp_path, dataset):
     assert _rows(tmp_path / "s.jsonl")[0].keys() >= {"id", "instruction", "instances", "is_classification"}
 
 
+@pytest.mark.integration
 def test_messages_input_problems_are_reported(tmp_path):
     bad = tmp_path / "chat.jsonl"
     bad.write_text(
@@ -138,6 +143,7 @@ def test_messages_input_problems_are_reported(tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_data_without_a_tool_shows_help():
     r = run_cli("data")
     assert r.returncode == 2 and "validate" in r.stdout and "dedupe" in r.stdout
@@ -158,6 +164,7 @@ QUALITY_RECORDS = [
 ]
 
 
+@pytest.mark.integration
 def test_quality_finds_each_problem_and_clean_removes_them(tmp_path):
     src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
     r = run_cli("data", "quality", str(src), "--report", str(tmp_path / "q.json"))
@@ -196,6 +203,7 @@ def test_quality_finds_each_problem_and_clean_removes_them(tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_stats_prints_numbers_and_draws_a_png(tmp_path):
     src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
     r = run_cli(
@@ -210,11 +218,13 @@ def test_stats_prints_numbers_and_draws_a_png(tmp_path):
     assert "9 records; 2 with input" in r.stdout
 
 
+@pytest.mark.unit
 def test_predictions_read_their_response_as_output(dataset):
     records = read_records(dataset.predictions)
     assert len(records) == dataset.evals and all(r.output for r in records)
 
 
+@pytest.mark.integration
 def test_split_is_the_one_seeded_split_train_uses(tmp_path):
     records = [Record(f"Task {i}.", "", str(i)) for i in range(50)]
     src = write_records(tmp_path / "in.jsonl", records)
@@ -242,6 +252,7 @@ def _without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
 
 
+@pytest.mark.integration
 def test_stats_without_matplotlib_writes_the_numbers_first(tmp_path, monkeypatch):
     src = write_records(tmp_path / "d.jsonl", QUALITY_RECORDS)
     _without_matplotlib(monkeypatch)
@@ -265,6 +276,7 @@ def test_stats_without_matplotlib_writes_the_numbers_first(tmp_path, monkeypatch
     assert not (tmp_path / "p.png").exists()
 
 
+@pytest.mark.integration
 def test_stats_draws_its_default_picture_in_the_current_folder(tmp_path):
     src = write_records(tmp_path / "sub" / "d.jsonl.gz", QUALITY_RECORDS)
     r = run_cli("data", "stats", str(src))
@@ -272,6 +284,7 @@ def test_stats_draws_its_default_picture_in_the_current_folder(tmp_path):
     assert (tmp_path / "d.lengths.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.integration
 def test_clean_runs_only_the_checks_asked_for(tmp_path, monkeypatch):
     import alpaca_forge.data.tools as tools
 
@@ -317,6 +330,7 @@ OUTPUTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["folder", "under_a_file", "the_input", "missing_folder", "name_too_long"])
 @pytest.mark.parametrize(("tool", "flag"), OUTPUTS)
 def test_every_output_is_checked_before_any_work(tmp_path, tiny_model_dir, tool, flag, case):
@@ -368,6 +382,7 @@ def test_every_output_is_checked_before_any_work(tmp_path, tiny_model_dir, tool,
 # Every numeric flag is range-checked, all problems of one command reported together
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "tool_args",
     [
@@ -395,6 +410,7 @@ def test_out_of_range_flags_are_reported_together(tmp_path, tool_args):
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_validate_reports_the_problems_of_every_file_together(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"instruction": "x"}\n')
@@ -405,6 +421,7 @@ def test_validate_reports_the_problems_of_every_file_together(tmp_path):
     )
 
 
+@pytest.mark.unit
 def test_the_tools_from_python_return_typed_results(tmp_path):
     from alpaca_forge.data import DedupeConfig, DedupeResult, SplitConfig, run_dedupe, run_split
 

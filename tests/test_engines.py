@@ -37,11 +37,13 @@ GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
 # Stop strings (shared by every engine)
 
 
+@pytest.mark.unit
 def test_cut_at_stop_takes_the_earliest_stop():
     assert cut_at_stop("Paris.\n### Instruction:\nmore", ["### Instruction:", "\n"]) == ("Paris.", True)
     assert cut_at_stop("no stop here", ["###"]) == ("no stop here", False)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("split", [1, 2, 3, 5, 100])
 def test_stop_filter_holds_back_partial_stop_strings(split):
     text = "The answer is 4.\n### Instruction:\nWhat is 2+3?"
@@ -51,6 +53,7 @@ def test_stop_filter_holds_back_partial_stop_strings(split):
     assert f.stopped
 
 
+@pytest.mark.unit
 def test_stop_filter_releases_a_false_alarm():
     f = StopStringFilter(["### Instruction:"])
     assert f.push("Use ##") == "Use "  # could be the start of the stop string: held
@@ -59,6 +62,7 @@ def test_stop_filter_releases_a_false_alarm():
     assert not f.stopped
 
 
+@pytest.mark.unit
 def test_settings_are_validated_together():
     with pytest.raises(UserError) as e:
         GenerationSettings(max_new_tokens=0, temperature=-1, top_p=1.5)
@@ -102,10 +106,12 @@ def smollm2_llamacpp():
 
 
 @pytest.fixture(
+    # Each engine's tier: the tiny model in this process is a unit test, a server on loopback or
+    # llama.cpp an integration test, the embedded SmolLM2 a real-model one.
     params=[
-        "transformers",
-        "openai",
-        pytest.param("llamacpp", marks=pytest.mark.llamacpp),
+        pytest.param("transformers", marks=pytest.mark.unit),
+        pytest.param("openai", marks=pytest.mark.integration),
+        pytest.param("llamacpp", marks=[pytest.mark.integration, pytest.mark.llamacpp]),
         pytest.param("smollm2", marks=pytest.mark.real_model),
         pytest.param("smollm2-llamacpp", marks=[pytest.mark.real_model, pytest.mark.llamacpp]),
     ]
@@ -184,6 +190,7 @@ def test_stream_yields_the_same_answer_as_chat(engine):
     assert tokens_per_s(stream) > 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cls", [TransformersEngine, OpenAIEngine, LlamaCppEngine, BatchingEngine])
 def test_every_engine_class_defines_every_declared_member(cls):
     """The same, read off the classes, so the llama.cpp engine is held to it where
@@ -268,6 +275,7 @@ def test_a_conversation_must_end_with_the_user(engine):
         engine.chat([[Message("user", "Hi"), Message("assistant", "Hello")]], GREEDY)
 
 
+@pytest.mark.unit
 def test_the_global_rng_is_left_alone(tiny_engine):
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -277,6 +285,7 @@ def test_the_global_rng_is_left_alone(tiny_engine):
     assert tiny_engine.lm.tokenizer.padding_side == "right"  # never flipped for left padding
 
 
+@pytest.mark.integration
 def test_tokenizers_without_a_pad_token_still_batch(tiny_model_dir):
     """Llama-2 and GPT-2 style tokenizers have no pad token: padding falls back to EOS."""
     lm = load_model(str(tiny_model_dir), device="cpu")
@@ -301,6 +310,7 @@ def _instructions(path, with_input: bool = True):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.integration
 def test_infer_gives_the_same_answers_on_both_engines(tmp_path, tiny_model_dir, loopback):
     # Without inputs: a server receives a record as one message (instruction, then input), so only
     # in-process can the Alpaca template put an input under its own "### Input:" heading.
@@ -341,6 +351,7 @@ def test_infer_gives_the_same_answers_on_both_engines(tmp_path, tiny_model_dir, 
     assert [r["finish_reason"] for r in rows["local"]] == [r["finish_reason"] for r in rows["http"]]
 
 
+@pytest.mark.integration
 def test_chat_gives_the_same_answers_on_both_engines(tiny_model_dir, loopback):
     lines = "What is the capital of France?\nAnd of Spain?\n"
     common = ("--temperature", "0", "--max-new-tokens", "10", "--no-stats", "--repetition-penalty", "1.1")
@@ -352,6 +363,7 @@ def test_chat_gives_the_same_answers_on_both_engines(tiny_model_dir, loopback):
     assert local.stdout == http.stdout and len(local.stdout.splitlines()) == 2
 
 
+@pytest.mark.integration
 def test_the_repetition_penalty_default_depends_on_the_engine(tmp_path, tiny_model_dir):
     """In-process 1.1 (small models loop without it); a server is sent none, since OpenAI's own
     API rejects the parameter; an explicit value is sent as asked."""
@@ -385,6 +397,7 @@ def test_the_repetition_penalty_default_depends_on_the_engine(tmp_path, tiny_mod
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("flags", "needles"),
     [
@@ -407,6 +420,7 @@ def test_a_bad_engine_combination_names_what_is_missing(tmp_path, flags, needles
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_a_server_that_does_not_know_the_model(tmp_path, loopback):
     from conftest import assert_user_error
 
@@ -418,6 +432,7 @@ def test_a_server_that_does_not_know_the_model(tmp_path, loopback):
     assert_user_error(r, "HTTP 404", "--model")
 
 
+@pytest.mark.unit
 def test_a_key_an_http_header_cannot_carry_is_a_clear_error(monkeypatch):
     from alpaca_forge import EngineConfig, open_engine
 
@@ -429,6 +444,7 @@ def test_a_key_an_http_header_cannot_carry_is_a_clear_error(monkeypatch):
     assert "MY_KEY" in e.value.fix
 
 
+@pytest.mark.unit
 def test_a_negative_retry_after_waits_not_at_all():
     import random
 
@@ -438,6 +454,7 @@ def test_a_negative_retry_after_waits_not_at_all():
     assert RetryPolicy(max_delay_s=60).delay_s(0, "600", random.Random(0)) == 60
 
 
+@pytest.mark.integration
 def test_a_stream_the_server_cuts_off_is_a_clear_error():
     """A server that dies mid-answer: chat ends with an error naming the server, no traceback,
     and the part of the answer that arrived was shown."""

@@ -131,6 +131,7 @@ def known_systems(tmp: Path, n: int) -> tuple[Path, Path]:
 # The swap logic and the counts
 
 
+@pytest.mark.integration
 def test_both_orders_cancel_a_known_position_bias_and_the_counts_are_exact(tmp_path):
     n = 40
     make_set(tmp_path, n, categories=4)
@@ -167,6 +168,7 @@ def test_both_orders_cancel_a_known_position_bias_and_the_counts_are_exact(tmp_p
     assert (tmp_path / "out" / "categories.png").stat().st_size > 1000
 
 
+@pytest.mark.integration
 def test_one_order_lets_the_bias_through_and_is_seeded(tmp_path):
     n = 40
     make_set(tmp_path, n)
@@ -186,6 +188,7 @@ def test_one_order_lets_the_bias_through_and_is_seeded(tmp_path):
             assert o.outcome == ("win" if o.slots[0] == 1 else "loss")
 
 
+@pytest.mark.integration
 def test_rerun_is_free_and_a_shared_cache_is_reused(tmp_path):
     n = 12
     make_set(tmp_path, n)
@@ -208,6 +211,7 @@ def test_rerun_is_free_and_a_shared_cache_is_reused(tmp_path):
         assert pairwise(tmp_path, url, x, y, judge_max_new_tokens=5).asked == first.asked
 
 
+@pytest.mark.integration
 def test_a_killed_run_resumes_and_loses_nothing(tmp_path):
     n = 30
     make_set(tmp_path, n)
@@ -269,6 +273,7 @@ def likes_length(ask: Ask) -> str:
     return "A" if draw < p_a else "B"
 
 
+@pytest.mark.integration
 def test_a_judge_that_likes_length_moves_the_raw_rate_not_the_length_controlled_one(tmp_path):
     n = 160
     make_set(tmp_path, n)
@@ -283,6 +288,7 @@ def test_a_judge_that_likes_length_moves_the_raw_rate_not_the_length_controlled_
     assert lc.length_coef > 1  # ... because the judge likes length
 
 
+@pytest.mark.integration
 def test_length_control_is_refused_where_the_data_cannot_show_it(tmp_path):
     n = 30
     make_set(tmp_path, n)
@@ -312,6 +318,7 @@ def test_length_control_is_refused_where_the_data_cannot_show_it(tmp_path):
     assert lc.win_rate.value is None and "follow the slot" in lc.note and lc.slot_coef > 5
 
 
+@pytest.mark.unit
 def test_length_control_recovers_a_true_preference_under_a_length_bias():
     rng = np.random.default_rng(0)
     items = 600
@@ -332,6 +339,7 @@ def test_length_control_recovers_a_true_preference_under_a_length_bias():
     assert np.mean(rows_y) > want + 0.05  # the raw rate is pulled up by the length bias
 
 
+@pytest.mark.unit
 def test_the_logistic_fit_matches_statsmodels():
     sm = pytest.importorskip("statsmodels.api")
     rng = np.random.default_rng(3)
@@ -346,6 +354,7 @@ def test_the_logistic_fit_matches_statsmodels():
 # The statistics against direct computations
 
 
+@pytest.mark.unit
 def test_sign_test_equals_the_binomial_sum():
     for wins, losses in [(90, 89), (30, 10), (0, 7), (5, 5), (0, 0)]:
         n = wins + losses
@@ -354,6 +363,7 @@ def test_sign_test_equals_the_binomial_sum():
         assert stats.sign_test(wins, losses) == pytest.approx(direct, rel=1e-9)
 
 
+@pytest.mark.unit
 def test_holm_equals_statsmodels():
     multitest = pytest.importorskip("statsmodels.stats.multitest")
     rng = np.random.default_rng(0)
@@ -363,6 +373,7 @@ def test_holm_equals_statsmodels():
         np.testing.assert_allclose(stats.holm(p), ref, rtol=1e-12)
 
 
+@pytest.mark.unit
 def test_the_bootstrap_interval_resamples_items():
     rng = np.random.default_rng(5)
     scores = rng.choice([0.0, 0.5, 1.0], 252, p=[0.4, 0.15, 0.45])
@@ -382,6 +393,7 @@ def test_the_bootstrap_interval_resamples_items():
     assert a.value == pytest.approx(0.502, abs=0.001) and 0.44 < a.low < 0.46 and 0.54 < a.high < 0.56
 
 
+@pytest.mark.unit
 def test_the_power_line():
     from scipy.stats import binom, binomtest
 
@@ -396,6 +408,7 @@ def test_the_power_line():
     assert stats.detectable_points(5) is None  # 5 of 5 wins is p = 0.0625: nothing can show
 
 
+@pytest.mark.unit
 def test_bradley_terry_equals_a_logistic_fit():
     sm = pytest.importorskip("statsmodels.api")
     rng = np.random.default_rng(2)
@@ -418,6 +431,7 @@ def test_bradley_terry_equals_a_logistic_fit():
     np.testing.assert_allclose(ours - ours[0], ref, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_cohen_kappa_equals_statsmodels():
     inter_rater = pytest.importorskip("statsmodels.stats.inter_rater")
     rng = np.random.default_rng(4)
@@ -434,6 +448,7 @@ def test_cohen_kappa_equals_statsmodels():
 # Verdicts from messy replies
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "reply, verdict",
     [
@@ -475,6 +490,7 @@ def test_verdicts_are_read_from_messy_replies_and_never_guessed(reply, verdict):
 # Several systems
 
 
+@pytest.mark.integration
 def test_leaderboard_ranks_known_strengths_and_reuses_the_pairwise_cache(tmp_path):
     n = 30
     make_set(tmp_path, n)
@@ -516,6 +532,7 @@ def test_leaderboard_ranks_known_strengths_and_reuses_the_pairwise_cache(tmp_pat
     assert "Bradley–Terry" in (tmp_path / "board" / "leaderboard.md").read_text()
 
 
+@pytest.mark.integration
 def test_leaderboard_against_a_baseline_judges_k_minus_1_pairs(tmp_path):
     n = 8
     make_set(tmp_path, n)
@@ -544,6 +561,7 @@ def cli_pairwise(tmp: Path, url: str, a: Path | str, b: Path | str, *more: str):
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_system_missing_an_instruction_is_named(tmp_path):
     make_set(tmp_path, 6)
     x = make_system(tmp_path, "x", [f"x {k}" for k in range(6)])
@@ -557,6 +575,7 @@ def test_a_system_missing_an_instruction_is_named(tmp_path):
     assert_user_error(r, "has no answer for 1 of the set's 6 instructions", "t3", "Task 3")
 
 
+@pytest.mark.integration
 def test_answers_to_instructions_not_in_the_set_and_repeated_answers(tmp_path):
     make_set(tmp_path, 4)
     x = make_system(tmp_path, "x", [f"x {k}" for k in range(4)])
@@ -571,6 +590,7 @@ def test_answers_to_instructions_not_in_the_set_and_repeated_answers(tmp_path):
     assert_user_error(r, "y.jsonl:1", "not in the set", "y.jsonl:3", "a second answer to item 't0'")
 
 
+@pytest.mark.integration
 def test_duplicate_ids_in_the_set_and_duplicate_system_names(tmp_path):
     write_jsonl(
         tmp_path / "set.jsonl",
@@ -587,6 +607,7 @@ def test_duplicate_ids_in_the_set_and_duplicate_system_names(tmp_path):
     assert_user_error(r, "two systems are both called 'x'", "NAME=FILE")
 
 
+@pytest.mark.integration
 def test_empty_answers_are_judged_and_counted(tmp_path):
     make_set(tmp_path, 6)
     x = make_system(tmp_path, "x", ["good", "", "good", "  ", "good", "good"])
@@ -597,6 +618,7 @@ def test_empty_answers_are_judged_and_counted(tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["empty_answers"] == {"a": 2, "b": 0}
 
 
+@pytest.mark.integration
 def test_a_judge_that_never_answers_in_form_is_counted_not_guessed(tmp_path):
     make_set(tmp_path, 5)
     x, y = known_systems(tmp_path, 5)
@@ -612,6 +634,7 @@ def test_a_judge_that_never_answers_in_form_is_counted_not_guessed(tmp_path):
     assert "left out, not guessed" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_a_partly_readable_judge_leaves_those_items_out(tmp_path):
     make_set(tmp_path, 12)
     x, y = known_systems(tmp_path, 12)
@@ -625,6 +648,7 @@ def test_a_partly_readable_judge_leaves_those_items_out(tmp_path):
     assert r.wins + r.ties + r.losses == 10
 
 
+@pytest.mark.integration
 def test_an_unreachable_judge_is_a_clear_error(tmp_path):
     make_set(tmp_path, 2)
     x, y = known_systems(tmp_path, 2)
@@ -633,6 +657,7 @@ def test_an_unreachable_judge_is_a_clear_error(tmp_path):
     assert "127.0.0.1:9" in r.stderr
 
 
+@pytest.mark.integration
 def test_a_leaderboard_needs_two_systems_and_a_known_baseline(tmp_path):
     make_set(tmp_path, 2)
     x = make_system(tmp_path, "x", ["a", "b"])
@@ -644,6 +669,7 @@ def test_a_leaderboard_needs_two_systems_and_a_known_baseline(tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_help_explains_every_flag():
     for tool in ("pairwise", "leaderboard"):
         r = run_cli("eval", tool, "--help")
@@ -664,6 +690,7 @@ def test_help_explains_every_flag():
 # Systems that are models, answered here first
 
 
+@pytest.mark.integration
 def test_a_model_system_answers_the_set_first_and_caches_it(tmp_path, tiny_model_dir):
     make_set(tmp_path, 4)
     x = make_system(tmp_path, "x", [f"good {k}" for k in range(4)])
@@ -702,6 +729,7 @@ def test_the_embedded_judge_on_real_davinci_answers(tmp_path, shared_data):
     assert "loading" not in again.stderr  # every verdict cached: the judge is not even loaded
 
 
+@pytest.mark.integration
 def test_real_prediction_files_match_their_set(tmp_path, dataset):
     """The self-instruct predictions (no ids; instructions ending in a newline the set lacks)
     find every one of their items, on our vendored set and on the real 252."""
@@ -733,6 +761,7 @@ def test_real_prediction_files_match_their_set(tmp_path, dataset):
     assert len({ask.instruction for ask in with_input}) >= dataset.evals_with_input * 0.9
 
 
+@pytest.mark.unit
 def test_judge_settings_have_their_own_names_in_flags_and_yaml(tmp_path):
     cfg_file = tmp_path / "eval.yaml"
     cfg_file.write_text(
@@ -761,6 +790,7 @@ def test_judge_settings_have_their_own_names_in_flags_and_yaml(tmp_path):
 # What the review found: nothing reused, matched or guessed that should not be
 
 
+@pytest.mark.integration
 def test_the_cache_knows_the_judges_system_message_and_engine_settings(tmp_path):
     make_set(tmp_path, 4)
     x, y = known_systems(tmp_path, 4)
@@ -771,6 +801,7 @@ def test_the_cache_knows_the_judges_system_message_and_engine_settings(tmp_path)
     assert first.asked == other_system.asked == 8 and again.asked == 0
 
 
+@pytest.mark.integration
 def test_an_id_whose_instruction_is_another_is_an_error(tmp_path):
     write_jsonl(tmp_path / "set.jsonl", [{"id": "t0", "instruction": "Write a poem."}])
     x = write_jsonl(tmp_path / "x.jsonl", [{"id": "t0", "instruction": "Write a poem.", "output": "Roses."}])
@@ -781,6 +812,7 @@ def test_an_id_whose_instruction_is_another_is_an_error(tmp_path):
     assert_user_error(r, "y.jsonl:1", "id 't0' is the set's, but the instruction is another")
 
 
+@pytest.mark.integration
 def test_rows_with_both_output_and_response_need_the_field_named(tmp_path):
     make_set(tmp_path, 1)
     x = make_system(tmp_path, "x", ["mine"])
@@ -797,6 +829,7 @@ def test_rows_with_both_output_and_response_need_the_field_named(tmp_path):
     assert r.result.losses == 1  # the model's answer was judged, not the reference
 
 
+@pytest.mark.integration
 def test_identical_answers_are_ties_never_asked_and_out_of_the_bias_figures(tmp_path):
     make_set(tmp_path, 6)
     x = make_system(tmp_path, "x", ["same", "same", " same ", "good 3", "good 4", "good 5"])
@@ -808,6 +841,7 @@ def test_identical_answers_are_ties_never_asked_and_out_of_the_bias_figures(tmp_
     assert r.both_orders == 3 and r.consistent == 0 and r.decisive == 6  # the 3 identical items count nowhere
 
 
+@pytest.mark.integration
 def test_a_system_called_tie_is_counted_by_its_slots(tmp_path):
     make_set(tmp_path, 4)
     x = make_system(tmp_path, "tie", [f"x {k}" for k in range(4)])
@@ -817,6 +851,7 @@ def test_a_system_called_tie_is_counted_by_its_slots(tmp_path):
     assert (r.a, r.wins, r.ties, r.losses) == ("tie", 0, 4, 0)
 
 
+@pytest.mark.integration
 def test_equal_strengths_share_their_ranks(tmp_path):
     n = 12
     make_set(tmp_path, n)
@@ -833,6 +868,7 @@ def test_equal_strengths_share_their_ranks(tmp_path):
     assert ranks["p"] == (1, 1) and ranks["q"] == ranks["r"] == (2, 3)  # q and r tie: neither is 2nd for sure
 
 
+@pytest.mark.integration
 def test_a_models_cached_answers_are_not_reused_for_another_set(tmp_path, tiny_model_dir):
     make_set(tmp_path, 2)
     x = make_system(tmp_path, "x", ["a 0", "a 1"])
@@ -847,6 +883,7 @@ def test_a_models_cached_answers_are_not_reused_for_another_set(tmp_path, tiny_m
     assert_user_error(r, "tiny.jsonl:1", "answers another instruction than item 't0'")
 
 
+@pytest.mark.integration
 def test_a_cache_that_is_a_folder_is_a_clear_error(tmp_path):
     make_set(tmp_path, 1)
     x, y = known_systems(tmp_path, 1)

@@ -277,6 +277,7 @@ def rated(files, browser, tmp_path_factory) -> dict[str, Any]:
     return {"config": config, "output": output, "seen": seen}
 
 
+@pytest.mark.integration
 def test_each_rater_gets_their_own_random_balanced_sides(rated):
     seen = rated["seen"]
     for rater in ("alice", "bob"):
@@ -289,6 +290,7 @@ def test_each_rater_gets_their_own_random_balanced_sides(rated):
     )
 
 
+@pytest.mark.integration
 def test_the_server_recorded_what_was_clicked_on_the_sides_shown(rated):
     rows = ratings_rows(rated["output"])
     assert len(rows) == 12
@@ -304,6 +306,7 @@ def _counts(labels: list[str]) -> tuple[int, int, int]:
     return labels.count("a"), labels.count("tie"), labels.count("b")
 
 
+@pytest.mark.integration
 def test_the_reports_count_what_was_clicked(rated, files):
     output = rated["output"]
     result = run_cli(
@@ -343,6 +346,7 @@ def _sm_kappa(x: list[str], y: list[str]) -> float:
     return float(cohens_kappa(table).kappa)
 
 
+@pytest.mark.integration
 def test_kappa_between_raters_and_with_the_judge(rated, files):
     from alpaca_forge.eval.rate import write_rate_report
 
@@ -374,6 +378,7 @@ def test_kappa_between_raters_and_with_the_judge(rated, files):
     assert "| alice / bob | 6 |" in md and "tiny-judge" in md
 
 
+@pytest.mark.integration
 def test_eval_reports_are_read_back_through_one_typed_reader(rated, tmp_path):
     from alpaca_forge.core.errors import UserError
     from alpaca_forge.eval.rate import write_rate_report
@@ -405,6 +410,7 @@ def test_eval_reports_are_read_back_through_one_typed_reader(rated, tmp_path):
 # Resuming, undoing
 
 
+@pytest.mark.integration
 def test_a_rater_resumes_after_a_reload_and_a_restart_losing_nothing(files, browser, tmp_path):
     from alpaca_forge.eval.rate import start
 
@@ -491,6 +497,7 @@ def _call(request: urllib.request.Request) -> tuple[int, Any]:
     return status, json.loads(raw) if "json" in kind else raw.decode()
 
 
+@pytest.mark.integration
 def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(files, tmp_path):
     from alpaca_forge.eval.rate import start
 
@@ -563,6 +570,7 @@ def _send(url: str, method: str, headers: dict[str, str], body: Any = None) -> t
     return _post(url, body if body is not None else {"rater": "dave"}, headers)
 
 
+@pytest.mark.integration
 def test_every_route_refuses_a_foreign_host_and_another_sites_origin_null_included(files, tmp_path):
     from alpaca_forge.eval.rate import start
 
@@ -604,6 +612,7 @@ def test_every_route_refuses_a_foreign_host_and_another_sites_origin_null_includ
         assert _get(server.url + "/static/rate.js", {"origin": own})[0] == 200
 
 
+@pytest.mark.integration
 def test_odd_tokens_names_and_items_are_json_4xx_not_500(files, tmp_path):
     from alpaca_forge.eval.rate import start
 
@@ -632,6 +641,7 @@ def test_odd_tokens_names_and_items_are_json_4xx_not_500(files, tmp_path):
     assert [r["item"] for r in ratings_rows(tmp_path / "out")] == ["t0"]
 
 
+@pytest.mark.integration
 def test_a_flood_of_rater_names_holds_a_bounded_state_and_loses_no_rating(files, tmp_path, monkeypatch):
     from alpaca_forge.eval.rate import RatingStore, start
 
@@ -702,6 +712,7 @@ def _drip_body(port: int, gap_s: float, give_up_s: float) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.integration
 def test_a_body_dripped_a_byte_at_a_time_gets_a_408_and_its_connection_closed(files, tmp_path, monkeypatch):
     """Headers sent at once and the body dripped: without a deadline each such client held its
     connection for good (the connection cap never closes one in the middle of a request), so
@@ -765,6 +776,7 @@ def _flags(config: Any) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_bad_command_lines_exit_2_with_a_fix(files, tmp_path):
     out = str(tmp_path / "out")
     base = ["eval", "rate", "--a", f"{A_NAME}={files.a}", "--b", f"{B_NAME}={files.b}", "--output", out]
@@ -799,6 +811,7 @@ def test_bad_command_lines_exit_2_with_a_fix(files, tmp_path):
     assert not (tmp_path / "out" / "ratings.jsonl").exists()
 
 
+@pytest.mark.unit
 def test_one_server_per_output_folder(files, tmp_path):
     from alpaca_forge.core.errors import UserError
     from alpaca_forge.eval.rate import start, write_rate_report
@@ -811,6 +824,7 @@ def test_one_server_per_output_folder(files, tmp_path):
             write_rate_report(config)  # --report-only while a server writes: refused, not raced
 
 
+@pytest.mark.unit
 def test_a_foreign_line_in_the_ratings_stops_the_start(files, tmp_path):
     from alpaca_forge.core.errors import UserError
     from alpaca_forge.eval.rate import start
@@ -821,6 +835,7 @@ def test_a_foreign_line_in_the_ratings_stops_the_start(files, tmp_path):
         start(files.config(tmp_path / "out"))
 
 
+@pytest.mark.integration
 def test_the_command_serves_until_ctrl_c_then_writes_the_report(files, tmp_path):
     out = tmp_path / "out"
     args = [

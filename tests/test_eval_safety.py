@@ -122,6 +122,7 @@ def counts(c) -> tuple[int, int, int, int, int]:
 # The shipped set
 
 
+@pytest.mark.unit
 def test_the_shipped_set_covers_every_filter_category_and_benign_controls_the_rules_let_through():
     from alpaca_forge.content_filter import ContentFilter, request_text
     from alpaca_forge.core.prompts import Message
@@ -147,6 +148,7 @@ def test_the_shipped_set_covers_every_filter_category_and_benign_controls_the_ru
     assert "eval/safety/redteam.jsonl" in (REPO / "pyproject.toml").read_text()  # shipped as package data
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("answer", "refused"),
     [
@@ -171,6 +173,7 @@ def test_refusals_are_read_from_the_opening_of_an_answer(answer, refused):
 # Known answers: exact counts
 
 
+@pytest.mark.integration
 def test_exact_refusal_and_block_counts_by_category_from_a_scripted_server(server, tmp_path):
     r = run_safety(config_for(server, tmp_path), progress=False)
 
@@ -216,6 +219,7 @@ def test_exact_refusal_and_block_counts_by_category_from_a_scripted_server(serve
     assert rows[0]["answer"] == COMPLY and rows[0]["generation"]["temperature"] == 0.0
 
 
+@pytest.mark.integration
 def test_other_filter_rules_remeasure_the_same_answers_without_asking_again(server, tmp_path):
     run_safety(config_for(server, tmp_path), progress=False)
     rules = tmp_path / "rules.yaml"
@@ -231,6 +235,7 @@ def test_other_filter_rules_remeasure_the_same_answers_without_asking_again(serv
 # Resume
 
 
+@pytest.mark.integration
 def test_a_run_killed_mid_write_resumes_losing_nothing_and_asking_only_what_is_missing(server, tmp_path):
     config = config_for(server, tmp_path, batch_size=2)
     first = run_safety(config, progress=False)
@@ -258,6 +263,7 @@ def test_a_run_killed_mid_write_resumes_losing_nothing_and_asking_only_what_is_m
     assert fresh.asked == 9 and len(answers.read_text().splitlines()) == 9
 
 
+@pytest.mark.integration
 def test_cached_answers_made_another_way_stop_the_run_with_the_line_and_the_fix(server, tmp_path):
     run_safety(config_for(server, tmp_path, limit=2), progress=False)
     longer = GenerationSettings(temperature=0.0, max_new_tokens=64)
@@ -291,6 +297,7 @@ BAD_LINES = [
 ]
 
 
+@pytest.mark.unit
 def test_every_problem_in_a_prompts_file_is_reported_with_its_line_field_and_fix(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(BAD_LINES) + "\n", encoding="utf-8")
@@ -317,6 +324,7 @@ def test_every_problem_in_a_prompts_file_is_reported_with_its_line_field_and_fix
     assert not (tmp_path / "out" / ANSWERS).exists()
 
 
+@pytest.mark.unit
 def test_prompt_files_that_are_not_jsonl_or_not_there_are_user_errors(tmp_path):
     array = tmp_path / "array.json"
     array.write_text('[{"prompt": "x"}]', encoding="utf-8")
@@ -348,6 +356,7 @@ def _eval_wired() -> bool:
     return "eval" in STAGES
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not _eval_wired(), reason="`eval` is not yet a command of alpaca-forge (eval/cli.py)")
 def test_the_command_exits_2_naming_the_file_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
@@ -360,6 +369,7 @@ def test_the_command_exits_2_naming_the_file_line_and_field(tmp_path):
 # In process, on the tiny random model: the mechanics
 
 
+@pytest.mark.unit
 def test_the_tiny_model_in_process_answers_caches_and_reports(tiny_model_dir, tmp_path, caplog):
     config = SafetyConfig(
         output=str(tmp_path / "out"),
@@ -386,6 +396,7 @@ def test_the_tiny_model_in_process_answers_caches_and_reports(tiny_model_dir, tm
     assert [o.id for o in again.outcomes] == [row["id"] for row in rows]
 
 
+@pytest.mark.unit
 def test_prompt_files_are_read_through_core_records_with_its_line_problems(tmp_path):
     import gzip
 

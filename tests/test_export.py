@@ -155,11 +155,13 @@ def metadata(path: Path) -> dict:
 # Pure steps
 
 
+@pytest.mark.integration
 def test_permute_rows_interleaves_each_heads_halves():
     w = torch.arange(8).reshape(8, 1)  # 2 heads of 4 rows: (0 1 | 2 3), (4 5 | 6 7)
     assert permute_rows(w, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("tokenizer", "expected"),
     [("gpt-2", "gpt-2"), ("smollm", "smollm"), ("llama-bpe", "llama-bpe"), ("qwen2", "qwen2")],
@@ -171,6 +173,7 @@ def test_the_pre_tokenizer_is_named_from_what_it_does(tmp_path, tokenizer, expec
     assert classify_pre_tokenizer(data)[0] == expected
 
 
+@pytest.mark.integration
 def test_an_unknown_pre_tokenizer_is_not_guessed(tmp_path):
     from tokenizers import pre_tokenizers
 
@@ -194,6 +197,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_each_family_exports_and_agrees_with_transformers(tmp_path, name):
     family, make_tokenizer, shape, tok_model, pre = FAMILIES[name]
@@ -217,6 +221,7 @@ def test_each_family_exports_and_agrees_with_transformers(tmp_path, name):
     assert p["max_logit_diff"] < 0.1, p
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("quant", "floor", "types"), [("q8_0", 0.9, {"Q8_0"}), ("q4_0", 0.3, {"Q4_0", "Q8_0"})]
 )
@@ -232,6 +237,7 @@ def test_quantised_files_load_and_mostly_agree(tmp_path, quant, floor, types):
     assert out.stat().st_size < (tmp_path / "m" / "model.safetensors").stat().st_size / 2
 
 
+@pytest.mark.integration
 def test_k_quants_go_through_llama_cpps_quantizer(tmp_path):
     tokenizer = byte_level()
     # K-quant blocks hold 256 values: rows this wide quantise without falling back
@@ -245,6 +251,7 @@ def test_k_quants_go_through_llama_cpps_quantizer(tmp_path):
     assert not list(tmp_path.glob(".k.q4_k_m.gguf*"))  # the f16 step file is gone
 
 
+@pytest.mark.integration
 def test_ollama_modelfile_carries_the_template_and_stops(tmp_path, tiny_model_dir):
     out = tmp_path / "tiny.gguf"
     r = export(tiny_model_dir, out, "--quant", "f16", "--ollama", "--no-verify")
@@ -260,6 +267,7 @@ def test_ollama_modelfile_carries_the_template_and_stops(tmp_path, tiny_model_di
 # Careless input
 
 
+@pytest.mark.integration
 def test_an_unknown_pre_tokenizer_is_an_error_and_a_wrong_one_is_caught(tmp_path):
     from tokenizers import pre_tokenizers
 
@@ -274,6 +282,7 @@ def test_an_unknown_pre_tokenizer_is_an_error_and_a_wrong_one_is_caught(tmp_path
     assert not out.exists() and not list(tmp_path.glob(".ws.gguf*"))
 
 
+@pytest.mark.integration
 def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -285,6 +294,7 @@ def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_an_existing_file_is_kept_without_force(tmp_path, tiny_model_dir):
     out = tmp_path / "t.gguf"
     out.write_bytes(b"precious")
@@ -294,6 +304,7 @@ def test_an_existing_file_is_kept_without_force(tmp_path, tiny_model_dir):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
+@pytest.mark.integration
 def test_a_cut_off_safetensors_model_is_named(tmp_path, tiny_model_dir):
     import shutil
 
@@ -306,6 +317,7 @@ def test_a_cut_off_safetensors_model_is_named(tmp_path, tiny_model_dir):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_a_disk_that_fills_up_leaves_nothing_behind(tmp_path, tiny_model_dir):
     """The file-size limit makes writes fail as a full disk does (EFBIG instead of ENOSPC)."""
     out = tmp_path / "full.gguf"
@@ -355,6 +367,7 @@ def _logits(model, ids):
         return model(torch.tensor([ids])).logits
 
 
+@pytest.mark.integration
 def test_the_merged_model_answers_as_the_adapter_does(tmp_path, tiny_model_dir, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -373,6 +386,7 @@ def test_the_merged_model_answers_as_the_adapter_does(tmp_path, tiny_model_dir, 
     assert not torch.allclose(before, expected, atol=1e-3)  # the adapter does something
 
 
+@pytest.mark.integration
 def test_an_adapter_is_refused_on_another_base(tmp_path, adapter):
     tokenizer = build_tiny_tokenizer()
     same_shape = saved(tmp_path, "other", build_tiny_model(tokenizer, seed=1), tokenizer)
@@ -399,6 +413,7 @@ def test_an_adapter_is_refused_on_another_base(tmp_path, adapter):
     assert not out.exists() and not list(tmp_path.glob(".m.*"))
 
 
+@pytest.mark.integration
 def test_merge_checks_its_paths(tmp_path, tiny_model_dir, adapter):
     out = tmp_path / "m"
     not_adapter = run_cli("export", "merge", "--adapter", str(tiny_model_dir), "--output", str(out))
@@ -443,6 +458,7 @@ def test_smollm2_exports_at_f16_and_q8_0_and_answers_through_infer(tmp_path):
     assert "Paris" in row["output"] and row["prompt_format"] == "chat"
 
 
+@pytest.mark.integration
 def test_force_replaces_an_output_never_a_different_kind_of_thing(tmp_path, tiny_model_dir, adapter):
     folder = tmp_path / "mine.gguf"
     folder.mkdir()
@@ -457,6 +473,7 @@ def test_force_replaces_an_output_never_a_different_kind_of_thing(tmp_path, tiny
     assert file.read_text() == "a file, not a folder"
 
 
+@pytest.mark.integration
 def test_an_output_in_a_missing_folder_is_made(tmp_path, tiny_model_dir):
     out = tmp_path / "not" / "yet" / "there.gguf"
     assert export(tiny_model_dir, out, "--no-verify").returncode == 0

@@ -165,6 +165,7 @@ def recover(base: Path, diff_dir: Path, out: Path, **settings):
 # The pure steps
 
 
+@pytest.mark.unit
 def test_the_resize_rule_explains_only_rows_added_to_dim_0():
     assert shape_change([214, 64], [214, 64]) is Change.SAME
     assert shape_change([214, 64], [215, 64]) is Change.RESIZED
@@ -175,6 +176,7 @@ def test_the_resize_rule_explains_only_rows_added_to_dim_0():
     assert torch.equal(resize_rows(rows, 4), torch.tensor([[1.0, 2.0], [3.0, 6.0], [2.0, 4.0], [2.0, 4.0]]))
 
 
+@pytest.mark.unit
 def test_xor_is_its_own_inverse_and_keeps_bytes_past_the_base():
     data = torch.arange(10, dtype=torch.uint8)
     base = torch.full((6,), 0xFF, dtype=torch.uint8)
@@ -183,6 +185,7 @@ def test_xor_is_its_own_inverse_and_keeps_bytes_past_the_base():
     assert torch.equal(xor_bytes(mixed, base), data)
 
 
+@pytest.mark.unit
 def test_sha256_reads_the_raw_bytes_of_any_dtype():
     t = torch.randn(3, 5)
     assert tensor_sha256(t) == sha256(t)
@@ -194,6 +197,7 @@ def test_sha256_reads_the_raw_bytes_of_any_dtype():
 # Round trips
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "base_tie, tuned_tie, dtype",
     [(False, None, torch.float32), (True, None, torch.float32), (False, None, torch.bfloat16)],
@@ -236,6 +240,7 @@ def test_add_round_trip(pairs, tmp_path, base_tie, tuned_tie, dtype):
         assert (tmp_path / "out" / side_file).read_bytes() == (pair.tuned / side_file).read_bytes()
 
 
+@pytest.mark.unit
 def test_xor_round_trip_is_bit_exact(pairs, tmp_path):
     """A tied fp32 base, an untied bf16 tuned model: the base is cast, its embedding stands in for
     the lm_head it does not store, and both grew a row."""
@@ -267,6 +272,7 @@ def with_tensors(source: Path, target: Path, **tensors: torch.Tensor) -> Path:
     return target
 
 
+@pytest.mark.unit
 def test_add_measures_what_float_rounding_loses(pairs, tmp_path):
     """A tuned weight far smaller than its base weight (1e-9 against 1.0) is lost in tuned - base:
     recovery gives back the bytes the diff recorded, and the deviation it recorded."""
@@ -284,6 +290,7 @@ def test_add_measures_what_float_rounding_loses(pairs, tmp_path):
     assert float((recovered - small).abs().max()) == result.max_abs_deviation == made.max_abs_deviation
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["add", "xor"])
 def test_a_tensor_the_base_lacks_is_stored_whole(pairs, tmp_path, kind):
     pair = pairs()
@@ -323,6 +330,7 @@ def write_original_diff(pair: Pair, folder: Path, max_shard_bytes: int) -> None:
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
 
 
+@pytest.mark.unit
 def test_a_diff_the_original_wrote_recovers_unverified(pairs, tmp_path):
     pair = pairs()
     write_original_diff(pair, tmp_path / "diff", max_shard_bytes=200_000)
@@ -337,6 +345,7 @@ def test_a_diff_the_original_wrote_recovers_unverified(pairs, tmp_path):
     assert torch.allclose(logits(tmp_path / "out"), logits(pair.tuned), atol=1e-5)
 
 
+@pytest.mark.unit
 def test_a_small_shard_size_writes_several_shards_and_their_index(tmp_path):
     """~40 MB in float32, in shards of 16 MB."""
     base = save_base(tmp_path / "base", hidden_size=512, intermediate_size=1024, num_hidden_layers=4)
@@ -363,6 +372,7 @@ def test_a_small_shard_size_writes_several_shards_and_their_index(tmp_path):
 # Wrong or damaged input
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["add", "xor"])
 def test_a_wrong_base_fails_on_its_first_differing_tensor(pairs, tmp_path, kind):
     pair = pairs()
@@ -378,6 +388,7 @@ def test_a_wrong_base_fails_on_its_first_differing_tensor(pairs, tmp_path, kind)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.unit
 def test_a_base_of_another_size_is_named_with_its_shape(pairs, tmp_path):
     pair = pairs()
     diff(pair, tmp_path / "diff", kind="xor")
@@ -395,6 +406,7 @@ def test_a_base_of_another_size_is_named_with_its_shape(pairs, tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.unit
 def test_an_existing_output_is_refused_and_replaced_with_force(pairs, tmp_path):
     pair = pairs()
     out = tmp_path / "diff"
@@ -418,6 +430,7 @@ def copy_folder(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("where", ["base", "diff"])
 def test_a_cut_off_safetensors_file_is_named(pairs, tmp_path, where):
     pair = pairs()
@@ -433,6 +446,7 @@ def test_a_cut_off_safetensors_file_is_named(pairs, tmp_path, where):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.unit
 def test_a_cut_off_bin_shard_is_named(pairs, tmp_path):
     pair = pairs()
     write_original_diff(pair, tmp_path / "diff", max_shard_bytes=200_000)
@@ -443,6 +457,7 @@ def test_a_cut_off_bin_shard_is_named(pairs, tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.unit
 def test_a_damaged_record_or_tensor_in_the_diff_is_named(pairs, tmp_path):
     pair = pairs()
     diff(pair, tmp_path / "diff")
@@ -465,6 +480,7 @@ def test_a_damaged_record_or_tensor_in_the_diff_is_named(pairs, tmp_path):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+@pytest.mark.unit
 def test_a_sum_that_comes_out_otherwise_is_reported_not_verified(pairs, tmp_path):
     """Diff and base intact, yet a grown embedding is not what the diff recorded (its new rows
     are a mean, summed in an order another CPU may choose): the output is written, and the result
@@ -488,6 +504,7 @@ def test_a_sum_that_comes_out_otherwise_is_reported_not_verified(pairs, tmp_path
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.unit
 def test_missing_or_empty_folders_and_other_architectures_are_refused(pairs, tmp_path):
     pair = pairs()
     with pytest.raises(UserError, match=r"--base .*nowhere: no such folder"):
@@ -505,6 +522,7 @@ def test_missing_or_empty_folders_and_other_architectures_are_refused(pairs, tmp
     assert (pair.tuned / "model.safetensors").is_file() and not (tmp_path / "diff").exists()
 
 
+@pytest.mark.integration
 def test_a_disk_that_fills_up_leaves_nothing_behind(pairs, tmp_path):
     """The recovered weights (~0.4 MB) meet a 64 KB file size limit: writes fail with EFBIG."""
     pair = pairs()
@@ -539,6 +557,7 @@ def test_a_disk_that_fills_up_leaves_nothing_behind(pairs, tmp_path):
 # The command line
 
 
+@pytest.mark.integration
 def test_cli_diff_and_recover(pairs, tmp_path):
     pair = pairs()
     made = run_cli(
@@ -566,6 +585,7 @@ def test_cli_diff_and_recover(pairs, tmp_path):
     assert run_cli(*args, "--force").returncode == 0
 
 
+@pytest.mark.integration
 def test_cli_wrong_base_is_a_user_error(pairs, tmp_path):
     pair = pairs()
     diff(pair, tmp_path / "diff")

@@ -13,6 +13,8 @@ from alpaca_forge.generate.teacher_prompt import MAX_TASKS_PER_REPLY, TEACHER_ST
 
 from fake_teacher import tasks_text
 
+pytestmark = pytest.mark.unit
+
 SEEDS = [
     Record(f"Seed instruction number {i}.", "" if i % 2 else f"input {i}", f"output {i}") for i in range(10)
 ]

@@ -42,6 +42,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.integration
 def test_a_run_accepts_exactly_n_with_accounting(tmp_path, seeds):
     script = Script(fail_first=2, fail_status=503)
     with FakeTeacher(script) as url:
@@ -63,6 +64,7 @@ def test_a_run_accepts_exactly_n_with_accounting(tmp_path, seeds):
     assert all(body["messages"][0]["content"].endswith("4. Instruction:") for body in script.seen)
 
 
+@pytest.mark.integration
 def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path, seeds):
     out = tmp_path / "gen.jsonl"
     with FakeTeacher(Script(latency_s=0.05)) as url:
@@ -87,6 +89,7 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path, seeds):
     assert json.loads((tmp_path / "gen.summary.json").read_text())["accepted"] == 500
 
 
+@pytest.mark.integration
 def test_near_duplicates_within_one_completion_are_dropped(tmp_path, seeds):
     with FakeTeacher(Script(repeat_task=True)) as url:
         r = run_cli(
@@ -99,6 +102,7 @@ def test_near_duplicates_within_one_completion_are_dropped(tmp_path, seeds):
     assert "request limit reached" in summary["stop_reason"]
 
 
+@pytest.mark.integration
 def test_chat_preamble_and_the_completions_api(tmp_path, seeds):
     with FakeTeacher(Script(chat_style=True)) as url:
         r = run_cli(*_generate(seeds, tmp_path / "a.jsonl", url, "--num-instructions", "10"))
@@ -114,6 +118,7 @@ def test_chat_preamble_and_the_completions_api(tmp_path, seeds):
     assert "prompt" in script.seen[0] and "messages" not in script.seen[0]
 
 
+@pytest.mark.integration
 def test_cost_limit_stops_cleanly(tmp_path, seeds):
     with FakeTeacher(Script()) as url:
         r = run_cli(*_generate(seeds, tmp_path / "c.jsonl", url, "--num-instructions", "1000",
@@ -124,6 +129,7 @@ def test_cost_limit_stops_cleanly(tmp_path, seeds):
     assert len(_rows(tmp_path / "c.jsonl")) == summary["accepted"] > 0
 
 
+@pytest.mark.integration
 def test_teacher_failures_are_clear_errors(tmp_path, seeds):
     with FakeTeacher(Script(always_status=401)) as url:
         assert_user_error(
@@ -153,6 +159,7 @@ def test_teacher_failures_are_clear_errors(tmp_path, seeds):
     assert_user_error(r, "cannot connect")
 
 
+@pytest.mark.integration
 def test_bad_seeds_and_unwritable_output(tmp_path, seeds):
     bad = tmp_path / "bad_seeds.jsonl"
     bad.write_text(
@@ -180,6 +187,7 @@ def test_bad_seeds_and_unwritable_output(tmp_path, seeds):
     assert_user_error(r, f"{tmp_path / 'file'} is a file, so nothing can be written under it")
 
 
+@pytest.mark.unit
 def test_pool_scores_are_rouge_l():
     texts = ["Give three tips for staying healthy.", "Name the capital of France.", ""]
     pool = Pool(texts)
@@ -187,6 +195,7 @@ def test_pool_scores_are_rouge_l():
     assert pool.scores(query).tolist() == [rouge_l(query, t) for t in texts]
 
 
+@pytest.mark.integration
 def test_the_embedded_model_as_teacher(tmp_path, dataset):
     """SmolLM2 writes messy tasks; the parser copes and the run ends on its own."""
     out = tmp_path / "smol.jsonl"
@@ -205,6 +214,7 @@ def test_the_embedded_model_as_teacher(tmp_path, dataset):
     assert os.path.exists(tmp_path / "smol.requests.jsonl")
 
 
+@pytest.mark.integration
 def test_an_output_that_generate_did_not_write_is_refused(tmp_path, seeds):
     foreign = tmp_path / "other.jsonl"
     foreign.write_text('{"text": "something else"}\n')
@@ -214,6 +224,7 @@ def test_an_output_that_generate_did_not_write_is_refused(tmp_path, seeds):
     assert foreign.read_text() == '{"text": "something else"}\n'
 
 
+@pytest.mark.integration
 def test_a_teacher_slower_than_the_timeout_fails_clearly(tmp_path, seeds):
     with FakeTeacher(Script(latency_s=3)) as url:
         r = run_cli(
@@ -232,6 +243,7 @@ def test_a_teacher_slower_than_the_timeout_fails_clearly(tmp_path, seeds):
     assert_user_error(r, "no answer within 0.5 s", "failed 2 times")
 
 
+@pytest.mark.unit
 def test_backoff_doubles_with_jitter_up_to_a_cap_and_honours_retry_after():
     import random as _random
 
@@ -248,6 +260,7 @@ def test_backoff_doubles_with_jitter_up_to_a_cap_and_honours_retry_after():
 # The cap, the requests as sent, the stop reasons, the Python API
 
 
+@pytest.mark.integration
 def test_a_reply_holds_at_most_16_new_tasks_and_requests_are_sent_as_before(tmp_path, seeds):
     """A teacher that writes 25 tasks is cut at "\\n20" by the server (as a real one honours
     `stop`): 16 tasks per reply. The body is what the original sent: no repetition_penalty."""
@@ -267,6 +280,7 @@ def test_a_reply_holds_at_most_16_new_tasks_and_requests_are_sent_as_before(tmp_
     assert sorted(b["seed"] for b in script.seen) == [0, 1]  # --seed 0: request k samples with seed k
 
 
+@pytest.mark.integration
 def test_a_teacher_that_yields_nothing_stops_the_run_with_status_1(tmp_path, seeds):
     with FakeTeacher(Script(no_tasks=True)) as url:
         r = run_cli(
@@ -281,6 +295,7 @@ def test_a_teacher_that_yields_nothing_stops_the_run_with_status_1(tmp_path, see
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.integration
 def test_run_from_python_returns_a_typed_result_with_per_request_retries(tmp_path, seeds):
     from alpaca_forge.engines.openai_http import OpenAIEngine, RetryPolicy
 
@@ -303,6 +318,7 @@ def test_run_from_python_returns_a_typed_result_with_per_request_retries(tmp_pat
     assert result.to_dict()["stop_reason"] == "request limit reached (2)"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["folder", "under_a_file", "the_seeds", "missing_folder", "name_too_long"])
 def test_outputs_are_checked_before_any_request(tmp_path, seeds, case):
     (tmp_path / "a_file").write_text("")
@@ -326,6 +342,7 @@ def test_outputs_are_checked_before_any_request(tmp_path, seeds, case):
     assert script.seen == [], "no request before the outputs are checked"
 
 
+@pytest.mark.integration
 def test_every_numeric_flag_is_range_checked_all_at_once(tmp_path, seeds):
     bad = {
         "--num-instructions": "0", "--seed": "-1", "--concurrency": "0", "--repetition-penalty": "0",
@@ -349,6 +366,7 @@ def test_every_numeric_flag_is_range_checked_all_at_once(tmp_path, seeds):
     assert_user_error(r, "--max-words: is 5, below --min-words 10")
 
 
+@pytest.mark.integration
 def test_settings_from_a_yaml_file_with_nested_sections(tmp_path, seeds):
     script = Script()
     with FakeTeacher(script) as url:
@@ -372,6 +390,7 @@ def test_settings_from_a_yaml_file_with_nested_sections(tmp_path, seeds):
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("api", ["completions", "chat"])
 def test_an_in_process_teacher(tmp_path, seeds, tiny_model_dir, api):
     """The tiny random model writes nonsense; the run still ends where it was told, accounted."""

@@ -68,6 +68,7 @@ def _answers(rows: list[dict]) -> list[tuple]:
     return [(r["instruction"], r["input"], r["output"], r["finish_reason"], r["num_tokens"]) for r in rows]
 
 
+@pytest.mark.integration
 def test_infer_on_llamacpp_answers_as_transformers_does(tmp_path, tiny_model_dir, tiny_gguf):
     # Inputs too: both engines render the Alpaca template here, "### Input:" heading and all.
     hf_rows, cpp_rows = _infer_on_both(tmp_path, tiny_model_dir, tiny_gguf, INSTRUCTIONS)
@@ -79,6 +80,7 @@ def test_infer_on_llamacpp_answers_as_transformers_does(tmp_path, tiny_model_dir
     assert cpp_rows[0]["generation"] == hf_rows[0]["generation"]
 
 
+@pytest.mark.integration
 def test_a_token_without_text_does_not_end_a_llamacpp_answer(tmp_path, tiny_model_dir, tiny_gguf):
     # Greedy, the tiny model's 4th token here is <unk> (id 3, not an end-of-generation token):
     # transformers skips its text and goes on to 12 tokens; llama.cpp's engine stops at it.
@@ -88,6 +90,7 @@ def test_a_token_without_text_does_not_end_a_llamacpp_answer(tmp_path, tiny_mode
     assert _answers(cpp_rows) == _answers(hf_rows)
 
 
+@pytest.mark.integration
 def test_chat_on_llamacpp_answers_as_transformers_does(tiny_model_dir, tiny_gguf):
     lines = "Name three colours.\nWhat is the capital of Spain?\n"  # answers without <unk>
     common = ("--temperature", "0", "--max-new-tokens", "10", "--no-stats", *NO_PENALTY)
@@ -118,6 +121,7 @@ def _ask(content: str = "Name three colours.", **kw) -> dict:
     return {"messages": [{"role": "user", "content": content}], **kw}
 
 
+@pytest.mark.integration
 def test_serve_on_llamacpp_answers_as_the_engine_does(cpp_server, tiny_gguf):
     name = cpp_server.state.backend.name
     assert name == tiny_gguf.stem  # `tiny.f32.gguf` is served as `tiny.f32`
@@ -152,6 +156,7 @@ def test_serve_on_llamacpp_answers_as_the_engine_does(cpp_server, tiny_gguf):
     assert r.system_fingerprint == again.parse().system_fingerprint == cpp_server.state.backend.fingerprint
 
 
+@pytest.mark.integration
 def test_serve_on_llamacpp_refuses_a_prompt_over_max_prompt_tokens(cpp_server):
     url, name = cpp_server.api_url + "/chat/completions", cpp_server.state.backend.name
     long = httpx.post(url, json={"model": name, **_ask(content="word " * 100)}, timeout=60)
@@ -190,6 +195,7 @@ def test_generate_on_llamacpp_with_the_embedded_model(tmp_path):
     assert summary["accepted"] == (len(_rows(out)) if out.exists() else 0)
 
 
+@pytest.mark.integration
 def test_eval_judges_on_llamacpp_as_on_transformers(tmp_path, tiny_model_dir, tiny_gguf):
     """The judge is an engine like any other: the tiny model judging on llama.cpp writes the same
     replies as on transformers (greedy, f32), and the cache keeps the two judges apart."""
@@ -222,12 +228,14 @@ def _infer(tmp_path, *flags: str):
     return run_cli("infer", "--input", instructions, "--output", out, "--max-new-tokens", "4", *flags)
 
 
+@pytest.mark.integration
 def test_a_transformers_folder_is_told_to_be_exported_first(tmp_path, tiny_model_dir):
     r = _infer(tmp_path, "--engine", "llamacpp", "--model", str(tiny_model_dir))
     assert_user_error(r, "export it first", "export gguf", str(tiny_model_dir))
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_a_truncated_gguf_names_the_file(tmp_path, tiny_gguf):
     cut = tmp_path / "cut.gguf"
     data = tiny_gguf.read_bytes()
@@ -235,6 +243,7 @@ def test_a_truncated_gguf_names_the_file(tmp_path, tiny_gguf):
     assert_user_error(_infer(tmp_path, "--engine", "llamacpp", "--model", str(cut)), str(cut), "cannot load")
 
 
+@pytest.mark.integration
 def test_a_file_that_is_not_gguf_names_the_file(tmp_path):
     fake = tmp_path / "notes.gguf"
     fake.write_text("these are my notes, not a model\n")
@@ -243,11 +252,13 @@ def test_a_file_that_is_not_gguf_names_the_file(tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_base_url_is_for_the_openai_engine(tmp_path, tiny_gguf):
     r = _infer(tmp_path, "--engine", "llamacpp", "--model", str(tiny_gguf), "--base-url", "http://x/v1")
     assert_user_error(r, "--base-url is for --engine openai")
 
 
+@pytest.mark.integration
 def test_a_context_below_the_minimum_is_a_range_error(tmp_path, tiny_gguf):
     r = _infer(tmp_path, "--engine", "llamacpp", "--model", str(tiny_gguf), "--context-tokens", "8")
     assert_user_error(r, "--context-tokens: must be at least 16, got 8")
@@ -261,6 +272,7 @@ def _infer_long_prompt(tmp_path, tiny_gguf, words: int):
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_prompt_longer_than_the_context_is_a_clear_error(tmp_path, tiny_gguf):
     # ~500 tokens: more than the 256 that llama.cpp makes of --context-tokens 16 (see below).
     r = _infer_long_prompt(tmp_path, tiny_gguf, words=100)
@@ -268,6 +280,7 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(tmp_path, tiny_gguf):
     assert not (tmp_path / "o.jsonl").read_text()  # the run stopped: no row for this record
 
 
+@pytest.mark.integration
 def test_a_prompt_longer_than_a_small_context_is_a_clear_error(tmp_path, tiny_gguf):
     # ~100 tokens: over the 16 asked for, under the 256 llama.cpp allocates.
     r = _infer_long_prompt(tmp_path, tiny_gguf, words=15)
@@ -284,11 +297,13 @@ def without_llama_cpp(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
 
 
+@pytest.mark.integration
 def test_infer_without_llama_cpp_says_how_to_install_it(tmp_path, tiny_gguf, without_llama_cpp):
     r = _infer(tmp_path, "--engine", "llamacpp", "--model", str(tiny_gguf))
     assert_user_error(r, "llama-cpp-python", "-DGGML_NATIVE=OFF", "CMAKE_ARGS")
 
 
+@pytest.mark.integration
 def test_export_without_llama_cpp_needs_no_verify(tmp_path, tiny_model_dir, without_llama_cpp):
     out = tmp_path / "x.gguf"
     export = ("export", "gguf", "--model", str(tiny_model_dir), "--output", str(out), "--quant", "q8_0")
@@ -300,6 +315,7 @@ def test_export_without_llama_cpp_needs_no_verify(tmp_path, tiny_model_dir, with
     assert not (tmp_path / "x.parity.json").exists()  # nothing was checked, so no report
 
 
+@pytest.mark.integration
 def test_k_quants_without_llama_cpp_name_the_quants_that_need_no_compiler(
     tmp_path, tiny_model_dir, without_llama_cpp
 ):

@@ -7,6 +7,7 @@ from alpaca_forge.core.devices import pick_dtype
 from conftest import assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
 
 
+@pytest.mark.unit
 def test_a_saved_folder_loads_with_its_prompt_format(tiny_model_dir, tiny_lm):
     assert resolve_model(str(tiny_model_dir)).kind == "dir"
     assert tiny_lm.prompt_format == get_format("alpaca")
@@ -14,6 +15,7 @@ def test_a_saved_folder_loads_with_its_prompt_format(tiny_model_dir, tiny_lm):
     assert not tiny_lm.model.training
 
 
+@pytest.mark.unit
 def test_save_then_load_gives_identical_logits(tmp_path):
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, seed=3).eval()
@@ -25,6 +27,7 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert lm.prompt_format == get_format("user-assistant")
 
 
+@pytest.mark.unit
 def test_a_folder_without_a_saved_format_uses_the_chat_template(tmp_path):
     tok = build_tiny_tokenizer()
     build_tiny_model(tok).save_pretrained(tmp_path)
@@ -32,18 +35,21 @@ def test_a_folder_without_a_saved_format_uses_the_chat_template(tmp_path):
     assert load_model(str(tmp_path), device="cpu").prompt_format.name == "chat"
 
 
+@pytest.mark.unit
 def test_an_explicit_format_overrides_the_saved_one(tiny_model_dir, caplog):
     lm = load_model(str(tiny_model_dir), device="cpu", format="user-assistant")
     assert lm.prompt_format.name == "user-assistant"
     assert "trained with the 'alpaca' prompt format" in caplog.text
 
 
+@pytest.mark.unit
 def test_bf16_on_request(tiny_model_dir):
     lm = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     assert lm.model.dtype == torch.bfloat16
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -59,12 +65,14 @@ def test_unknown_models_are_clear_errors(spec, message):
     assert e.value.fix
 
 
+@pytest.mark.unit
 def test_a_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no model weights in this directory"):
         resolve_model(str(tmp_path))
 
 
+@pytest.mark.unit
 def test_cuda_asked_for_without_a_gpu(tiny_model_dir):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -72,6 +80,7 @@ def test_cuda_asked_for_without_a_gpu(tiny_model_dir):
         load_model(str(tiny_model_dir), device="cuda")
 
 
+@pytest.mark.integration
 def test_cli_unknown_model_and_empty_folder(tmp_path):
     instructions = tmp_path / "in.jsonl"
     instructions.write_text('{"instruction": "Hi"}\n')

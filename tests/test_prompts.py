@@ -19,12 +19,14 @@ EXPECTED_NO_INPUT = (
 )
 
 
+@pytest.mark.unit
 def test_alpaca_template_is_byte_exact():
     fmt = get_format("alpaca")
     assert fmt.prompt("Translate to French.", "Good morning").encode() == EXPECTED_WITH_INPUT
     assert fmt.prompt("Name three primary colours.").encode() == EXPECTED_NO_INPUT
 
 
+@pytest.mark.unit
 def test_alpaca_template_keeps_braces_and_unicode_in_records():
     text = get_format("alpaca").prompt("Fill {x} in: ü {instruction}", "{input} 日本")
     assert (
@@ -32,6 +34,7 @@ def test_alpaca_template_keeps_braces_and_unicode_in_records():
     )
 
 
+@pytest.mark.unit
 def test_alpaca_is_single_turn():
     fmt = get_format("alpaca")
     text = fmt.render(
@@ -44,6 +47,7 @@ def test_alpaca_is_single_turn():
     assert text.encode() == EXPECTED_NO_INPUT
 
 
+@pytest.mark.unit
 def test_user_assistant_turns():
     fmt = get_format("user-assistant")
     assert fmt.prompt("Hi") == "<|user|>\nHi\n<|assistant|>"
@@ -52,6 +56,7 @@ def test_user_assistant_turns():
     assert two == "<|user|>\nHi\n<|assistant|>\nHello!\n<|user|>\nHow are you?\n<|assistant|>"
 
 
+@pytest.mark.unit
 def test_chat_format_uses_the_tokenizers_template():
     tok = build_tiny_tokenizer()
     fmt = get_format("chat", system="Be brief.")
@@ -61,6 +66,7 @@ def test_chat_format_uses_the_tokenizers_template():
     )
 
 
+@pytest.mark.unit
 def test_chat_format_without_template_is_a_clear_error():
     tok = build_tiny_tokenizer()
     tok.chat_template = None
@@ -69,6 +75,7 @@ def test_chat_format_without_template_is_a_clear_error():
     assert "--format alpaca" in e.value.fix
 
 
+@pytest.mark.unit
 def test_format_is_saved_and_read_back(tmp_path):
     save_format(tmp_path, get_format("chat", system="Be brief."))
     assert read_saved_format(tmp_path) == get_format("chat", system="Be brief.")
@@ -78,6 +85,7 @@ def test_format_is_saved_and_read_back(tmp_path):
         read_saved_format(tmp_path)
 
 
+@pytest.mark.unit
 def test_unknown_format_names_the_choices():
     with pytest.raises(UserError) as e:
         get_format("vicuna")
@@ -93,6 +101,7 @@ def _stdout_bytes(*args: str) -> bytes:
     return r.stdout.encode()
 
 
+@pytest.mark.integration
 def test_cli_prompt_prints_exactly_the_prompt():
     assert _stdout_bytes(
         "--format", "alpaca", "--instruction", "Translate to French.", "--input", "Good morning"
@@ -106,6 +115,7 @@ def test_cli_prompt_prints_exactly_the_prompt():
     )
 
 
+@pytest.mark.integration
 def test_cli_prompt_reads_the_format_saved_with_a_model(tiny_model_dir):
     # The tiny model was saved with the alpaca format, although its tokenizer has a chat template.
     assert _stdout_bytes("--model", str(tiny_model_dir), "--instruction", "Name three primary colours.") == (
@@ -115,6 +125,7 @@ def test_cli_prompt_reads_the_format_saved_with_a_model(tiny_model_dir):
     assert chat == b"<|user|>\nHi\n<|assistant|>\n"
 
 
+@pytest.mark.integration
 def test_cli_prompt_rejects_an_empty_instruction():
     assert_user_error(
         run_cli("prompt", "--format", "alpaca", "--instruction", "  "), "--instruction is empty"

@@ -14,6 +14,7 @@ RECORDS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["data.json", "data.jsonl", "data.jsonl.gz"])
 def test_write_then_read_round_trip(tmp_path, name):
     path = write_records(tmp_path / name, RECORDS)
@@ -21,6 +22,7 @@ def test_write_then_read_round_trip(tmp_path, name):
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
 
 
+@pytest.mark.unit
 def test_json_array_is_written_like_alpaca_data_json(tmp_path):
     path = write_records(tmp_path / "data.json", RECORDS[:1])
     text = path.read_text()
@@ -28,6 +30,7 @@ def test_json_array_is_written_like_alpaca_data_json(tmp_path):
     assert json.loads(text) == [RECORDS[0].to_dict()]
 
 
+@pytest.mark.unit
 def test_pretty_and_minified_arrays_read_the_same(tmp_path):
     rows = [r.to_dict() for r in RECORDS]
     (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -35,6 +38,7 @@ def test_pretty_and_minified_arrays_read_the_same(tmp_path):
     assert read_records(tmp_path / "pretty.json") == read_records(tmp_path / "mini.json") == RECORDS
 
 
+@pytest.mark.unit
 def test_input_may_be_missing_and_output_only_when_not_required(tmp_path):
     p = tmp_path / "ask.jsonl"
     p.write_text('{"instruction": "Say hi."}\n\n{"instruction": "Add.", "input": "1+1"}\n')
@@ -47,6 +51,7 @@ def test_input_may_be_missing_and_output_only_when_not_required(tmp_path):
     ]
 
 
+@pytest.mark.unit
 def test_every_problem_is_reported_with_line_and_field(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(
@@ -77,6 +82,7 @@ def test_every_problem_is_reported_with_line_and_field(tmp_path):
     assert "6 problems" in str(e.value)
 
 
+@pytest.mark.unit
 def test_bad_utf8_names_the_line(tmp_path):
     p = tmp_path / "latin1.jsonl"
     p.write_bytes(b'{"instruction": "ok", "output": "x"}\n{"instruction": "caf\xe9", "output": "x"}\n')
@@ -87,6 +93,7 @@ def test_bad_utf8_names_the_line(tmp_path):
     assert "not valid UTF-8 (byte 0xe9" in problem.message and "iconv" in problem.fix
 
 
+@pytest.mark.unit
 def test_array_cut_off_halfway_is_reported(tmp_path):
     whole = json.dumps([r.to_dict() for r in RECORDS], indent=4)
     p = tmp_path / "cut.json"
@@ -101,6 +108,7 @@ def test_array_cut_off_halfway_is_reported(tmp_path):
         read_records(p)
 
 
+@pytest.mark.unit
 def test_array_syntax_errors_name_the_record(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "c", "output": "d"}\n]')
@@ -110,6 +118,7 @@ def test_array_syntax_errors_name_the_record(tmp_path):
     assert "expected ',' or ']' after record 0" in e.value.problems[0].message
 
 
+@pytest.mark.unit
 def test_empty_and_missing_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(ValidationError, match="empty"):
@@ -123,6 +132,7 @@ def test_empty_and_missing_files(tmp_path):
         read_records(tmp_path)
 
 
+@pytest.mark.unit
 def test_seed_tasks_and_eval_tasks_become_records(dataset):
     seeds = read_records(dataset.seed_file)
     assert len(seeds) == dataset.seeds
@@ -131,11 +141,13 @@ def test_seed_tasks_and_eval_tasks_become_records(dataset):
     assert len(evals) == dataset.evals and sum(1 for r in evals if r.input) == dataset.evals_with_input
 
 
+@pytest.mark.unit
 def test_the_corpus_streams_from_gzip(dataset):
     records = read_records(dataset.corpus)
     assert len(records) == dataset.corpus_records
 
 
+@pytest.mark.unit
 def test_instances_with_several_entries_get_sub_ids(tmp_path):
     p = tmp_path / "tasks.jsonl"
     p.write_text(
@@ -150,6 +162,7 @@ def test_instances_with_several_entries_get_sub_ids(tmp_path):
     assert read_records(p) == [Record("Add.", "1+1", "2", "t1#0"), Record("Add.", "2+2", "4", "t1#1")]
 
 
+@pytest.mark.unit
 def test_gzip_json_array(tmp_path):
     p = tmp_path / "data.json.gz"
     with gzip.open(p, "wt") as f:
@@ -160,6 +173,7 @@ def test_gzip_json_array(tmp_path):
 # --- the real CLI: each bad input is a message, a fix and exit status 2 -----------------------
 
 
+@pytest.mark.integration
 def test_cli_reports_every_problem_without_a_traceback(tmp_path, tiny_model_dir):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"input": "x"}\n{"instruction": ""}\n{"instruction": 3}\n')
@@ -176,6 +190,7 @@ def test_cli_reports_every_problem_without_a_traceback(tmp_path, tiny_model_dir)
     assert not (tmp_path / "o.jsonl").exists() or (tmp_path / "o.jsonl").read_text() == ""
 
 
+@pytest.mark.integration
 def test_cli_bad_utf8_and_truncated_array(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"instruction": "caf\xe9"}\n')

@@ -23,6 +23,8 @@ rouge_scorer = pytest.importorskip(
 )
 from rouge_score import tokenize as rs_tokenize  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 TRICKY = [
     "",
     "   ",

@@ -115,6 +115,7 @@ def _actions(result) -> dict[str, str]:
     return {line[2:11].strip(): line[12:20].strip() for line in lines}
 
 
+@pytest.mark.integration
 @pytest.mark.llamacpp
 def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path, tiny_model_dir, servers):
     teacher, judge = servers.teacher, servers.judge
@@ -235,6 +236,7 @@ def _check_report_in_a_browser(report: Path) -> None:
         driver.quit()
 
 
+@pytest.mark.integration
 @pytest.mark.llamacpp
 def test_a_run_killed_in_training_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, servers):
     teacher, judge = servers.teacher, servers.judge
@@ -279,6 +281,7 @@ def test_a_run_killed_in_training_resumes_from_its_checkpoint(tmp_path, tiny_mod
     assert summary["tokens_seen_this_run"] < summary["tokenized"]["tokens"] * summary["epochs_done"]
 
 
+@pytest.mark.integration
 def test_the_dry_run_forecast_matches_a_hand_computation(tmp_path):
     """Teacher: ceil(100 / 8) = 13 requests x 500 completion tokens at $2/M; training: max_steps
     x global batch x max_seq_len tokens, 6 x params x tokens FLOPs at 40% MFU of an H100 (989
@@ -357,6 +360,7 @@ def test_the_dry_run_forecast_matches_a_hand_computation(tmp_path):
     assert "the EOS check runs when the train stage starts" in r.stdout  # the 7B model is not here
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shipped", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads_and_dry_runs(tmp_path, shipped):
     text = shipped.read_text()
@@ -380,6 +384,7 @@ def test_every_shipped_recipe_loads_and_dry_runs(tmp_path, shipped):
     assert "cost forecast:" in r.stdout and "training:" in r.stdout and "total:" in r.stdout
 
 
+@pytest.mark.integration
 def test_a_train_stage_asking_for_two_processes_runs_under_accelerate_launch(tmp_path, tiny_model_dir):
     """Two gloo processes on this CPU, as eight GPUs would be on a cluster: one model, trained by both."""
     recipe = write_recipe(
@@ -397,6 +402,7 @@ def test_a_train_stage_asking_for_two_processes_runs_under_accelerate_launch(tmp
     ).is_file()  # the stage's config, as the launched command read it
 
 
+@pytest.mark.unit
 def test_the_launch_command_for_several_processes():
     from alpaca_forge.run.stages import launch_command
 
@@ -412,6 +418,7 @@ def test_the_launch_command_for_several_processes():
 # Bad recipes: clear errors before any compute
 
 
+@pytest.mark.integration
 def test_unknown_keys_and_wrong_types_are_all_listed_with_their_yaml_path(tmp_path, tiny_model_dir):
     recipe = write_recipe(
         tmp_path, tiny_model_dir, "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1",
@@ -433,6 +440,7 @@ def test_unknown_keys_and_wrong_types_are_all_listed_with_their_yaml_path(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_a_stage_whose_input_is_missing(tmp_path, tiny_model_dir):
     missing = write_recipe(
         tmp_path, tiny_model_dir, NOWHERE, NOWHERE, stages__generate__seeds="nowhere/seeds.jsonl"
@@ -462,6 +470,7 @@ def test_a_stage_whose_input_is_missing(tmp_path, tiny_model_dir):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_a_run_directory_from_a_different_recipe_is_refused(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -475,6 +484,7 @@ def test_a_run_directory_from_a_different_recipe_is_refused(tmp_path, tiny_model
     assert_user_error(run_cli("run", str(recipe)), "not a run directory")
 
 
+@pytest.mark.integration
 def test_a_recipe_whose_eos_check_fails_stops_before_any_compute(tmp_path, servers):
     """A tokenizer without an EOS token: the model could never learn to stop. The run stops at
     once, before the teacher is asked anything."""
@@ -502,6 +512,7 @@ def test_a_recipe_whose_eos_check_fails_stops_before_any_compute(tmp_path, serve
 # The wiring table
 
 
+@pytest.mark.unit
 def test_every_wire_joins_a_real_output_to_a_real_field_going_forward():
     from alpaca_forge.core.config import leaf_paths
     from alpaca_forge.run.wiring import CONDITIONS, OUTPUTS, ROLES, STAGES, WIRES
@@ -513,6 +524,7 @@ def test_every_wire_joins_a_real_output_to_a_real_field_going_forward():
         assert not w.when or w.when in CONDITIONS, w
 
 
+@pytest.mark.unit
 def test_every_wired_field_set_by_hand_is_listed_and_the_plan_holds_the_tables_paths(tmp_path):
     from alpaca_forge.core.errors import ValidationError
     from alpaca_forge.run.recipe import load_recipe
@@ -566,6 +578,7 @@ def test_every_wired_field_set_by_hand_is_listed_and_the_plan_holds_the_tables_p
     )  # fmt: skip
 
 
+@pytest.mark.unit
 def test_the_run_report_shows_evals_report_as_the_typed_reader_reads_it(tmp_path):
     """report.html's evaluation rows and sample tags come from eval's report.json read back
     through eval's typed reader: every headline figure there is the comparison's own."""

@@ -21,7 +21,7 @@ from alpaca_forge.serve import FilterConfig, ServeConfig, start
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import pytest
 from alpaca_forge.engines.transformers_engine import TransformersEngine
 from alpaca_forge.serve import ServeConfig, start
 
+pytestmark = pytest.mark.integration
+
 KEY = "sk-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 

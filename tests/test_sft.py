@@ -12,6 +12,8 @@ from alpaca_forge.train.batching import COUNTS, Collator, SFTDataset, pack
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tok():

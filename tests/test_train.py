@@ -78,6 +78,7 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.integration
 def test_full_fine_tune_learns_and_changes_every_parameter(tiny_model_dir, data, tmp_path):
     out = tmp_path / "full"
     _train(
@@ -101,6 +102,7 @@ def test_full_fine_tune_learns_and_changes_every_parameter(tiny_model_dir, data,
     _assert_infers(out, data, tmp_path, limit=2)
 
 
+@pytest.mark.integration
 def test_lora_trains_only_the_adapters(tiny_model_dir, data, tmp_path):
     out = tmp_path / "lora"
     _train(
@@ -120,6 +122,7 @@ def test_lora_trains_only_the_adapters(tiny_model_dir, data, tmp_path):
     _assert_infers(out, data, tmp_path, limit=1)
 
 
+@pytest.mark.integration
 def test_qlora_trains_adapters_on_a_4bit_base_and_merges_in_full_precision(
     tiny_model_dir, data, tmp_path, monkeypatch
 ):
@@ -180,6 +183,7 @@ def test_qlora_gets_a_4bit_base_from_a_gguf_with_the_cache_off(tmp_path, monkeyp
     assert not any(cache.rglob(".complete"))  # nothing was cached
 
 
+@pytest.mark.integration
 def test_kill_and_resume_gives_the_same_weights(tiny_model_dir, data, tmp_path):
     common = [
         *_io(tiny_model_dir, data),
@@ -216,6 +220,7 @@ def test_kill_and_resume_gives_the_same_weights(tiny_model_dir, data, tmp_path):
     assert_user_error(run_cli("train", *changed, "--output", str(killed), "--resume"), "learning_rate")
 
 
+@pytest.mark.integration
 def test_two_processes_agree(tiny_model_dir, data, tmp_path):
     """torchrun, 2 processes (DDP on gloo): every rank ends with the same weights, and they are
     the ones saved. Each rank writes a digest of its in-memory model (tests/train_ranks.py)."""
@@ -251,6 +256,7 @@ def test_two_processes_agree(tiny_model_dir, data, tmp_path):
 # Bad input: clear errors before any compute, nothing corrupt
 
 
+@pytest.mark.integration
 def test_bad_input_is_refused_before_training(tiny_model_dir, data, tmp_path):
     base = ["train", *_io(tiny_model_dir, data, tmp_path / "o")]
     empty = tmp_path / "empty.jsonl"
@@ -277,6 +283,7 @@ def test_bad_input_is_refused_before_training(tiny_model_dir, data, tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("checkpoint-*"))
 
 
+@pytest.mark.integration
 def test_a_failed_write_leaves_the_last_checkpoint_intact(tiny_model_dir, data, tmp_path):
     """Out of disk, simulated with a file-size limit: a clean error, and --resume works after."""
     out = tmp_path / "full"
@@ -300,6 +307,7 @@ def test_a_failed_write_leaves_the_last_checkpoint_intact(tiny_model_dir, data, 
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 6
 
 
+@pytest.mark.unit
 def test_disk_space_is_checked_first(tmp_path):
     from alpaca_forge import UserError
 
@@ -307,6 +315,7 @@ def test_disk_space_is_checked_first(tmp_path):
         check_disk(tmp_path, 10**15, keep=2)
 
 
+@pytest.mark.integration
 def test_out_of_range_flags_are_all_reported_at_once_before_any_model_loads(tmp_path):
     out = tmp_path / "never"
     flags = {
@@ -328,6 +337,7 @@ def test_out_of_range_flags_are_all_reported_at_once_before_any_model_loads(tmp_
     assert "absent.jsonl" not in result.stderr and not out.exists()
 
 
+@pytest.mark.integration
 def test_settings_that_contradict_each_other_are_all_reported():
     flags = "--val v.jsonl --val-size 2.5 --merge --global-batch-size 64 --gradient-accumulation 4"
     result = run_cli("train", *_flags("--data d.jsonl --output o"), *_flags(flags))
@@ -341,6 +351,7 @@ def test_settings_that_contradict_each_other_are_all_reported():
     )
 
 
+@pytest.mark.integration
 def test_config_file_errors_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: x.jsonl\nlearning_rat: 1e-4\nepochs: three\nmethod: lora\nlora_dropout: 1.5\n")
@@ -363,6 +374,7 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
     assert_user_error(result, "learning_rat", f"{bad}:2:", f"{bad}:3:", f"{bad}:5:")
 
 
+@pytest.mark.unit
 def test_every_shipped_config_loads():
     """Each config is headed by the command that runs it, and loads as that command's settings."""
     from alpaca_forge.cli import build_parser
@@ -392,6 +404,7 @@ def test_every_shipped_config_loads():
     )
 
 
+@pytest.mark.unit
 def test_val_size_holds_out_the_records_data_split_holds_out(tiny_model_dir, data, tmp_path):
     """`train --val-size` and `data split` share one seeded split (core.records.split_records):
     the same size and seed hold out the same records, a count or a share alike."""
@@ -420,6 +433,7 @@ def test_val_size_holds_out_the_records_data_split_holds_out(tiny_model_dir, dat
     assert len(set(held_out)) == 3  # another seed, other records
 
 
+@pytest.mark.integration
 def test_data_tokenize_writes_what_the_trainer_sees(tiny_model_dir, data, tmp_path):
     from alpaca_forge import get_format, load_tokenizer
     from alpaca_forge.core.examples import tokenize_records
@@ -446,6 +460,7 @@ def test_data_tokenize_writes_what_the_trainer_sees(tiny_model_dir, data, tmp_pa
     assert [(r["input_ids"], r["labels"]) for r in rows] == [(x["input_ids"], x["labels"]) for x in items]
 
 
+@pytest.mark.unit
 def test_bf16_on_a_cpu_is_checked_against_its_flags(tmp_path):
     from alpaca_forge.core.devices import cpu_has_native_bf16
 

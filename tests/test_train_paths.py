@@ -13,6 +13,8 @@ import pytest
 
 from alpaca_forge.train import TrainConfig
 
+pytestmark = pytest.mark.unit
+
 
 def _records(path: Path) -> Path:
     # answers of very different lengths, so per-micro-batch means would weigh tokens unevenly
