@@ -296,7 +296,7 @@ def test_help_runs(command):
         assert "example" in r.stdout
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # the CLI in a process of its own, on a real pseudo-terminal
 def test_interactive_chat_in_a_terminal(endless_model_dir):
     """A real pseudo-terminal: the prompt, Ctrl-C typed mid-answer and at the prompt, /exit."""
     import pty

@@ -13,8 +13,6 @@ import pytest
 
 from alpaca_forge.train import TrainConfig
 
-pytestmark = pytest.mark.unit
-
 
 def _records(path: Path) -> Path:
     # answers of very different lengths, so per-micro-batch means would weigh tokens unevenly
@@ -55,6 +53,7 @@ def _first_step_gradients(model_dir: Path, data: Path, out: Path, batching: str,
     return captured, len(prep.train_set)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("batching", ["padded", "packed"])
 def test_accumulated_micro_batches_give_the_large_batch_gradient(tiny_model_dir, tmp_path, batching):
     import torch
@@ -69,6 +68,7 @@ def test_accumulated_micro_batches_give_the_large_batch_gradient(tiny_model_dir,
         assert torch.allclose(big[name], small[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.integration  # inductor compiles C++ here: ~30 s
 def test_compile_trains_and_reports_its_start_apart(tiny_model_dir, tmp_path):
     """torch.compile on the CPU (inductor, C++): the loss falls, every weight moves, and the
     summary keeps the compiling first step apart from the steady rate, with setup and save times."""
@@ -90,6 +90,7 @@ def test_compile_trains_and_reports_its_start_apart(tiny_model_dir, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.unit
 def test_lora_holds_its_frozen_base_in_the_compute_dtype_and_still_merges(tiny_model_dir, tmp_path):
     import torch
 
