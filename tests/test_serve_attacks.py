@@ -17,6 +17,7 @@ import pytest
 
 from alpaca_forge.engines.transformers_engine import TransformersEngine
 from alpaca_forge.serve import ServeConfig, start
+from test_serve import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -190,15 +191,6 @@ def endless(tiny_model_dir):
     return TransformersEngine(lm)
 
 
-def _wait_until(predicate, timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def _gauges(server) -> dict[str, float]:
     """The in-flight gauges of /metrics: requests queued, and being generated."""
     text = httpx.get(server.url + "/metrics").text
@@ -228,18 +220,18 @@ def test_a_dropped_plain_request_frees_its_slot_at_once(endless, tmp_path):
                 + body
             )
             # generating: its first token came (a place counts as running from then)
-            assert _wait_until(lambda: batching.running == 1 and admission.running == 1, 30)
+            assert wait_until(lambda: batching.running == 1 and admission.running == 1, 30)
             assert _gauges(s)["alpaca_forge_running_requests"] == 1
         # the socket is closed; 3,000 tokens take the tiny model far longer than this
-        assert _wait_until(lambda: admission.running + admission.waiting == 0, 5), "the slot is still held"
-        assert _wait_until(lambda: batching.running == 0, 5), "the engine still generates for nobody"
+        assert wait_until(lambda: admission.running + admission.waiting == 0, 5), "the slot is still held"
+        assert wait_until(lambda: batching.running == 0, 5), "the engine still generates for nobody"
         assert _gauges(s) == {"alpaca_forge_queue_depth": 0, "alpaca_forge_running_requests": 0}
         started = time.monotonic()
         after = httpx.post(s.api_url + "/chat/completions", json={**ask(name), "max_tokens": 2}, timeout=60)
         assert after.status_code == 200, after.text
         assert time.monotonic() - started < 30
         rows = lambda: [json.loads(line) for line in log.read_text().splitlines()]  # noqa: E731
-        assert _wait_until(lambda: any(r["status"] == 499 for r in rows()), 5)
+        assert wait_until(lambda: any(r["status"] == 499 for r in rows()), 5)
         gone = next(r for r in rows() if r["status"] == 499)
         assert gone["stream"] is False and gone["finish_reason"] == "cancelled"
         assert 0 < gone["completion_tokens"] < 3000
