@@ -12,10 +12,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..core.errors import UserError
+from .config import LOOPBACK_HOSTS
 from .protocol import ApiError
 
 OPEN = "anonymous"  # the client id of every request when the server has no keys
-LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
 
 
 class Keys:
@@ -71,7 +71,7 @@ def check_loopback(host: str | None, origin: str | None) -> None:
     `Origin: null` is cross-site: browsers send it from sandboxed frames and `file:` pages, which
     any site can open."""
     name = _hostname(host or "")
-    if name not in LOOPBACK_NAMES:
+    if name not in LOOPBACK_HOSTS:
         raise ApiError(
             403,
             f"this server has no API key, so it answers only requests to a loopback address, not Host {(host or '')[:80]!r}; "
@@ -81,7 +81,7 @@ def check_loopback(host: str | None, origin: str | None) -> None:
     if origin is None:
         return
     scheme, _, authority = origin.partition("://")
-    if scheme not in ("http", "https") or _hostname(authority) not in LOOPBACK_NAMES:
+    if scheme not in ("http", "https") or _hostname(authority) not in LOOPBACK_HOSTS:
         raise ApiError(
             403,
             f"cross-site request from {origin[:80]!r} refused: this server has no API key",
