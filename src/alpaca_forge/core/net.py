@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import UserError
 
@@ -45,6 +46,15 @@ def raise_open_file_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return soft if soft != resource.RLIM_INFINITY else ASSUMED_FILE_LIMIT
+
+
+def hostname_of(authority: str) -> str:
+    """The name part of a `Host` header or an origin's authority ("[::1]:8000" -> "::1"); "" when
+    it cannot be read."""
+    try:
+        return urlsplit("//" + authority).hostname or ""
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        return ""
 
 
 def bind_listener(host: str, port: int, *, backlog: int = 2048) -> socket.socket:

@@ -9,9 +9,9 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from ..core.errors import UserError
+from ..core.net import hostname_of
 from .config import LOOPBACK_HOSTS
 from .protocol import ApiError
 
@@ -55,22 +55,13 @@ class Keys:
         return found
 
 
-def _hostname(authority: str) -> str:
-    """The name part of a `Host` header or an origin's authority ("[::1]:8000" -> "::1"); "" when
-    it cannot be read."""
-    try:
-        return urlsplit("//" + authority).hostname or ""
-    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
-        return ""
-
-
 def check_loopback(host: str | None, origin: str | None) -> None:
     """The rule of a server without keys: only this machine may ask, and not through a web page of
     another site. A request must be addressed to a loopback name (a DNS-rebinding page sends its
     own `Host`), and a browser's `Origin`, when sent, must be loopback too (cross-site `fetch`).
     `Origin: null` is cross-site: browsers send it from sandboxed frames and `file:` pages, which
     any site can open."""
-    name = _hostname(host or "")
+    name = hostname_of(host or "")
     if name not in LOOPBACK_HOSTS:
         raise ApiError(
             403,
@@ -81,7 +72,7 @@ def check_loopback(host: str | None, origin: str | None) -> None:
     if origin is None:
         return
     scheme, _, authority = origin.partition("://")
-    if scheme not in ("http", "https") or _hostname(authority) not in LOOPBACK_HOSTS:
+    if scheme not in ("http", "https") or hostname_of(authority) not in LOOPBACK_HOSTS:
         raise ApiError(
             403,
             f"cross-site request from {origin[:80]!r} refused: this server has no API key",

@@ -34,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -42,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ...core import http_body
+from ...core.net import hostname_of
 from ..items import Item, System
 from .config import LOOPBACK_NAMES
 from .ratings import VERDICTS, Rating, RatingStore, check_rater, now
@@ -204,7 +204,7 @@ def check_request(session: RateSession, headers: Mapping[str, str]) -> None:
     sent, must be this page's own (its host and port are the Host's); `null` never is."""
     authority = headers.get("host") or ""
     if session.loopback_only:
-        host = urlsplit("//" + authority).hostname or ""
+        host = hostname_of(authority)
         if host not in LOOPBACK_NAMES:
             raise ApiError(
                 403,
