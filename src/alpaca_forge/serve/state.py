@@ -43,7 +43,6 @@ class Admitted:
     """A request the gate let in."""
 
     started: float  # time.perf_counter() at arrival: latency and time to first token count from it
-    key_id: str
     backend: Backend | None  # None where the door does not need the model
     rec: RequestRecord | None  # the request log's line, for a door with an endpoint
 
@@ -116,7 +115,7 @@ class ServerState:
                 rec.status, rec.error = e.status, e.message
                 self.finish(rec, started)
             raise
-        return Admitted(started, key_id, backend, rec)
+        return Admitted(started, backend, rec)
 
     def identity_headers(self) -> dict[str, str]:
         return {"x-model-id": self.backend.model_id} if self.backend else {}
