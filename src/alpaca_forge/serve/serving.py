@@ -81,7 +81,6 @@ class Serving:
                     responder.sse(ticket), media_type="text/event-stream", headers=headers
                 )
             body = await responder.whole(request, ticket)
-            rec.prompt_tokens = plan.prompt_tokens
             return JSONResponse(body, headers=headers)
         except Exception as e:  # a UserError is a 400; anything else a logged 500, in OpenAI's shape
             err = engine_error(e)
