@@ -75,7 +75,7 @@ class Config:
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        checked, problems = _validate(type(self), _plain(values), {}, _python_where(type(self)))
+        checked, problems = _validate(type(self), _plain(values), {}, _flag_where(type(self)))
         if problems:
             raise ValidationError(problems, what=f"{type(self).__name__} settings")
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
@@ -126,7 +126,7 @@ def _plain(value: Any) -> Any:
     return getattr(value, "value", value) if hasattr(value, "_value_") else value
 
 
-def _python_where(cls: type) -> Callable[[FieldPath], str]:
+def _flag_where(cls: type) -> Callable[[FieldPath], str]:
     """Problems name a setting by its flag, the one spelling users see in --help and errors."""
     flags = {leaf.path: leaf.flag for leaf in leaves(cls)}
     return lambda path: flags.get(path, ".".join(path))
@@ -300,8 +300,7 @@ def build_config(cls: type, flags: Mapping[str, Any], file: str | os.PathLike | 
         leaf = index[name]
         _set(tree, leaf.path, value)
         origins[leaf.path] = leaf.flag
-    flag_of = {leaf.path: leaf.flag for leaf in leaves(cls)}
-    checked, more = _validate(cls, tree, origins, lambda path: flag_of.get(path, ".".join(path)))
+    checked, more = _validate(cls, tree, origins, _flag_where(cls))
     problems += more
     if problems:
         raise ValidationError(problems, what=f"settings of {file}" if file else "settings")
