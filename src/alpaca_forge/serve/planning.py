@@ -38,9 +38,7 @@ class Plan:
         return "chat.completion" if self.kind == "chat" else "text_completion"
 
 
-def _settings(
-    state: ServerState, backend: Backend, req: Any, max_new: int, seed_offset: int
-) -> GenerationSettings:
+def _settings(backend: Backend, req: Any, max_new: int, seed_offset: int) -> GenerationSettings:
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     return GenerationSettings(
         max_new_tokens=max_new,
@@ -124,7 +122,7 @@ async def plan_chat(state: ServerState, backend: Backend, req: ChatRequest, rec:
             plan.blocked = verdict
             return plan
     for i in range(req.n):
-        settings = _settings(state, backend, req, max_new, i)
+        settings = _settings(backend, req, max_new, i)
         plan.starts.append(lambda s=settings: backend.chat_stream(conversation, s))
     return plan
 
@@ -147,6 +145,6 @@ async def plan_completion(
                 return plan
     for p, max_new in zip(prompts, budgets, strict=True):
         for i in range(req.n):
-            settings = _settings(state, backend, req, max_new, i)
+            settings = _settings(backend, req, max_new, i)
             plan.starts.append(lambda p=p, s=settings: backend.prompt_stream(p, s))
     return plan

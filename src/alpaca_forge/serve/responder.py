@@ -165,7 +165,7 @@ class Responder:
         done = [c for c in completions if c is not None]
         if self.backend.upstream or not self.plan.prompt_tokens:
             # A server behind us counted the prompts (we cannot): each prompt once, not per choice.
-            n = getattr(self.plan.req, "n", 1)
+            n = self.plan.req.n
             counted = sum(c.prompt_tokens for c in completions[::n] if c is not None)
             self.plan.prompt_tokens = max(self.plan.prompt_tokens, counted)
         self.plan.rec.prompt_tokens = self.plan.prompt_tokens
