@@ -246,12 +246,8 @@ CompletionRequest.model_rebuild()
 # ---------------------------------------------------------------------------------------------
 # Responses
 
-CONTENT_FILTER = "content_filter"  # OpenAI's finish reason for an answer the filter cut
 
-
-def finish_reason(c: Completion, filtered: bool = False) -> str:
-    if filtered:
-        return CONTENT_FILTER
+def finish_reason(c: Completion) -> str:
     return "length" if c.finish_reason is FinishReason.LENGTH else "stop"
 
 
