@@ -29,20 +29,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ..core.config import (
-    REQUIRED,
-    Config,
-    FieldPath,
-    compose_yaml,
-    config_from,
-    leaf_paths,
-    setting,
-    settings_from_node,
-    yaml_where,
-)
+from ..core.config import REQUIRED, Config, FieldPath, config_from, leaf_paths, setting
+from ..core.config_yaml import compose_yaml, settings_from_node, yaml_where
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.files import under_a_file
-from .wiring import ROLES, SECTIONS, STAGES, USER_MODELS, USER_OUTPUTS, USER_PATHS, wired_fields, wired_values
+from .wiring import (
+    ROLES,
+    SECTIONS,
+    STAGES,
+    USER_MODELS,
+    USER_OUTPUTS,
+    USER_PATHS,
+    upstream,
+    wired_fields,
+    wired_values,
+)
 
 PACKAGE_PREFIX = "package:"  # a file shipped with alpaca-forge (run/data/), e.g. package:demo-seeds.jsonl
 GPUS = ("cpu", "a10", "l4", "rtx3090", "rtx4090", "l40s", "a100", "h100", "h200")
@@ -338,8 +339,7 @@ def _where_missing(p: Path, yaml_path: FieldPath, flags: dict[FieldPath, str]) -
 def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Problem]:
     """Each stage present has what it reads: a stage before it, or a file of the user's."""
     problems = []
-    needs = {"train": "data", "infer": "train", "eval": "infer", "export": "train"}
-    for stage, before in needs.items():
+    for stage, before in upstream():
         if stage in stages and before not in stages:
             problems.append(
                 Problem(

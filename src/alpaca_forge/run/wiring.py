@@ -191,6 +191,12 @@ def wired_fields(stage: str) -> dict[FieldPath, str]:
     return {path: "; ".join(sources) for path, sources in fields.items()}
 
 
+def upstream() -> list[tuple[str, str]]:
+    """(stage, a stage whose output it reads) for every row that joins two stages, once each, in
+    the table's order: a recipe with the first needs the second."""
+    return list(dict.fromkeys((w.to_stage, w.from_stage) for w in WIRES if w.from_stage != w.to_stage))
+
+
 def run_file(run_dir: Path, stage: str, output: str, settings: dict[str, Any] | None = None) -> Path:
     """A stage's file under the run directory (`settings` fill a `{quant}` in its name)."""
     name = OUTPUTS[stage][output]
