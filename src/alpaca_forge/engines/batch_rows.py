@@ -59,8 +59,8 @@ class RowSampler:
             logits = scores[i].float() / s.temperature  # (vocab,)
             if s.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
                 ordered, order = torch.sort(logits, descending=True)
-                cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-                drop = cumulative - ordered.softmax(dim=-1) >= s.top_p  # the first token always stays
+                p = ordered.softmax(dim=-1)
+                drop = p.cumsum(dim=-1) - p >= s.top_p  # the first token always stays
                 logits = logits.scatter(0, order[drop], float("-inf"))
             probs = logits.softmax(dim=-1)
             if bool(torch.isfinite(probs).all()):  # else (overflowing logits) this row stays greedy
