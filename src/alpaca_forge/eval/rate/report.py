@@ -13,6 +13,7 @@ from ...core.errors import UserError
 from ...core.files import check_output, write_json_atomic, write_text_atomic
 from ..compare import PairwiseResult, compare
 from ..judge import side_of
+from ..report import write_pairwise_report
 from .agreement import (
     POOLED,
     JudgeOutcomes,
@@ -72,8 +73,6 @@ def rate_report(
     seed: int = 0,
     samples: int = 2000,
 ) -> RateReport:
-    from ..report import write_pairwise_report
-
     items, a, b = comparison.items, comparison.a, comparison.b
     in_set = {it.id for it in items}
     counted = [r for r in ratings if r.item in in_set and {r.first, r.second} == {a.name, b.name}]
