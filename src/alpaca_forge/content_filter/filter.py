@@ -71,9 +71,6 @@ class ContentFilter:
         timeout_s: float = 30.0,
     ):
         self.rules = rules
-        self.moderation_url = moderation_url
-        self.moderation_model = moderation_model
-        self.judge = judge
         self._moderation = (
             ModerationClient(
                 moderation_url, model=moderation_model, api_key=moderation_api_key, timeout_s=timeout_s
