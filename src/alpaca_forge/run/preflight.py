@@ -30,7 +30,7 @@ class Preflight:
     trained_tokens: int
     tokens: int
     shown: list[str] = field(default_factory=list)  # masked prompt in ⟦brackets⟧, trained answer plain
-    left_out: int = 0  # records whose prompt alone fills max_seq_len: no loss, not trained on  # masked prompt in ⟦brackets⟧, trained answer plain
+    left_out: int = 0  # records whose prompt alone fills max_seq_len: no loss, not trained on
 
     @property
     def ok(self) -> bool:
