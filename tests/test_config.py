@@ -9,7 +9,8 @@ import pytest
 
 from alpaca_forge import GenerationSettings, ValidationError
 from alpaca_forge.cli import build_parser
-from alpaca_forge.core.config import REQUIRED, Config, base_type, build_config, leaves, nested, setting
+from alpaca_forge.core.config import REQUIRED, Config, build_config, nested, setting
+from alpaca_forge.core.config_fields import base_type, leaves
 from alpaca_forge.engines import EngineConfig
 
 from conftest import run_cli

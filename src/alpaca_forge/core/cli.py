@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, NoReturn, get_origin
 
-from .config import REQUIRED, Leaf, base_type, build_config, choices_of, leaves, shown_default
+from .config import REQUIRED, build_config
+from .config_fields import Leaf, base_type, choices_of, leaves, shown_default
 
 log = logging.getLogger("alpaca_forge")
 Handler = Callable[[Any, argparse.Namespace], int]

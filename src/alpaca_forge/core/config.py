@@ -18,7 +18,8 @@ one set of flags and YAML keys, and may also be written as nested YAML sections.
 
 Here: the `Config` base, the checks, and building a config from defaults, YAML and flags. How
 fields are declared and flattened is in `config_fields`, reading YAML with its lines in
-`config_yaml`; stage configs, the command line and the recipe import all of it from here.
+`config_yaml`; stage configs import what they declare fields with (`setting`, `nested`,
+`REQUIRED`) from here, the command line and the recipe the rest from those two.
 """
 
 from __future__ import annotations
@@ -43,26 +44,18 @@ from .config_fields import (
     setting,
     shown_default,
 )
-from .config_yaml import compose_yaml, read_yaml_settings, settings_from_node, yaml_where
+from .config_yaml import read_yaml_settings
 from .errors import Problem, ValidationError
 
 __all__ = [
     "REQUIRED",
     "Config",
     "FieldPath",
-    "Leaf",
-    "base_type",
     "build_config",
-    "choices_of",
-    "compose_yaml",
     "config_from",
     "leaf_paths",
-    "leaves",
     "nested",
     "setting",
-    "settings_from_node",
-    "shown_default",
-    "yaml_where",
 ]
 
 

@@ -2,8 +2,8 @@
 
 `setting(...)` and `nested(...)` declare a field (its help line, bounds, flag spelling); `leaves`
 flattens a config into `Leaf`s, one per setting as the command line (`core/cli.py`) and a YAML file
-(`core/config_yaml.py`) see it; `core/config.py` checks the values. Stage configs import all of
-these from `core.config`.
+(`core/config_yaml.py`) see it; `core/config.py` checks the values. Stage configs import `setting`,
+`nested` and `REQUIRED` from `core.config`.
 """
 
 from __future__ import annotations
