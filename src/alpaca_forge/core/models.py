@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .devices import DTYPES as DTYPES  # the --dtype choices, which every stage config imports from here
 from .devices import pick_device, pick_dtype
 from .errors import UserError
 from .gguf_cache import clear_gguf_marker, dense_gguf, no_hf_progress_bars

@@ -21,8 +21,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ..core.config import Config, nested, setting
+from ..core.devices import DTYPES
 from ..core.errors import UserError
-from ..core.models import DEFAULT_MODEL, DTYPES
+from ..core.models import DEFAULT_MODEL
 from ..core.prompts import FORMATS
 from .base import Engine, GenerationSettings
 

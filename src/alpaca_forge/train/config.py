@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.config import REQUIRED, Config, setting
-from ..core.models import DEFAULT_MODEL, DTYPES
+from ..core.devices import DTYPES
+from ..core.models import DEFAULT_MODEL
 from ..core.prompts import FORMATS
 from .batching import Batching
 
