@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import Problem, UserError, ValidationError
-from ..core.records import iter_json_items, records_from_item
+from ..core.json_items import iter_json_items
+from ..core.records import records_from_item
 
 # Fields a set's item may name its category by (the self-instruct evaluation set: motivation_app).
 CATEGORY_FIELDS = ("category", "motivation_app")
