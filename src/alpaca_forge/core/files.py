@@ -17,12 +17,15 @@ import errno
 import gzip
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import UserError
+
+log = logging.getLogger("alpaca_forge")
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -149,16 +152,33 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def open_append(path: Path, flag: str = "--output") -> IO[str]:
-    """An append-only output, opened for a resumable job."""
+def open_append(path: Path, flag: str = "--output", *, private: bool = False) -> IO[str]:
+    """An append-only output, opened for a resumable job. `private`: only its owner may read it
+    (0600; a log that holds prompts): one that exists readable by others is narrowed to 0600,
+    with a warning (or only the warning, where it is not ours to change)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "a", encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o666)
     except OSError as e:
         raise UserError(
             f"{flag} {path}: cannot be written ({e.strerror})",
             f"choose a {flag} in a folder you can write to",
         ) from e
+    mode = os.fstat(fd).st_mode & 0o777
+    if private and mode & 0o077:
+        try:
+            os.fchmod(fd, 0o600)
+            log.warning("%s %s was readable by others (mode %03o); it is now 0600", flag, path, mode)
+        except OSError as e:
+            log.warning(
+                "%s %s is readable by others (mode %03o) and cannot be narrowed (%s): what it holds "
+                "can be read by them",
+                flag,
+                path,
+                mode,
+                e.strerror,
+            )
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def sync(f: IO[Any]) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from ..core.errors import UserError
+from ..core.files import open_append
 
 log = logging.getLogger("alpaca_forge")
 
@@ -111,7 +110,7 @@ class RequestLog:
 
     def __init__(self, path: Path | None, *, log_text: bool):
         self.log_text = log_text
-        self._file = open_private(path, "--request-log") if path else None
+        self._file = open_append(path, "--request-log", private=True) if path else None
         self._lock = threading.Lock()
 
     def write(self, record: RequestRecord) -> None:
@@ -134,32 +133,3 @@ class RequestLog:
         if self._file is not None:
             with self._lock:
                 self._file.close()
-
-
-def open_private(path: Path, flag: str) -> IO[str]:
-    """An append-only file only its owner may read (0600): with --log-text the request log holds
-    every prompt and answer. One that exists readable by others is narrowed to 0600, with a
-    warning (or only the warning, where it is not ours to change)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    except OSError as e:
-        raise UserError(
-            f"{flag} {path}: cannot be written ({e.strerror})",
-            f"choose a {flag} in a folder you can write to",
-        ) from e
-    mode = os.fstat(fd).st_mode & 0o777
-    if mode & 0o077:
-        try:
-            os.fchmod(fd, 0o600)
-            log.warning("%s %s was readable by others (mode %03o); it is now 0600", flag, path, mode)
-        except OSError as e:
-            log.warning(
-                "%s %s is readable by others (mode %03o) and cannot be narrowed (%s): prompts in it "
-                "can be read by them",
-                flag,
-                path,
-                mode,
-                e.strerror,
-            )
-    return os.fdopen(fd, "a", encoding="utf-8")
