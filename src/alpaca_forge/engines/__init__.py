@@ -9,15 +9,13 @@ from .base import (
     ModelIdentity,
     StopStringFilter,
     Stream,
-    WholeAnswer,
     cut_at_stop,
     tokens_per_s,
 )
 from .batching import BatchedStream, BatchingEngine, EngineClosedError
-from .config import REPETITION_PENALTY_HELP, EngineConfig, open_engine, repetition_penalty_for, using_engine
+from .config import EngineConfig, open_engine, repetition_penalty_for, using_engine
 
 __all__ = [
-    "REPETITION_PENALTY_HELP",
     "BatchedStream",
     "BatchingEngine",
     "Completion",
@@ -30,7 +28,6 @@ __all__ = [
     "ModelIdentity",
     "StopStringFilter",
     "Stream",
-    "WholeAnswer",
     "cut_at_stop",
     "open_engine",
     "repetition_penalty_for",
