@@ -589,6 +589,8 @@ def test_every_route_refuses_a_foreign_host_and_another_sites_origin_null_includ
         assert _post(server.url + "/api/rate", good, {"origin": own})[0] == 200
         attacks = [
             ({"host": "evil.example:8400"}, "host_not_allowed"),  # DNS rebinding
+            ({"host": "["}, "host_not_allowed"),  # no name at all (it was a 500)
+            ({"origin": "http://["}, "origin_not_allowed"),
             (
                 {"host": f"evil.example:{server.port}", "origin": f"http://evil.example:{server.port}"},
                 "host_not_allowed",
