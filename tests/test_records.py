@@ -204,3 +204,45 @@ def test_cli_bad_utf8_and_truncated_array(tmp_path, tiny_model_dir):
         "infer", "--model", str(tiny_model_dir), "--input", str(cut), "--output", str(tmp_path / "o.jsonl")
     )
     assert_user_error(r, f"{cut}[1]", "cut off")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "n, val_size, problem, fix",
+    [
+        (0, 20, "needs at least 2 records (one on each side), and there are 0 records", "more records"),
+        (1, 20, "needs at least 2 records (one on each side), and there is 1 record", "more records"),
+        (1, 0.5, "and there is 1 record", "more records"),
+        (
+            2,
+            20,
+            "holds out 20 of 2 records, leaving nothing to train on",
+            "a count of 1, or a share such as 0.51",
+        ),
+        (5, 20, "holds out 20 of 5 records, leaving nothing", "a count from 1 to 4, or a share such as 0.21"),
+        (
+            5,
+            0.1,
+            "holds out 0 of 5 records (0.1 x 5 rounds to 0), leaving no validation record",
+            "from 1 to 4",
+        ),
+        (
+            30,
+            0.99,
+            "holds out 30 of 30 records, leaving nothing to train on",
+            "from 1 to 29, or a share such as 0.1",
+        ),
+    ],
+)
+def test_a_split_that_leaves_a_side_empty_says_which_sizes_work(n, val_size, problem, fix):
+    from alpaca_forge import split_records
+
+    records = [Record(f"Task {i}.", "", "ok") for i in range(n)]
+    with pytest.raises(UserError) as e:
+        split_records(records, val_size)
+    assert problem in e.value.message and fix in e.value.fix
+    assert "--val-size 0 to hold out nothing" in e.value.fix
+    if n >= 2:  # the sizes the fix names do split
+        for size in (1.0, float(n - 1), float(e.value.fix.split("share such as ")[1].split(";")[0])):
+            train, val = split_records(records, size)
+            assert train and val

@@ -224,12 +224,34 @@ def split_records(
         )
     count = round(val_size * n) if val_size < 1 else int(val_size)
     if not 0 < count < n:
-        raise UserError(
-            f"--val-size {val_size:g} holds out {count} of {n} records, leaving "
-            + ("nothing to train on" if count >= n else "no validation record"),
-            f"leave at least one record on each side: a count from 1 to {n - 1}, or a share that gives one",
-        )
+        raise UserError(*_split_problem(val_size, count, n))
     held = set(random.Random(seed).sample(range(n), count))
     return [r for i, r in enumerate(records) if i not in held], [
         r for i, r in enumerate(records) if i in held
     ]
+
+
+def _split_problem(val_size: float, count: int, n: int) -> tuple[str, str]:
+    """Why `val_size` splits no `n` records into two non-empty halves, and a size that does
+    (`count` is what it would hold out)."""
+    nothing = "; or, in train, --val-size 0 to hold out nothing"
+    if n < 2:
+        held = "records" if n == 0 else "record"
+        return (
+            f"--val-size {val_size:g}: a split needs at least 2 records (one on each side), and there "
+            f"{'is' if n == 1 else 'are'} {n} {held}",
+            "give a file with more records" + nothing,
+        )
+    # The smallest share that holds out one record (clear of round()'s halves), 0.1 once that does.
+    share = 0.1 if n >= 10 else round(1 / n + 0.01, 2)
+    if count >= n:
+        problem = f"holds out {count} of {n} records, leaving nothing to train on"
+    else:
+        problem = (
+            f"holds out {count} of {n} records ({val_size:g} x {n} rounds to 0), leaving no validation record"
+        )
+    sizes = "of 1" if n == 2 else f"from 1 to {n - 1}"
+    return (
+        f"--val-size {val_size:g} {problem}",
+        f"give --val-size a count {sizes}, or a share such as {share:g}" + nothing,
+    )
