@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from alpaca_forge import GenerationSettings, Message, load_model
 from alpaca_forge.engines.transformers_engine import TransformersEngine
+from machine import describe  # bench/ is this script's folder
 
 QUESTION = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
@@ -76,7 +76,7 @@ def main() -> None:
         "best_tok_s": best,
         "ratio": round(ratio, 4),
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": describe(),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -173,7 +173,12 @@ def child_transformers(a: dict) -> dict:
     answer = stream_answerer(engine, conversation, settings)
 
     # The prompt text every other configuration is given or must render the same.
-    return {"prompt": engine.render(conversation, a["tokens"]), **measure(answer, a["rounds"])}
+    weights_mb = round(sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 1e6, 1)
+    return {
+        "prompt": engine.render(conversation, a["tokens"]),
+        "weights_mb": weights_mb,
+        **measure(answer, a["rounds"]),
+    }
 
 
 def direct_answerer(a: dict):
@@ -573,7 +578,14 @@ def main() -> None:
     quants = [q.strip() for q in args.quants.split(",") if q.strip()]
     common = {"tokens": args.tokens, "rounds": args.rounds, "threads": args.threads}
     started = time.perf_counter()
-    results: dict = {"machine": machine(), "model": MODEL, "prompt": PROMPT, **common, "quants": {}}
+    results: dict = {
+        "machine": machine(),
+        "model": MODEL,
+        "prompt": PROMPT,
+        **common,
+        "pairs": args.pairs,
+        "quants": {},
+    }
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         folder = Path(tmp)
         print("transformers fp32 (baseline)", file=sys.stderr)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from alpaca_forge import EngineConfig, Record, read_records, write_records
 from alpaca_forge.engines.openai_http import OpenAIEngine
 from alpaca_forge.generate import GenerateConfig, run
+from machine import describe  # bench/ is this script's folder
 
 from fake_teacher import FakeTeacher, Script
 
@@ -92,7 +93,14 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
-            {"latency_s": args.latency_s, "runs": [one, many], "ratio": round(ratio, 2), "goal": 20}, indent=2
+            {
+                "machine": describe(),
+                "latency_s": args.latency_s,
+                "runs": [one, many],
+                "ratio": round(ratio, 2),
+                "goal": 20,
+            },
+            indent=2,
         )
         + "\n"
     )

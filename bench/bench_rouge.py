@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from alpaca_forge.core.rouge import greedy_dedupe, rouge_tokens
+from machine import describe  # bench/ is this script's folder
 
 CORPUS = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus" / "t0_55k.alpaca.jsonl.gz"
@@ -95,11 +96,7 @@ def main() -> int:
         f"kept sets identical: {identical} ({len(ours_sample)} kept)"
     )
     results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
+        "machine": {**describe(), "platform": platform.platform()},
         "threshold": THRESHOLD,
         "full": {"records": len(texts), "seconds": round(full_s, 2), "kept": len(kept), "target_seconds": 10},
         "reference": {
@@ -107,6 +104,7 @@ def main() -> int:
             "ours_seconds": round(ours_s, 3),
             "rouge_score_seconds": round(ref_s, 1),
             "rouge_score_pairs": pairs,
+            "workers": workers,
             "speedup": round(ref_s / ours_s, 1),
             "kept_identical": identical,
             "kept": len(ours_sample),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import threading
@@ -36,6 +35,7 @@ import httpx
 from alpaca_forge import GenerationSettings, Message, load_model
 from alpaca_forge.engines.transformers_engine import TransformersEngine
 from alpaca_forge.serve import ServeConfig, start
+from machine import describe  # bench/ is this script's folder
 
 TOPICS = [
     "a lighthouse keeper who finds a message in a bottle",
@@ -129,7 +129,7 @@ def main() -> None:
 
     log = Path(tempfile.mkdtemp()) / "requests.jsonl"
     cfg = ServeConfig(port=0, request_log=str(log), max_batch_size=args.clients)
-    results: dict = {"machine": platform.processor() or platform.machine(), "tokens": args.tokens}
+    results: dict = {"machine": describe(), "tokens": args.tokens}
     with start(cfg, engine=engine) as server, httpx.Client(timeout=600) as client:
         server.wait_ready(120)
         url = server.api_url + "/chat/completions"

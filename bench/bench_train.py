@@ -24,7 +24,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from machine import describe
 
 CORPUS = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus" / "t0_55k.alpaca.jsonl.gz"
@@ -146,7 +146,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     results: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe(),
         "threads": args.threads,
         "torch": torch.__version__,
         "model": MODEL,
