@@ -28,9 +28,11 @@ from typing import Any
 from .devices import pick_device, pick_dtype
 from .errors import UserError
 from .gguf_cache import clear_gguf_marker, dense_gguf, no_hf_progress_bars
+from .library_noise import peft_call, quiet_library_logs
 from .prompts import PromptFormat, read_saved_format, resolve_format, save_format
 
 log = logging.getLogger(__name__)
+quiet_library_logs()  # before anything imports peft or transformers (see core.library_noise)
 
 
 @dataclass(frozen=True)
@@ -290,7 +292,8 @@ def merge_adapter(folder: Path, base: str | None = None) -> tuple[Any, Any]:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     try:
-        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        with peft_call():
+            merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:
         first = " ".join(str(e).split())[:ERROR_EXCERPT_CHARS]
         raise UserError(f"{folder}: this adapter does not fit the base model {spec} ({first})", fix) from e

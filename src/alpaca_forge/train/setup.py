@@ -18,6 +18,7 @@ from ..core.devices import training_precision
 from ..core.errors import UserError
 from ..core.examples import eos_id, fingerprint, tokenize_records
 from ..core.files import check_output
+from ..core.library_noise import peft_call
 from ..core.models import (
     load_pretrained,
     load_tokenizer,
@@ -289,7 +290,8 @@ def wrap_lora(model: Any, config: TrainConfig) -> Any:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    with peft_call():
+        model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info(
