@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import UserError
+from .shipped import input_path, refuse_shipped_output
 
 log = logging.getLogger("alpaca_forge")
 
@@ -53,7 +54,8 @@ def check_output(
     folder: bool = False,
 ) -> Path:
     """An output path a stage may write: parents made, never a folder (or, with `folder`, never a
-    file), never under a file, never one of the stage's `inputs`."""
+    file), never under a file, never one of the stage's `inputs`, never a shipped file."""
+    refuse_shipped_output(path, flag)
     try:
         return _check_output(Path(path).expanduser(), flag, inputs, folder)
     except OSError as e:  # a name too long, a folder we may not look into ...
@@ -75,7 +77,7 @@ def _check_output(out: Path, flag: str, inputs: Iterable[str | os.PathLike], fol
             f"name a file inside it, e.g. {flag} {out / 'out.jsonl'}",
         )
     for source in inputs:
-        src = Path(source).expanduser()
+        src = input_path(source).expanduser()
         if src.exists() and out.exists() and os.path.samefile(src, out):
             raise UserError(
                 f"{flag} {out}: is the input file; writing it would destroy the data being read",
@@ -156,6 +158,7 @@ def open_append(path: Path, flag: str = "--output", *, private: bool = False) ->
     """An append-only output, opened for a resumable job. `private`: only its owner may read it
     (0600; a log that holds prompts): one that exists readable by others is narrowed to 0600,
     with a warning (or only the warning, where it is not ours to change)."""
+    refuse_shipped_output(path, flag)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o666)
@@ -244,6 +247,7 @@ def refuse_existing(path: str | os.PathLike, *, force: bool, folder: bool, flag:
     """`path`, unless it exists and `force` is off, or it is a file where a folder is to be
     written (or a folder where a file is): `--force` replaces an output, never a different kind
     of thing. Checked again by `staged_output`; call it early too, before minutes of loading."""
+    refuse_shipped_output(path, flag)
     out = Path(path).expanduser()
     if folder and out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: is a file, not a folder", f"give {flag} a folder path")

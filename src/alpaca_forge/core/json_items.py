@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import Problem, UserError
+from .shipped import input_path
 
 # The fix that problems with a record file suggest quotes one whole record.
 RECORD_EXAMPLE = (
@@ -90,23 +91,22 @@ def iter_json_items(path: str | os.PathLike, problems: list[Problem]) -> Iterato
     Problems (bad JSON, bad UTF-8, a truncated array) are appended to `problems` rather than
     raised, so that a caller can report them all at once; items that cannot be parsed are skipped.
     """
-    path = Path(path)
+    name = str(path)  # as the user wrote it: `package:demo-seeds.jsonl` stays so in messages
+    path = input_path(path)
     first = _first_char(path)
     if first == "":
-        problems.append(
-            Problem(str(path), "the file is empty", f"add records, one per line: {RECORD_EXAMPLE}")
-        )
+        problems.append(Problem(name, "the file is empty", f"add records, one per line: {RECORD_EXAMPLE}"))
         return
     if first == "[":
-        yield from _iter_json_array(path, problems)
+        yield from _iter_json_array(path, name, problems)
     else:
-        yield from _iter_jsonl(path, problems)
+        yield from _iter_jsonl(path, name, problems)
 
 
-def _iter_jsonl(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+def _iter_jsonl(path: Path, name: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
     with _open_binary(path) as f:
         for lineno, raw in enumerate(_lines(f, path), start=1):
-            where = f"{path}:{lineno}"
+            where = f"{name}:{lineno}"
             text = _decode_line(raw, where, problems).rstrip("\r\n")
             if lineno == 1:
                 text = text.lstrip("\ufeff")
@@ -127,7 +127,7 @@ def _iter_jsonl(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]
 _WHITESPACE = " \t\r\n"
 
 
-def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
+def _iter_json_array(path: Path, name: str, problems: list[Problem]) -> Iterator[tuple[str, Any]]:
     """Parse `[item, item, ...]` one item at a time, reading the file line by line.
 
     `buf[pos:]` is the text not yet parsed; `buf_line` is the file line on which `buf` starts.
@@ -146,7 +146,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
             if raw is None:
                 eof = True
                 return False
-            text = _decode_line(raw, f"{path}:{next_line}", problems)
+            text = _decode_line(raw, f"{name}:{next_line}", problems)
             if next_line == 1:
                 text = text.lstrip("\ufeff")
             next_line += 1
@@ -167,7 +167,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
                 if state != "done":
                     problems.append(
                         Problem(
-                            f"{path}[{index}] (line {line_at(pos)})",
+                            f"{name}[{index}] (line {line_at(pos)})",
                             "the file ends inside the JSON array (no closing ']'): it is cut off",
                             "the file was truncated while being written or copied; regenerate or re-copy it",
                         )
@@ -191,7 +191,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
                     cut_off = e.pos >= len(buf.rstrip()) or e.msg.startswith("Unterminated string")
                     problems.append(
                         Problem(
-                            f"{path}[{index}] (line {line_at(e.pos)})",
+                            f"{name}[{index}] (line {line_at(e.pos)})",
                             "the file ends in the middle of this record: it is cut off"
                             if cut_off
                             else f"not valid JSON ({e.msg})",
@@ -201,7 +201,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
                         )
                     )
                     return
-                yield f"{path}[{index}] (line {line_at(pos)})", value
+                yield f"{name}[{index}] (line {line_at(pos)})", value
                 index += 1
                 pos = end
                 state = "sep"
@@ -215,7 +215,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
                 else:
                     problems.append(
                         Problem(
-                            f"{path}:{line_at(pos)}",
+                            f"{name}:{line_at(pos)}",
                             f"expected ',' or ']' after record {index - 1}, found {ch!r}",
                             "separate records with commas and close the array with ']'",
                         )
@@ -224,7 +224,7 @@ def _iter_json_array(path: Path, problems: list[Problem]) -> Iterator[tuple[str,
             else:  # done
                 problems.append(
                     Problem(
-                        f"{path}:{line_at(pos)}",
+                        f"{name}:{line_at(pos)}",
                         "there is more text after the closing ']' of the array",
                         "remove it, or keep one JSON array per file",
                     )

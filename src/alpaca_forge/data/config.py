@@ -9,16 +9,19 @@ from typing import Literal
 from ..core.config import REQUIRED, Config, setting
 from ..core.models import BUILTIN_MODELS, DEFAULT_MODEL
 from ..core.prompts import FORMATS
+from ..core.shipped import or_shipped
 from .tools import CHECK_NAMES
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib writes, by name
-_FILE = "the dataset: a .json array or .jsonl (.gz too)"
+_FILE = "the dataset: a .json array or .jsonl (.gz too)" + or_shipped("demo-seeds.jsonl", "demo-eval.jsonl")
 _THRESHOLD = "ROUGE-L F1 above which a record is a near-duplicate (self-instruct: 0.7)"
 
 
 @dataclass(frozen=True)
 class ValidateConfig(Config):
-    files: tuple[str, ...] = setting(REQUIRED, "datasets to check", positional=True)
+    files: tuple[str, ...] = setting(
+        REQUIRED, "datasets to check" + or_shipped("demo-seeds.jsonl"), positional=True
+    )
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,18 @@ class SplitConfig(Config):
 
 @dataclass(frozen=True)
 class ConvertConfig(Config):
-    file: str = setting(REQUIRED, "the dataset: Alpaca records, chat messages or seed tasks", positional=True)
+    file: str = setting(
+        REQUIRED,
+        "the dataset: Alpaca records, chat messages or seed tasks" + or_shipped("demo-seeds.jsonl"),
+        positional=True,
+    )
     to: Literal["alpaca", "messages", "seed"] = setting(REQUIRED, "output format")
     output: str = setting(REQUIRED, "where to write (.json array or .jsonl)", metavar="FILE")
 
 
 @dataclass(frozen=True)
 class TokenizeConfig(Config):
-    file: str = setting(REQUIRED, "the training records", positional=True)
+    file: str = setting(REQUIRED, "the training records" + or_shipped("demo-seeds.jsonl"), positional=True)
     output: str | None = setting(
         None, "JSONL of {index, input_ids, labels}; omit to only --show", metavar="FILE"
     )

@@ -19,6 +19,7 @@ from typing import Any
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.files import check_output, user_paths, write_json_atomic
 from ..core.records import Record, read_records, split_records, write_records
+from ..core.shipped import PACKAGE_PREFIX
 from .config import (
     CleanConfig,
     ConvertConfig,
@@ -39,7 +40,8 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
 
 
 def _dataset_name(path: str) -> str:
-    return Path(path).name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
+    name = Path(path.removeprefix(PACKAGE_PREFIX)).name  # a shipped file by its own name
+    return name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import REQUIRED, Config, nested, setting
+from ..core.shipped import or_shipped
 from ..engines import EngineConfig, GenerationSettings
 
 SET_HELP = (
     "the evaluation set: Alpaca records, seed tasks, or evaluation tasks "
-    "({id, motivation_app, instruction, instances})"
+    "({id, motivation_app, instruction, instances})" + or_shipped("demo-eval.jsonl")
 )
 SYSTEM_HELP = (
     "[NAME=]FILE: a predictions file (JSONL or JSON: infer's output, or rows with 'response'); "
@@ -83,7 +84,9 @@ class PairwiseConfig(Config):
 
 @dataclass(frozen=True)
 class LeaderboardConfig(Config):
-    set: str = setting(REQUIRED, "the evaluation set, as for pairwise", metavar="FILE")
+    set: str = setting(
+        REQUIRED, "the evaluation set, as for pairwise" + or_shipped("demo-eval.jsonl"), metavar="FILE"
+    )
     systems: tuple[str, ...] = setting(REQUIRED, "two or more systems: " + SYSTEM_HELP, positional=True)
     output: str = setting(REQUIRED, "folder for the leaderboard (leaderboard.json, .md, .png)", metavar="DIR")
     baseline: str | None = setting(

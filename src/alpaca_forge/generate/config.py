@@ -8,6 +8,7 @@ from typing import Literal
 
 from ..core.config import REQUIRED, Config, nested, setting
 from ..engines import EngineConfig, GenerationSettings
+from ..core.shipped import or_shipped
 from ..engines.config import TextStageConfig, engine_setting, generation_setting, repetition_penalty_setting
 from .teacher_prompt import TEACHER_STOP
 
@@ -53,7 +54,11 @@ class FilterConfig(Config):
 
 @dataclass(frozen=True)
 class GenerateConfig(TextStageConfig):
-    seeds: str = setting(REQUIRED, "seed tasks (seed-task format or Alpaca records)", metavar="FILE")
+    seeds: str = setting(
+        REQUIRED,
+        "seed tasks (seed-task format or Alpaca records)" + or_shipped("demo-seeds.jsonl"),
+        metavar="FILE",
+    )
     output: str = setting(REQUIRED, "accepted records, JSONL; resumed from if it exists", metavar="FILE")
     num_instructions: int = setting(
         REQUIRED, "stop once this many records are accepted (across resumed runs)", ge=1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import REQUIRED, setting
+from ..core.shipped import or_shipped
 from ..engines import EngineConfig, GenerationSettings
 from ..engines.config import TextStageConfig, engine_setting, generation_setting, repetition_penalty_setting
 
@@ -13,7 +14,8 @@ from ..engines.config import TextStageConfig, engine_setting, generation_setting
 class InferConfig(TextStageConfig):
     input: str = setting(
         REQUIRED,
-        "instructions: a .json array or .jsonl (.gz too) of records, seed or evaluation tasks",
+        "instructions: a .json array or .jsonl (.gz too) of records, seed or evaluation tasks"
+        + or_shipped("demo-eval.jsonl", "demo-seeds.jsonl"),
         metavar="FILE",
     )
     output: str = setting(REQUIRED, "predictions, JSONL; appended to and resumed from", metavar="FILE")

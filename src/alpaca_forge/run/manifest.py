@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import write_json_atomic
+from ..core.shipped import shipped_folder
 from .forecast import Forecast
 from .recipe import Recipe
 from .stages import StageWork
@@ -97,7 +98,7 @@ def engine_identity(engine: Any) -> dict[str, Any]:
 
 
 def data_licence(path: Path) -> str:
-    if "alpaca_forge" in path.parts and "run" in path.parts:
+    if path.resolve().parent == shipped_folder().resolve():
         return PACKAGE_DATA_LICENCE
     for name in ("LICENSE", "LICENCE", "README.md"):
         if (path.parent / name).is_file():

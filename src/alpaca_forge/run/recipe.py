@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ from ..core.config import REQUIRED, Config, FieldPath, config_from, leaf_paths, 
 from ..core.config_yaml import compose_yaml, settings_from_node, yaml_where
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.files import under_a_file
+from ..core.shipped import PACKAGE_PREFIX, is_shipped, listing, shipped_folder
 from .wiring import (
     ROLES,
     SECTIONS,
@@ -45,7 +45,6 @@ from .wiring import (
     wired_values,
 )
 
-PACKAGE_PREFIX = "package:"  # a file shipped with alpaca-forge (run/data/), e.g. package:demo-seeds.jsonl
 GPUS = ("cpu", "a10", "l4", "rtx3090", "rtx4090", "l40s", "a100", "h100", "h200")
 
 
@@ -283,8 +282,8 @@ def _resolve_user_files(
                     Problem(
                         origins[path_],
                         f"{values[path_]} does not exist",
-                        "give a file that exists (paths are relative to the recipe file; "
-                        "package:NAME is a file shipped with alpaca-forge)",
+                        "give a file that exists (paths are relative to the recipe file), or a "
+                        f"shipped one: {listing()}",
                     )
                 )
 
@@ -376,14 +375,11 @@ def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Probl
     return problems
 
 
-def package_file(name: str) -> Path:
-    """A data file shipped with alpaca-forge (`package:demo-seeds.jsonl`)."""
-    return Path(str(resources.files("alpaca_forge.run") / "data" / name))
-
-
 def resolve_path(value: str, base: Path) -> Path:
-    if value.startswith(PACKAGE_PREFIX):
-        return package_file(value[len(PACKAGE_PREFIX) :])
+    """A path relative to the recipe file, or a shipped file's (an unknown one's does not exist:
+    the recipe's problems name it with the others)."""
+    if is_shipped(value):
+        return shipped_folder() / value[len(PACKAGE_PREFIX) :]
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
 
@@ -394,4 +390,4 @@ def resolve_model(value: str, base: Path) -> str:
     return str(candidate) if (value.startswith((".", "/", "~")) or candidate.exists()) else value
 
 
-__all__ = ["REQUIRED", "STAGES", "Recipe", "load_recipe", "package_file"]
+__all__ = ["REQUIRED", "STAGES", "Recipe", "load_recipe"]

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.files import check_output, write_json_atomic, write_text_atomic
+from ..core.shipped import shipped_folder
 from . import forecast as fc
 from .config import RunConfig
 from .recipe import STAGES, Recipe, load_recipe
@@ -128,11 +129,9 @@ def _fingerprint(work: StageWork, state: RunState, recipe: Recipe) -> str:
 def path_roots(recipe: Recipe) -> dict[str, str]:
     """Folders written as names in fingerprints, so a project cloned or installed elsewhere keeps
     them (the files themselves are content-hashed as inputs)."""
-    from .recipe import package_file
-
     return {
         str(recipe.run_dir): "RUN",
-        str(package_file("")).rstrip("/"): "PACKAGE",
+        str(shipped_folder()): "PACKAGE",
         str(recipe.path.parent.resolve()): "RECIPE",
     }
 

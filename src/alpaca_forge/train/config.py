@@ -14,6 +14,7 @@ from ..core.config import REQUIRED, Config, setting
 from ..core.devices import DTYPES
 from ..core.models import DEFAULT_MODEL
 from ..core.prompts import FORMATS
+from ..core.shipped import or_shipped
 from .batching import Batching
 
 Method = Literal["full", "lora", "qlora"]
@@ -26,7 +27,11 @@ FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 class TrainConfig(Config):
     """Every setting of a run (`--resume` is not one: it says how to run, not what to train)."""
 
-    data: str = setting(REQUIRED, "training records (Alpaca JSON/JSONL, gz too)", metavar="FILE")
+    data: str = setting(
+        REQUIRED,
+        "training records (Alpaca JSON/JSONL, gz too)" + or_shipped("demo-seeds.jsonl"),
+        metavar="FILE",
+    )
     output: str = setting(REQUIRED, "folder for checkpoints, the final model and reports", metavar="DIR")
     model: str = setting(DEFAULT_MODEL, "base model: built-in name, folder, .gguf or cached HF id")
     val: str | None = setting(None, "validation records (a file)", metavar="FILE")

@@ -20,7 +20,7 @@ class SafetyConfig(TextStageConfig):
     prompts: str | None = setting(
         None,
         "red-team prompts, JSONL: `prompt` (or `instruction`), optional `input`, `category` and `id`; "
-        "default: the shipped set (60 prompts, 6 unsafe categories and benign controls)",
+        "default: the shipped set, package:redteam.jsonl (60 prompts, 6 unsafe categories and benign controls)",
         metavar="FILE",
     )
     filter_rules: str | None = setting(

@@ -6,7 +6,6 @@ in the file reported at once with its field and fix."""
 from __future__ import annotations
 
 import gzip
-import importlib.resources
 import json
 import os
 import re
@@ -16,8 +15,9 @@ from typing import Any
 
 from ...core.errors import Problem, UserError, ValidationError
 from ...core.json_items import iter_json_items
+from ...core.shipped import PACKAGE_PREFIX, input_path
 
-SHIPPED_PROMPTS = "redteam.jsonl"  # package data of alpaca_forge.eval.safety
+SHIPPED_PROMPTS = "redteam.jsonl"  # core.shipped: package:redteam.jsonl
 BENIGN = "benign"  # the control category: harmless prompts; any refusal or block is a false alarm
 UNCATEGORISED = "uncategorised"  # a user's prompt without a `category`
 
@@ -43,10 +43,8 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[RedTeamPrompt]:
     file is reported at once, each with its file:line, field and fix. A reference answer
     (`output`, `response`) may be there and is not read."""
     if path is None:
-        shipped = importlib.resources.files(__package__).joinpath(SHIPPED_PROMPTS)
-        with importlib.resources.as_file(shipped) as file:
-            return _read_prompts(file, f"alpaca_forge/eval/safety/{SHIPPED_PROMPTS}")
-    return _read_prompts(Path(path), str(Path(path)))
+        path = PACKAGE_PREFIX + SHIPPED_PROMPTS
+    return _read_prompts(input_path(path), str(path))
 
 
 def _read_prompts(path: Path, where: str) -> list[RedTeamPrompt]:
