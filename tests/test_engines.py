@@ -16,6 +16,7 @@ from alpaca_forge import FinishReason, GenerationSettings, Message, UserError, l
 from alpaca_forge.engines import (
     Engine,
     ModelIdentity,
+    SamplingDefaults,
     StopStringFilter,
     Stream,
     cut_at_stop,
@@ -198,6 +199,7 @@ def test_every_engine_class_defines_every_declared_member(cls):
     attribute) or set by its `__init__` (an attribute name `__init__` stores)."""
     declared = {n for n in vars(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
     assert {"stream_prompt", "render", "count_tokens", "identity", "upstream", "context_tokens"} <= declared
+    assert "generation_defaults" in declared
     missing = [m for m in declared if not hasattr(cls, m) and m not in cls.__init__.__code__.co_names]
     assert not missing, f"{cls.__name__} lacks {missing}"
 
@@ -216,9 +218,12 @@ def test_every_declared_member_answers(engine):
     assert engine.identity() == identity  # the same model, the same identity
     prompt = engine.render(conv, GREEDY.max_new_tokens)
     raw = engine.count_tokens("The sky is", chat=False)
+    defaults = engine.generation_defaults()
+    assert isinstance(defaults, SamplingDefaults)
     if engine.upstream:
         assert prompt is None and raw is None and engine.context_tokens is None
         assert identity.digest is None
+        assert defaults == SamplingDefaults()  # the server behind applies its own
     else:
         assert "capital of France" in prompt
         assert engine.count_tokens(prompt, chat=True) == engine.chat([conv], GREEDY)[0].prompt_tokens

@@ -11,6 +11,8 @@ An `Engine` answers:
 - `render`, `count_tokens`, `context_tokens`: the prompt it will read and how long it is (serve
   refuses a prompt too long before it queues);
 - `identity()`: which model answers (serve sends it with every response);
+- `generation_defaults()`: the sampling the model's authors ship with it (serve fills the
+  settings a request leaves out from it, as vLLM does);
 - `close()`.
 
 An engine whose server behind renders, counts and holds the weights says so with
@@ -23,17 +25,22 @@ generate teacher, serve and the eval judge never see which one it is.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
+import logging
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..core.config import Config, setting
 from ..core.errors import UserError
 from ..core.prompts import Message, PromptFormat
+
+log = logging.getLogger("alpaca_forge")
 
 
 class EngineError(UserError):
@@ -65,6 +72,69 @@ class GenerationSettings(Config):
         repeat=True,
         metavar="TEXT",
     )
+    # What a gateway's client left out (serve): a server behind is not sent these, so its own
+    # model's defaults apply; an engine in this process uses the values above all the same.
+    left_to_server: tuple[str, ...] = setting(
+        (), "settings not sent to a server behind (--engine openai): its defaults apply", cli=False
+    )
+
+    def check(self):
+        unknown = set(self.left_to_server) - LEAVABLE
+        if unknown:
+            yield "left_to_server", f"unknown settings {sorted(unknown)}", f"name some of {sorted(LEAVABLE)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """As before `left_to_server` existed when it is empty, so records and caches keyed on the
+        settings stay valid."""
+        out = super().to_dict()
+        if not self.left_to_server:
+            out.pop("left_to_server")
+        return out
+
+
+LEAVABLE = frozenset({"max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"})
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling settings a request may leave out, each None where not set: a model's own (its
+    generation_config.json, a GGUF's general.sampling.* keys) or a server's."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], where: str) -> SamplingDefaults:
+        """The settings in `values` that are in range for `GenerationSettings`; one a model's file
+        gets wrong (a top_p of 0, a string) is logged and left out, never a failed request."""
+        valid = {
+            "temperature": lambda v: v >= 0,
+            "top_p": lambda v: 0 < v <= 1,
+            "repetition_penalty": lambda v: v > 0,
+            "max_new_tokens": lambda v: v >= 1 and float(v).is_integer(),
+        }
+        kept: dict[str, Any] = {}
+        for name, ok in valid.items():
+            value = values.get(name)
+            if value is None:
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if number and ok(value):
+                kept[name] = int(value) if name == "max_new_tokens" else float(value)
+            else:
+                log.warning("%s: ignoring its %s %r (out of range)", where, name, value)
+        return cls(**kept)
+
+    def over(self, fallback: SamplingDefaults) -> SamplingDefaults:
+        """These settings, and `fallback`'s where these are not set."""
+        mine = self.as_dict()
+        return SamplingDefaults(**{**fallback.as_dict(), **mine})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that are set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 class FinishReason(str, enum.Enum):
@@ -143,6 +213,11 @@ class Engine(Protocol):
         ...
 
     def identity(self) -> ModelIdentity: ...
+
+    def generation_defaults(self) -> SamplingDefaults:
+        """The sampling the model's authors set (not a library's defaults); nothing where a
+        server behind holds the model and applies its own."""
+        ...
 
     def close(self) -> None: ...
 

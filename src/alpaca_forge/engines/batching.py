@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..core.prompts import Message
-from .base import Completion, FinishReason, GenerationSettings, ModelIdentity
+from .base import Completion, FinishReason, GenerationSettings, ModelIdentity, SamplingDefaults
 from .batch_rows import BatchStep, End, Failed, Request, Row, RowSampler
 from .transformers_engine import TransformersEngine
 
@@ -127,6 +127,9 @@ class BatchingEngine:
 
     def identity(self) -> ModelIdentity:
         return self.inner.identity()
+
+    def generation_defaults(self) -> SamplingDefaults:
+        return self.inner.generation_defaults()
 
     @property
     def running(self) -> int:

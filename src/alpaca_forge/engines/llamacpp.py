@@ -36,6 +36,7 @@ from .base import (
     FinishReason,
     GenerationSettings,
     ModelIdentity,
+    SamplingDefaults,
     cut_at_stop,
     local_identity,
 )
@@ -53,6 +54,13 @@ INSTALL_HINT = (
 )
 PROMPT_FORMAT_KEY = "alpaca_forge.prompt_format"  # written by export gguf
 REPEAT_LAST_N = 64  # llama.cpp's penalty window, in tokens
+# The sampling a GGUF's converter copied from the model's generation_config.json (llama.cpp's
+# convert_hf_to_gguf writes these); a file may have none. It has no answer length.
+SAMPLING_KEYS = {
+    "temperature": "general.sampling.temp",
+    "top_p": "general.sampling.top_p",
+    "repetition_penalty": "general.sampling.penalty_repeat",
+}
 
 
 def import_llama_cpp() -> Any:
@@ -268,6 +276,17 @@ class LlamaCppEngine:
 
     def identity(self) -> ModelIdentity:
         return local_identity(self.name, self.prompt_format, self.weights_digest())
+
+    def generation_defaults(self) -> SamplingDefaults:
+        """The general.sampling.* settings in the file's metadata, if it has any."""
+        values = {}
+        for name, key in SAMPLING_KEYS.items():
+            if key in self.llm.metadata:
+                try:
+                    values[name] = float(self.llm.metadata[key])
+                except ValueError:
+                    values[name] = self.llm.metadata[key]  # logged and left out
+        return SamplingDefaults.from_values(values, f"{self.path}: general.sampling")
 
     def weights_digest(self) -> bytes:
         """sha256 of the file (the weights and everything else in it): ~0.3 s per 100 MB."""

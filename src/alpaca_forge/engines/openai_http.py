@@ -33,12 +33,14 @@ from .base import (
     FinishReason,
     GenerationSettings,
     ModelIdentity,
+    SamplingDefaults,
     WholeAnswer,
     cut_at_stop,
 )
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_IN_FLIGHT = 64  # requests one complete()/chat() call has open at once
+_FIELDS = {"max_new_tokens": "max_tokens"}  # a GenerationSettings name as the API spells it
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,10 @@ class OpenAIEngine:
     def identity(self) -> ModelIdentity:
         return ModelIdentity(self.model, None)
 
+    def generation_defaults(self) -> SamplingDefaults:
+        """None known here: the server applies its own model's to what is not sent."""
+        return SamplingDefaults()
+
     def close(self) -> None:
         self._client.close()
 
@@ -149,17 +155,18 @@ class OpenAIEngine:
         prompt: str | None = None,
         messages: Sequence[Message] | None = None,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
+        sampling: dict[str, Any] = {
             "max_tokens": settings.max_new_tokens,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
             "seed": settings.seed,
         }
+        if settings.repetition_penalty != 1.0:  # not OpenAI's own API; vLLM, TGI and llama.cpp take it
+            sampling["repetition_penalty"] = settings.repetition_penalty
+        left = {_FIELDS.get(name, name) for name in settings.left_to_server}
+        body: dict[str, Any] = {"model": self.model, **{k: v for k, v in sampling.items() if k not in left}}
         if settings.stop:
             body["stop"] = list(settings.stop)
-        if settings.repetition_penalty != 1.0:  # not OpenAI's own API; vLLM, TGI and llama.cpp take it
-            body["repetition_penalty"] = settings.repetition_penalty
         if messages is not None:
             check_conversation(messages)
             if self.system and not any(m.role == "system" for m in messages):

@@ -26,6 +26,7 @@ from .base import (
     FinishReason,
     GenerationSettings,
     ModelIdentity,
+    SamplingDefaults,
     cut_at_stop,
     local_identity,
 )
@@ -102,6 +103,16 @@ class TransformersEngine:
     def identity(self) -> ModelIdentity:
         return local_identity(self.name, self.prompt_format, self.weights_digest())
 
+    def generation_defaults(self) -> SamplingDefaults:
+        """What the model's generation_config.json sets (as vLLM reads it: `to_diff_dict`, so
+        transformers' own defaults are not taken for the authors'); `do_sample: false` there is
+        greedy decoding, as `model.generate()` would do."""
+        config = self.lm.model.generation_config
+        values = config.to_diff_dict() if config is not None else {}
+        if values.get("do_sample") is False:
+            values["temperature"] = 0.0
+        return SamplingDefaults.from_values(values, f"{self.name}: generation_config.json")
+
     def weights_digest(self) -> bytes:
         """sha256 over every tensor's name and bytes (~0.5 s per GB of weights)."""
         import hashlib
@@ -138,7 +149,9 @@ class TransformersEngine:
                 "the model's tokenizer has neither a pad nor an EOS token",
                 "use a tokenizer that defines eos_token",
             )
-        return min(self.eos_token_ids)  # padding only ever sits where the attention mask is 0, so any id will do
+        return min(
+            self.eos_token_ids
+        )  # padding only ever sits where the attention mask is 0, so any id will do
 
     def encode(self, prompts: Sequence[str], add_special_tokens: bool) -> dict[str, Any]:
         """Prompts left-padded (generation appends on the right of every row), padded here so the

@@ -1,12 +1,12 @@
 """Settings of `alpaca-forge serve`: the engine, where to listen, who may call, the limits, the
-content filter and the logs."""
+sampling a request leaves out, the content filter and the logs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..core.config import Config, nested, setting
-from ..engines import EngineConfig
+from ..engines import EngineConfig, SamplingDefaults
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -64,6 +64,15 @@ class FilterConfig(Config):
             )
 
 
+def _default(field: str, what: str) -> str:
+    """The help of a `--default-*` flag: the one rule, said the same way on each."""
+    return (
+        f"{field} of a request that leaves it out when the model's generation_config.json sets none "
+        f"(that value comes first, as vLLM does); {what}. --engine openai: a setting left out is not "
+        "sent, so the server behind applies its own"
+    )
+
+
 @dataclass(frozen=True)
 class ServeConfig(Config):
     host: str = setting("127.0.0.1", "address to listen on; anything but loopback needs an API key")
@@ -88,7 +97,10 @@ class ServeConfig(Config):
     )
     max_prompt_tokens: int = setting(4096, "longest prompt accepted, in tokens (400 beyond)", ge=1)
     max_tokens: int = setting(
-        1024, "most new tokens one answer may ask for (400 beyond); also the default max_tokens", ge=1
+        1024,
+        "most new tokens one answer may ask for (400 beyond); a request that names none gets "
+        "--default-max-tokens (or the model's max_new_tokens), at most this",
+        ge=1,
     )
     max_body_bytes: int = setting(1_000_000, "largest request body accepted, in bytes (413 beyond)", ge=1024)
     max_queue: int = setting(
@@ -113,13 +125,38 @@ class ServeConfig(Config):
         metavar="FILE",
     )
     log_text: bool = setting(False, "also write prompts and answers into --request-log")
-    repetition_penalty: float = setting(
+    default_temperature: float = setting(
+        0.7, _default("temperature", "0 = greedy, always the likeliest token"), ge=0, le=2
+    )
+    default_top_p: float = setting(
+        0.9, _default("top_p", "sample from the likeliest tokens making up this share"), gt=0, le=1
+    )
+    default_max_tokens: int = setting(
+        256,
+        _default(
+            "max_tokens (max_completion_tokens), on both endpoints",
+            "at most --max-tokens and what the model's context leaves after the prompt",
+        ),
+        ge=1,
+    )
+    default_repetition_penalty: float = setting(
         1.1,
-        "in-process engine: the repetition penalty of a request that names none (small models loop without it)",
+        _default("repetition_penalty", "above 1 discourages repeats; small models loop without it"),
         gt=0,
+        le=10,
     )
     engine: EngineConfig = nested(EngineConfig, "engine")
     content_filter: FilterConfig = nested(FilterConfig, "content filter")
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """Serve's own defaults, for settings a request and the model both leave unset."""
+        return SamplingDefaults(
+            temperature=self.default_temperature,
+            top_p=self.default_top_p,
+            repetition_penalty=self.default_repetition_penalty,
+            max_new_tokens=min(self.default_max_tokens, self.max_tokens),
+        )
 
     def check(self):
         if self.api_key and self.api_keys_file:

@@ -39,26 +39,44 @@ class Plan:
 
 
 def _settings(backend: Backend, req: Any, max_new: int, seed_offset: int) -> GenerationSettings:
+    """The request's sampling: what it asks, else `backend.defaults` (the model's generation
+    config, else serve's --default-* flags). A gateway has no defaults of its own: what the
+    request leaves out is left to the server behind, which applies its model's."""
+    asked = {"temperature": req.temperature, "top_p": req.top_p, "repetition_penalty": req.repetition_penalty}
+    left = [k for k, v in asked.items() if v is None]
+    defaults = backend.defaults.as_dict()  # every one in-process; none on a gateway
+    chosen = {k: v for k, v in asked.items() if v is not None} | {
+        k: defaults[k] for k in left if k in defaults
+    }
+    if backend.upstream:  # the rest of `left` stays at GenerationSettings' defaults, never sent
+        left += [k for k, v in (("seed", req.seed), ("max_new_tokens", req.asked_max_tokens)) if v is None]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     return GenerationSettings(
         max_new_tokens=max_new,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        repetition_penalty=req.repetition_penalty or backend.default_repetition_penalty,
+        **chosen,
         seed=(seed + seed_offset) % 2**63,
         stop=req.stops,
+        left_to_server=tuple(left) if backend.upstream else (),
     )
 
 
+def _default_max_tokens(state: ServerState, backend: Backend) -> int:
+    """The budget of an answer whose request names none: the model's max_new_tokens, else
+    --default-max-tokens, at most --max-tokens (a gateway's placeholder: the cap, never sent)."""
+    cap = state.config.max_tokens
+    return min(cap, backend.defaults.max_new_tokens or cap)
+
+
 def _max_new_tokens(state: ServerState, backend: Backend, req: Any, prompt_tokens: int | None) -> int:
-    """The answer's token budget: what was asked (at most --max-tokens), else as much as the
-    model's context leaves, at most --max-tokens. A prompt that leaves no room is a 400."""
+    """The answer's token budget: what was asked (at most --max-tokens), else the default as far
+    as the model's context leaves room. A prompt that leaves no room is a 400."""
     cap = state.config.max_tokens
     asked = req.asked_max_tokens
     if asked is not None and asked > cap:
         raise ApiError(400, f"max_tokens {asked} is more than this server allows ({cap})", param="max_tokens")
+    default = _default_max_tokens(state, backend)
     if prompt_tokens is None:
-        return asked or cap
+        return asked or default
     if prompt_tokens > state.config.max_prompt_tokens:
         raise ApiError(
             400,
@@ -68,7 +86,7 @@ def _max_new_tokens(state: ServerState, backend: Backend, req: Any, prompt_token
         )
     context = backend.context_tokens
     if context is None:
-        return asked or cap
+        return asked or default
     room = context - prompt_tokens
     if room < 1 or (asked is not None and asked > room):
         raise ApiError(
@@ -78,7 +96,7 @@ def _max_new_tokens(state: ServerState, backend: Backend, req: Any, prompt_token
             param="max_tokens" if asked and room >= 1 else "messages",
             code="context_length_exceeded",
         )
-    return asked or min(cap, room)
+    return asked or min(default, room)
 
 
 MAX_CHARS_PER_TOKEN = 16  # far above any tokenizer's average (~4 for English): a bound, not a count
@@ -109,7 +127,7 @@ def within_reach(conversation: list[Any], max_chars: int) -> list[Any]:
 async def plan_chat(state: ServerState, backend: Backend, req: ChatRequest, rec: RequestRecord) -> Plan:
     plan = Plan(rec, req, "chat")
     conversation = within_reach(req.conversation(), state.config.max_prompt_tokens * MAX_CHARS_PER_TOKEN)
-    guess = req.asked_max_tokens or state.config.max_tokens
+    guess = req.asked_max_tokens or _default_max_tokens(state, backend)
     tokens = await state.counting(backend.chat_prompt_tokens, conversation, guess)
     max_new = _max_new_tokens(state, backend, req, tokens)
     plan.prompt_tokens = tokens or 0

@@ -1,7 +1,9 @@
 """The OpenAI API as this server speaks it: request models (pydantic), errors in OpenAI's shape,
 and the response and stream-chunk bodies.
 
-Requests are checked here, field by field, before anything reaches the engine: a wrong type, a
+A sampling setting a request leaves out is None here; `planning` fills it from the model's own
+generation config, else serve's defaults (OpenAI's, temperature 1 and up to the whole context,
+make a small model ramble). Requests are checked here, field by field, before anything reaches the engine: a wrong type, a
 value out of range or an unknown role is a 400 naming the field (`param`, as OpenAI spells it:
 `messages[3].role`) and what it takes. Fields other clients send that we do not use are ignored,
 as OpenAI's own API does; fields that would change the answer in a way we cannot honour
@@ -125,8 +127,9 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", str_max_length=2_000_000)
 
     model: str = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's defaults
-    top_p: float = Field(1.0, gt=0, le=1)
+    # None (left out, or null): the model's generation_config.json, else serve's --default-* flags
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -211,7 +214,8 @@ class CompletionRequest(_Request):
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    # None: as on /v1/chat/completions (OpenAI's own default here is 16 tokens, cut mid-sentence)
+    max_tokens: int | None = Field(None, ge=1)
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None

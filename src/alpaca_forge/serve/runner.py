@@ -107,7 +107,7 @@ class RunningServer:
                     served_name=cfg.served_model_name,
                     max_batch_size=cfg.max_batch_size,
                     batch_wait_s=cfg.batch_wait_ms / 1000,
-                    repetition_penalty=cfg.repetition_penalty,
+                    defaults=cfg.sampling_defaults,
                 )
                 self._owned.append(backend)
             else:
@@ -120,7 +120,7 @@ class RunningServer:
                 backend = Backend(
                     served,
                     served_name=cfg.served_model_name,
-                    repetition_penalty=cfg.repetition_penalty,
+                    defaults=cfg.sampling_defaults,
                 )
                 if backend.engine is not engine:
                     self._owned.append(backend)  # our batching wrapper, not the caller's engine

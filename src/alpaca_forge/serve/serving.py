@@ -141,6 +141,10 @@ class Serving:
             "fingerprint": backend.fingerprint,
             "context_tokens": backend.context_tokens,
             "max_tokens": self.state.config.max_tokens,
+            # what a request that leaves a setting out gets (empty on a gateway: the server
+            # behind's), and what of it the model's own generation config set
+            "defaults": backend.api_defaults(self.state.config.max_tokens),
+            "generation_config": backend.api_defaults(self.state.config.max_tokens, model_only=True),
         }
         return JSONResponse({"object": "list", "data": [card]}, headers=self.state.identity_headers())
 

@@ -228,6 +228,15 @@ function showModel(card, modelId) {
   const meta = [card.fingerprint, card.prompt_format && `format: ${card.prompt_format}`];
   if (card.context_tokens) meta.push(`context ${card.context_tokens.toLocaleString()} tokens`);
   ui.modelMeta.textContent = meta.filter(Boolean).join(" · ");
+  // What the server gives a request that leaves a setting out (the model's generation config,
+  // else serve's --default-* flags), shown in each field the user has not changed.
+  const defaults = card.defaults || {};
+  const fields = [[ui.temperature, "temperature"], [ui.topP, "top_p"], [ui.maxTokens, "max_tokens"]];
+  for (const [field, name] of fields) {
+    if (typeof defaults[name] === "number" && field.value === field.defaultValue) {
+      field.value = String(defaults[name]);
+    }
+  }
   if (card.max_tokens) {
     ui.maxTokens.max = String(card.max_tokens);
     if (Number(ui.maxTokens.value) > card.max_tokens) ui.maxTokens.value = String(card.max_tokens);
