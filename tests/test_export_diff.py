@@ -33,7 +33,7 @@ from alpaca_forge.export.diff import (
 )
 from alpaca_forge.export.diff_runner import Verification, run_diff, run_recover
 
-from conftest import assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
+from conftest import assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli, run_cli_process
 
 NOISE = 0.01  # the fine-tune's change to each weight (weights are ~0.2: initializer_range)
 PROMPT = "Below is an instruction that describes a task."
@@ -605,6 +605,68 @@ def test_cli_wrong_base_is_a_user_error(pairs, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# --base named as every --model is
+
+
+def cache_like_the_hub(folder: Path, cache: Path, hub_id: str) -> None:
+    """`folder` put into a Hugging Face cache as `hf download` lays it out: the files under
+    snapshots/<commit>/, refs/main naming the commit."""
+    repo = cache / f"models--{hub_id.replace('/', '--')}"
+    commit = hashlib.sha1(hub_id.encode()).hexdigest()
+    (repo / "snapshots").mkdir(parents=True)
+    copy_folder(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.integration
+def test_cli_base_as_a_cached_hugging_face_id(pairs, tmp_path):
+    pair = pairs()
+    cache_like_the_hub(pair.base, tmp_path / "hub", "tiny-org/tiny-base")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    made = run_cli_process(
+        "export", "diff", "--base", "tiny-org/tiny-base", "--tuned", str(pair.tuned), "--output", str(tmp_path / "diff"),
+        env=env,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    done = run_cli_process(
+        "export", "recover", "--base", "tiny-org/tiny-base", "--diff", str(tmp_path / "diff"), "--output",
+        str(tmp_path / "out"), env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "verified: every tensor sha256-equal" in done.stderr
+    assert all(torch.equal(weights(tmp_path / "out")[n], t) for n, t in weights(pair.tuned).items())
+    # the same diff recovers against the folder itself: the id named those very weights
+    assert recover(pair.base, tmp_path / "diff", tmp_path / "out2").verified
+    missing = run_cli_process(
+        "export", "diff", "--base", "tiny-org/absent", "--tuned", str(pair.tuned), "--output", str(tmp_path / "d2"),
+        env=env,
+    )  # fmt: skip
+    assert_user_error(
+        missing, "--base unknown model 'tiny-org/absent'", "not in the local Hugging Face cache"
+    )
+
+
+@pytest.mark.unit
+def test_base_as_a_gguf_file_is_its_dense_copy(tiny_model_dir, tiny_gguf, tmp_path):
+    tuned = save_tuned(tiny_model_dir, tmp_path / "tuned", seed=3)
+    made = diff(Pair(tiny_gguf, tuned), tmp_path / "diff")
+    result = recover(tiny_gguf, tmp_path / "diff", tmp_path / "out")
+    assert result.verified and result.tensors_verified == made.tensors
+    assert all(torch.equal(weights(tmp_path / "out")[n], t) for n, t in weights(tuned).items())
+
+
+@pytest.mark.unit
+def test_a_base_that_names_no_model_says_so_with_the_flag(pairs, tmp_path):
+    pair = pairs()
+    with pytest.raises(UserError, match=r"--base unknown model 'no-such-model'") as e:
+        diff(Pair(Path("no-such-model"), pair.tuned), tmp_path / "diff")
+    assert "smollm2-135m-instruct" in e.value.fix
+    with pytest.raises(UserError, match=r"--base \./nowhere: no such folder"):
+        run_recover(RecoverConfig(base="./nowhere", diff=str(pair.tuned), output=str(tmp_path / "out")))
+
+
+# ---------------------------------------------------------------------------------------------
 # The embedded model
 
 
@@ -632,3 +694,20 @@ def test_add_and_xor_round_trips_on_the_embedded_model(tmp_path):
     with safe_open(tuned_file, "pt") as tuned, safe_open(out_file, "pt") as out:
         for name in names_in(tuned_file):
             assert torch.equal(out.get_tensor(name), tuned.get_tensor(name)), name
+
+
+@pytest.mark.real_model
+def test_base_as_the_built_in_name(tmp_path):
+    """--base smollm2-135m-instruct is the dense copy of the embedded GGUF that train starts from."""
+    from alpaca_forge.core.models import load_pretrained
+
+    model, tokenizer, _ = load_pretrained("smollm2-135m-instruct")
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * NOISE)
+    save_model(model, tokenizer, tmp_path / "tuned", get_format("chat"))
+    del model
+    made = diff(Pair(Path("smollm2-135m-instruct"), tmp_path / "tuned"), tmp_path / "diff", kind="xor")
+    result = recover(Path("smollm2-135m-instruct"), tmp_path / "diff", tmp_path / "out")
+    assert result.verified and result.bit_exact == result.tensors == made.tensors

@@ -15,6 +15,11 @@ DiffKind = Literal["add", "xor"]
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 QuantName = Literal[GGUF_QUANTS + GGUF_K_QUANTS]  # type: ignore[valid-type]
+# What --base names: a folder as it is, a name as the weights every `--model` loads.
+BASE_MODEL = (
+    "a model folder (safetensors or .bin shards), a built-in name or .gguf file (its dense float32 "
+    "copy, as train starts from), or a cached Hugging Face id"
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class MergeConfig(Config):
 
 @dataclass(frozen=True)
 class DiffConfig(Config):
-    base: str = setting(REQUIRED, "the raw base model's folder (safetensors or .bin shards)", metavar="DIR")
+    base: str = setting(REQUIRED, "the raw base model: " + BASE_MODEL, metavar="MODEL")
     tuned: str = setting(REQUIRED, "the fine-tuned model's folder", metavar="DIR")
     output: str = setting(REQUIRED, "the diff's folder", metavar="DIR")
     kind: DiffKind = setting(
@@ -51,7 +56,9 @@ class DiffConfig(Config):
 
 @dataclass(frozen=True)
 class RecoverConfig(Config):
-    base: str = setting(REQUIRED, "the same raw base model the diff was made from", metavar="DIR")
+    base: str = setting(
+        REQUIRED, "the same raw base model the diff was made from: " + BASE_MODEL, metavar="MODEL"
+    )
     diff: str = setting(
         REQUIRED, "a diff folder: ours, or one the original Alpaca weight_diff.py wrote", metavar="DIR"
     )

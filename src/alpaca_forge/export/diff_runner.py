@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.errors import UserError
 from ..core.files import staged_output
 from ..core.hardware import BYTES_PER_MB, peak_rss_mb
+from ..core.model_folder import weights_folder
 from ..core.prompts import FORMAT_FILE
 from ..core.weight_shards import ShardWriter, WeightFolder, open_weights
 from .config import DiffConfig, DiffKind, RecoverConfig
@@ -145,7 +146,7 @@ def refuse_inputs_as_output(output: str, inputs: Iterable[WeightFolder]) -> None
 def run_diff(config: DiffConfig, *, progress: bool = True) -> DiffResult:
     """Write the diff of `config.tuned` against `config.base` into `config.output`."""
     start = time.perf_counter()
-    base = open_weights(config.base, "--base")
+    base = open_weights(weights_folder(config.base, "--base"), "--base")
     tuned = open_weights(config.tuned, "--tuned")
     check_inputs(base, tuned)
     refuse_inputs_as_output(config.output, (base, tuned))
@@ -225,7 +226,7 @@ def run_recover(config: RecoverConfig, *, progress: bool = True) -> RecoverResul
     """Rebuild the tuned model from `config.base` and the diff `config.diff` into `config.output`."""
     start = time.perf_counter()
     diff = open_weights(config.diff, "--diff")
-    base = open_weights(config.base, "--base")
+    base = open_weights(weights_folder(config.base, "--base"), "--base")
     check_inputs(base, diff)
     manifest = read_manifest(diff)
     refuse_inputs_as_output(config.output, (base, diff))
