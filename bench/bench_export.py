@@ -452,6 +452,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": cpu,
         "cpus_usable": len(os.sched_getaffinity(0)),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # above cpus_usable: a shared machine
         "versions": versions,
     }
 

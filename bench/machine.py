@@ -23,9 +23,12 @@ def cpu_name() -> str:
 
 
 def describe() -> dict:
-    """cpu (model name), cpus (usable by this process), python."""
+    """cpu (model name), cpus (usable by this process), python, and the 1-minute load average when
+    the numbers were written: above the core count, other work shared the machine and the figures
+    are low."""
     return {
         "cpu": cpu_name(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }

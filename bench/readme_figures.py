@@ -44,10 +44,15 @@ def renders(key: str, *files: str, block: bool = False):
 
 
 def cpu(machine: dict) -> str:
-    """'AMD EPYC, 2 cores' from a results file's machine (bench/machine.py)."""
+    """'AMD EPYC, 2 cores' from a results file's machine (bench/machine.py), and the load average
+    where other work shared the cores."""
     name = re.sub(r"\((R|TM|tm)\)|\bCPU\b|@.*$|\d+-Core Processor", "", machine["cpu"])
     cores = machine.get("cpus", machine.get("cpus_usable"))
-    return " ".join(name.split()) + (f", {cores} cores" if cores else "")
+    text = " ".join(name.split()) + (f", {cores} cores" if cores else "")
+    load = machine.get("load_average_1min")
+    if cores and load is not None and load > cores:  # the figures are low: say so beside them
+        text += f", load average {load:.1f}: shared with other work"
+    return text
 
 
 def rows(*cells: tuple[str, str]) -> str:
@@ -100,7 +105,7 @@ def render_generate(r: dict) -> str:
     return rows(
         (
             f"`generate` against a loopback server with {r['latency_s'] * 1000:.0f} ms latency, "
-            f"{many['concurrency']} requests in flight vs 1, the same {many['records']}-record job "
+            f"{many['concurrency']} requests in flight vs 1, the same {many['records']:,}-record job "
             f"(`bench/bench_generate.py`, {cpu(r['machine'])})",
             f"{many['records_per_s']:.1f} vs {one['records_per_s']:.1f} records/s "
             f"({x(r['ratio'], 1)}; goal ≥ {r['goal']}×)",
