@@ -1,13 +1,18 @@
 """Self-instruct's pure steps: the teacher prompt, parsing what teachers write, the filters,
 and the settings that pick the teacher's endpoint and sampling."""
 
+import importlib.util
+import logging
 import random
+import sys
 
 import pytest
 
 from alpaca_forge import EngineConfig, Record, ValidationError
+from alpaca_forge.core.config import build_config
 from alpaca_forge.engines import cut_at_stop
 from alpaca_forge.generate import FilterConfig, GenerateConfig
+from alpaca_forge.generate.config import TeacherEngineConfig, TeacherSampling
 from alpaca_forge.generate.steps import FILTERS, filter_reason, parse_tasks
 from alpaca_forge.generate.teacher_prompt import MAX_TASKS_PER_REPLY, TEACHER_STOP, build_prompt, sample_demos
 
@@ -193,5 +198,117 @@ def test_teacher_api_and_repetition_penalty_follow_the_engine():
     # In-process a small model loops without a penalty; a server gets none (1.0 is not sent).
     assert local.sampling(7).repetition_penalty == 1.1 and remote.sampling(7).repetition_penalty == 1.0
     assert _config(repetition_penalty=1.3).sampling(0).repetition_penalty == 1.3
-    s = local.sampling(12)
-    assert (s.seed, s.max_new_tokens, s.temperature, s.top_p, s.stop) == (12, 3072, 1.0, 1.0, TEACHER_STOP)
+    s, r = local.sampling(12), remote.sampling(12)
+    assert (s.seed, s.max_new_tokens, s.temperature, s.top_p, s.stop) == (12, 768, 0.7, 1.0, TEACHER_STOP)
+    assert (r.seed, r.max_new_tokens, r.temperature, r.top_p, r.stop) == (12, 3072, 1.0, 1.0, TEACHER_STOP)
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's defaults: by where it runs; an explicit value always wins
+
+
+class _Lines(logging.Handler):
+    """The alpaca_forge logger's messages (the CLI turns its propagation off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def said():
+    handler, logger = _Lines(), logging.getLogger("alpaca_forge")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def _llama_cpp_imports():
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def test_an_in_process_teacher_defaults_to_768_tokens_at_0_7_in_llama_cpp(said):
+    c = _config()
+    assert (c.engine.engine, c.generation.max_new_tokens, c.generation.temperature) == (None, None, None)
+    want = "llamacpp" if _llama_cpp_imports() else "transformers"
+    assert (c.teacher.engine, c.settings.max_new_tokens, c.settings.temperature) == (want, 768, 0.7)
+    recorded = c.to_dict()  # what the run manifest records: the values used
+    assert recorded["engine"]["engine"] == want
+    assert (recorded["generation"]["max_new_tokens"], recorded["generation"]["temperature"]) == (768, 0.7)
+    explicit = _config(engine=EngineConfig(engine="transformers"))
+    assert (explicit.teacher.engine, explicit.settings.max_new_tokens, explicit.settings.temperature) == (
+        "transformers",
+        768,
+        0.7,
+    )
+    assert len(said) == (0 if _llama_cpp_imports() else 1), said
+
+
+def test_a_server_teacher_keeps_alpacas_3072_tokens_at_1_0():
+    c = _config(engine=EngineConfig(engine="openai", base_url="http://127.0.0.1:9/v1", model="m"))
+    assert (c.teacher.engine, c.settings.max_new_tokens, c.settings.temperature, c.settings.top_p) == (
+        "openai",
+        3072,
+        1.0,
+        1.0,
+    )
+    assert c.to_dict()["generation"]["max_new_tokens"] == 3072
+
+
+def test_explicit_settings_win_from_python_flags_and_yaml(tmp_path):
+    server = EngineConfig(engine="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    given = _config(engine=server, generation=TeacherSampling(max_new_tokens=64, temperature=0.0))
+    assert (given.settings.max_new_tokens, given.settings.temperature) == (64, 0.0)
+    flags = {
+        "seeds": "s",
+        "output": "o",
+        "num_instructions": 2,
+        "max_new_tokens": 4000,
+        "engine": "transformers",
+    }
+    c = build_config(GenerateConfig, flags)
+    assert (c.teacher.engine, c.settings.max_new_tokens, c.settings.temperature) == (
+        "transformers",
+        4000,
+        0.7,
+    )
+    recipe = tmp_path / "gen.yaml"  # as recipes/demo.yaml writes them
+    recipe.write_text("seeds: s\noutput: o\nnum_instructions: 2\nengine: openai\nbase_url: http://h/v1\n"
+                      "model: m\ntemperature: 0.2\n")  # fmt: skip
+    c = build_config(GenerateConfig, {}, recipe)
+    assert (c.teacher.engine, c.settings.max_new_tokens, c.settings.temperature) == ("openai", 3072, 0.2)
+    assert c.resolved.resolved is c.resolved, "resolving twice changes nothing"
+
+
+def test_which_models_run_in_llama_cpp_when_no_engine_is_named(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    gguf = "llamacpp" if _llama_cpp_imports() else "transformers"
+    assert _config(engine=TeacherEngineConfig(model=str(tmp_path / "m.gguf"))).teacher.engine == gguf
+    assert _config(engine=TeacherEngineConfig(model="smollm2-135m-instruct")).teacher.engine == gguf
+    assert _config(engine=TeacherEngineConfig(model=str(folder))).teacher.engine == "transformers"
+    # A name that resolves to nothing is left to transformers, whose loader says what is wrong.
+    assert _config(engine=TeacherEngineConfig(model="no/such-model")).teacher.engine == "transformers"
+
+
+def test_without_llama_cpp_the_teacher_falls_back_to_transformers_and_says_so_once(monkeypatch, said):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what the import machinery does with it
+    c = _config()
+    assert (c.teacher.engine, c.settings.max_new_tokens, c.settings.temperature) == ("transformers", 768, 0.7)
+    c.to_dict()
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert "llama-cpp-python is not installed" in said[0] and "make llamacpp" in said[0]
+    assert _config(engine=TeacherEngineConfig(engine="transformers")).teacher.engine == "transformers"
+    assert _config(engine=TeacherEngineConfig(engine="llamacpp")).teacher.engine == "llamacpp"
+    assert len(said) == 1, "a named engine is no fallback: nothing more is said"
+
+
+def test_a_base_url_without_engine_openai_is_refused():
+    with pytest.raises(ValidationError, match="--base-url is for --engine"):
+        _config(engine=TeacherEngineConfig(base_url="http://127.0.0.1:9/v1"))

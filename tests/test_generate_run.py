@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -407,3 +408,31 @@ def test_an_in_process_teacher(tmp_path, seeds, tiny_model_dir, api):
     logged = _rows(tmp_path / "t.requests.jsonl")
     assert [row["request"] for row in logged] == [0, 1]
     assert all(0 < row["completion_tokens"] <= 24 and row["prompt_tokens"] > 100 for row in logged)
+
+
+@pytest.mark.integration
+def test_with_no_engine_named_a_gguf_teacher_runs_in_llama_cpp_or_says_why_not(
+    tmp_path, seeds, tiny_gguf, monkeypatch
+):
+    """The summary records the settings used: the in-process defaults, in llama.cpp when it is
+    installed; without it, transformers, and one line on stderr that says how to install it."""
+    pytest.importorskip("llama_cpp")
+
+    def generate(name, *extra):
+        args = ["--num-instructions", "3", "--max-requests", "1", "--model", str(tiny_gguf), *extra]
+        r = run_cli("generate", "--seeds", str(seeds), "--output", str(tmp_path / f"{name}.jsonl"), *args)
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / f"{name}.summary.json").read_text())["teacher_settings"], r.stderr
+
+    in_process = {"api": "completions", "max_new_tokens": 768, "temperature": 0.7, "top_p": 1.0,
+                  "repetition_penalty": 1.1}  # fmt: skip
+    settings, stderr = generate("llama")
+    assert settings == {"engine": "llamacpp", **in_process} and "llama-cpp-python" not in stderr
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if it were not installed
+    short = ("--max-new-tokens", "16", "--device", "cpu")  # transformers: a short reply keeps it quick
+    settings, stderr = generate("fallback", "--temperature", "0.3", *short)
+    assert settings == {"engine": "transformers", **in_process, "max_new_tokens": 16, "temperature": 0.3}
+    notes = [line for line in stderr.splitlines() if "llama-cpp-python is not installed" in line]
+    assert len(notes) == 1 and "make llamacpp" in notes[0], stderr
+    _, stderr = generate("named", "--engine", "transformers", *short)
+    assert "llama-cpp-python" not in stderr

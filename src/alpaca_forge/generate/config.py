@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
 from ..core.config import REQUIRED, Config, nested, setting
-from ..engines import EngineConfig, GenerationSettings
 from ..core.shipped import or_shipped
-from ..engines.config import TextStageConfig, engine_setting, generation_setting, repetition_penalty_setting
+from ..engines import EngineConfig, GenerationSettings
+from ..engines.config import (
+    EngineName,
+    TextStageConfig,
+    repetition_penalty_for,
+    repetition_penalty_setting,
+)
+from .teacher import IN_PROCESS, SERVER, default_engine, defaults_for
 from .teacher_prompt import TEACHER_STOP
 
 DEFAULT_BLACKLIST = (
@@ -53,6 +60,48 @@ class FilterConfig(Config):
 
 
 @dataclass(frozen=True)
+class TeacherEngineConfig(EngineConfig):
+    """The teacher's engine: as every command's, except that none named picks one (teacher.py)."""
+
+    engine: EngineName | None = setting(
+        None,
+        "what runs the teacher: transformers (a model in this process), openai (an OpenAI-compatible "
+        "server) or llamacpp (a GGUF file in this process); default: llamacpp for a .gguf or built-in "
+        "model when llama-cpp-python is installed (~2.5x faster on a CPU), else transformers",
+    )
+
+    def check(self):
+        if self.engine is None and self.base_url:
+            yield (
+                "base_url",
+                "--base-url is for --engine=openai; with no --engine the teacher runs in this process",
+                "add --engine=openai, or drop --base-url",
+            )
+            return
+        yield from super().check()
+
+
+@dataclass(frozen=True)
+class TeacherSampling(GenerationSettings):
+    """The teacher's sampling; None: the default for where it runs (teacher.py)."""
+
+    max_new_tokens: int | None = setting(
+        None,
+        f"longest reply, in tokens; default: {IN_PROCESS.max_new_tokens} in-process (a small "
+        f"model given more rambles inside its first task), {SERVER.max_new_tokens} for a server "
+        "(Alpaca's: room for 20 tasks)",
+        ge=1,
+    )
+    temperature: float | None = setting(
+        None,
+        f"0 = greedy; higher = more varied; default: {IN_PROCESS.temperature} in-process (a "
+        f"small model's text falls apart at 1), {SERVER.temperature} for a server (Alpaca's, "
+        "for variety)",
+        ge=0,
+    )
+
+
+@dataclass(frozen=True)
 class GenerateConfig(TextStageConfig):
     seeds: str = setting(
         REQUIRED,
@@ -89,19 +138,50 @@ class GenerateConfig(TextStageConfig):
         100, "stop once this many requests in a row gave no accepted record", ge=1
     )
     filters: FilterConfig = nested(FilterConfig, "filters")
-    engine: EngineConfig = engine_setting("teacher")
-    # The Alpaca recipe's: room for a long list (3072 tokens), full-temperature sampling for
-    # variety, and the stop strings that end a reply before task 20. The request seed comes from
+    engine: TeacherEngineConfig = nested(TeacherEngineConfig, "teacher")
+    # Alpaca's top_p (1.0) and the stop strings that end a reply before task 20; the length and
+    # temperature default by where the teacher runs (`resolved`). The request seed comes from
     # --seed and the request number, and the stop strings belong to the prompt (its numbering),
-    # so neither is a flag.
-    generation: GenerationSettings = generation_setting(
+    # so neither is a flag; the repetition penalty has its own (its default is the engine's).
+    generation: TeacherSampling = nested(
+        TeacherSampling,
         "teacher sampling",
-        exclude=("seed", "stop"),
-        max_new_tokens=3072,
-        temperature=1.0,
-        top_p=1.0,
-        stop=TEACHER_STOP,
+        functools.partial(TeacherSampling, top_p=1.0, stop=TEACHER_STOP),  # built when asked
+        exclude=("repetition_penalty", "seed", "stop"),
     )
+
+    @functools.cached_property
+    def resolved(self) -> GenerateConfig:
+        """This config with the defaults that depend on the teacher filled in: its engine (when
+        none is named), reply length and temperature (when not given). Everything that runs or
+        records the job reads these; an explicit value always stays."""
+        engine, g = self.engine, self.generation
+        if engine.engine is not None and g.max_new_tokens is not None and g.temperature is not None:
+            return self
+        name = engine.engine or default_engine(engine.model)
+        defaults = defaults_for(name)
+        sampling = _fields(g)
+        if g.max_new_tokens is None:
+            sampling["max_new_tokens"] = defaults.max_new_tokens
+        if g.temperature is None:
+            sampling["temperature"] = defaults.temperature
+        return dataclasses.replace(
+            self,
+            engine=EngineConfig(**{**_fields(engine), "engine": name}),
+            generation=GenerationSettings(**sampling),
+        )
+
+    @property
+    def teacher(self) -> EngineConfig:
+        """The engine that runs the teacher, resolved."""
+        return self.resolved.engine
+
+    @property
+    def settings(self) -> GenerationSettings:
+        """The teacher's sampling, resolved, with the engine's repetition penalty."""
+        r = self.resolved
+        penalty = repetition_penalty_for(r.engine, r.repetition_penalty)
+        return dataclasses.replace(r.generation, repetition_penalty=penalty)
 
     @property
     def api(self) -> str:
@@ -111,3 +191,11 @@ class GenerateConfig(TextStageConfig):
     def sampling(self, request_seed: int) -> GenerationSettings:
         """The settings of one request."""
         return dataclasses.replace(self.settings, seed=request_seed)
+
+    def to_dict(self):
+        """The settings as run: with the teacher's defaults resolved."""
+        return Config.to_dict(self.resolved)
+
+
+def _fields(config: object) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # type: ignore[arg-type]

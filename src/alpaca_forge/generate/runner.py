@@ -53,6 +53,7 @@ class GenerateResult:
     stop: StopReason
     stop_detail: str  # for people: "cost limit reached ($0.0120 of $0.01)"
     teacher: str
+    teacher_settings: dict[str, Any]  # as run: engine, API, sampling (defaults resolved)
     accepted: int  # in the output, all runs together
     target: int
     accepted_this_run: int
@@ -76,6 +77,7 @@ class GenerateResult:
         """The summary file's contents."""
         return {
             "teacher": self.teacher,
+            "teacher_settings": self.teacher_settings,
             "stop_reason": self.stop_detail,
             "stopped_by": self.stop.value,
             "accepted": self.accepted,
@@ -130,8 +132,9 @@ def side_paths(output: Path) -> tuple[Path, Path]:
 
 def run(config: GenerateConfig, *, progress: bool = True, engine: Engine | None = None) -> GenerateResult:
     """Generate until `config.num_instructions` records are in `config.output` (or a limit is
-    reached). `engine` reuses an open teacher, which must be the kind `config.engine` names (it
-    decides the default API and repetition penalty); else one is opened and closed here."""
+    reached). `engine` reuses an open teacher, which must be the kind `config.teacher` names (it
+    decides the default API, sampling and repetition penalty); else one is opened and closed here."""
+    config = config.resolved  # the teacher's defaults, filled in once for the whole job
     with user_paths():  # an OSError on any of the user's paths is reported, never a traceback
         output = check_output(config.output, inputs=[config.seeds])
         log_path, summary_path = side_paths(output)
@@ -146,7 +149,7 @@ def run(config: GenerateConfig, *, progress: bool = True, engine: Engine | None 
             output,
             job.tally.requests,
         )
-    with using_engine(config.engine, engine, seed=config.seed) as teacher, user_paths():
+    with using_engine(config.teacher, engine, seed=config.seed) as teacher, user_paths():
         return job.run(teacher, progress)
 
 
@@ -308,6 +311,7 @@ class _Job:
             stop=self.stop or StopReason.DONE,
             stop_detail=self.stop_detail,
             teacher=teacher,
+            teacher_settings=_teacher_settings(c),
             accepted=t.accepted,
             target=c.num_instructions,
             accepted_this_run=t.accepted - self.resumed_with,
@@ -325,3 +329,16 @@ class _Job:
         )
         write_json_atomic(self.summary_path, result.to_dict())
         return result
+
+
+def _teacher_settings(config: GenerateConfig) -> dict[str, Any]:
+    """What the summary records of how the teacher ran: the values used, whoever chose them."""
+    s = config.settings
+    return {
+        "engine": config.teacher.engine,
+        "api": config.api,
+        "max_new_tokens": s.max_new_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "repetition_penalty": s.repetition_penalty,
+    }

@@ -136,7 +136,7 @@ def build_manifest(
     if "train" in s:
         licences["base_model"] = {"model": s["train"].model, "licence": model_licence(s["train"].model)}
     if "generate" in s:
-        licences["teacher"] = engine_identity(s["generate"].engine)
+        licences["teacher"] = engine_identity(s["generate"].teacher)  # the engine that runs it
         licences["seeds"] = {"file": s["generate"].seeds, "licence": data_licence(Path(s["generate"].seeds))}
     if "data" in s and s["data"].input:
         licences["data"] = {"file": s["data"].input, "licence": data_licence(Path(s["data"].input))}

@@ -279,7 +279,7 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
             records_per_request=f.teacher_records_per_request,
             max_requests=g.max_requests,
             completion_tokens_per_request=f.teacher_completion_tokens_per_request
-            or g.generation.max_new_tokens,
+            or g.settings.max_new_tokens,  # the teacher's, resolved for where it runs
             price_prompt_per_1m=g.price_prompt_usd_per_1m,
             price_completion_per_1m=g.price_completion_usd_per_1m,
             max_cost_usd=g.max_cost_usd,
