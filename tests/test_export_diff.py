@@ -694,20 +694,3 @@ def test_add_and_xor_round_trips_on_the_embedded_model(tmp_path):
     with safe_open(tuned_file, "pt") as tuned, safe_open(out_file, "pt") as out:
         for name in names_in(tuned_file):
             assert torch.equal(out.get_tensor(name), tuned.get_tensor(name)), name
-
-
-@pytest.mark.real_model
-def test_base_as_the_built_in_name(tmp_path):
-    """--base smollm2-135m-instruct is the dense copy of the embedded GGUF that train starts from."""
-    from alpaca_forge.core.models import load_pretrained
-
-    model, tokenizer, _ = load_pretrained("smollm2-135m-instruct")
-    noise = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=noise) * NOISE)
-    save_model(model, tokenizer, tmp_path / "tuned", get_format("chat"))
-    del model
-    made = diff(Pair(Path("smollm2-135m-instruct"), tmp_path / "tuned"), tmp_path / "diff", kind="xor")
-    result = recover(Path("smollm2-135m-instruct"), tmp_path / "diff", tmp_path / "out")
-    assert result.verified and result.bit_exact == result.tensors == made.tensors
