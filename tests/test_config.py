@@ -81,6 +81,57 @@ def test_flags_win_over_the_file_and_cross_field_checks_run(tmp_path):
     assert build_config(Outer, {"size": 9, "rate": 0.1}, cfg).rate == 0.1
 
 
+@dataclasses.dataclass(frozen=True)
+class Judged(Config):
+    rate: float = setting(0.5, "a share", gt=0, lt=1)
+    judge: EngineConfig = nested(EngineConfig, "judge", prefix="judge")
+
+
+@pytest.mark.unit
+def test_a_check_names_the_settings_as_the_user_gave_them(tmp_path):
+    """EngineConfig.check says --engine and --base-url; under the judge prefix they are
+    --judge-engine and --judge-base-url on the command line, judge_base_url in YAML."""
+    server = {"judge_engine": "openai", "judge_model": "m"}
+    for flags in (server, {**server, "rate": 2}):  # also beside a problem pydantic finds first
+        with pytest.raises(ValidationError) as e:
+            build_config(Judged, flags)
+        text = str(e.value)
+        assert (
+            "--judge-base-url: --judge-engine openai needs --judge-base-url (the server's API base)" in text
+        )
+        assert "fix: e.g. --judge-base-url http://127.0.0.1:8000/v1" in text
+        assert "--base-url" not in text.replace("--judge-base-url", "")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("judge_engine: openai\njudge_model: m\njudge_base_url: ftp://host\n")
+    with pytest.raises(ValidationError) as e:
+        build_config(Judged, {}, cfg)
+    text = str(e.value)
+    assert f"{cfg}:3: judge_base_url 'ftp://host' is not an http(s) URL" in text
+    assert "fix: e.g. judge_base_url: http://127.0.0.1:8000/v1" in text and "--" not in text
+    cfg.write_text("judge_base_url: http://127.0.0.1:9/v1\n")
+    with pytest.raises(ValidationError) as e:
+        build_config(Judged, {}, cfg)
+    assert f"{cfg}:1: judge_base_url is for judge_engine: openai" in str(e.value)
+    assert "fix: add judge_engine: openai, or drop judge_base_url" in str(e.value)
+    # Built in Python, a config has no prefix: its own flags.
+    with pytest.raises(ValidationError, match="--base-url: --engine openai needs --base-url"):
+        EngineConfig(engine="openai", model="m")
+
+
+@pytest.mark.integration
+def test_a_missing_server_url_is_named_by_the_commands_own_flag():
+    judged = run_cli("eval", "pairwise", "--set", "s.jsonl", "--a", "a.jsonl", "--b", "b.jsonl",
+                     "--output", "o", "--judge-engine", "openai", "--judge-model", "m")  # fmt: skip
+    assert judged.returncode == 2 and "Traceback" not in judged.stderr, judged.stderr
+    assert "--judge-engine openai needs --judge-base-url" in judged.stderr, judged.stderr
+    assert "e.g. --judge-base-url http://" in judged.stderr, judged.stderr
+    generated = run_cli("generate", "--seeds", "s.jsonl", "--output", "o.jsonl", "--num-instructions", "1",
+                        "--engine", "openai", "--model", "m")  # fmt: skip
+    assert generated.returncode == 2 and "--engine openai needs --base-url" in generated.stderr, (
+        generated.stderr
+    )
+
+
 @pytest.mark.unit
 def test_settings_record_as_json():
     assert GenerationSettings(stop=("a",)).to_dict()["stop"] == ["a"]

@@ -471,6 +471,80 @@ def test_a_stage_whose_input_is_missing(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.integration
+def test_a_missing_server_url_is_named_by_the_key_the_recipe_would_have(tmp_path, tiny_model_dir):
+    """EngineConfig.check says --base-url; in a recipe the user writes judge_base_url (eval's
+    judge) and base_url (generate), so the problem says those, at the stage's line."""
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model_dir,
+        NOWHERE,
+        NOWHERE,
+        stages__eval__judge_base_url=None,
+        stages__generate__base_url=None,
+    )
+    lines = recipe.read_text().splitlines()
+    generate, evaluate = lines.index("  generate:") + 1, lines.index("  eval:") + 1
+    r = run_cli("run", str(recipe), "--dry-run")
+    assert_user_error(
+        r,
+        f"{recipe}:{evaluate} (stages.eval.judge_base_url): judge_engine: openai needs judge_base_url",
+        "fix: e.g. judge_base_url: http://127.0.0.1:8000/v1",
+        f"{recipe}:{generate} (stages.generate.base_url): engine: openai needs base_url",
+        "fix: e.g. base_url: http://127.0.0.1:8000/v1",
+        "2 problems in the recipe",
+    )
+    assert "--" not in r.stderr, r.stderr
+
+
+# The README's recipe, as a user saves it as recipes/mine.yaml in a clone: it must dry-run
+# offline, with no API key set (a note says the key is missing, since a local server needs none).
+README_RECIPE = """\
+name: mine
+run_dir: ../runs/mine
+forecast: {gpu: h100, mfu: 0.35, gpu_usd_per_hour: 2.5, parameters: 6.7e9,
+           judge_price_prompt_per_1m: 2.5, judge_price_completion_per_1m: 10}
+launch: {processes: 8, accelerate_config: ../configs/accelerate/fsdp.yaml}
+stages:
+  generate: {seeds: package:demo-seeds.jsonl, num_instructions: 52000, engine: openai,
+             base_url: https://api.openai.com/v1, model: gpt-4o-mini,
+             price_prompt_per_1m: 0.15, price_completion_per_1m: 0.6}
+  data: {clean: {checks: [empty_output, refusal]}, dedupe: {threshold: 0.7}}
+  train: {model: huggyllama/llama-7b, epochs: 3, learning_rate: 2.0e-5, global_batch_size: 128}
+  infer: {input: package:demo-eval.jsonl, max_new_tokens: 512}
+  eval: {judge_engine: openai, judge_base_url: https://api.openai.com/v1, judge_model: gpt-4o}
+  export: {quant: q4_k_m}
+"""
+
+
+@pytest.mark.integration
+def test_the_readme_recipe_dry_runs_offline_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "configs" / "accelerate").mkdir(parents=True)
+    shutil.copy(REPO / "configs" / "accelerate" / "fsdp.yaml", tmp_path / "configs" / "accelerate")
+    recipe = tmp_path / "recipes" / "mine.yaml"
+    recipe.write_text(README_RECIPE)
+    r = run_cli("run", str(recipe), "--dry-run", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "runs").exists()
+    assert _actions(r) == {s: "to run" for s in ("generate", "data", "train", "infer", "eval", "export")}
+    from alpaca_forge.run.recipe import load_recipe
+    from alpaca_forge.run.runner import make_forecast
+
+    f = make_forecast(load_recipe(recipe))
+    assert f.teacher.requests == math.ceil(52000 / 8)  # 8 records asked per request, by default
+    assert f.train.parameters == 6.7e9 and f.train.wall_hours == pytest.approx(f.train.accelerator_hours / 8)
+    assert min(f.teacher.cost_usd, f.train.cost_usd, f.judge.cost_usd) > 0
+    assert f"total: ${f.cost_usd:.2f}" in r.stdout and "no price set" not in r.stdout
+    assert "$OPENAI_API_KEY is not set, so the generate and eval stages will send no API key" in r.stdout
+    # Without forecast.parameters the size of a model not on this machine is asked for by its key.
+    recipe.write_text(README_RECIPE.replace(" parameters: 6.7e9,", ""))
+    assert_user_error(
+        run_cli("run", str(recipe), "--dry-run"), "(forecast.parameters)", "set forecast.parameters: 6.7e9"
+    )
+
+
+@pytest.mark.integration
 def test_a_run_directory_from_a_different_recipe_is_refused(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

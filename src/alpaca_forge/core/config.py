@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, get_origin
 
@@ -63,7 +64,12 @@ class Config:
     """Base of every stage config: checked when built, whatever builds it."""
 
     def check(self) -> Iterator[tuple[str, str, str]]:
-        """Problems that involve several fields: (field, message, fix). None by default."""
+        """Problems that involve several fields: (field, message, fix). None by default.
+
+        Message and fix name this config's settings by its own flags: `--base-url`, or
+        `--base-url=URL` with a value. They reach the user as the user gives settings: under a
+        prefix on the command line (`--judge-base-url URL`), as keys in YAML (`judge_base_url: URL`).
+        """
         return iter(())
 
     def __post_init__(self) -> None:
@@ -174,11 +180,13 @@ def _validate(
     values: dict[str, Any],
     origins: dict[FieldPath, str],
     default_where: Callable[[FieldPath], str],
+    named: Mapping[FieldPath, Leaf] | None = None,
 ) -> tuple[dict[str, Any], list[Problem]]:
-    """Coerced values and every problem, each named by where its value came from."""
+    """Coerced values and every problem, each named by where its value came from. `named`: the
+    settings as the outermost config names them (a nested config's own names lack its prefix)."""
     import pydantic
 
-    by_path = {leaf.path: leaf for leaf in leaves(cls)}
+    named = {leaf.path: leaf for leaf in leaves(cls)} if named is None else named
     problems: list[Problem] = []
     try:
         checked = _model(cls).model_validate(values).model_dump()
@@ -187,7 +195,7 @@ def _validate(
         for err in e.errors():
             path = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
             failed.add(path[0] if path else "")
-            leaf = by_path.get(path)
+            leaf = named.get(path)
             where = origins.get(path) or default_where(path)
             flag = where.startswith("--")
             message = _describe(err, quote=not flag)
@@ -204,23 +212,49 @@ def _validate(
                     values[f.name],
                     inner,
                     lambda p, n=f.name: default_where((n, *p)),
+                    {p[1:]: leaf for p, leaf in named.items() if p[:1] == (f.name,)},
                 )
                 problems += more
         return values, problems
-    for path, message, fix in _cross_checks(cls, checked):
-        problems.append(Problem(origins.get(path) or default_where(path), message, fix))
+    for path, message, fix, spelled in _cross_checks(cls, checked, named):
+        where = origins.get(path) or default_where(path)
+        in_yaml = not where.startswith("--")
+        problems.append(Problem(where, _spell(message, spelled, in_yaml), _spell(fix, spelled, in_yaml)))
     return checked, problems
 
 
 def _cross_checks(
-    cls: type, checked: dict[str, Any], prefix: FieldPath = ()
-) -> Iterator[tuple[FieldPath, str, str]]:
-    """Each config's own `check()` on checked values, its nested configs' too: (path, message, fix)."""
+    cls: type, checked: dict[str, Any], named: Mapping[FieldPath, Leaf], prefix: FieldPath = ()
+) -> Iterator[tuple[FieldPath, str, str, dict[str, Leaf]]]:
+    """Each config's own `check()` on checked values, its nested configs' too: (path, message,
+    fix, and the config's own flags -> its settings as `named` has them)."""
+    spelled = {own.flag: named[(*prefix, *own.path)] for own in leaves(cls) if (*prefix, *own.path) in named}
     for field, message, fix in _instance(cls, checked).check():
-        yield (*prefix, *field.split(".")), message, fix
+        yield (*prefix, *field.split(".")), message, fix, spelled
     for f in dataclasses.fields(cls):
         if is_nested(f):
-            yield from _cross_checks(field_types(cls)[f.name], checked[f.name], (*prefix, f.name))
+            yield from _cross_checks(field_types(cls)[f.name], checked[f.name], named, (*prefix, f.name))
+
+
+# A flag in a check()'s text: --name, --no-name, or --name=VALUE.
+_FLAG = re.compile(r"(?<![\w-])--(no-)?([a-z][a-z0-9-]*)(?:=([^\s,;)]+))?")
+
+
+def _spell(text: str, spelled: Mapping[str, Leaf], in_yaml: bool) -> str:
+    """A check()'s text with its config's flags as the user gives those settings: the flag under
+    the config's prefix, or the YAML key where the problem is in a file."""
+
+    def one(m: re.Match[str]) -> str:
+        negated, value = bool(m.group(1)), m.group(3)
+        leaf = spelled.get("--" + m.group(2))
+        if leaf is None:
+            return m.group(0)
+        if in_yaml:
+            return f"{leaf.name}: false" if negated else f"{leaf.name}: {value}" if value else leaf.name
+        flag = "--no-" + leaf.flag[2:] if negated else leaf.flag
+        return f"{flag} {value}" if value else flag
+
+    return _FLAG.sub(one, text)
 
 
 def _instance(cls: type, data: dict[str, Any]) -> Any:

@@ -79,19 +79,19 @@ class EngineConfig(Config):
             if not self.base_url:
                 yield (
                     "base_url",
-                    "--engine openai needs --base-url (the server's API base)",
-                    "e.g. --base-url http://127.0.0.1:8000/v1",
+                    "--engine=openai needs --base-url (the server's API base)",
+                    "e.g. --base-url=http://127.0.0.1:8000/v1",
                 )
             if not self.model:
                 yield (
                     "model",
-                    "--engine openai needs --model (the name the server serves)",
-                    "e.g. --model gpt-4o-mini",
+                    "--engine=openai needs --model (the name the server serves)",
+                    "e.g. --model=gpt-4o-mini",
                 )
             if self.format:
                 yield (
                     "format",
-                    "--format applies to --engine transformers; a server renders prompts with its own template",
+                    "--format applies to --engine=transformers; a server renders prompts with its own template",
                     "drop --format",
                 )
             if self.base_url:
@@ -100,13 +100,13 @@ class EngineConfig(Config):
                     yield (
                         "base_url",
                         f"--base-url {self.base_url!r} {problem}",
-                        "e.g. --base-url http://127.0.0.1:8000/v1",
+                        "e.g. --base-url=http://127.0.0.1:8000/v1",
                     )
         elif self.base_url:
             yield (
                 "base_url",
-                f"--base-url is for --engine openai; the {self.engine} engine runs the model in this process",
-                "add --engine openai, or drop --base-url",
+                f"--base-url is for --engine=openai; the {self.engine} engine runs the model in this process",
+                "add --engine=openai, or drop --base-url",
             )
 
 

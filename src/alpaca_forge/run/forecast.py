@@ -100,7 +100,8 @@ class Forecast:
             out.append(
                 f"teacher: {t.requests} requests x ({t.prompt_tokens_per_request:.0f} prompt + "
                 f"{t.completion_tokens_per_request} completion tokens) = {t.prompt_tokens:,} + "
-                f"{t.completion_tokens:,} tokens, ${t.cost_usd:.2f}{cap} [{t.counted_with}]"
+                f"{t.completion_tokens:,} tokens, {_usd_or_unpriced(t.cost_usd, TEACHER_PRICES)}{cap} "
+                f"[{t.counted_with}]"
             )
         tr = self.train
         if tr:
@@ -109,19 +110,31 @@ class Forecast:
                 f"{tr.tokens:,} tokens; {tr.flops_per_token_factor} x {tr.parameters / 1e6:,.1f}M params x tokens = "
                 f"{tr.flops:.3g} FLOPs; at {tr.mfu:.0%} MFU of {tr.peak_tflops:g} TFLOP/s ({tr.gpu}): "
                 f"{tr.accelerator_hours:.3g} {'CPU' if tr.gpu == 'cpu' else 'GPU'}-hours, "
-                f"{tr.wall_hours:.3g} h on {tr.processes}, ${tr.cost_usd:.2f} [{tr.counted_with}]"
+                f"{tr.wall_hours:.3g} h on {tr.processes}, {_usd_or_unpriced(tr.cost_usd, GPU_PRICE)} "
+                f"[{tr.counted_with}]"
             )
         j = self.judge
         if j:
             out.append(
                 f"judge: {j.judgements} judgements x ({j.prompt_tokens_per_judgement:.0f} prompt + "
                 f"{j.completion_tokens_per_judgement} completion tokens) = {j.prompt_tokens:,} + "
-                f"{j.completion_tokens:,} tokens, ${j.cost_usd:.2f} [{j.counted_with}]"
+                f"{j.completion_tokens:,} tokens, {_usd_or_unpriced(j.cost_usd, JUDGE_PRICES)} [{j.counted_with}]"
             )
         if self.inference_tokens:
             out.append(f"inference: at most {self.inference_tokens:,} tokens (before and after fine-tuning)")
         out.append(f"total: ${self.cost_usd:.2f} at the configured prices")
         return out
+
+
+# The recipe keys that price each part, named where a part has no price.
+TEACHER_PRICES = "stages.generate.price_prompt_per_1m and price_completion_per_1m"
+GPU_PRICE = "forecast.gpu_usd_per_hour"
+JUDGE_PRICES = "forecast.judge_price_prompt_per_1m and judge_price_completion_per_1m"
+
+
+def _usd_or_unpriced(cost: float, keys: str) -> str:
+    """$X.XX, or $0.00 with the keys that would price it (a server's tokens are rarely free)."""
+    return f"${cost:.2f}" if cost else f"$0.00 (no price set: {keys})"
 
 
 def _usd(prompt: float, completion: float, price_prompt: float, price_completion: float) -> float:

@@ -153,18 +153,18 @@ def load_recipe(path: str | Path) -> Recipe:
         else:
             top_node.value.append((key_node, value_node))
 
-    top = _build(Top, top_node, p, ("",), problems)
+    top = _build(Top, (None, top_node), p, ("",), problems)
     run_dir = resolve_path(top.run_dir, p.parent) if top is not None else p.parent
     if top is not None:
         problems.extend(_run_dir_problems(run_dir, p))
-    forecast = _build(ForecastConfig, sections.get("forecast", (None, None))[1], p, ("forecast",), problems)
-    launch = _build(LaunchConfig, sections.get("launch", (None, None))[1], p, ("launch",), problems)
+    forecast = _build(ForecastConfig, sections.get("forecast"), p, ("forecast",), problems)
+    launch = _build(LaunchConfig, sections.get("launch"), p, ("launch",), problems)
     nodes, where = _stage_nodes(sections.get("stages"), p, problems)
     configs: dict[str, dict[str, Any]] = {}
     stages: dict[str, Any] = {}
     for name in STAGES:  # in order: a stage's wires read the configs of the stages before it
         if name in nodes:
-            configs[name] = _stage_configs(name, nodes[name], p, run_dir, stages, problems)
+            configs[name] = _stage_configs(name, nodes[name], p, where[name], run_dir, stages, problems)
             stages[name] = next(c for role, c in configs[name].items() if ROLES[name][role] is SECTIONS[name])
     problems.extend(_joins(stages, where, p))
     if launch is not None and launch.accelerate_config:
@@ -231,10 +231,11 @@ def _stage_nodes(
 
 
 def _stage_configs(
-    name: str, node: Any, p: Path, run_dir: Path, before: dict[str, Any], problems: list[Problem]
+    name: str, node: Any, p: Path, at: str, run_dir: Path, before: dict[str, Any], problems: list[Problem]
 ) -> dict[str, Any]:
     """The stage's configs by role: the user's settings, and its wired fields from the table.
-    `before`: the configs of the stages before it, which its wires may read."""
+    `at`: where the stage is written; `before`: the configs of the stages before it, which its
+    wires may read."""
     section = SECTIONS[name]
     yaml_path = ("stages", name)
     values, origins, found = settings_from_node(section, node, p, yaml_path)
@@ -258,7 +259,8 @@ def _stage_configs(
         role_values = {**values, **wired} if cls is section else wired
         role_origins = {**origins, **{w: f"{p} (stages.{name}.{'.'.join(w)})" for w in wired}}
         flags = {v: k for k, v in leaf_paths(cls).items()}
-        config, more = config_from(cls, role_values, role_origins, _where_missing(p, yaml_path, flags))
+        missing = _where_missing(at.split(" (")[0], yaml_path, flags)
+        config, more = config_from(cls, role_values, role_origins, missing)
         problems.extend(m for m in more if m not in problems)  # infer's two roles share the user's settings
         configs[role] = config
     return configs
@@ -288,12 +290,17 @@ def _resolve_user_files(
                 )
 
 
-def _build(cls: type, node: Any, p: Path, yaml_path: FieldPath, problems: list[Problem]) -> Any:
-    """A top-level section's config (None where it has problems, which join `problems`)."""
+def _build(
+    cls: type, section: tuple[Any, Any] | None, p: Path, yaml_path: FieldPath, problems: list[Problem]
+) -> Any:
+    """A top-level section's config (None where it has problems, which join `problems`).
+    `section`: its key's node (None for the recipe's top level) and its mapping, if written."""
+    key_node, node = section or (None, None)
     values, origins, found = settings_from_node(cls, node, p, yaml_path) if node is not None else ({}, {}, [])
     problems.extend(found)
     flags = {v: k for k, v in leaf_paths(cls).items()}
-    config, more = config_from(cls, values, origins, _where_missing(p, yaml_path, flags))
+    at = yaml_where(p, key_node) if key_node is not None else str(p)
+    config, more = config_from(cls, values, origins, _where_missing(at, yaml_path, flags))
     problems.extend(more)
     return config
 
@@ -324,15 +331,20 @@ def _batch_fits(train: Any, processes: int, where: str) -> list[Problem]:
     return []
 
 
-def _where_missing(p: Path, yaml_path: FieldPath, flags: dict[FieldPath, str]) -> Callable[[FieldPath], str]:
-    """A required setting that is not written is named by where it belongs."""
+def _where_missing(at: str, yaml_path: FieldPath, flags: dict[FieldPath, str]) -> Callable[[FieldPath], str]:
+    """A setting that is not written is named by where it belongs: `at` (the section's
+    file:line, else the file) and its key path."""
     prefix = ".".join(x for x in yaml_path if x)
 
     def where(path: FieldPath) -> str:
         key = flags.get(path, ".".join(path))
-        return f"{p} ({prefix + '.' if prefix else ''}{key})"
+        return f"{at} ({prefix + '.' if prefix else ''}{key})"
 
     return where
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Problem]:
@@ -343,8 +355,8 @@ def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Probl
             problems.append(
                 Problem(
                     where[stage],
-                    f"stage '{stage}' reads the output of a '{before}' stage, and the recipe has none",
-                    f"add a '{before}' stage to stages, or remove '{stage}'",
+                    f"stage '{stage}' reads the output of {_a(before)} '{before}' stage, and the recipe has none",
+                    f"add {_a(before)} '{before}' stage to stages, or remove '{stage}'",
                 )
             )
     data = stages.get("data")

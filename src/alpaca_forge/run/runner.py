@@ -13,11 +13,13 @@ last complete checkpoint; data and export are quick and start over.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,12 +73,15 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
         )
     works = plan(recipe)
     state = RunState.open(recipe.run_dir, recipe.name, recipe.path)
-    notes = early_checks(recipe)
+    keys = missing_api_keys(recipe)
+    notes = early_checks(recipe) + keys
     forecast = make_forecast(recipe)
     if config.dry_run:
         outcomes = dry_plan(works, state, recipe, config.from_stage)
         return RunResult(recipe.path, recipe.run_dir, True, outcomes, forecast, notes=notes)
     check_output(recipe.run_dir, flag="run_dir", folder=True)  # made here, or a clear error
+    for note in keys:  # said now: the judge's server is first asked hours from now
+        log.warning("run: note: %s", note)
     write_text_atomic(recipe.run_dir / "recipe.yaml", recipe.path.read_text())
     write_json_atomic(recipe.run_dir / FORECAST_FILE, forecast.to_dict())
     outcomes = []
@@ -210,6 +215,34 @@ def early_checks(recipe: Recipe) -> list[str]:
     return []
 
 
+def missing_api_keys(recipe: Recipe) -> list[str]:
+    """A note for each API key variable a server stage reads that is not set. Not an error: a
+    local server (vLLM, llama.cpp) may take requests without a key; a hosted API refuses them."""
+    stages: dict[str, list[str]] = {}
+    for name, roles in recipe.configs.items():
+        for config in roles.values():
+            for engine in _engines(config):
+                if engine.engine == "openai" and not os.environ.get(engine.api_key_env):
+                    stages.setdefault(engine.api_key_env, [])
+                    if name not in stages[engine.api_key_env]:
+                        stages[engine.api_key_env].append(name)
+    return [
+        f"${var} is not set, so the {' and '.join(names)} stage{'s' if len(names) > 1 else ''} will send "
+        "no API key: set it before the real run, unless the server takes requests without one"
+        for var, names in stages.items()
+    ]
+
+
+def _engines(config: Any) -> Iterator[Any]:
+    """The engine settings (an `engine` and an `api_key_env`) anywhere inside a stage's config."""
+    if not dataclasses.is_dataclass(config):
+        return
+    if hasattr(config, "engine") and hasattr(config, "api_key_env"):
+        yield config
+    for f in dataclasses.fields(config):
+        yield from _engines(getattr(config, f.name))
+
+
 # ---------------------------------------------------------------------------------------------
 # The forecast
 
@@ -298,7 +331,7 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
         if parameters is None:
             raise UserError(
                 f"{recipe.path} (forecast.parameters): the size of {t.model!r} cannot be read on this machine",
-                "set forecast.parameters (e.g. 6.7e9 for a 7B model), or fetch the model first",
+                "set forecast.parameters: 6.7e9 (a 7B model's count; give your model's), or fetch the model first",
             )
         val = t.val_size if t.val_size >= 1 else round(records_expected * t.val_size)
         rows = t.global_batch_size or (t.batch_size * t.gradient_accumulation * recipe.launch.processes)
