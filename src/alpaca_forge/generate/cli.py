@@ -16,9 +16,16 @@ instruction is above 0.7. Records are appended and flushed one by one: kill the 
 and run the same command again to resume. A summary (accepted, drops per filter, tokens, cost) is
 printed and written next to the output. Exit status 1 when the teacher stops yielding records.
 
+The teacher's defaults depend on where it runs. A server (--engine openai) gets Alpaca's: up to
+3072 tokens at temperature 1.0. A model in this process gets 768 tokens at 0.7: given Alpaca's, a
+135M model rambles for minutes inside its first task and its text falls apart. With no --engine,
+a .gguf or built-in model runs in llama.cpp when llama-cpp-python is installed, else in
+transformers (a line on stderr says so). Explicit flags always win; the summary records the
+values used.
+
 examples:
-  # offline, with the embedded model as teacher (messy but real):
-  alpaca-forge generate --seeds seed_tasks.jsonl --output gen.jsonl --num-instructions 20
+  # offline, the embedded model as teacher in llama.cpp (~1.4 records a request, messy but real):
+  alpaca-forge generate --seeds package:demo-seeds.jsonl --output gen.jsonl --num-instructions 24
   # any OpenAI-compatible server, 32 requests in flight, priced:
   alpaca-forge generate --seeds seed_tasks.jsonl --output gen.jsonl --num-instructions 52000 \\
       --engine openai --base-url https://api.openai.com/v1 --model gpt-4o-mini --concurrency 32 \\
