@@ -154,7 +154,8 @@ def test_page_loads_offline_with_the_model_shown(page, server, browser):
     meta = page.find("model-meta").get_attribute("textContent")
     page.find("settings-toggle").click()
     defaults = [page.find(f).get_attribute("value") for f in ("temperature", "top-p", "max-tokens")]
-    assert defaults == ["0.7", "0.9", "256"]
+    shown = server.state.backend.api_defaults(server.config.max_tokens)  # the model's, else serve's
+    assert defaults == [str(shown["temperature"]), str(shown["top_p"]), str(shown["max_tokens"])]
     assert backend.fingerprint in meta and backend.prompt_format in meta, meta
     # every resource the page loaded (style, script, icon, the /v1/models call) came from this server
     resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
@@ -294,7 +295,8 @@ def test_new_chat_clears_the_conversation(page, server):
     page.wait_answered(30)
     fresh = page.sent()[0]
     assert fresh["messages"] == [{"role": "user", "content": "A fresh\nstart."}]  # Shift+Enter: a new line
-    assert (fresh["temperature"], fresh["top_p"]) == (0.7, 0.9)  # the page's defaults
+    shown = server.state.backend.api_defaults(server.config.max_tokens)
+    assert (fresh["temperature"], fresh["top_p"]) == (shown["temperature"], shown["top_p"])  # the server's
     assert len(page.answers()) == 1
     assert page.find("user-message").find_element("css selector", ".bubble").text == "A fresh\nstart."
 
@@ -405,3 +407,19 @@ def test_a_keyed_server_asks_for_the_key_then_works(browser, engine):
         page.open(forget_key=False)
         wait_for(lambda: page.model_name() == name, 10, "the model name with the remembered key")
         assert browser.execute_script("return localStorage.getItem('alpaca-forge.api-key')") == "k1"
+
+
+def test_the_settings_show_what_the_server_gives_a_request_that_leaves_them_out(browser, engine):
+    """The fields start at the server's defaults for this model (its generation config, else
+    serve's --default-* flags), not at numbers of the page's own."""
+    from alpaca_forge.serve import ServeConfig, start
+
+    config = ServeConfig(port=0, default_temperature=0.55, default_top_p=0.8, default_max_tokens=77)
+    with start(config, engine=engine) as running:
+        running.wait_ready(60)
+        page = ChatPage(browser, running.url).open()
+        name = running.state.backend.name
+        wait_for(lambda: page.model_name() == name, 10, f"the model name {name!r}")
+        page.find("settings-toggle").click()
+        shown = [page.find(f).get_attribute("value") for f in ("temperature", "top-p", "max-tokens")]
+        assert shown == ["0.55", "0.8", "77"]

@@ -126,7 +126,10 @@ class ServeConfig(Config):
     )
     log_text: bool = setting(False, "also write prompts and answers into --request-log")
     default_temperature: float = setting(
-        0.7, _default("temperature", "0 = greedy, always the likeliest token"), ge=0, le=2
+        0.3,
+        _default("temperature", "0 = greedy; low, since a small model drifts off topic at higher ones"),
+        ge=0,
+        le=2,
     )
     default_top_p: float = setting(
         0.9, _default("top_p", "sample from the likeliest tokens making up this share"), gt=0, le=1
@@ -134,8 +137,9 @@ class ServeConfig(Config):
     default_max_tokens: int = setting(
         256,
         _default(
-            "max_tokens (max_completion_tokens), on both endpoints",
-            "at most --max-tokens and what the model's context leaves after the prompt",
+            "max_tokens (or max_completion_tokens)",
+            "on /v1/completions too, not OpenAI's 16; at most --max-tokens and what the model's context "
+            "leaves after the prompt",
         ),
         ge=1,
     )
