@@ -237,7 +237,7 @@ TEXT_STAGES = {  # command: (required settings, the stage's own default temperat
     "chat": ({}, 0.7),
     "infer": ({"input": "i.jsonl", "output": "o.jsonl"}, 0.0),
     "eval safety": ({"output": "out"}, 0.0),
-    "generate": ({"seeds": "s.jsonl", "output": "o.jsonl", "num_instructions": 1}, 1.0),
+    "generate": ({"seeds": "s.jsonl", "output": "o.jsonl", "num_instructions": 1}, 0.7),  # in-process
 }
 
 
@@ -268,6 +268,8 @@ def test_the_engine_block_keeps_its_paths_flags_and_per_stage_defaults(command):
     assert not local.on_server and remote.on_server
     assert (local.settings.repetition_penalty, remote.settings.repetition_penalty) == (1.1, 1.0)
     assert cls(**required, repetition_penalty=1.3).settings.repetition_penalty == 1.3
-    assert local.settings.temperature == local.generation.temperature == temperature
+    assert local.settings.temperature == temperature
+    # generate leaves it unset (None) until it knows where the teacher runs (generate/teacher.py)
+    assert local.generation.temperature == (None if command == "generate" else temperature)
     with pytest.raises(ValidationError, match="--repetition-penalty"):
         cls(**required, repetition_penalty=0)
