@@ -2,7 +2,7 @@
 with the model, and what it buys in decode speed and memory, through llama.cpp alone and through
 our engine, `infer` and `serve`, against transformers in fp32 — the baseline — in the same run.
 
-    .venv/bin/python bench/bench_export.py [--quants f16,q8_0,q4_0,q4_k_m] [--tokens 128] [--rounds 3] [--pairs 6] [--threads 2] [--out bench/results/export.json]
+    .venv/bin/python bench/bench_export.py [--quants f16,q8_0,q4_0,q4_k_m] [--tokens 128] [--rounds 3] [--pairs 6] [--threads 2] [--verify-prompts 100] [--out bench/results/export.json]
 
 1. Export: each `--quants` type written by `run_gguf` with its parity check (the file fed the same
    token ids as transformers fp32: top-1 agreement after each prompt and at every position). The
@@ -120,7 +120,14 @@ def child_export(a: dict) -> dict:
     from alpaca_forge.export.runner import run_gguf
 
     start = time.perf_counter()
-    cfg = GgufConfig(model=MODEL, output=a["output"], quant=a["quant"], verify=True, force=True)
+    cfg = GgufConfig(
+        model=MODEL,
+        output=a["output"],
+        quant=a["quant"],
+        verify=True,
+        verify_prompts=a.get("verify_prompts", 100),
+        force=True,
+    )
     res = run_gguf(cfg, progress=False)
     p = res.parity
     return {
@@ -569,6 +576,12 @@ def main() -> None:
         default=6,
         help="rounds of direct / engine / serve in one process (the goals' ratios)",
     )
+    ap.add_argument(
+        "--verify-prompts",
+        type=int,
+        default=100,
+        help="prompts of each export's parity check (fewer: a quick try)",
+    )
     ap.add_argument("--out", default="bench/results/export.json", help="where the numbers go")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one configuration
     args = ap.parse_args()
@@ -599,7 +612,16 @@ def main() -> None:
         for q in quants:
             print(q, file=sys.stderr)
             gguf = str(folder / f"{MODEL}.{q}.gguf")
-            r: dict = {"export": spawn("export", folder, quant=q, output=gguf, threads=args.threads)}
+            r: dict = {
+                "export": spawn(
+                    "export",
+                    folder,
+                    quant=q,
+                    output=gguf,
+                    threads=args.threads,
+                    verify_prompts=args.verify_prompts,
+                )
+            }
             run = {**common, "model": gguf, "prompt": prompt, "quant": q}
             # direct, engine, direct, infer, direct, serve, direct: each of ours between two of
             # llama.cpp's own, seconds apart, which share most of this machine's drift.
