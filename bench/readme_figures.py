@@ -194,7 +194,10 @@ def render_export_table(r: dict) -> str:
 @renders("export-setup", "export.json")
 def render_export_setup(r: dict) -> str:
     p = next(iter(r["quants"].values()))["export"]["parity"]
-    goals = "; ".join(f"{g['goal']}: {'met' if g['pass'] else '**missed**'}" for g in r["goals"])
+    missed = [g["goal"] for g in r["goals"] if not g["pass"]]
+    goals = f"{len(r['goals']) - len(missed)} of {len(r['goals'])} met" + "".join(
+        f"; **missed**: {m}" for m in missed
+    )
     return (
         f"{cpu(r['machine'])}, {r['threads']} threads, {r['tokens']} greedy tokens of one prompt, "
         f"{r['rounds']} rounds per configuration, the engine's and `serve`'s ratios as the median of "
