@@ -690,3 +690,33 @@ def test_the_run_report_shows_evals_report_as_the_typed_reader_reads_it(tmp_path
     for cell in ("tuned", "base", "fake-judge", "3 / 4", "3 / 0 / 0", "2 of 8", "0 / 1", "<li>a note</li>"):
         assert cell in shown, cell
     assert "report.json is gone" in _evaluation(state, None)
+
+
+@pytest.mark.unit
+def test_set_writes_over_the_recipe_and_names_itself_in_problems(tmp_path):
+    """`run --set KEY=VALUE`: one change for one run, the file untouched; what it wrote is named
+    by the flag, not by a line of the file."""
+    from alpaca_forge.core.errors import UserError, ValidationError
+    from alpaca_forge.run import load_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    shutil.copy(REPO / "recipes" / "demo.yaml", folder / "demo.yaml")
+    before = (folder / "demo.yaml").read_text()
+    recipe = load_recipe(
+        folder / "demo.yaml",
+        ("stages.train.max_steps=2", "stages.train.learning_rate=2e-4", "stages.infer.limit=4", "name=other"),
+    )
+    train = recipe.stages["train"]
+    assert (train.max_steps, train.learning_rate, recipe.configs["infer"]["before"].limit, recipe.name) == (
+        2, 2e-4, 4, "other",
+    )  # fmt: skip
+    assert train.epochs == 3  # the rest as the file says
+    assert (folder / "demo.yaml").read_text() == before
+    with pytest.raises(ValidationError) as bad:
+        load_recipe(folder / "demo.yaml", ("stages.train.epochs=abc", "stages.train.epoch=1"))
+    text = str(bad.value)
+    assert "--set stages.train.epochs: must be a number" in text and "--set stages.train.epoch" in text
+    for wrong in ("stages.train.epochs", "stages.train.epochs.x=1", "=1"):
+        with pytest.raises(UserError, match="--set"):
+            load_recipe(folder / "demo.yaml", (wrong,))

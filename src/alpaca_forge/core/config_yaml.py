@@ -1,13 +1,15 @@
 """Settings read from YAML: a config file, or one section of a recipe, each value with its `file:line`.
 
 Nodes are composed rather than loaded, so every key keeps its line; unknown keys, bad UTF-8 and
-bad syntax are problems named by file and line.
+bad syntax are problems named by file and line. `--set KEY=VALUE` writes over a composed tree;
+what it wrote is named `--set KEY` in problems instead of a line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,77 @@ def compose_yaml(path: str | os.PathLike) -> Any:
         ) from e
 
 
+SET_FLAG = "--set"
+
+
 def yaml_where(path: str | os.PathLike, node: Any, yaml_path: FieldPath = ()) -> str:
-    """`file:line`, with the key's place in the file (`stages.train.epochs`) when it is nested."""
+    """`file:line`, with the key's place in the file (`stages.train.epochs`) when it is nested;
+    `--set KEY` for what --set wrote."""
+    if str(node.start_mark.name).startswith(f"{SET_FLAG} "):
+        return str(node.start_mark.name)
     where = f"{path}:{node.start_mark.line + 1}"
     return f"{where} ({'.'.join(yaml_path)})" if len(yaml_path) > 1 else where
+
+
+def apply_overrides(root: Any, overrides: tuple[str, ...] | list[str]) -> Any:
+    """`root` (a composed YAML mapping) with each `KEY=VALUE` written over it: KEY is the dotted
+    place of a key (`stages.train.max_steps`), made where missing; VALUE is read as YAML, so `2`,
+    `1e-3`, `true` and `[a, b]` mean what they would in the file."""
+    import yaml
+
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(p.strip() for p in parts):
+            raise UserError(
+                f"{SET_FLAG} {item!r}: not KEY=VALUE",
+                f"e.g. {SET_FLAG} stages.train.epochs=1 (a dotted key, =, a value)",
+            )
+        mark = yaml.Mark(f"{SET_FLAG} {key.strip()}", 0, 0, 0, None, None)
+        try:
+            value = yaml.compose(text) or yaml.ScalarNode("tag:yaml.org,2002:null", "")
+        except yaml.YAMLError as e:
+            raise UserError(
+                f"{SET_FLAG} {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})",
+                "quote it as the recipe file would, e.g. --set 'stages.generate.model=\"a: b\"'",
+            ) from e
+        for node in _nodes(value):
+            node.start_mark = node.end_mark = mark
+        node = root
+        for depth, part in enumerate(parts):
+            if not isinstance(node, yaml.MappingNode):
+                place = ".".join(parts[:depth]) or "the file"
+                raise UserError(
+                    f"{SET_FLAG} {key}: {place} is not a mapping", "check the key against the file"
+                )
+            at = next((i for i, (k, _) in enumerate(node.value) if str(k.value) == part), None)
+            if depth == len(parts) - 1:
+                entry = (yaml.ScalarNode("tag:yaml.org,2002:str", part, mark, mark), value)
+                if at is None:
+                    node.value.append(entry)
+                else:
+                    node.value[at] = entry
+            elif at is None:
+                child = yaml.MappingNode("tag:yaml.org,2002:map", [], mark, mark)
+                node.value.append((yaml.ScalarNode("tag:yaml.org,2002:str", part, mark, mark), child))
+                node = child
+            else:
+                node = node.value[at][1]
+    return root
+
+
+def _nodes(node: Any) -> Iterator[Any]:
+    """`node` and every node under it."""
+    import yaml
+
+    yield node
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            yield from _nodes(key)
+            yield from _nodes(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for value in node.value:
+            yield from _nodes(value)
 
 
 def read_yaml_settings(

@@ -18,7 +18,8 @@ a killed run resumes where it stopped; --from STAGE reruns that stage and all af
 examples:
   alpaca-forge run recipes/demo.yaml --dry-run   # every problem, the plan and the cost, nothing run
   alpaca-forge run recipes/demo.yaml             # the embedded model as teacher, student and judge
-  alpaca-forge run recipes/demo.yaml --from train   # retrain and redo what follows"""
+  alpaca-forge run recipes/demo.yaml --from train   # retrain and redo what follows
+  alpaca-forge run recipes/demo.yaml --set stages.train.epochs=1   # one change, the file untouched"""
 
 
 def register(sub: Any) -> None:

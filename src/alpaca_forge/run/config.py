@@ -21,3 +21,12 @@ class RunConfig(Config):
         flag="--from",
         metavar="STAGE",
     )
+    overrides: tuple[str, ...] = setting(
+        (),
+        "write VALUE over KEY of the recipe for this run, without editing the file (repeatable), e.g. "
+        "--set stages.train.epochs=1; KEY is dotted as in the file, VALUE is YAML; a stage whose settings "
+        "change reruns",
+        repeat=True,
+        flag="--set",
+        metavar="KEY=VALUE",
+    )

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..core.config import REQUIRED, Config, FieldPath, config_from, leaf_paths, setting
-from ..core.config_yaml import compose_yaml, settings_from_node, yaml_where
+from ..core.config_yaml import apply_overrides, compose_yaml, settings_from_node, yaml_where
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.files import under_a_file
 from ..core.shipped import PACKAGE_PREFIX, is_shipped, listing, shipped_folder
@@ -123,12 +123,15 @@ class Recipe:
         return stage in self.stages
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """The recipe, every problem in it raised at once (ValidationError)."""
+def load_recipe(path: str | Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """The recipe, with `--set KEY=VALUE` overrides written over it, every problem in it raised at
+    once (ValidationError)."""
     import yaml
 
     p = Path(path).expanduser()
     root = compose_yaml(p)
+    if isinstance(root, yaml.MappingNode):
+        root = apply_overrides(root, overrides)
     if not isinstance(root, yaml.MappingNode):
         raise UserError(
             f"{p}: a recipe is a mapping (name, run_dir, stages, ...)",

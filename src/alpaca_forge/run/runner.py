@@ -65,7 +65,7 @@ def run(config: RunConfig, *, progress: bool = True) -> RunResult:
     started = time.perf_counter()
     _tokenizer.cache_clear()  # read afresh by each run: a model folder may have changed since
     _records.cache_clear()
-    recipe = load_recipe(config.recipe)
+    recipe = load_recipe(config.recipe, config.overrides)
     if config.from_stage and not recipe.has(config.from_stage):
         raise UserError(
             f"--from {config.from_stage}: the recipe {recipe.path} has no such stage",
