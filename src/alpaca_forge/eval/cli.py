@@ -22,12 +22,12 @@ sign test, the judge's position consistency and first-slot preference, a length-
 rate, per-category results (Holm-adjusted) and the smallest difference the set can detect.
 
 examples:
-  alpaca-forge eval pairwise --set user_oriented_instructions.jsonl \\
-      --a predictions/text-davinci-003.jsonl --b predictions/text-davinci-001.jsonl --output out/eval
-  # a judge on an OpenAI-compatible server, 16 verdicts in flight:
-  alpaca-forge eval pairwise --set eval.jsonl --a base=out/base.jsonl --b tuned=model:out/alpaca \\
-      --judge-engine openai --judge-base-url http://gpu-host:8000/v1 --judge-model qwen2.5-72b \\
-      --batch-size 16 --output out/eval""",
+  alpaca-forge eval pairwise --set package:demo-eval.jsonl --a tuned=out/after.jsonl --b base=out/before.jsonl \\
+      --judge-engine llamacpp --output out/eval
+  # a judge on an OpenAI-compatible server, 16 verdicts in flight; a model as system B:
+  alpaca-forge eval pairwise --set package:demo-eval.jsonl --a tuned=out/after.jsonl \\
+      --b base=model:smollm2-135m-instruct --judge-engine openai --judge-base-url http://gpu-host:8000/v1 \\
+      --judge-model qwen2.5-72b-instruct --batch-size 16 --output out/eval-strong-judge""",
         c.PairwiseConfig,
     ),
     (
@@ -39,9 +39,8 @@ Bradley–Terry model, with 95% bootstrap intervals over items for the strengths
 Judgements are cached as in pairwise: share --cache with a pairwise run to reuse its verdicts.
 
 example:
-  alpaca-forge eval leaderboard --set user_oriented_instructions.jsonl \\
-      predictions/text-davinci-003.jsonl predictions/text-davinci-001.jsonl predictions/davinci.jsonl \\
-      --baseline text-davinci-003 --output out/board""",
+  alpaca-forge eval leaderboard --set package:demo-eval.jsonl out/after.jsonl out/before.jsonl \\
+      --baseline before --judge-engine llamacpp --cache out/eval/judgements.jsonl --output out/board""",
         c.LeaderboardConfig,
     ),
     rate_cli.TOOL,

@@ -17,7 +17,7 @@ tokenizer and prompt format: a plain safetensors folder that transformers and vL
 merge `train --merge` runs). An adapter made for another base is refused.
 
 example:
-  alpaca-forge export merge --adapter out/alpaca-lora --output out/alpaca-merged""",
+  alpaca-forge export merge --adapter runs/my-alpaca --output runs/my-alpaca-merged""",
         c.MergeConfig,
     ),
     (
@@ -32,7 +32,7 @@ Checksums of the base and of the recovered tensors go into the diff, so `recover
 rebuilt the right weights and refuses a wrong base.
 
 example:
-  alpaca-forge export diff --base llama-7b --tuned out/alpaca-7b --output alpaca-7b-diff""",
+  alpaca-forge export diff --base smollm2-135m-instruct --tuned runs/my-alpaca-merged --output runs/my-alpaca-diff""",
         c.DiffConfig,
     ),
     (
@@ -58,8 +58,8 @@ as transformers, and their next-token choices are compared (the figures also go 
 FILE.parity.json). Llama-family models (Llama 2/3, Mistral, SmolLM) and Qwen2.
 
 example:
-  alpaca-forge export gguf --model out/alpaca-merged --output alpaca.q8_0.gguf --quant q8_0 --ollama
-  alpaca-forge chat --engine llamacpp --model alpaca.q8_0.gguf""",
+  alpaca-forge export gguf --model runs/my-alpaca-merged --output runs/my-alpaca.q8_0.gguf --quant q8_0 --ollama
+  alpaca-forge chat --engine llamacpp --model runs/my-alpaca.q8_0.gguf""",
         c.GgufConfig,
     ),
 ]

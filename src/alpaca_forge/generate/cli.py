@@ -25,9 +25,9 @@ values used.
 
 examples:
   # offline, the embedded model as teacher in llama.cpp (~1.4 records a request, messy but real):
-  alpaca-forge generate --seeds package:demo-seeds.jsonl --output gen.jsonl --num-instructions 24
+  alpaca-forge generate --seeds package:demo-seeds.jsonl --output data/gen.jsonl --num-instructions 24
   # any OpenAI-compatible server, 32 requests in flight, priced:
-  alpaca-forge generate --seeds seed_tasks.jsonl --output gen.jsonl --num-instructions 52000 \\
+  alpaca-forge generate --seeds seed_tasks.jsonl --output data/alpaca-52k.jsonl --num-instructions 52000 \\
       --engine openai --base-url https://api.openai.com/v1 --model gpt-4o-mini --concurrency 32 \\
       --price-prompt-per-1m 0.15 --price-completion-per-1m 0.60 --max-cost-usd 50"""
 

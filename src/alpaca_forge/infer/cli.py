@@ -14,10 +14,10 @@ JSONL), seed tasks and evaluation tasks ({instruction, instances}). Running the 
 again resumes: answers already in --output are skipped.
 
 examples:
-  alpaca-forge infer --input examples/demo_instructions.jsonl --output out/predictions.jsonl
+  alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/after.jsonl
   # on an OpenAI-compatible server (vLLM, TGI, llama.cpp), 32 requests in flight:
   alpaca-forge infer --engine openai --base-url http://gpu-host:8000/v1 --model my-alpaca \\
-      --input eval.jsonl --output out/eval-predictions.jsonl --batch-size 32"""
+      --input package:demo-eval.jsonl --output out/served-after.jsonl --batch-size 32"""
 
 
 def register(sub: Any) -> None:

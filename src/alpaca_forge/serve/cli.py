@@ -17,7 +17,7 @@ any OpenAI-compatible server (vLLM, TGI, llama.cpp).
 
 examples:
   alpaca-forge serve                                   # the embedded model on http://127.0.0.1:8000
-  alpaca-forge serve --model out/alpaca-smollm2 --port 8080 --request-log logs/requests.jsonl
+  alpaca-forge serve --model runs/my-alpaca --request-log logs/requests.jsonl
   # a gateway with keys in front of vLLM, reachable from other machines:
   alpaca-forge serve --engine openai --base-url http://gpu-host:8000/v1 --model my-alpaca \\
       --host 0.0.0.0 --api-keys-file keys.txt --rate-limit-rpm 60

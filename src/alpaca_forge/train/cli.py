@@ -17,8 +17,9 @@ train_summary.json, loss.png and TensorBoard logs.
 Several GPUs: `accelerate launch --config_file configs/accelerate/fsdp.yaml -m alpaca_forge train ...`.
 
 examples:
-  alpaca-forge train --data train.jsonl --output runs/smol --method lora --epochs 1
-  alpaca-forge train --config configs/smollm2-cpu.yaml
+  alpaca-forge train --data data/train.jsonl --output runs/my-alpaca --method lora --format alpaca \\
+      --epochs 3 --learning-rate 1e-3 --max-seq-len 256 --val-size 0.1
+  alpaca-forge train --config configs/smollm2-cpu.yaml --output runs/my-alpaca-yaml   # the same, from a file
   alpaca-forge train --config configs/smollm2-cpu.yaml --resume"""
 
 

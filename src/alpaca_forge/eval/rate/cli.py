@@ -20,12 +20,12 @@ to OUTPUT/ratings.jsonl at once. Ctrl-C stops the page and writes the report, in
 OUTPUT/agreement.md with Cohen's kappa between raters and, with --judge-report, against the LLM judge.
 
 examples:
-  alpaca-forge eval rate --set user_oriented_instructions.jsonl \\
-      --a base=predictions/base.jsonl --b tuned=predictions/tuned.jsonl --output out/rate
+  alpaca-forge eval rate --set package:demo-eval.jsonl --a tuned=out/after.jsonl --b base=out/before.jsonl \\
+      --output out/rate
   # raters on other machines, with kappa against an `eval pairwise` run of the same two systems:
-  alpaca-forge eval rate --set eval.jsonl --a base=out/base.jsonl --b tuned=out/tuned.jsonl \\
+  alpaca-forge eval rate --set package:demo-eval.jsonl --a tuned=out/after.jsonl --b base=out/before.jsonl \\
       --output out/rate --host 0.0.0.0 --judge-report out/eval
-  alpaca-forge eval rate --set eval.jsonl --a base=out/base.jsonl --b tuned=out/tuned.jsonl \\
+  alpaca-forge eval rate --set package:demo-eval.jsonl --a tuned=out/after.jsonl --b base=out/before.jsonl \\
       --output out/rate --report-only                 # the report of the ratings so far""",
     RateConfig,
 )

@@ -21,10 +21,10 @@ and safety.png into --output. The answers are cached there (answers.jsonl): a ki
 a rerun asks nothing, and other --filter-rules re-measure the filter on the same answers.
 
 examples:
-  alpaca-forge eval safety --model out/alpaca-merged --output out/safety
+  alpaca-forge eval safety --model runs/my-alpaca --output out/safety
   # a served model, your own prompts and filter rules:
   alpaca-forge eval safety --engine openai --base-url http://127.0.0.1:8000/v1 --model my-alpaca \\
-      --prompts my_redteam.jsonl --filter-rules my_rules.yaml --output out/safety-served""",
+      --prompts my_redteam.jsonl --filter-rules my_rules.yaml --output out/safety-served   # yours""",
     SafetyConfig,
 )
 
