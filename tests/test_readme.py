@@ -31,6 +31,9 @@ ARTIFACTS = REPO / ".test-artifacts"
 # What a newcomer has beside the README in a clone; the examples read nothing else of ours.
 CARRIED = ("recipes", "configs", "examples")
 COMMAND_TIMEOUT_S = 600
+# A clean run: no Python warning from a library (`file.py:12: FutureWarning: ...`), no message of
+# bitsandbytes' or kernels' offline hub fetches. Our own warnings are plain sentences to act on.
+LIBRARY_NOISE = re.compile(r"^\S+\.py:\d+: \w*Warning: |kernels-community|pip install kernels")
 SERVER_START_S = 180
 
 
@@ -79,10 +82,15 @@ def test_a_hash_inside_quotes_is_not_a_comment():
 # The walk (integration tier): one folder, the examples in order
 
 
+def _no_library_noise(e: Example, stderr: str) -> None:
+    noise = [line for line in stderr.splitlines() if LIBRARY_NOISE.search(line)]
+    assert not noise, f"{e.label}: a warning a user can do nothing about:\n" + "\n".join(noise[:5])
+
+
 class Walk:
     def __init__(self, root: Path):
         self.root = root
-        self.servers: list[tuple[str, subprocess.Popen]] = []
+        self.servers: list[tuple[Example, subprocess.Popen, Path]] = []
         self.times: list[dict] = []
         bin_dir = str(Path(sys.executable).parent)
         self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
@@ -115,6 +123,7 @@ class Walk:
                     f"{e.label}\n$ {e.command if e.kind == 'sh' else e.text}\nexit {done.returncode}\n"
                     f"--- stdout (end)\n{done.stdout[-3000:]}\n--- stderr (end)\n{done.stderr[-4000:]}"
                 )
+            _no_library_noise(e, done.stderr)
         wall = time.monotonic() - started
         missing = [p for p in (e.outputs() if e.kind == "sh" else []) if not (self.root / p).exists()]
         self.times.append(
@@ -123,18 +132,18 @@ class Walk:
         assert not missing, f"{e.label}: ran, but did not write {', '.join(missing)}"
 
     def _start_server(self, e: Example) -> None:
-        proc = subprocess.Popen(
-            ["bash", "-c", "exec " + split_comment(e.command)[0].replace("\\\n", " ")],
-            cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
-        self.servers.append((e.section, proc))
+        log = self.root.parent / f"server-{e.line}.log"  # a file, not a pipe nobody reads while it serves
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                ["bash", "-c", "exec " + split_comment(e.command)[0].replace("\\\n", " ")],
+                cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.servers.append((e, proc, log))
         deadline = time.monotonic() + SERVER_START_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                pytest.fail(
-                    f"{e.label}: the server exited ({proc.returncode}):\n{proc.stdout.read()[-4000:]}"
-                )
+                pytest.fail(f"{e.label}: the server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(e.background, timeout=5) as reply:
                     if reply.status == 200:
@@ -145,19 +154,20 @@ class Walk:
         pytest.fail(f"{e.label}: {e.background} did not answer 200 within {SERVER_START_S} s")
 
     def stop_servers(self, unless_in: str | None = None) -> None:
-        keep = []
-        for section, proc in self.servers:
-            if section == unless_in:
-                keep.append((section, proc))
-                continue
+        """Ctrl-C to the servers of other sections than `unless_in` (all without it), as a user
+        stops them; what they printed must be as clean as any command's."""
+        stopped = [s for s in self.servers if s[0].section != unless_in]
+        self.servers = [s for s in self.servers if s[0].section == unless_in]
+        for _e, proc, _log in stopped:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
+                os.killpg(proc.pid, signal.SIGINT)
                 try:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-        self.servers = keep
+        for e, _proc, log in stopped:
+            _no_library_noise(e, log.read_text(errors="replace"))
 
     def write_times(self) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
