@@ -241,6 +241,9 @@ def render_serve(r: dict) -> str:
     )
 
 
+METHODS = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tune"}
+
+
 @renders("demo", "demo.json")
 def render_demo(r: dict) -> str:
     s, g, t, e, x_ = r["stage_s"], r["generate"], r["train"], r["eval"], r["export"]
@@ -250,7 +253,7 @@ def render_demo(r: dict) -> str:
             f"GGUF → dense cache already on the machine (`bench/bench_demo.py`, {cpu(r['machine'])})",
             f"{r['wall_s']:.0f} s — generate {s['generate']:.0f} s ({g['requests']} requests, "
             f"{g['accepted']} records accepted), data {s['data']:.0f} s ({r['data']['records']} "
-            f"training records), train {s['train']:.0f} s ({t['method']}, {t['steps']} steps, "
+            f"training records), train {s['train']:.0f} s ({METHODS.get(t['method'], t['method'])}, {t['steps']} steps, "
             f"{t['tokens_per_s']:.0f} tok/s), infer {s['infer']:.0f} s ({r['infer']['before']} + "
             f"{r['infer']['after']} answers), eval {s['eval']:.0f} s ({e['judgements']} verdicts), "
             f"export {s['export']:.0f} s ({x_['quant']} GGUF, parity, speed). Run again with nothing "
