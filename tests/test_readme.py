@@ -173,7 +173,10 @@ class Walk:
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "readme-examples.json").write_text(json.dumps(self.times, indent=1) + "\n")
         rows = ["| README line | example | s |", "| ---: | --- | ---: |"]
-        rows += [f"| {t['line']} | `{t['example'].split(' ', 1)[1]}` | {t['s']} |" for t in self.times]
+        rows += [
+            f"| {t['line']} | `{t['example'].split(' ', 1)[1].replace('|', chr(92) + '|')}` | {t['s']} |"
+            for t in self.times
+        ]
         (ARTIFACTS / "readme-examples.md").write_text("\n".join(rows) + "\n")
 
 
