@@ -372,6 +372,8 @@ def test_the_merged_model_answers_as_the_adapter_does(tmp_path, tiny_model_dir, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from alpaca_forge.core.library_noise import peft_call
+
     out = tmp_path / "merged"
     r = run_cli("export", "merge", "--adapter", str(adapter), "--output", str(out))
     assert r.returncode == 0, r.stderr
@@ -380,7 +382,8 @@ def test_the_merged_model_answers_as_the_adapter_does(tmp_path, tiny_model_dir, 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ids = AutoTokenizer.from_pretrained(out)("What is 2 plus 3?")["input_ids"]
     before = _logits(base, ids)
-    with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()  # wraps `base` in place
+    with peft_call():  # peft's own FutureWarning, as the product silences it
+        with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()  # wraps `base` in place
     expected = _logits(with_adapter, ids)
     assert torch.allclose(_logits(merged, ids), expected, atol=1e-5)
     assert not torch.allclose(before, expected, atol=1e-3)  # the adapter does something
