@@ -37,11 +37,21 @@ def gather(value: Any) -> list[Any]:
     return gathered
 
 
+# How long ending the process group may take once every process has passed the barrier.
+LEAVE_TIMEOUT_S = 30.0
+
+
 def leave_together() -> None:
     """Wait for every process, then end the process group: a process exiting while another still
-    talks to it aborts the run (gloo)."""
+    talks to it aborts the run (gloo). Once all have met at the barrier nothing is left to say, so
+    a `destroy_process_group` that does not return (seen once in CI: gloo, 2 CPU processes, the
+    other rank gone) is left behind after LEAVE_TIMEOUT_S instead of holding the run forever."""
+    import threading
+
     import torch
 
     if _initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        ending = threading.Thread(target=torch.distributed.destroy_process_group, daemon=True)
+        ending.start()
+        ending.join(LEAVE_TIMEOUT_S)
