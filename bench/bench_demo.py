@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from machine import describe
+from machine import describe, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = Path(sys.executable).parent / "alpaca-forge"
@@ -109,10 +109,7 @@ def main() -> int:
             **figures(Path(recipe["run_dir"])),
         }
     print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, result)
     return 0
 
 

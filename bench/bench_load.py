@@ -16,7 +16,6 @@ same folder in this process, and a whole command's wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from machine import describe
+from machine import describe, write_results
 
 MODEL = "smollm2-135m-instruct"
 CLI = Path(sys.executable).parent / "alpaca-forge"
@@ -120,10 +119,7 @@ def main() -> int:
             "rounds_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, result)
     return 0
 
 

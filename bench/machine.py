@@ -6,6 +6,7 @@ compared with the next run's.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -32,3 +33,11 @@ def describe() -> dict:
         "python": platform.python_version(),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
+
+
+def write_results(path: str | Path, result: dict) -> None:
+    """`result` as the bench's JSON results file (its folder made), and say where it went."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
