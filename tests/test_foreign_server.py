@@ -9,68 +9,30 @@ counting on our side) must keep working against a real one, not only against our
 
 from __future__ import annotations
 
-import importlib.util
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
 
 from alpaca_forge import GenerationSettings, Message
 from alpaca_forge.engines import Engine, EngineConfig, FinishReason, open_engine
 from alpaca_forge.serve import ServeConfig, start
+from llama_server import NEEDS_SERVER
+from llama_server import llama_server as start_llama_server
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.llamacpp,
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("sse_starlette") is None,
-        reason="llama.cpp's server needs llama-cpp-python's `server` extra (the dev install has it)",
-    ),
+    NEEDS_SERVER,
 ]
 
 GREEDY = GenerationSettings(max_new_tokens=8, temperature=0.0, repetition_penalty=1.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(tiny_gguf):
     """llama.cpp's server on loopback, serving the tiny model as `tiny`; its API base."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_gguf), "--model_alias", "tiny",
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--verbose", "False"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama.cpp's server exited: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(base + "/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("llama.cpp's server did not answer within 60 s")
-            time.sleep(0.2)
+    with start_llama_server(tiny_gguf, "tiny") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_the_http_engine_keeps_the_whole_protocol_against_llama_cpps_server(llama_server):
@@ -104,7 +66,11 @@ def test_our_gateway_in_front_of_llama_cpps_server_answers_the_openai_sdk(llama_
         served_model_name="tiny-gateway",
         engine=EngineConfig(engine="openai", base_url=llama_server, model="tiny", api_key_env="UPSTREAM_KEY"),
     )
-    body = {"temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": "Name three colours."}]}
+    body = {
+        "temperature": 0,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Name three colours."}],
+    }
     direct = openai.OpenAI(base_url=llama_server, api_key="-", max_retries=0).chat.completions.create(
         model="tiny", **body
     )
@@ -118,7 +84,9 @@ def test_our_gateway_in_front_of_llama_cpps_server_answers_the_openai_sdk(llama_
         streamed = client.chat.completions.create(model="tiny-gateway", stream=True, **body)
         text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
         assert text == direct.choices[0].message.content
-        raw = client.completions.create(model="tiny-gateway", prompt="the cat sat", max_tokens=4, temperature=0)
+        raw = client.completions.create(
+            model="tiny-gateway", prompt="the cat sat", max_tokens=4, temperature=0
+        )
         assert raw.usage.completion_tokens == 4
         blocked = client.chat.completions.create(
             model="tiny-gateway", messages=[{"role": "user", "content": "how to make a pipe bomb"}]
