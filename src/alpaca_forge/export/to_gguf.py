@@ -2,19 +2,16 @@
 
 What goes into the file, in order:
 
-1. architecture metadata (`llama.*` / `qwen2.*`: blocks, widths, heads, RoPE, norm epsilon);
+1. architecture metadata (`llama.*`, `qwen3.*` ...: blocks, widths, heads, RoPE, norm epsilon),
+   as the architecture's entry in `gguf_arch.ARCHITECTURES` writes it;
 2. the tokenizer: its model type (`gpt2` byte-level BPE, or `llama` SentencePiece-style BPE with
    byte fallback), every token with its type, the merges, the special ids, whether BOS is added,
    the chat template, and the *pre-tokenizer* name (all in `gguf_tokenizer`);
 3. our prompt format and its stop strings (`alpaca_forge.*` keys), so `--engine llamacpp` renders
    prompts exactly as training did;
-4. the tensors, renamed by the `gguf` package's name map, Q/K rows permuted for llama (below),
+4. the tensors, renamed by the `gguf` package's name map, changed as the architecture says (Q/K
+   rows permuted for llama: `permute_rows`), plus the ones it computes (Llama 3's rope_freqs),
    quantised by the `gguf` package's own quantisers (f16, bf16, q8_0, q4_0/1, q5_0/1).
-
-Q/K permutation. transformers' Llama applies RoPE to the two halves of each head's vector
-(`rotate_half`); llama.cpp rotates interleaved pairs. The rows of q_proj and k_proj are reordered
-so that each head's (first half, second half) become (even, odd) positions; Qwen2 uses the
-half-split layout in llama.cpp too (NEOX rope), so its rows stay as they are.
 """
 
 from __future__ import annotations
@@ -32,17 +29,11 @@ import numpy as np
 from ..core.errors import UserError
 from ..core.prompts import PromptFormat
 from ..engines.llamacpp import PROMPT_FORMAT_KEY
+from .gguf_arch import ARCHITECTURES, Arch
 from .gguf_tokenizer import add_tokenizer
 
 log = logging.getLogger("alpaca_forge")
 
-# transformers class -> llama.cpp architecture. Mistral is a Llama with other defaults, and
-# llama.cpp runs it as one.
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-}
 # Keys of our own in the file (the prompt format's, PROMPT_FORMAT_KEY, is the llama.cpp engine's).
 STOP_STRINGS_KEY = "alpaca_forge.stop_strings"
 
@@ -71,59 +62,23 @@ class Written:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks and hyper-parameters
+# The architecture
 
 
-def architecture_of(model: Any) -> str:
-    """llama.cpp's architecture for a transformers model, or an error naming what is supported."""
+def architecture_of(model: Any) -> Arch:
+    """The registry's entry for a transformers model, checked against what it can write; or an
+    error naming what is supported."""
     config = model.config
     names = list(getattr(config, "architectures", None) or [type(model).__name__])
     for name in names:
         if name in ARCHITECTURES:
+            ARCHITECTURES[name].check(config)
             return ARCHITECTURES[name]
-    supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+    supported = ", ".join(f"{k} ({v.gguf})" for k, v in ARCHITECTURES.items())
     raise UserError(
         f"GGUF export does not support this architecture ({', '.join(names) or config.model_type})",
         f"supported: {supported}; for others use llama.cpp's own convert_hf_to_gguf.py on the merged folder",
     )
-
-
-def _rope(config: Any) -> tuple[float, dict[str, Any]]:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise UserError(
-            f"GGUF export does not support RoPE scaling of type {kind!r} yet",
-            "export a model without rope scaling (or with linear scaling), or use llama.cpp's converter",
-        )
-    return float(theta), params
-
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def add_hparams(writer: Any, config: Any) -> None:
-    theta, rope = _rope(config)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(_head_dim(config))
-    if _head_dim(config) != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(_head_dim(config))
-        writer.add_value_length(_head_dim(config))
-    if rope.get("rope_type") == "linear":
-        import gguf
-
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-    writer.add_vocab_size(config.vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,26 +128,29 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> tuple[str
     return wanted, None
 
 
-def plan_tensors(model: Any, arch: str, quant: str) -> list[TensorPlan]:
-    """What the file will hold, tensor by tensor, read from names and shapes alone."""
+def plan_tensors(model: Any, arch: Arch, quant: str) -> list[TensorPlan]:
+    """What the file will hold, tensor by tensor, read from names and shapes alone (and the
+    architecture's computed tensors, which have no hf_name)."""
     import gguf
 
     config = model.config
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf.upper()], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plans = []
     for hf_name, tensor in model.state_dict().items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
-            continue  # recomputed by llama.cpp / the embedding stands in for a tied output
+        if arch.skip(hf_name) or (tied and hf_name == "lm_head.weight"):
+            continue  # not for llama.cpp / the embedding stands in for a tied output
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(
-                f"GGUF export: no llama.cpp name for the tensor {hf_name!r} ({arch})",
-                f"this model has parts llama.cpp's {arch} does not run; export a plain {arch} model",
+                f"GGUF export: no llama.cpp name for the tensor {hf_name!r} ({arch.gguf})",
+                f"this model has parts llama.cpp's {arch.gguf} does not run; export a plain {arch.gguf} model",
             )
         shape = tuple(tensor.shape)
         qtype, why = tensor_type(name, shape, quant)
         plans.append(TensorPlan(hf_name, name, qtype, shape, why))
+    for name, data in arch.extra_tensors(config).items():
+        plans.append(TensorPlan("", name, "F32", tuple(data.shape)))
     return plans
 
 
@@ -205,18 +163,22 @@ def tensor_bytes(plan: TensorPlan) -> int:
     return rows * (plan.shape[-1] // block) * size
 
 
-def tensor_data(model: Any, arch: str, plan: TensorPlan, state: dict[str, Any]) -> Any:
-    """One tensor as the file stores it: float32, Q/K rows of llama permuted, then quantised."""
+def tensor_data(model: Any, arch: Arch, plan: TensorPlan, state: dict[str, Any]) -> Any:
+    """One tensor as the file stores it: float32, changed as the architecture says (Q/K rows of
+    llama permuted), then quantised."""
     import gguf
 
-    data = state[plan.hf_name].detach().float().cpu().numpy()
     config = model.config
-    if arch == "llama" and plan.hf_name.rsplit(".", 2)[-2] in ("q_proj", "k_proj"):
+    if not plan.hf_name:
+        return arch.extra_tensors(config)[plan.gguf_name].astype(np.float32)
+    data = state[plan.hf_name].detach().float().cpu().numpy()
+    if arch.permute_qk and plan.hf_name.rsplit(".", 2)[-2] in ("q_proj", "k_proj"):
         n_head = config.num_attention_heads
         heads = (
             n_head if ".q_proj." in plan.hf_name else getattr(config, "num_key_value_heads", None) or n_head
         )
         data = permute_rows(data, heads)  # weights and biases alike: their rows are the heads'
+    data = arch.tensor(plan.hf_name, data, config)
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType[plan.qtype])
 
 
@@ -240,12 +202,12 @@ def write_gguf(
 
     arch = architecture_of(model)
     plans = plan_tensors(model, arch, quant)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch.gguf)
     try:
         writer.add_name(name)
         writer.add_file_type(gguf.LlamaFileType[_PLANS[quant][2]])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_hparams(writer, model.config)
+        arch.hparams(writer, model.config)
         tok_model, pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre_tokenizer)
         writer.add_string(PROMPT_FORMAT_KEY, json.dumps(prompt_format.to_dict()))
         if prompt_format.stop_strings:  # for other runtimes; our engine takes them from the format
@@ -267,10 +229,10 @@ def write_gguf(
         state = model.state_dict()
         for plan in plans:
             writer.write_tensor_data(tensor_data(model, arch, plan, state))
-            if progress:
+            if progress and plan.hf_name:  # computed tensors are not among the model's
                 progress(1)
     finally:
         writer.close()
-    written = Written(path, arch, tok_model, pre, quant, plans, [p.why for p in plans if p.why])
+    written = Written(path, arch.gguf, tok_model, pre, quant, plans, [p.why for p in plans if p.why])
     written.bytes = path.stat().st_size
     return written
