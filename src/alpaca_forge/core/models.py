@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .chat_template import save_tokenizer
 from .devices import pick_device, pick_dtype
 from .errors import UserError
 from .gguf_cache import clear_gguf_marker, dense_gguf, no_hf_progress_bars
@@ -372,11 +373,13 @@ def load_model(
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, prompt_format: PromptFormat) -> Path:
-    """Save weights (safetensors), tokenizer and prompt format together, so the folder loads alone."""
+    """Save weights (safetensors), tokenizer and prompt format together, so the folder loads alone;
+    the tokenizer's chat template renders the prompt format, so other runtimes prompt the model
+    as it was trained."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clear_gguf_marker(model)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out, prompt_format)  # with the format as its chat template
     save_format(out, prompt_format)
     return out

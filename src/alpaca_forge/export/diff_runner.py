@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.chat_template import retemplate_folder
 from ..core.errors import UserError
 from ..core.files import staged_output
 from ..core.hardware import BYTES_PER_MB, peak_rss_mb
@@ -247,6 +248,7 @@ def run_recover(config: RecoverConfig, *, progress: bool = True) -> RecoverResul
             del recovered
         shards, size = writer.finish()
         copy_side_files(diff.path, tmp)
+        retemplate_folder(tmp)  # the chat template renders the saved prompt format
     unverified = tuple(n for n in diff.names if n not in verified) if manifest else ()
     if manifest is None:
         verification, exact, deviation, worst = Verification.NO_RECORD, None, None, None

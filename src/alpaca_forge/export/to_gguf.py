@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.chat_template import with_chat_template
 from ..core.errors import UserError
 from ..core.prompts import PromptFormat
 from ..engines.llamacpp import PROMPT_FORMAT_KEY
@@ -208,6 +209,7 @@ def write_gguf(
         writer.add_file_type(gguf.LlamaFileType[_PLANS[quant][2]])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         arch.hparams(writer, model.config)
+        tokenizer = with_chat_template(tokenizer, prompt_format)  # the template renders our format
         tok_model, pre = add_tokenizer(writer, tokenizer, model.config.vocab_size, pre_tokenizer)
         writer.add_string(PROMPT_FORMAT_KEY, json.dumps(prompt_format.to_dict()))
         if prompt_format.stop_strings:  # for other runtimes; our engine takes them from the format

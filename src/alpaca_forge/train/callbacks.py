@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
+from ..core.chat_template import save_tokenizer
 from ..core.errors import UserError
 from ..core.prompts import save_format
 from .batching import COUNTS, TokenCounts
@@ -52,7 +53,7 @@ class CheckpointCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.tokenizer.save_pretrained(folder)
+        save_tokenizer(self.tokenizer, folder, self.fmt)
         save_format(folder, self.fmt)
         mark_complete(folder, {**self.description, "step": state.global_step, "epoch": state.epoch})
         rotate(Path(args.output_dir), self.keep)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.chat_template import save_tokenizer
 from ..core.errors import UserError
 from ..core.files import fsync_dir, write_json_atomic
 from ..core.models import merge_adapter, save_model
@@ -117,7 +118,7 @@ def save(config: TrainConfig, trainer: Any, prep: Prepared, summary: dict[str, A
 
 def _move_in(config: TrainConfig, model: Any, prep: Prepared, tmp: Path, summary: dict[str, Any]) -> None:
     """Complete what the Trainer wrote into `tmp`, then move it into the output, description last."""
-    prep.tokenizer.save_pretrained(tmp)
+    save_tokenizer(prep.tokenizer, tmp, prep.fmt)  # the trained format as its chat template
     save_format(tmp, prep.fmt)
     if config.method != "full":
         summary["adapter"] = verify_adapter(tmp, model)
