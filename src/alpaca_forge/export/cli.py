@@ -57,9 +57,17 @@ f32/f16/bf16/q8_0/q4_0/q4_1/q5_0/q5_1. K-quants (q4_k_m ...) go through llama.cp
 as transformers, and their next-token choices are compared (the figures also go to
 FILE.parity.json). Llama-family models (Llama 2/3, Mistral, SmolLM) and Qwen2.
 
-example:
+With --adapter, the file is a GGUF LoRA adapter for --model (its base) instead, which llama.cpp
+applies at load: megabytes per fine-tune, one base GGUF for all. Its parity check loads --model's
+f16 GGUF with the adapter applied and compares it with transformers running the merged model.
+
+examples:
   alpaca-forge export gguf --model runs/my-alpaca-merged --output runs/my-alpaca.q8_0.gguf --quant q8_0 --ollama
-  alpaca-forge chat --engine llamacpp --model runs/my-alpaca.q8_0.gguf""",
+  alpaca-forge chat --engine llamacpp --model runs/my-alpaca.q8_0.gguf
+  alpaca-forge export gguf --model smollm2-135m-instruct --output runs/base.f16.gguf --quant f16
+  alpaca-forge export gguf --model smollm2-135m-instruct --adapter runs/my-alpaca --output runs/my-alpaca.lora.gguf \
+      --quant f16 --base-gguf runs/base.f16.gguf --ollama
+  llama-server -m runs/base.f16.gguf --lora runs/my-alpaca.lora.gguf""",
         c.GgufConfig,
     ),
 ]
@@ -121,11 +129,14 @@ def _gguf(config: c.GgufConfig, args: Any) -> int:
     from .runner import run_gguf
 
     r = run_gguf(config, progress=not args.quiet)
-    print(f"{r.output}: {r.quant}, {r.bytes / 1e6:.1f} MB, written in {r.export_s:.1f} s")
+    kind = f"LoRA adapter for {config.model}, " if config.adapter else ""
+    print(f"{r.output}: {kind}{r.quant}, {r.bytes / 1e6:.1f} MB, written in {r.export_s:.1f} s")
     if r.parity:
         for line in describe(r.parity, r.quant):
             print(line)
         say("parity figures: %s", r.report)
+    if config.adapter:
+        say("llama.cpp: llama-server -m %s --lora %s", config.base_gguf or "BASE.gguf", r.output)
     if r.modelfile:
         say("Ollama: ollama create NAME -f %s", r.modelfile)
     return 0

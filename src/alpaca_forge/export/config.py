@@ -13,6 +13,9 @@ DiffKind = Literal["add", "xor"]
 # package's own quantisers (pure numpy, no compiler); the K-quants by llama.cpp's quantizer,
 # through llama-cpp-python (`pip install 'alpaca-forge[llamacpp]'`).
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# What `export gguf --adapter` writes a LoRA adapter's tensors as (K-quants are made by llama.cpp's
+# whole-model quantizer, which takes no adapters).
+LORA_QUANTS = ("f32", "f16", "bf16", "q8_0")
 GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 QuantName = Literal[GGUF_QUANTS + GGUF_K_QUANTS]  # type: ignore[valid-type]
 # What --base names: a folder as it is, a name as the weights every `--model` loads.
@@ -74,7 +77,7 @@ class GgufConfig(Config):
     model: str = setting(
         REQUIRED,
         "the model to export: a model folder (e.g. `export merge`'s output), a built-in name or a cached "
-        "Hugging Face id",
+        "Hugging Face id; with --adapter, the adapter's base",
     )
     output: str = setting(REQUIRED, "the .gguf file to write", metavar="FILE.gguf")
     quant: QuantName = setting(  # type: ignore[valid-type]
@@ -92,5 +95,44 @@ class GgufConfig(Config):
         True, "load the file in llama.cpp and compare its next-token choices with transformers'"
     )
     verify_prompts: int = setting(100, "prompts the parity check runs", ge=1)
-    ollama: bool = setting(False, "also write an Ollama Modelfile beside the file (template, stop strings)")
+    ollama: bool = setting(
+        False,
+        "also write an Ollama Modelfile beside the file (template, stop strings; with --adapter: "
+        "FROM --base-gguf, ADAPTER the file)",
+    )
+    adapter: str | None = setting(
+        None,
+        "write this LoRA adapter folder (as `train --method lora` or peft wrote it) as a GGUF LoRA "
+        "adapter for --model, its base, instead of the model: llama.cpp applies it at load "
+        f"(llama-server -m BASE.gguf --lora FILE.gguf); --quant {'/'.join(LORA_QUANTS)}",
+        metavar="DIR",
+    )
+    base_gguf: str | None = setting(
+        None,
+        "with --adapter: the base's own GGUF file (`export gguf --model BASE`), checked to fit the "
+        "adapter and named as FROM in the --ollama Modelfile",
+        metavar="FILE.gguf",
+    )
     force: bool = setting(False, "replace --output if it exists")
+
+    def check(self):
+        if self.adapter is None:
+            if self.base_gguf:
+                yield (
+                    "base_gguf",
+                    "--base-gguf goes with --adapter",
+                    "add --adapter DIR, or leave --base-gguf out",
+                )
+            return
+        if self.quant not in LORA_QUANTS:
+            yield (
+                "quant",
+                f"--quant {self.quant} is not written for LoRA adapters",
+                f"use --quant {', '.join(LORA_QUANTS)} (an adapter is small: f16 costs little)",
+            )
+        if self.ollama and not self.base_gguf:
+            yield (
+                "base_gguf",
+                "--ollama with --adapter needs the base's GGUF file for the Modelfile's FROM line",
+                "add --base-gguf BASE.gguf (write it with `alpaca-forge export gguf --model BASE`)",
+            )

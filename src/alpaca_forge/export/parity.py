@@ -166,7 +166,9 @@ def check_parity(
     prompts: int = 100,
     threads: int | None = None,
     progress: bool = False,
+    lora: Path | None = None,
 ) -> Parity:
+    """`lora`: a GGUF LoRA adapter llama.cpp applies to `gguf_file` (`model` is then the merged one)."""
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -185,6 +187,7 @@ def check_parity(
         n_batch=width + 1,  # each prompt in one decode call
         logits_all=True,
         n_threads=threads,
+        **({"lora_path": str(lora)} if lora else {}),
     )
     template_agree = None
     if fmt.name == "chat":

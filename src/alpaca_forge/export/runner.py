@@ -126,6 +126,10 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
 
     from .to_gguf import architecture_of, write_gguf
 
+    if config.adapter:  # a GGUF LoRA adapter for --model, not the model itself
+        from .lora_gguf import run_lora_gguf
+
+        return run_lora_gguf(config, progress=progress)
     check_llama_cpp(config)
     out = Path(config.output).expanduser()
     if out.suffix != ".gguf":
@@ -291,14 +295,18 @@ def _stderr_captured() -> Iterator[_Captured]:
 # Ollama
 
 
-def ollama_modelfile(gguf_file: Path, fmt: Any) -> str:
+def ollama_modelfile(gguf_file: Path, fmt: Any, *, adapter: Path | None = None) -> str:
     """An Ollama Modelfile: the file, the prompt template (Go template syntax) and the stop strings,
-    so `ollama create NAME -f FILE` serves the model with the prompts it was trained on."""
+    so `ollama create NAME -f FILE` serves the model with the prompts it was trained on. With
+    `adapter` (a GGUF LoRA, the Modelfile beside it), `gguf_file` is its base."""
     from ..core.prompts import Message
     from ..engines import GenerationSettings
     from ..engines.config import IN_PROCESS_REPETITION_PENALTY
 
     lines = [f"FROM ./{gguf_file.name}", ""]
+    if adapter is not None:
+        base = os.path.relpath(gguf_file.resolve(), adapter.resolve().parent)
+        lines = [f"FROM {base if base.startswith('..') else './' + base}", f"ADAPTER ./{adapter.name}", ""]
     if fmt.name != "chat":  # a chat template stays in the GGUF, where Ollama reads it itself
         # The format's own rendering of one message, the message replaced by Ollama's placeholder:
         # the template is ours byte for byte (single-turn: Ollama's .Prompt is the last message).
