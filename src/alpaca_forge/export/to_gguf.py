@@ -30,6 +30,7 @@ from ..core.chat_template import with_chat_template
 from ..core.errors import UserError
 from ..core.prompts import PromptFormat
 from ..engines.llamacpp import PROMPT_FORMAT_KEY
+from . import gguf_gemma  # noqa: F401  (registers Gemma 2/3; imported here, not in gguf_arch: no cycle)
 from .gguf_arch import ARCHITECTURES, Arch
 from .gguf_tokenizer import add_tokenizer
 
