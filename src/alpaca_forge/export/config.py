@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.config import REQUIRED, Config, setting
+from ..core.prompts import FORMATS
 
 DiffKind = Literal["add", "xor"]
 
@@ -90,6 +91,12 @@ class GgufConfig(Config):
         "llama.cpp's name for the tokenizer's pre-tokenizer (e.g. smollm, llama-bpe, qwen2), when it "
         "is not recognised from tokenizer.json",
         metavar="NAME",
+    )
+    format: Literal[tuple(FORMATS)] | None = setting(  # type: ignore[valid-type]
+        None,
+        "the prompt format the model reads, written into the file as its chat template: alpaca, "
+        "user-assistant, or chat (the model's own template); needed for a model folder without "
+        "prompt_format.json, which alpaca-forge writes beside every model it trains",
     )
     verify: bool = setting(
         True, "load the file in llama.cpp and compare its next-token choices with transformers'"

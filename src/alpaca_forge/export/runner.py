@@ -22,11 +22,12 @@ from ..core.models import (
     ADAPTER_BASE_FILE,
     adapter_base,
     load_pretrained,
+    load_tokenizer,
     merge_adapter,
-    model_format,
+    resolve_model,
     save_model,
 )
-from ..core.prompts import read_saved_format, resolve_format
+from ..core.prompts import FORMAT_FILE, PromptFormat, read_saved_format, resolve_format
 from .config import GGUF_K_QUANTS, GgufConfig, MergeConfig
 from .parity import Parity, check_parity, describe, judge
 
@@ -116,6 +117,34 @@ def check_llama_cpp(config: GgufConfig) -> None:
         ) from e
 
 
+def gguf_format(config: GgufConfig) -> PromptFormat:
+    """The prompt format a GGUF is written for (its chat template, stop strings and our own key).
+    A model folder says it in prompt_format.json, or --format does: without either, the folder's
+    tokenizer template may be its base's, which the model was never trained on. A model as
+    published (a built-in name, a .gguf file, a Hugging Face id) reads its own template."""
+    source = resolve_model(config.model)
+    saved = read_saved_format(source.location) if source.kind == "dir" else None
+    if source.kind == "dir" and saved is None and config.format is None:
+        raise UserError(
+            f"--model {config.model}: this folder has no {FORMAT_FILE}, so which prompt format the model "
+            "was trained on (the GGUF's chat template) is unknown",
+            "pass --format chat for a model as published with its own chat template, or --format alpaca "
+            "/ --format user-assistant for one trained on that format (alpaca-forge train writes "
+            f"{FORMAT_FILE} itself)",
+        )
+    tokenizer = None
+    if (config.format or (saved.name if saved else None)) in (None, "chat"):
+        tokenizer = load_tokenizer(config.model)  # the default and `chat` read its template
+    fmt = resolve_format(config.format, None, saved=saved, tokenizer=tokenizer)
+    if fmt.name == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"--model {config.model}: the 'chat' prompt format writes the model's own chat template into "
+            "the GGUF, and this model's tokenizer has none",
+            "pass --format alpaca or --format user-assistant, the format the model was trained on",
+        )
+    return fmt
+
+
 def sidecar(output: Path, suffix: str) -> Path:
     """`model.q8_0.gguf` -> `model.q8_0.parity.json` / `model.q8_0.Modelfile`."""
     return output.with_name(output.name.removesuffix(".gguf") + suffix)
@@ -134,6 +163,7 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
     out = Path(config.output).expanduser()
     if out.suffix != ".gguf":
         raise UserError(f"--output {out}: a GGUF file's name ends in .gguf", f"e.g. --output {out.name}.gguf")
+    fmt = gguf_format(config)  # before anything loads: its chat template goes into the file
     report_path, modelfile_path = sidecar(out, ".parity.json"), sidecar(out, ".Modelfile")
     for path in [out, report_path] + ([modelfile_path] if config.ollama else []):
         refuse_existing(path, force=config.force, folder=False)  # before minutes of loading
@@ -142,7 +172,6 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
     # Tensors are written one at a time from the dtype they are stored in; only the parity check
     # needs the whole model in float32 (its reference logits), about 4 bytes per parameter.
     model = (model.float() if config.verify else model).eval()
-    fmt = model_format(config.model, None, None, tokenizer)
     name = Path(source.spec.rstrip("/")).name.removesuffix(".gguf")
     started = time.perf_counter()
     with staged_output(out, force=config.force, folder=False) as tmp:
