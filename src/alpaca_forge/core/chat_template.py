@@ -24,6 +24,7 @@ and llama.cpp's own minja all read them alike; every tag trims the whitespace ar
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -149,4 +150,9 @@ def retemplate_folder(folder: str | os.PathLike) -> None:
     fmt = read_saved_format(folder)
     if fmt is None or fmt.name not in _TEMPLATES:
         return
-    save_tokenizer(AutoTokenizer.from_pretrained(str(folder)), folder, fmt)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:  # no tokenizer files: nothing holds a template
+        logging.getLogger("alpaca_forge").warning("%s: no tokenizer to give a chat template (%s)", folder, e)
+        return
+    save_tokenizer(tokenizer, folder, fmt)
