@@ -8,7 +8,8 @@ Three formats:
   Alpaca-style chat models recommend. Multi-turn.
 
 Whichever format a model is trained with is saved next to its weights (`prompt_format.json`) and
-read back by every command that loads it, so training and inference cannot drift apart.
+read back by every command that loads it, so training and inference cannot drift apart; it is
+also saved as the tokenizer's chat template (`core.chat_template`), for other runtimes.
 """
 
 from __future__ import annotations
