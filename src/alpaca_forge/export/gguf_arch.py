@@ -7,10 +7,10 @@ does not store but llama.cpp reads (`extra_tensors`), and tensors to leave out (
 `ARCHITECTURES` maps a transformers class name (config.architectures) to its `Arch`.
 
 Families with enough of their own live in their own module (`gguf_gemma` for Gemma 2 and 3) that
-imports `Arch`, `register` and the shared helpers from here and calls `register` at import; this
-module imports them at its very end (after every name they need exists), so importing
-`gguf_arch` always yields the full registry. A family module reuses `llama_hparams` in its own
-`hparams` (call it, then add its keys) and `rope_check(...)` for its `check`.
+imports `Arch`, `register` and the shared helpers from here and calls `register` at import.
+`to_gguf` imports those modules (this one cannot: the import would be a cycle), so wherever the
+writer is, the registry is whole. A family module reuses `llama_hparams` in its own `hparams`
+(call it, then add its keys) and `rope_check(...)` for its `check`.
 Tensor names come from the `gguf` package's name map for the `gguf` architecture; a tensor it
 cannot name is an error, never silently dropped.
 
@@ -24,6 +24,7 @@ RoPE is written as llama.cpp reads it: `linear` and `yarn` as keys, Llama 3's `l
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import UserError
+
+log = logging.getLogger("alpaca_forge")
 
 # ---------------------------------------------------------------------------------------------
 # What every llama-like family shares
@@ -168,5 +171,75 @@ register("MistralForCausalLM", LLAMA)  # a Llama with other defaults; llama.cpp 
 # ---------------------------------------------------------------------------------------------
 # Qwen2 and Qwen3 (q_norm/k_norm per head, explicit head_dim: both handled by the shared code)
 
-register("Qwen2ForCausalLM", Arch("qwen2", check=rope_check("linear", "yarn")))
-register("Qwen3ForCausalLM", Arch("qwen3", check=rope_check("linear", "yarn")))
+_qwen_rope = rope_check("linear", "yarn")
+
+
+def qwen_check(config: Any) -> None:
+    """llama.cpp's qwen2/qwen3 attend in full: a sliding window transformers applies is refused."""
+    _qwen_rope(config)
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise UserError(
+            f"GGUF export: llama.cpp runs {type(config).__name__.removesuffix('Config')} without its "
+            f"sliding window (use_sliding_window: true, sliding_window: {config.sliding_window} in config.json)",
+            "export a model trained without the sliding window (use_sliding_window: false)",
+        )
+
+
+register("Qwen2ForCausalLM", Arch("qwen2", check=qwen_check))
+register("Qwen3ForCausalLM", Arch("qwen3", check=qwen_check))
+
+# ---------------------------------------------------------------------------------------------
+# Phi-3: fused qkv_proj (-> attn_qkv) and gate_up_proj (-> ffn_up, gate half first), both split
+# by llama.cpp as transformers splits them, so the tensors go in as they are.
+
+
+def _longrope(config: Any) -> tuple[dict[str, Any], int, float] | None:
+    """Phi-3's LongRoPE settings, its original context and attention factor, or None."""
+    rope = rope_parameters(config)
+    if rope["rope_type"] != "longrope":
+        return None
+    original = int(rope.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    factor = rope.get("factor") or config.max_position_embeddings / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return rope, original, float(attention)
+
+
+def phi3_hparams(writer: Any, config: Any) -> None:
+    """Phi-3's keys: the shared ones, its sliding window (which llama.cpp reads but, in the
+    versions we run, does not apply: prompts longer than the window are attended in full), and
+    LongRoPE's original context and attention factor."""
+    llama_hparams(writer, config)
+    window = getattr(config, "sliding_window", None)
+    writer.add_sliding_window(int(window or 0))
+    if window and window < config.max_position_embeddings:
+        log.warning(
+            "Phi-3's sliding window (%d positions) is in the GGUF, but llama.cpp runs Phi-3 with full "
+            "attention: prompts longer than the window are answered differently there",
+            window,
+        )
+    longrope = _longrope(config)
+    if longrope:
+        _, original, attention = longrope
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(attention)
+
+
+def phi3_rope_factors(config: Any) -> dict[str, np.ndarray]:
+    """LongRoPE's per-frequency divisors: llama.cpp takes the long ones when its context is longer
+    than the original one, as transformers does past that length."""
+    longrope = _longrope(config)
+    if not longrope:
+        return {}
+    rope = longrope[0]
+    return {
+        "rope_factors_long.weight": np.asarray(rope["long_factor"], dtype=np.float32),
+        "rope_factors_short.weight": np.asarray(rope["short_factor"], dtype=np.float32),
+    }
+
+
+register(
+    "Phi3ForCausalLM",
+    Arch("phi3", check=rope_check("longrope"), hparams=phi3_hparams, extra_tensors=phi3_rope_factors),
+)
