@@ -1,4 +1,5 @@
-"""Gemma 2 and Gemma 3 (text) in GGUF: the registry entries `gguf_arch` imports at its end.
+"""Gemma 2 and Gemma 3 (text) in GGUF: entries of `gguf_arch`'s registry, made when `to_gguf`
+imports this module.
 
 What sets Gemma apart, and how the file carries it (each fact as llama.cpp's `gemma2`/`gemma3`
 read it; a setting llama.cpp would run otherwise than transformers is refused, never guessed):
