@@ -195,6 +195,32 @@ def test_ollama_modelfile_names_the_base_and_the_adapter(tmp_path, tiny_model_di
     assert fields_of(out)["tensors"]["blk.0.attn_q.weight.lora_a"]  # q8_0 by default: it loads too
 
 
+@pytest.mark.real_model
+def test_a_smollm2_adapter_is_a_few_percent_of_the_model_and_answers_as_merged(tmp_path):
+    """SmolLM2-135M (the built-in model's dense copy) with an r=16 LoRA on every linear layer: the
+    adapter file is 9.8 MB at f16, the merged model's f16 GGUF 271 MB."""
+    from safetensors.torch import load_file, save_file
+
+    from alpaca_forge.core.gguf_cache import dense_gguf
+    from alpaca_forge.core.models import resolve_model
+
+    dense = dense_gguf(Path(resolve_model("smollm2-135m-instruct").location)).folder  # what --model loads
+    adapter = make_adapter(dense, tmp_path / "lora", r=16, lora_alpha=32)
+    weights = adapter / "adapter_model.safetensors"
+    torch.manual_seed(2)  # a trained adapter's magnitudes: B small, A about 1/sqrt(in)
+    state = {
+        k: torch.randn_like(v) * 0.02 if "lora_B" in k else torch.randn_like(v) / v.shape[1] ** 0.5
+        for k, v in load_file(str(weights)).items()
+    }
+    save_file(state, str(weights))
+    out = tmp_path / "smol.lora.f16.gguf"
+    r = export_lora(Path("smollm2-135m-instruct"), adapter, out, "--quant", "f16")
+    assert r.returncode == 0, r.stderr
+    parity = parity_of(out)
+    assert parity["top1_all"] >= 0.99 and parity["tokenization_agree"] == 1.0, parity
+    assert out.stat().st_size < 12e6
+
+
 # ---------------------------------------------------------------------------------------------
 # Mistakes, refused before any work
 

@@ -65,8 +65,7 @@ examples:
   alpaca-forge export gguf --model runs/my-alpaca-merged --output runs/my-alpaca.q8_0.gguf --quant q8_0 --ollama
   alpaca-forge chat --engine llamacpp --model runs/my-alpaca.q8_0.gguf
   alpaca-forge export gguf --model smollm2-135m-instruct --output runs/base.f16.gguf --quant f16
-  alpaca-forge export gguf --model smollm2-135m-instruct --adapter runs/my-alpaca --output runs/my-alpaca.lora.gguf \
-      --quant f16 --base-gguf runs/base.f16.gguf --ollama
+  alpaca-forge export gguf --model smollm2-135m-instruct --adapter runs/my-alpaca --quant f16 --output runs/my-alpaca.lora.gguf --base-gguf runs/base.f16.gguf --ollama
   llama-server -m runs/base.f16.gguf --lora runs/my-alpaca.lora.gguf""",
         c.GgufConfig,
     ),
