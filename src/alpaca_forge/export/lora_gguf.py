@@ -323,34 +323,39 @@ def write_lora_gguf(
 # `export gguf --adapter`
 
 
-def run_lora_gguf(config: Any, *, progress: bool = True) -> Any:
-    """The adapter as a GGUF LoRA file, then (unless --no-verify) the parity check: --model's f16
-    GGUF with this adapter applied by llama.cpp, against transformers with the adapter merged by
-    peft, on the same token ids."""
+@dataclass(frozen=True)
+class LoraExport:
+    """What `export_lora` wrote: runner.run_gguf turns it into its result (and the Modelfile)."""
+
+    bytes: int
+    architecture: str
+    export_s: float
+    parity: Any  # parity.Parity, None with --no-verify
+    report: Path | None
+    prompt_format: Any
+
+
+def export_lora(config: Any, out: Path, report_path: Path, *, progress: bool = True) -> LoraExport:
+    """The adapter as the GGUF LoRA file `out`, then (unless --no-verify) the parity check:
+    --model's f16 GGUF with this adapter applied by llama.cpp, against transformers with the
+    adapter merged by peft, on the same token ids; its figures go to `report_path`."""
     import tempfile
     import time
 
-    from ..core.files import refuse_existing, staged_output, write_json_atomic, write_text_atomic
+    from ..core.files import refuse_existing, staged_output, write_json_atomic
     from ..core.models import load_pretrained
     from ..core.prompts import read_saved_format, resolve_format
-    from .runner import GgufResult, check_llama_cpp, ollama_modelfile, sidecar
     from .to_gguf import architecture_of
 
-    check_llama_cpp(config)
-    out = Path(config.output).expanduser()
-    if out.suffix != ".gguf":
-        raise UserError(f"--output {out}: a GGUF file's name ends in .gguf", f"e.g. --output {out.name}.gguf")
     spec = read_adapter(Path(config.adapter).expanduser())  # before the base loads
-    report_path, modelfile_path = sidecar(out, ".parity.json"), sidecar(out, ".Modelfile")
-    for path in [out, report_path] + ([modelfile_path] if config.ollama else []):
+    for path in (out, report_path):
         refuse_existing(path, force=config.force, folder=False)
     model, tokenizer, _ = load_pretrained(config.model)
     model = model.float().eval()  # the merged reference, and a base GGUF of full precision
     arch = architecture_of(model)
     pairs = plan_pairs(spec, model, arch, config.model)
-    base_gguf = Path(config.base_gguf).expanduser() if config.base_gguf else None
-    if base_gguf:
-        check_base_gguf(base_gguf, arch.gguf, pairs)
+    if config.base_gguf:
+        check_base_gguf(Path(config.base_gguf).expanduser(), arch.gguf, pairs)
     # The format the adapter was trained on (train saves it beside the adapter), or --format.
     saved = read_saved_format(spec.folder)
     fmt = resolve_format(getattr(config, "format", None), None, saved=saved, tokenizer=tokenizer)
@@ -364,9 +369,9 @@ def run_lora_gguf(config: Any, *, progress: bool = True) -> Any:
         if config.verify:
             with tempfile.TemporaryDirectory(prefix=".lora-parity-", dir=out.parent) as scratch:
                 parity = _verify(model, tokenizer, fmt, spec, tmp, Path(scratch), config, progress)
+    report = None
     if parity is None:
-        report_path.unlink(missing_ok=True)
-        report = None
+        report_path.unlink(missing_ok=True)  # it described the file --force replaced
     else:
         report = write_json_atomic(
             report_path,
@@ -381,10 +386,8 @@ def run_lora_gguf(config: Any, *, progress: bool = True) -> Any:
                 **parity.to_dict(),
             },
         )
-    modelfile = None
-    if config.ollama:
-        modelfile = write_text_atomic(modelfile_path, ollama_modelfile(base_gguf, fmt, adapter=out))
-    return GgufResult(out, config.quant, size, arch.gguf, "", export_s, parity, report, modelfile)
+    log.info("wrote %s (LoRA adapter for %s, %s, %.1f MB)", out, config.model, config.quant, size / 1e6)
+    return LoraExport(size, arch.gguf, export_s, parity, report, fmt)
 
 
 def _base_quant(quant: str) -> str:

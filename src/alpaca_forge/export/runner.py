@@ -155,14 +155,12 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
 
     from .to_gguf import architecture_of, write_gguf
 
-    if config.adapter:  # a GGUF LoRA adapter for --model, not the model itself
-        from .lora_gguf import run_lora_gguf
-
-        return run_lora_gguf(config, progress=progress)
     check_llama_cpp(config)
     out = Path(config.output).expanduser()
     if out.suffix != ".gguf":
         raise UserError(f"--output {out}: a GGUF file's name ends in .gguf", f"e.g. --output {out.name}.gguf")
+    if config.adapter:  # a GGUF LoRA adapter for --model, not the model itself
+        return _lora_gguf(config, out, progress)
     fmt = gguf_format(config)  # before anything loads: its chat template goes into the file
     report_path, modelfile_path = sidecar(out, ".parity.json"), sidecar(out, ".Modelfile")
     for path in [out, report_path] + ([modelfile_path] if config.ollama else []):
@@ -248,6 +246,23 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
         report,
         modelfile,
         written.fallbacks,
+    )
+
+
+def _lora_gguf(config: GgufConfig, out: Path, progress: bool) -> GgufResult:
+    """`--adapter`: the adapter as a GGUF LoRA file (lora_gguf), the Modelfile naming its base."""
+    from .lora_gguf import export_lora
+
+    modelfile_path = sidecar(out, ".Modelfile")
+    if config.ollama:
+        refuse_existing(modelfile_path, force=config.force, folder=False)
+    r = export_lora(config, out, sidecar(out, ".parity.json"), progress=progress)
+    modelfile = None
+    if config.ollama:  # config.check() made sure --base-gguf is given
+        text = ollama_modelfile(Path(str(config.base_gguf)).expanduser(), r.prompt_format, adapter=out)
+        modelfile = write_text_atomic(modelfile_path, text)
+    return GgufResult(
+        out, config.quant, r.bytes, r.architecture, "", r.export_s, r.parity, r.report, modelfile
     )
 
 
