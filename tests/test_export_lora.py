@@ -272,4 +272,22 @@ def test_what_a_gguf_lora_cannot_carry_is_refused(tmp_path, tiny_model_dir, adap
         assert_user_error(export_lora(tiny_model_dir, bad, out), needle, "export merge")
     assert_user_error(export_lora(tiny_model_dir, adapter, out, "--quant", "q4_k_m"), "--quant", "f16")
     assert_user_error(export_lora(tiny_model_dir, adapter, out, "--ollama"), "--base-gguf")
+    missing = tmp_path / "none.gguf"
+    assert_user_error(export_lora(tiny_model_dir, adapter, out, "--base-gguf", str(missing)), "no such file")
+    tokenizer = build_tiny_tokenizer()
+    smaller = save_model(
+        build_tiny_model(tokenizer, hidden_size=32, intermediate_size=64),
+        tokenizer,
+        tmp_path / "s",
+        get_format("alpaca"),
+    )
+    other = tmp_path / "small.gguf"
+    assert (
+        run_cli(
+            "-q", "export", "gguf", "--model", str(smaller), "--output", str(other), "--no-verify"
+        ).returncode
+        == 0
+    )
+    r = export_lora(tiny_model_dir, adapter, out, "--base-gguf", str(other))
+    assert_user_error(r, f"--base-gguf {other}", "is (64, 32) there", "down_proj needs (128, 64)")
     assert not list(tmp_path.glob("x.lora*"))

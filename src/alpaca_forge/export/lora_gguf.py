@@ -247,13 +247,13 @@ def check_base_gguf(path: Path, arch: str, pairs: list[LoraPair]) -> None:
             f"--base-gguf {path}: a {fields.get('general.architecture')} model; the adapter is for {arch}",
             "name the GGUF of the base given as --model",
         )
-    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ggml order: (in, out)
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # (in, out), as ggml
     for pair in pairs:
         want = (pair.a.shape[1], pair.b.shape[0])
-        if shapes.get(pair.gguf_name, want)[:2] != want:
+        if shapes.get(pair.gguf_name, ())[:2] != want:
+            there = f"is {shapes[pair.gguf_name]}" if pair.gguf_name in shapes else "is missing"
             raise UserError(
-                f"--base-gguf {path}: {pair.gguf_name} is {shapes[pair.gguf_name]} there, the adapter's "
-                f"{pair.module} needs {want}",
+                f"--base-gguf {path}: {pair.gguf_name} {there} there; the adapter's {pair.module} needs {want} (in, out)",
                 "name the GGUF of the base given as --model",
             )
 
