@@ -15,7 +15,8 @@ import torch
 
 from alpaca_forge import get_format, save_model
 from alpaca_forge.core.models import ADAPTER_BASE_FILE, weights_fingerprint
-from alpaca_forge.core.prompts import save_format
+from alpaca_forge.core.prompts import Message, save_format
+from llama_server import NEEDS_SERVER, llama_server
 
 from conftest import TINY_SHAPE, assert_user_error, build_tiny_model, build_tiny_tokenizer, run_cli
 
@@ -140,6 +141,39 @@ def test_the_adapter_applied_in_llama_cpp_answers_as_the_merged_model(tmp_path, 
     print(f"\nf16: {sizes}; top-1 vs the merged GGUF: {applied:.2%} with the adapter, {without:.2%} without")
     assert applied >= 0.99 and without < 0.9  # the adapter is applied, and it matters
     assert sizes["adapter"] < sizes["merged"] / 2
+
+
+@pytest.mark.integration
+@NEEDS_SERVER
+def test_llama_cpps_server_applies_the_file_with_lora_path(tmp_path, tiny_model_dir, adapter):
+    """`python -m llama_cpp.server --lora_path` (llama-server --lora): the same greedy text as the
+    library with the adapter, and another text than the base alone."""
+    import httpx
+    from llama_cpp import Llama
+
+    base, lora = tmp_path / "base.f16.gguf", tmp_path / "tiny.lora.gguf"
+    flags = ("--quant", "f16", "--no-verify")
+    assert (
+        run_cli(
+            "-q", "export", "gguf", "--model", str(tiny_model_dir), "--output", str(base), *flags
+        ).returncode
+        == 0
+    )
+    assert export_lora(tiny_model_dir, adapter, lora, *flags).returncode == 0
+    prompt = get_format("alpaca").render([Message("user", "What is 2 plus 3?")])
+    greedy = {"max_tokens": 16, "temperature": 0.0, "repeat_penalty": 1.0}  # the server's default is 1.1
+
+    def library(**settings) -> str:
+        llm = Llama(str(base), n_ctx=512, verbose=False, **settings)
+        try:
+            return llm.create_completion(prompt, **greedy)["choices"][0]["text"]
+        finally:
+            llm.close()
+
+    with llama_server(base, "tiny-lora", "--lora_path", str(lora)) as url:
+        body = {"model": "tiny-lora", "prompt": prompt, **greedy}
+        served = httpx.post(url + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert served == library(lora_path=str(lora)) != library()
 
 
 @pytest.mark.integration
