@@ -304,6 +304,10 @@ def test_what_a_gguf_lora_cannot_carry_is_refused(tmp_path, tiny_model_dir, adap
         config = json.loads((bad / "adapter_config.json").read_text())
         (bad / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         assert_user_error(export_lora(tiny_model_dir, bad, out), needle, "export merge")
+    embedding = make_adapter(
+        tiny_model_dir, tmp_path / "embedding", target_modules=["embed_tokens", "q_proj"]
+    )
+    assert_user_error(export_lora(tiny_model_dir, embedding, out), "LoRA on the embedding", "--lora-targets")
     assert_user_error(export_lora(tiny_model_dir, adapter, out, "--quant", "q4_k_m"), "--quant", "f16")
     assert_user_error(export_lora(tiny_model_dir, adapter, out, "--ollama"), "--base-gguf")
     missing = tmp_path / "none.gguf"

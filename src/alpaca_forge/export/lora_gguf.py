@@ -12,7 +12,8 @@ The file, as llama.cpp's loader (src/llama-adapter.cpp) reads it:
 
 peft scales by alpha / r too, or by alpha / sqrt(r) with rsLoRA, and may give modules their own
 rank or alpha (rank_pattern / alpha_pattern). One alpha goes into the file; whatever a module's
-peft scale differs from alpha_file / r by is folded into its lora_b. Llama's Q/K rows are permuted
+peft scale differs from alpha_file / r by is folded into its lora_b (a module's rank is read from
+its tensors, as llama.cpp does). Llama's Q/K rows are permuted
 in the base GGUF (to_gguf.permute_rows): lora_b's rows of q_proj and k_proj are the output rows,
 so they are permuted the same way; lora_a (the input side) stays.
 
@@ -49,7 +50,6 @@ class AdapterSpec:
     alpha: float
     rslora: bool
     recorded_base: str | None  # peft's base_model_name_or_path, or what `train` recorded
-    rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def scale(self, module: str, rank: int) -> float:
@@ -117,11 +117,10 @@ def read_adapter(folder: Path) -> AdapterSpec:
     recorded = adapter_facts(folder).get("base_model") or cfg.get("base_model_name_or_path")
     return AdapterSpec(
         folder,
-        int(cfg["r"]),
-        float(cfg.get("lora_alpha", cfg["r"])),
+        int(cfg.get("r", 8)),  # peft's defaults
+        float(cfg.get("lora_alpha", 8)),
         bool(cfg.get("use_rslora")),
         recorded,
-        {k: int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
         {k: float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
     )
 
@@ -138,16 +137,19 @@ def read_pairs(spec: AdapterSpec) -> dict[str, dict[str, Any]]:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     pairs: dict[str, dict[str, Any]] = {}
+    embedding = next((k for k in state if _EMBEDDING.search(k.removesuffix(".weight"))), None)
+    if embedding:
+        raise _refuse(
+            spec.folder,
+            f"LoRA on the embedding ({embedding}): this export writes LoRA on linear layers only",
+            "train with --lora-targets that leave out embed_tokens, or merge it (`export merge`)",
+        )
     for key, tensor in state.items():
-        if _EMBEDDING.search(key.removesuffix(".weight")):
-            raise _refuse(
-                spec.folder,
-                f"LoRA on the embedding ({key}): llama.cpp's adapters apply to matrices only here",
-                "train with --lora-targets that leave out embed_tokens, or merge it (`export merge`)",
-            )
         m = _PAIR.match(key)
         if not m:
-            raise _refuse(spec.folder, f"a tensor that is no LoRA pair: {key}", "merge it (`export merge`)")
+            raise _refuse(
+                spec.folder, f"a tensor saved whole with the adapter: {key}", "merge it (`export merge`)"
+            )
         pairs.setdefault(m["module"], {})[m["side"]] = tensor
     for module, sides in pairs.items():
         if set(sides) != {"A", "B"}:
