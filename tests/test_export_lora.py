@@ -146,8 +146,8 @@ def test_the_adapter_applied_in_llama_cpp_answers_as_the_merged_model(tmp_path, 
 @pytest.mark.integration
 @NEEDS_SERVER
 def test_llama_cpps_server_applies_the_file_with_lora_path(tmp_path, tiny_model_dir, adapter):
-    """`python -m llama_cpp.server --lora_path` (llama-server --lora): the same greedy text as the
-    library with the adapter, and another text than the base alone."""
+    """`python -m llama_cpp.server --lora_path` (llama-server --lora), asked to chat: the same greedy
+    text as the library with the adapter on the Alpaca prompt, and another text than the base alone."""
     import httpx
     from llama_cpp import Llama
 
@@ -171,9 +171,15 @@ def test_llama_cpps_server_applies_the_file_with_lora_path(tmp_path, tiny_model_
             llm.close()
 
     with llama_server(base, "tiny-lora", "--lora_path", str(lora)) as url:
-        body = {"model": "tiny-lora", "prompt": prompt, **greedy}
-        served = httpx.post(url + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
-    assert served == library(lora_path=str(lora)) != library()
+        # a chat request: the server prompts through the base file's template, the adapter's format
+        body = {
+            "model": "tiny-lora",
+            "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+            **greedy,
+        }
+        reply = httpx.post(url + "/chat/completions", json=body, timeout=60).json()
+        served = reply["choices"][0]["message"]["content"]
+    assert served.strip() == library(lora_path=str(lora)).strip() != library().strip()
 
 
 @pytest.mark.integration
@@ -328,4 +334,21 @@ def test_what_a_gguf_lora_cannot_carry_is_refused(tmp_path, tiny_model_dir, adap
     )
     r = export_lora(tiny_model_dir, adapter, out, "--base-gguf", str(other))
     assert_user_error(r, f"--base-gguf {other}", "is (64, 32) there", "down_proj needs (128, 64)")
+    # a base written for another prompt format: llama.cpp would prompt the adapted model in that one
+    chat_base = tmp_path / "chat.gguf"
+    r = run_cli("-q", "export", "gguf", "--model", str(tiny_model_dir), "--format", "user-assistant",
+                "--output", str(chat_base), "--no-verify")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = export_lora(tiny_model_dir, adapter, out, "--base-gguf", str(chat_base))
+    assert_user_error(
+        r, f"--base-gguf {chat_base}", "not the adapter's prompt format (alpaca)", "--format alpaca"
+    )
+    unformatted = tmp_path / "unformatted"
+    unformatted.mkdir()
+    for f in adapter.iterdir():
+        if f.name != "prompt_format.json":
+            (unformatted / f.name).write_bytes(f.read_bytes())
+    r = export_lora(tiny_model_dir, unformatted, out)
+    assert_user_error(r, "no prompt_format.json", "--format alpaca")
+    assert not out.exists()
     assert not list(tmp_path.glob("x.lora*"))

@@ -50,23 +50,29 @@ example:
         "gguf",
         "one GGUF file for llama.cpp / Ollama, checked against transformers",
         """\
-Write the model as one GGUF file (architecture, tokenizer, chat template, prompt format and stop
-strings included) with the `gguf` package's own quantisers: no llama.cpp build needed for
+Write the model as one GGUF file (architecture, tokenizer, prompt format and stop strings
+included) with the `gguf` package's own quantisers: no llama.cpp build needed for
 f32/f16/bf16/q8_0/q4_0/q4_1/q5_0/q5_1. K-quants (q4_k_m ...) go through llama.cpp's quantizer
-(llama-cpp-python). Then the parity check: the file is loaded in llama.cpp, fed the same tokens
-as transformers, and their next-token choices are compared (the figures also go to
-FILE.parity.json). Llama-family models (Llama 2/3, Mistral, SmolLM) and Qwen2.
+(llama-cpp-python). The file's chat template is the prompt format the model was trained on, so
+llama.cpp's server and Ollama prompt it as training did. Then the parity check: the file is
+loaded in llama.cpp, fed the same tokens as transformers, and their next-token choices are
+compared (the figures also go to FILE.parity.json). Llama 1/2/3.x (linear or llama3 RoPE),
+Mistral, SmolLM, Qwen2, Qwen3 (linear or yarn RoPE), Phi-3 (LongRoPE too), Gemma 2 and Gemma 3
+(text).
 
 With --adapter, the file is a GGUF LoRA adapter for --model (its base) instead, which llama.cpp
 applies at load: megabytes per fine-tune, one base GGUF for all. Its parity check loads --model's
 f16 GGUF with the adapter applied and compares it with transformers running the merged model.
+llama.cpp prompts through the base file's template, so write the base with the adapter's
+--format.
 
 examples:
   alpaca-forge export gguf --model runs/my-alpaca-merged --output runs/my-alpaca.q8_0.gguf --quant q8_0 --ollama
   alpaca-forge chat --engine llamacpp --model runs/my-alpaca.q8_0.gguf
-  alpaca-forge export gguf --model smollm2-135m-instruct --output runs/base.f16.gguf --quant f16
-  alpaca-forge export gguf --model smollm2-135m-instruct --adapter runs/my-alpaca --quant f16 --output runs/my-alpaca.lora.gguf --base-gguf runs/base.f16.gguf --ollama
-  llama-server -m runs/base.f16.gguf --lora runs/my-alpaca.lora.gguf""",
+  # a LoRA adapter as a 10 MB file, applied to a base GGUF written for its prompt format
+  alpaca-forge export gguf --model smollm2-135m-instruct --format alpaca --output runs/smollm2-alpaca.f16.gguf --quant f16
+  alpaca-forge export gguf --model smollm2-135m-instruct --adapter runs/my-alpaca --quant f16 --output runs/my-alpaca.lora.gguf --base-gguf runs/smollm2-alpaca.f16.gguf --ollama
+  llama-server -m runs/smollm2-alpaca.f16.gguf --lora runs/my-alpaca.lora.gguf""",
         c.GgufConfig,
     ),
 ]

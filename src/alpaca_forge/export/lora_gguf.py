@@ -224,42 +224,6 @@ def plan_pairs(spec: AdapterSpec, model: Any, arch: Any, base: str) -> list[Lora
     return plans
 
 
-def check_base_gguf(path: Path, arch: str, pairs: list[LoraPair]) -> None:
-    """The base GGUF the Modelfile names: the architecture llama.cpp checks at load, and every
-    adapted matrix there in the adapter's shape (llama.cpp's own check, made before any work)."""
-    import gguf
-
-    if not path.is_file():
-        raise UserError(
-            f"--base-gguf {path}: no such file", "write it first: alpaca-forge export gguf --model BASE"
-        )
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"--base-gguf {path}: not a GGUF file ({e})", "name the base model's .gguf file"
-        ) from e
-    fields = {
-        k: reader.fields[k].contents() for k in ("general.architecture", "general.type") if k in reader.fields
-    }
-    if fields.get("general.type") == "adapter":
-        raise UserError(f"--base-gguf {path}: an adapter, not a model", "name the base model's .gguf file")
-    if fields.get("general.architecture") != arch:
-        raise UserError(
-            f"--base-gguf {path}: a {fields.get('general.architecture')} model; the adapter is for {arch}",
-            "name the GGUF of the base given as --model",
-        )
-    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # (in, out), as ggml
-    for pair in pairs:
-        want = (pair.a.shape[1], pair.b.shape[0])
-        if shapes.get(pair.gguf_name, ())[:2] != want:
-            there = f"is {shapes[pair.gguf_name]}" if pair.gguf_name in shapes else "is missing"
-            raise UserError(
-                f"--base-gguf {path}: {pair.gguf_name} {there} there; the adapter's {pair.module} needs {want} (in, out)",
-                "name the GGUF of the base given as --model",
-            )
-
-
 # ---------------------------------------------------------------------------------------------
 # The file
 
@@ -346,7 +310,8 @@ def export_lora(config: Any, out: Path, report_path: Path, *, progress: bool = T
 
     from ..core.files import refuse_existing, staged_output, write_json_atomic
     from ..core.models import load_pretrained
-    from ..core.prompts import read_saved_format, resolve_format
+    from ..core.prompts import FORMAT_FILE, read_saved_format, resolve_format
+    from .lora_base import check_base_gguf, check_base_template
     from .to_gguf import architecture_of
 
     spec = read_adapter(Path(config.adapter).expanduser())  # before the base loads
@@ -356,11 +321,20 @@ def export_lora(config: Any, out: Path, report_path: Path, *, progress: bool = T
     model = model.float().eval()  # the merged reference, and a base GGUF of full precision
     arch = architecture_of(model)
     pairs = plan_pairs(spec, model, arch, config.model)
-    if config.base_gguf:
-        check_base_gguf(Path(config.base_gguf).expanduser(), arch.gguf, pairs)
     # The format the adapter was trained on (train saves it beside the adapter), or --format.
     saved = read_saved_format(spec.folder)
-    fmt = resolve_format(getattr(config, "format", None), None, saved=saved, tokenizer=tokenizer)
+    if saved is None and config.format is None:
+        raise _refuse(
+            spec.folder,
+            f"no {FORMAT_FILE}, so which prompt format the adapter was trained on is unknown",
+            "pass --format alpaca, --format user-assistant or --format chat (the base's own template), "
+            f"the one it was trained on (alpaca-forge train writes {FORMAT_FILE} itself)",
+        )
+    fmt = resolve_format(config.format, None, saved=saved, tokenizer=tokenizer)
+    if config.base_gguf:
+        base_gguf = Path(config.base_gguf).expanduser()
+        check_base_gguf(base_gguf, arch.gguf, pairs)
+        check_base_template(base_gguf, fmt, tokenizer)
     started = time.perf_counter()
     with staged_output(out, force=config.force, folder=False) as tmp:
         size = write_lora_gguf(
