@@ -16,7 +16,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
-
 def pick_device(device: str = "auto") -> Any:
     import torch
 

@@ -189,7 +189,9 @@ def length_controlled(
             "so the few that do not decide the estimate"
         )
     elif abs(length_coef) * d_.std() > MAX_EFFECT_LOG_ODDS:
-        why = f"length all but decides the verdicts (log-odds {length_coef:+.1f} per unit of log length ratio)"
+        why = (
+            f"length all but decides the verdicts (log-odds {length_coef:+.1f} per unit of log length ratio)"
+        )
     if why:
         return LengthControlled(Estimate(None), length_coef, slot_coef, why)
     groups = np.unique(g_)
