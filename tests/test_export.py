@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -261,6 +262,44 @@ def test_ollama_modelfile_carries_the_template_and_stops(tmp_path, tiny_model_di
     assert "### Instruction:\n{{ .Prompt }}\n\n### Response:" in text
     assert 'PARAMETER stop "### Instruction:"' in text
     assert not (tmp_path / "tiny.parity.json").exists()  # --no-verify: no check, no figures
+    # no sampling of its own: the file has no general.sampling.* keys, the Modelfile has ours
+    assert not any(k.startswith("general.sampling.") for k in gguf.GGUFReader(str(out)).fields)
+    assert "PARAMETER temperature 0.7\n" in text and "PARAMETER repeat_penalty 1.1\n" in text
+
+
+@pytest.mark.integration
+def test_the_models_own_sampling_goes_into_the_file_and_the_modelfile(tmp_path):
+    """generation_config.json's sampling becomes the GGUF's general.sampling.* keys (llama.cpp's
+    tools and our llama.cpp engine take them as defaults, as serve and vLLM take the folder's) and
+    the Modelfile's parameters."""
+    from transformers import GenerationConfig
+
+    from alpaca_forge.engines import EngineConfig, SamplingDefaults, open_engine
+
+    tokenizer = byte_level()
+    model = tiny("llama", tokenizer)
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.6, top_p=0.8, repetition_penalty=1.2
+    )
+    folder = saved(tmp_path, "m", model, tokenizer)
+    out = tmp_path / "m.f16.gguf"
+    r = export(folder, out, "--quant", "f16", "--ollama", "--no-verify")
+    assert r.returncode == 0, r.stderr
+    fields = gguf.GGUFReader(str(out)).fields
+    found = {k: round(float(fields[k].contents()), 4) for k in fields if k.startswith("general.sampling.")}
+    assert found == {
+        "general.sampling.temp": 0.6,
+        "general.sampling.top_p": 0.8,
+        "general.sampling.penalty_repeat": 1.2,
+    }
+    engine = open_engine(EngineConfig(engine="llamacpp", model=str(out)))
+    try:
+        got = engine.generation_defaults()
+    finally:
+        engine.close()
+    assert {k: round(v, 4) for k, v in got.as_dict().items()} == SamplingDefaults(0.6, 0.8, 1.2).as_dict()
+    text = (tmp_path / "m.f16.Modelfile").read_text()
+    assert "PARAMETER temperature 0.6\nPARAMETER top_p 0.8\nPARAMETER repeat_penalty 1.2\n" in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.llamacpp,
     NEEDS_SERVER,
-    # torch's, raised and swallowed by an optional import in a library this test drives
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]
 
 INSTRUCTIONS = [

@@ -127,6 +127,16 @@ class SamplingDefaults:
                 log.warning("%s: ignoring its %s %r (out of range)", where, name, value)
         return cls(**kept)
 
+    @classmethod
+    def of_generation_config(cls, config: Any, where: str) -> SamplingDefaults:
+        """What a transformers GenerationConfig sets (as vLLM reads it: `to_diff_dict`, so
+        transformers' own defaults are not taken for the authors'); `do_sample: false` there is
+        greedy decoding, as `model.generate()` would do."""
+        values = config.to_diff_dict() if config is not None else {}
+        if values.get("do_sample") is False:
+            values["temperature"] = 0.0
+        return cls.from_values(values, where)
+
     def over(self, fallback: SamplingDefaults) -> SamplingDefaults:
         """These settings, and `fallback`'s where these are not set."""
         mine = self.as_dict()

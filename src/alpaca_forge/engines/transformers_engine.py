@@ -104,14 +104,9 @@ class TransformersEngine:
         return local_identity(self.name, self.prompt_format, self.weights_digest())
 
     def generation_defaults(self) -> SamplingDefaults:
-        """What the model's generation_config.json sets (as vLLM reads it: `to_diff_dict`, so
-        transformers' own defaults are not taken for the authors'); `do_sample: false` there is
-        greedy decoding, as `model.generate()` would do."""
+        """What the model's generation_config.json sets."""
         config = self.lm.model.generation_config
-        values = config.to_diff_dict() if config is not None else {}
-        if values.get("do_sample") is False:
-            values["temperature"] = 0.0
-        return SamplingDefaults.from_values(values, f"{self.name}: generation_config.json")
+        return SamplingDefaults.of_generation_config(config, f"{self.name}: generation_config.json")
 
     def weights_digest(self) -> bytes:
         """sha256 over every tensor's name and bytes (~0.5 s per GB of weights)."""

@@ -28,6 +28,7 @@ from ..core.models import (
     save_model,
 )
 from ..core.prompts import FORMAT_FILE, PromptFormat, read_saved_format, resolve_format
+from ..engines import SamplingDefaults
 from .config import GGUF_K_QUANTS, GgufConfig, MergeConfig
 from .parity import Parity, check_parity, describe, judge
 
@@ -153,7 +154,7 @@ def sidecar(output: Path, suffix: str) -> Path:
 def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
     from tqdm import tqdm
 
-    from .to_gguf import architecture_of, write_gguf
+    from .to_gguf import architecture_of, sampling_of, write_gguf
 
     check_llama_cpp(config)
     out = Path(config.output).expanduser()
@@ -225,7 +226,11 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
                 **parity.to_dict(),
             },
         )
-    modelfile = write_text_atomic(modelfile_path, ollama_modelfile(out, fmt)) if config.ollama else None
+    modelfile = (
+        write_text_atomic(modelfile_path, ollama_modelfile(out, fmt, sampling=sampling_of(model)))
+        if config.ollama
+        else None
+    )
     log.info(
         "wrote %s (%s, %.1f MB, %s, pre-tokenizer %s) in %.1f s",
         out,
@@ -339,13 +344,21 @@ def _stderr_captured() -> Iterator[_Captured]:
 # Ollama
 
 
-def ollama_modelfile(gguf_file: Path, fmt: Any, *, adapter: Path | None = None) -> str:
-    """An Ollama Modelfile: the file, the prompt template (Go template syntax) and the stop strings,
-    so `ollama create NAME -f FILE` serves the model with the prompts it was trained on. With
+def ollama_modelfile(
+    gguf_file: Path, fmt: Any, *, adapter: Path | None = None, sampling: SamplingDefaults | None = None
+) -> str:
+    """An Ollama Modelfile: the file, the prompt template (Go template syntax), the stop strings and
+    the sampling (the model's own where its generation_config.json sets it, else ours), so
+    `ollama create NAME -f FILE` serves the model with the prompts it was trained on. With
     `adapter` (a GGUF LoRA, the Modelfile beside it), `gguf_file` is its base."""
     from ..core.prompts import Message
     from ..engines import GenerationSettings
     from ..engines.config import IN_PROCESS_REPETITION_PENALTY
+
+    ours = SamplingDefaults(
+        temperature=GenerationSettings().temperature, repetition_penalty=IN_PROCESS_REPETITION_PENALTY
+    )
+    chosen = (sampling or SamplingDefaults()).over(ours)
 
     lines = [f"FROM ./{gguf_file.name}", ""]
     if adapter is not None:
@@ -360,9 +373,8 @@ def ollama_modelfile(gguf_file: Path, fmt: Any, *, adapter: Path | None = None) 
     if fmt.system:
         lines += ['SYSTEM """' + fmt.system + '"""', ""]
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in fmt.stop_strings]
-    lines += [
-        f"PARAMETER temperature {GenerationSettings().temperature}",
-        f"PARAMETER repeat_penalty {IN_PROCESS_REPETITION_PENALTY}",
-        "",
-    ]
+    lines += [f"PARAMETER temperature {chosen.temperature}"]
+    if chosen.top_p is not None:
+        lines += [f"PARAMETER top_p {chosen.top_p}"]
+    lines += [f"PARAMETER repeat_penalty {chosen.repetition_penalty}", ""]
     return "\n".join(lines)

@@ -29,7 +29,8 @@ import numpy as np
 from ..core.chat_template import with_chat_template
 from ..core.errors import UserError
 from ..core.prompts import PromptFormat
-from ..engines.llamacpp import PROMPT_FORMAT_KEY
+from ..engines import SamplingDefaults
+from ..engines.llamacpp import PROMPT_FORMAT_KEY, SAMPLING_KEYS
 from . import gguf_gemma  # noqa: F401  (registers Gemma 2/3; imported here, not in gguf_arch: no cycle)
 from .gguf_arch import ARCHITECTURES, Arch
 from .gguf_tokenizer import add_tokenizer
@@ -185,6 +186,26 @@ def tensor_data(model: Any, arch: Arch, plan: TensorPlan, state: dict[str, Any])
 
 
 # ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sampling_of(model: Any) -> SamplingDefaults:
+    """The sampling the model's authors set in its generation_config.json (what `serve` and vLLM
+    fill a request's left-out settings from)."""
+    return SamplingDefaults.of_generation_config(
+        getattr(model, "generation_config", None), "the model's generation_config.json"
+    )
+
+
+def add_sampling(writer: Any, sampling: SamplingDefaults) -> None:
+    """The same settings as the file's general.sampling.* keys, which llama.cpp's own tools and
+    our llama.cpp engine (so `serve --engine llamacpp`) take as defaults."""
+    for name, value in sampling.as_dict().items():
+        if name in SAMPLING_KEYS:
+            writer.add_float32(SAMPLING_KEYS[name], float(value))
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole file
 
 
@@ -215,6 +236,7 @@ def write_gguf(
         writer.add_string(PROMPT_FORMAT_KEY, json.dumps(prompt_format.to_dict()))
         if prompt_format.stop_strings:  # for other runtimes; our engine takes them from the format
             writer.add_array(STOP_STRINGS_KEY, list(prompt_format.stop_strings))
+        add_sampling(writer, sampling_of(model))
         # Two passes, so memory stays flat whatever the model's size: the header lists every
         # tensor's type and size (known from shapes alone), then each tensor is quantised and
         # written in turn, in the same order.
