@@ -308,10 +308,11 @@ def export_lora(config: Any, out: Path, report_path: Path, *, progress: bool = T
     import tempfile
     import time
 
-    from ..core.files import refuse_existing, staged_output, write_json_atomic
+    from ..core.files import refuse_existing, staged_output
     from ..core.models import load_pretrained
     from ..core.prompts import FORMAT_FILE, read_saved_format, resolve_format
     from .lora_base import check_base_gguf, check_base_template
+    from .parity import write_report
     from .to_gguf import architecture_of
 
     spec = read_adapter(Path(config.adapter).expanduser())  # before the base loads
@@ -345,23 +346,17 @@ def export_lora(config: Any, out: Path, report_path: Path, *, progress: bool = T
         if config.verify:
             with tempfile.TemporaryDirectory(prefix=".lora-parity-", dir=out.parent) as scratch:
                 parity = _verify(model, tokenizer, fmt, spec, tmp, Path(scratch), config, progress)
-    report = None
-    if parity is None:
-        report_path.unlink(missing_ok=True)  # it described the file --force replaced
-    else:
-        report = write_json_atomic(
-            report_path,
-            {
-                "file": out.name,
-                "adapter": str(spec.folder),
-                "model": config.model,
-                "quant": config.quant,
-                "bytes": size,
-                "reference": "transformers, float32, the adapter merged by peft; llama.cpp: --model "
-                f"as {_base_quant(config.quant)} GGUF with this file applied (lora_path)",
-                **parity.to_dict(),
-            },
-        )
+    report = write_report(
+        report_path,
+        parity,
+        file=out.name,
+        adapter=str(spec.folder),
+        model=config.model,
+        quant=config.quant,
+        bytes=size,
+        reference="transformers, float32, the adapter merged by peft; llama.cpp: --model "
+        f"as {_base_quant(config.quant)} GGUF with this file applied (lora_path)",
+    )
     log.info("wrote %s (LoRA adapter for %s, %s, %.1f MB)", out, config.model, config.quant, size / 1e6)
     return LoraExport(size, arch.gguf, export_s, parity, report, fmt)
 

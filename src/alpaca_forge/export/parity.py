@@ -285,3 +285,14 @@ def describe(parity: Parity, quant: str) -> Sequence[str]:
     if quant in ("f32", "f16", "bf16"):
         lines.append(f"  largest logit difference: {parity.max_logit_diff:.4f}")
     return lines
+
+
+def write_report(path: Path, parity: Parity | None, **facts: Any) -> Path | None:
+    """The figures beside the file they describe (`FILE.parity.json`): what was checked, then the
+    parity. A skipped check (--no-verify) writes none, and removes the one of a file replaced."""
+    from ..core.files import write_json_atomic
+
+    if parity is None:
+        path.unlink(missing_ok=True)
+        return None
+    return write_json_atomic(path, {**facts, **parity.to_dict()})

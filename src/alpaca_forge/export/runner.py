@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.files import refuse_existing, staged_output, write_json_atomic, write_text_atomic
+from ..core.files import refuse_existing, staged_output, write_text_atomic
 from ..core.models import (
     ADAPTER_BASE_FILE,
     adapter_base,
@@ -30,7 +30,7 @@ from ..core.models import (
 from ..core.prompts import FORMAT_FILE, PromptFormat, read_saved_format, resolve_format
 from ..engines import SamplingDefaults
 from .config import GGUF_K_QUANTS, GgufConfig, MergeConfig
-from .parity import Parity, check_parity, describe, judge
+from .parity import Parity, check_parity, describe, judge, write_report
 
 log = logging.getLogger("alpaca_forge")
 
@@ -211,21 +211,15 @@ def run_gguf(config: GgufConfig, *, progress: bool = True) -> GgufResult:
                     "if the tokens differ, pass the right --pre-tokenizer; otherwise report this as a bug with "
                     "the model's config.json (--no-verify writes the file regardless)",
                 )
-    report = None
-    if parity is None:
-        report_path.unlink(missing_ok=True)  # it described the file --force replaced
-    else:
-        report = write_json_atomic(
-            report_path,
-            {
-                "file": out.name,
-                "model": config.model,
-                "quant": config.quant,
-                "bytes": written.bytes,
-                "reference": "transformers, float32, the same token ids",
-                **parity.to_dict(),
-            },
-        )
+    report = write_report(
+        report_path,
+        parity,
+        file=out.name,
+        model=config.model,
+        quant=config.quant,
+        bytes=written.bytes,
+        reference="transformers, float32, the same token ids",
+    )
     modelfile = (
         write_text_atomic(modelfile_path, ollama_modelfile(out, fmt, sampling=sampling_of(model)))
         if config.ollama
