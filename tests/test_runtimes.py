@@ -26,11 +26,7 @@ from llama_server import NEEDS_SERVER, llama_server
 
 from conftest import run_cli
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.llamacpp,
-    NEEDS_SERVER,
-]
+pytestmark = [pytest.mark.llamacpp, NEEDS_SERVER]  # tiers per test: the last one loads SmolLM2
 
 INSTRUCTIONS = [
     "What is 3 plus 4?",
@@ -80,38 +76,47 @@ def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     return out / "merged", gguf
 
 
-def _ours(engine: str, model: Path, tmp_path: Path) -> list[str]:
-    """`alpaca-forge infer`'s greedy answers, in the order of INSTRUCTIONS."""
-    questions = write_records(tmp_path / "q.jsonl", [{"instruction": i, "input": ""} for i in INSTRUCTIONS])
+def _ours(engine: str, model: Path, tmp_path: Path, instructions=INSTRUCTIONS, tokens=TOKENS) -> list[str]:
+    """`alpaca-forge infer`'s greedy answers, in the order of `instructions`."""
+    questions = write_records(tmp_path / "q.jsonl", [{"instruction": i, "input": ""} for i in instructions])
     out = tmp_path / f"{engine}.jsonl"
     r = run_cli("-q", "infer", "--engine", engine, "--model", str(model), "--input", str(questions),
                 "--output", str(out), "--temperature", "0", "--repetition-penalty", "1",
-                "--max-new-tokens", str(TOKENS))  # fmt: skip
+                "--max-new-tokens", str(tokens))  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["instruction"] for row in rows] == INSTRUCTIONS
+    assert [row["instruction"] for row in rows] == list(instructions)
     return [row["output"] for row in rows]
 
 
+def _served(base: str, instructions, tokens: int = TOKENS, **extra) -> list[str]:
+    """llama.cpp's server's greedy chat answers (its default repeat penalty is 1.1: set to none)."""
+    answers = []
+    for instruction in instructions:
+        body = {
+            "model": "my-alpaca",
+            "messages": [{"role": "user", "content": instruction}],
+            "temperature": 0,
+            "max_tokens": tokens,
+            "repeat_penalty": 1.0,
+            **extra,
+        }
+        reply = httpx.post(base + "/chat/completions", json=body, timeout=120).json()
+        answers.append(reply["choices"][0]["message"]["content"].strip())
+    return answers
+
+
+@pytest.mark.integration
 def test_llama_cpps_own_server_answers_as_our_engine_does(trained, tmp_path):
     _, gguf = trained
     ours = _ours("llamacpp", gguf, tmp_path)
     with llama_server(gguf, "my-alpaca") as base:
-        theirs = []
-        for instruction in INSTRUCTIONS:
-            body = {
-                "model": "my-alpaca",
-                "messages": [{"role": "user", "content": instruction}],
-                "temperature": 0,
-                "max_tokens": TOKENS,
-                "repeat_penalty": 1.0,
-            }
-            reply = httpx.post(base + "/chat/completions", json=body, timeout=60).json()
-            theirs.append(reply["choices"][0]["message"]["content"].strip())
+        theirs = _served(base, INSTRUCTIONS)
     assert all(ours), ours  # the model says something, so agreeing means something
     assert theirs == ours
 
 
+@pytest.mark.integration
 def test_transformers_chat_pipeline_answers_as_our_engine_does(trained, tmp_path):
     from transformers import pipeline
 
@@ -128,4 +133,24 @@ def test_transformers_chat_pipeline_answers_as_our_engine_does(trained, tmp_path
         )
         theirs.append(answer["generated_text"].strip())
     assert all(ours), ours
+    assert theirs == ours
+
+
+@pytest.mark.real_model
+def test_smollm2_in_the_alpaca_format_answers_alike_through_llama_cpps_server(tmp_path):
+    """The embedded SmolLM2 (which ships ChatML), written for the Alpaca format: llama.cpp's server
+    prompts it through the file's template as our engine does. A base model never learnt to end an
+    Alpaca answer with EOS, so the format's stop strings go with the request, as the README says."""
+    from alpaca_forge import get_format
+
+    gguf = tmp_path / "smollm2-alpaca.f16.gguf"
+    r = run_cli("-q", "export", "gguf", "--model", "smollm2-135m-instruct", "--format", "alpaca",
+                "--quant", "f16", "--output", str(gguf), "--no-verify")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    asked = ["Name three colours.", "Give three tips for staying healthy.", "What is the capital of France?",
+             "Write a haiku about autumn.", "Explain what a neural network is in one sentence."]  # fmt: skip
+    ours = _ours("llamacpp", gguf, tmp_path, asked, 48)
+    with llama_server(gguf, "my-alpaca") as base:
+        theirs = _served(base, asked, 48, stop=list(get_format("alpaca").stop_strings))
+    assert sum(bool(a) for a in ours) >= 4, ours
     assert theirs == ours
