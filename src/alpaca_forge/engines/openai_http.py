@@ -325,10 +325,14 @@ class HttpStream:
                 if event.get("usage"):
                     self._usage = event["usage"]
                 for choice in event.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content") or ""
+                    delta = choice.get("delta") or {}
+                    piece = delta.get("content") or ""
                     self._finish = choice.get("finish_reason") or self._finish
-                    if piece:
+                    # A server without usage in its stream sends a chunk per token, some empty (a
+                    # control token): those count too, the opening chunk with the role does not.
+                    if piece or ("content" in delta and "role" not in delta):
                         self._count += 1
+                    if piece:
                         self._text.append(piece)
                         out = self._pieces.push(piece)
                         if out:
