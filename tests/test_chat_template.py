@@ -332,6 +332,8 @@ def test_a_chat_model_without_a_template_and_an_unknown_format_are_refused(tmp_p
     assert_user_error(run_cli(*export, "--format", "chat"), "chat template", "--format alpaca")
     (folder / "prompt_format.json").write_text('{"format": "vicuna", "system": null}')
     assert_user_error(run_cli(*export), "prompt_format.json", "vicuna", "user-assistant")
+    (folder / "prompt_format.json").write_bytes(b'\xff\xfe{"format"')  # not UTF-8
+    assert_user_error(run_cli(*export), "prompt_format.json", "UnicodeDecodeError", '{"format": "alpaca"')
     r = run_cli(*export, "--format", "mistral")
     assert r.returncode == 2 and "alpaca" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()

@@ -213,7 +213,7 @@ def read_saved_format(model_dir: str | os.PathLike) -> PromptFormat | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return get_format(data["format"], data.get("system"))
-    except (json.JSONDecodeError, KeyError, TypeError, UserError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, UserError) as e:
         why = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         raise UserError(
             f"{path}: not a valid prompt-format file ({why})",
