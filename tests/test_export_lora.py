@@ -335,6 +335,10 @@ def test_what_a_gguf_lora_cannot_carry_is_refused(tmp_path, tiny_model_dir, adap
         ).returncode
         == 0
     )
+    cut = tmp_path / "cut.gguf"  # a real base file, cut off in its header
+    cut.write_bytes(other.read_bytes()[:3000])
+    r = export_lora(tiny_model_dir, adapter, out, "--base-gguf", str(cut))
+    assert_user_error(r, "cut off", "--model BASE")
     r = export_lora(tiny_model_dir, adapter, out, "--base-gguf", str(other))
     assert_user_error(r, f"--base-gguf {other}", "is (64, 32) there", "down_proj needs (128, 64)")
     # a base written for another prompt format: llama.cpp would prompt the adapted model in that one

@@ -13,21 +13,11 @@ from typing import Any
 from ..core.errors import UserError
 
 
-def check_base_gguf(path: Path, arch: str, pairs: Sequence[Any]) -> None:
-    """The base GGUF the Modelfile names: the architecture llama.cpp checks at load, and every
-    adapted matrix there in the adapter's shape (llama.cpp's own check, made before any work)."""
-    import gguf
-
-    if not path.is_file():
-        raise UserError(
-            f"--base-gguf {path}: no such file", "write it first: alpaca-forge export gguf --model BASE"
-        )
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"--base-gguf {path}: not a GGUF file ({e})", "name the base model's .gguf file"
-        ) from e
+def check_base_gguf(path: Path, arch: str, pairs: Sequence[Any], fmt: Any, tokenizer: Any) -> None:
+    """The base GGUF the adapter is for, read once: the architecture llama.cpp checks at load,
+    every adapted matrix in the adapter's shape (llama.cpp's own check, made before any work) and
+    the chat template."""
+    reader = _read(path)
     fields = {
         k: reader.fields[k].contents() for k in ("general.architecture", "general.type") if k in reader.fields
     }
@@ -47,18 +37,33 @@ def check_base_gguf(path: Path, arch: str, pairs: Sequence[Any]) -> None:
                 f"--base-gguf {path}: {pair.gguf_name} {there} there; the adapter's {pair.module} needs {want} (in, out)",
                 "name the GGUF of the base given as --model",
             )
+    _check_template(path, reader, fmt, tokenizer)
 
 
-def check_base_template(path: Path, fmt: Any, tokenizer: Any) -> None:
+def _read(path: Path) -> Any:
+    import gguf
+
+    if not path.is_file():
+        raise UserError(
+            f"--base-gguf {path}: no such file", "write it first: alpaca-forge export gguf --model BASE"
+        )
+    try:
+        return gguf.GGUFReader(str(path))
+    except (OSError, ValueError, IndexError) as e:  # IndexError: a file cut off in its header
+        raise UserError(
+            f"--base-gguf {path}: not a GGUF file, or one cut off ({type(e).__name__}: {e})",
+            "name the base model's .gguf file, or write it again: alpaca-forge export gguf --model BASE",
+        ) from e
+
+
+def _check_template(path: Path, reader: Any, fmt: Any, tokenizer: Any) -> None:
     """llama.cpp applies an adapter to a base file and prompts through the BASE file's chat
     template: a base written for another format (a model as published carries its own, e.g.
     ChatML) would prompt the adapted model in a format it was never trained on."""
-    import gguf
-
     from ..core.chat_template import chat_template_for
 
     want = chat_template_for(fmt, tokenizer) or getattr(tokenizer, "chat_template", None)
-    field = gguf.GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    field = reader.fields.get("tokenizer.chat_template")
     there = field.contents() if field is not None else None
     if want and there != want:
         raise UserError(

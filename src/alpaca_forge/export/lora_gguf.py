@@ -311,7 +311,7 @@ def export_lora(config: Any, out: Path, report_path: Path, *, progress: bool = T
     from ..core.files import refuse_existing, staged_output
     from ..core.models import load_pretrained
     from ..core.prompts import FORMAT_FILE, read_saved_format, resolve_format
-    from .lora_base import check_base_gguf, check_base_template
+    from .lora_base import check_base_gguf
     from .parity import write_report
     from .to_gguf import architecture_of
 
@@ -334,8 +334,7 @@ def export_lora(config: Any, out: Path, report_path: Path, *, progress: bool = T
     fmt = resolve_format(config.format, None, saved=saved, tokenizer=tokenizer)
     if config.base_gguf:
         base_gguf = Path(config.base_gguf).expanduser()
-        check_base_gguf(base_gguf, arch.gguf, pairs)
-        check_base_template(base_gguf, fmt, tokenizer)
+        check_base_gguf(base_gguf, arch.gguf, pairs, fmt, tokenizer)
     started = time.perf_counter()
     with staged_output(out, force=config.force, folder=False) as tmp:
         size = write_lora_gguf(
