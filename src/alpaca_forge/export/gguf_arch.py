@@ -73,20 +73,25 @@ def rope_check(*supported: str) -> Callable[[Any], None]:
     return check
 
 
-def llama_hparams(writer: Any, config: Any) -> None:
-    """The keys every llama-like family writes: sizes, heads, norm epsilon, RoPE base and dims,
-    and linear/yarn scaling when the config has it."""
-    import gguf
-
-    rope = rope_parameters(config)
+def add_sizes(writer: Any, config: Any) -> None:
+    """The keys every family writes alike: context, widths, blocks, heads and the norm epsilon."""
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def llama_hparams(writer: Any, config: Any) -> None:
+    """The keys every llama-like family writes: sizes, heads, norm epsilon, RoPE base and dims,
+    and linear/yarn scaling when the config has it."""
+    import gguf
+
+    rope = rope_parameters(config)
+    add_sizes(writer, config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_rope_dimension_count(rope_dims(config))
     if head_dim(config) != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim(config))

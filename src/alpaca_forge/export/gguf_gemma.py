@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from ..core.errors import UserError
-from .gguf_arch import Arch, head_dim, register
+from .gguf_arch import Arch, add_sizes, head_dim, register
 
 # Layer counts llama.cpp takes for the 27B models, whose attention scale differs.
 _LAYERS_27B = {"gemma2": 46, "gemma3": 62}
@@ -129,16 +129,10 @@ def _hparams(writer: Any, config: Any) -> None:
     import gguf
 
     full, sliding = rope_by_layer_type(config)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    add_sizes(writer, config)
     writer.add_key_length(head_dim(config))
     writer.add_value_length(head_dim(config))
     writer.add_rope_dimension_count(head_dim(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(full["rope_theta"]))
     writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
     if full["rope_type"] == "linear":

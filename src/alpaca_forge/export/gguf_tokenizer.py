@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..core.chat_template import adds_bos
 from ..core.errors import UserError
 
 UNUSED_SCORE = -1e9  # a padding token's merge score: below any real piece's (minus its merge rank)
@@ -90,12 +91,6 @@ def _tokenizer_json(tokenizer: Any, folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos is not None and bool(ids) and ids[0] == bos
-
-
 def _adds_eos(tokenizer: Any) -> bool:
     eos = tokenizer.eos_token_id
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -143,7 +138,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int, pre_name: str | Non
         special = gguf.SpecialVocab(folder, load_merges=not spm, n_vocab=n_vocab)
         special.add_special_token = {}  # whether BOS/EOS are added: measured below instead
         special.add_to_gguf(writer, quiet=True)
-        writer.add_add_bos_token(_adds_bos(tokenizer))
+        writer.add_add_bos_token(adds_bos(tokenizer))
         writer.add_add_eos_token(_adds_eos(tokenizer))
         if spm:
             writer.add_add_space_prefix(_adds_space_prefix(data))

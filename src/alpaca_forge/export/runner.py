@@ -354,8 +354,9 @@ def ollama_modelfile(
     )
     chosen = (sampling or SamplingDefaults()).over(ours)
 
-    lines = [f"FROM ./{gguf_file.name}", ""]
-    if adapter is not None:
+    if adapter is None:
+        lines = [f"FROM ./{gguf_file.name}", ""]
+    else:
         base = os.path.relpath(gguf_file.resolve(), adapter.resolve().parent)
         lines = [f"FROM {base if base.startswith('..') else './' + base}", f"ADAPTER ./{adapter.name}", ""]
     if fmt.name != "chat":  # a chat template stays in the GGUF, where Ollama reads it itself
