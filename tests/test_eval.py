@@ -20,8 +20,8 @@ import pytest
 from alpaca_forge.core.config import build_config
 from alpaca_forge.eval import stats
 from alpaca_forge.eval.config import LeaderboardConfig, PairwiseConfig
-from alpaca_forge.eval.judge import parse_verdict
 from alpaca_forge.eval.runner import run_leaderboard, run_pairwise
+from alpaca_forge.judging.judge import parse_verdict
 from fake_judge import Ask, FakeJudge
 
 from conftest import CLI, assert_user_error, run_cli

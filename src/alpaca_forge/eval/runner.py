@@ -31,14 +31,14 @@ from ..core.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
 from ..engines import EngineConfig, open_engine
+from ..judging.items import Item, read_set, text_key
+from ..judging.judge import JudgementCache, Task, judge_all, judge_identity, judge_name
 from . import stats
 from .compare import SCORE, PairwiseResult, compare, identical
 from .config import JudgingConfig, LeaderboardConfig, PairwiseConfig
-from .items import Item, System, SystemSpec, check_names, parse_system, read_answers, read_set, text_key
-from .judge import JudgementCache, Task, judge_all
+from .items import System, SystemSpec, check_names, parse_system, read_answers
 from .report import leaderboard_chart, leaderboard_markdown, pairwise_data, write_pairwise_report
 
 log = logging.getLogger("alpaca_forge")
@@ -160,25 +160,6 @@ def _cut_count(systems: Sequence[System], cfg: JudgingConfig) -> int:
     if cfg.max_answer_chars is None:
         return 0
     return sum(1 for s in systems for a in s.answers.values() if len(a.strip()) > cfg.max_answer_chars)
-
-
-def judge_name(cfg: EngineConfig) -> str:
-    """Who judged, as the report says: the model as named (a server's model name, a built-in
-    name, a folder or file as given)."""
-    return cfg.model or DEFAULT_MODEL
-
-
-def judge_identity(cfg: EngineConfig) -> str:
-    """Who judged, as the cache keys it: the name, plus every engine setting that changes the
-    verdicts and is not its default (the engine, a prompt format, a system message, a dtype).
-    A server's address is left out, so a judge that moved keeps its verdicts."""
-    parts = [judge_name(cfg)]
-    defaults = EngineConfig()
-    for name in ("engine", "format", "system", "dtype"):
-        value = getattr(cfg, name)
-        if value != getattr(defaults, name):
-            parts.append(f"{name}={value}")
-    return " | ".join(parts)
 
 
 def cache_path(cfg: JudgingConfig, output: Path) -> Path:

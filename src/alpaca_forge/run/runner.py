@@ -401,7 +401,7 @@ def _tokens_per_example(t: Any, records: list[Any]) -> tuple[float, str]:
 
 def _judge_prompt_tokens(items: list[Any], count: Callable[[str], int], answer_tokens: int) -> float:
     """The judge's prompt with both answers at the infer stage's max_new_tokens (an upper bound)."""
-    from ..eval.judge import JUDGE_PROMPT
+    from ..judging.judge import JUDGE_PROMPT
 
     if not items:
         return 0.0

@@ -42,7 +42,8 @@ from starlette.exceptions import HTTPException
 
 from ...core import http_body
 from ...core.net import hostname_of
-from ..items import Item, System
+from ...judging.items import Item
+from ..items import System
 from .config import LOOPBACK_NAMES
 from .ratings import VERDICTS, Rating, RatingStore, check_rater, now
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from ...core.errors import UserError
 from ...core.files import open_append, read_appended_jsonl, sync
-from ..judge import Judgement, Verdict
+from ...judging.judge import Judgement, Verdict
 
 RATINGS_FILE = "ratings.jsonl"
 VERDICTS = ("A", "B", "tie")

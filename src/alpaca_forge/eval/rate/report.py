@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ...core.errors import UserError
 from ...core.files import check_output, write_json_atomic, write_text_atomic
+from ...judging.judge import side_of
 from ..compare import PairwiseResult, compare
-from ..judge import side_of
 from ..report import write_pairwise_report
 from .agreement import (
     POOLED,

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 from ..core.files import open_append, read_appended_jsonl, sync
+from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
-from ..engines import Engine, GenerationSettings
+from ..engines import Engine, EngineConfig, GenerationSettings
 from .items import Item
 
 Verdict = Literal["A", "B", "tie"]
@@ -71,6 +72,25 @@ def side_of(verdict: Verdict | None, *, shown_first: bool) -> str | None:
     if verdict is None or verdict == "tie":
         return verdict
     return "a" if (verdict == "A") == shown_first else "b"
+
+
+def judge_name(cfg: EngineConfig) -> str:
+    """Who judged, as the report says: the model as named (a server's model name, a built-in
+    name, a folder or file as given)."""
+    return cfg.model or DEFAULT_MODEL
+
+
+def judge_identity(cfg: EngineConfig) -> str:
+    """Who judged, as the cache keys it: the name, plus every engine setting that changes the
+    verdicts and is not its default (the engine, a prompt format, a system message, a dtype).
+    A server's address is left out, so a judge that moved keeps its verdicts."""
+    parts = [judge_name(cfg)]
+    defaults = EngineConfig()
+    for name in ("engine", "format", "system", "dtype"):
+        value = getattr(cfg, name)
+        if value != getattr(defaults, name):
+            parts.append(f"{name}={value}")
+    return " | ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
