@@ -212,7 +212,7 @@ def _training(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
     if s.get("mfu") is not None:  # train measures it on a CUDA device it knows the peak of
         rows.append(("MFU", f"{s['mfu']:.1%} ({s['mfu_basis']})"))
     elif tps and forecast.train:  # all processes' tokens/s already
-        achieved = flops_per_token_factor(config.method) * forecast.train.parameters * tps
+        achieved = flops_per_token_factor(config.weights) * forecast.train.parameters * tps
         rows.append(("achieved FLOP/s (train reports MFU on CUDA)", f"{achieved:.3g}"))
     return _table(rows) + _png(Path(s["loss_plot"]) if s.get("loss_plot") else None)
 

@@ -344,7 +344,7 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
             max_seq_len=t.max_seq_len,
             packed=t.batching == "packed",
             parameters=parameters,
-            method=t.method,
+            method=t.weights,
             gpu=f.gpu,
             peak_tflops=f.peak_tflops,
             mfu=f.mfu,

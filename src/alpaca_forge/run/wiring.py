@@ -103,7 +103,7 @@ OUTPUTS: dict[str, dict[str, str | Setting]] = {
 
 def _lora(stages: dict[str, Any]) -> bool:
     train = stages.get("train")
-    return train is not None and train.method in ("lora", "qlora")
+    return train is not None and train.weights in ("lora", "qlora")
 
 
 # A row applies only where its condition holds (on the configs built so far).

@@ -17,7 +17,22 @@ from ..core.prompts import FORMATS
 from ..core.shipped import or_shipped
 from .batching import Batching
 
-Method = Literal["full", "lora", "qlora"]
+Method = Literal["full", "lora", "qlora", "reward", "dpo", "orpo", "kto", "simpo"]
+Weights = Literal["full", "lora", "qlora"]
+DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust"]
+SFT_METHODS = ("full", "lora", "qlora")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
+# Each method's own settings: given to another method, they are an error (see `check`).
+METHOD_KNOBS: dict[str, tuple[str, ...]] = {
+    "beta": ("dpo", "orpo", "kto", "simpo"),
+    "dpo_loss": ("dpo",),
+    "label_smoothing": ("dpo",),
+    "simpo_gamma": ("simpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+    "reference": ("dpo", "kto"),
+    "precompute_reference": ("dpo", "kto"),
+}
 Schedule = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 ReportTo = Literal["tensorboard", "wandb", "mlflow", "none"]
 Dtype = Literal[DTYPES]  # type: ignore[valid-type]
@@ -30,7 +45,8 @@ class TrainConfig(Config):
 
     data: str = setting(
         REQUIRED,
-        "training records (Alpaca JSON/JSONL, gz too)" + or_shipped("demo-seeds.jsonl"),
+        "training records (Alpaca JSON/JSONL, gz too); for reward and preference methods a pair file "
+        "(prompt/chosen/rejected, as `prefer` writes it)" + or_shipped("demo-seeds.jsonl"),
         metavar="FILE",
     )
     output: str = setting(REQUIRED, "folder for checkpoints, the final model and reports", metavar="DIR")
@@ -39,7 +55,50 @@ class TrainConfig(Config):
     val_size: float = setting(
         0, "or hold out this many training records, or this share if below 1 (seeded)", ge=0, metavar="N"
     )
-    method: Method = setting("full", "full | lora | qlora (4-bit base, CUDA only)")
+    method: Method = setting(
+        "full",
+        "full | lora | qlora (supervised; qlora: 4-bit base, CUDA only) | reward (a reward model on "
+        "preference pairs) | dpo | orpo | kto | simpo (learning from preference pairs)",
+    )
+    tune: Weights | None = setting(
+        None,
+        "which weights a reward or preference method trains: full | lora | qlora (default lora); SFT "
+        "picks them with --method",
+    )
+    beta: float | None = setting(
+        None,
+        "dpo, orpo, kto, simpo: strength of the preference term (default: TRL's, 0.1; simpo 2.0)",
+        gt=0,
+    )
+    dpo_loss: DpoLoss | None = setting(
+        None, "dpo: loss sigmoid (the paper's) | ipo | hinge | robust (default sigmoid)"
+    )
+    label_smoothing: float | None = setting(
+        None,
+        "dpo: share of labels assumed flipped (conservative DPO, or robust's noise rate; default 0)",
+        ge=0,
+        lt=0.5,
+    )
+    simpo_gamma: float | None = setting(
+        None, "simpo: target reward margin gamma / beta ratio (default TRL's 0.5)", ge=0
+    )
+    kto_desirable_weight: float | None = setting(
+        None, "kto: weight of the desirable (chosen) examples' loss (default 1.0)", gt=0
+    )
+    kto_undesirable_weight: float | None = setting(
+        None, "kto: weight of the undesirable (rejected) examples' loss (default 1.0)", gt=0
+    )
+    reference: str | None = setting(
+        None,
+        "dpo, kto with --tune full: the reference model (default: the starting model); with LoRA "
+        "the reference is the base with the adapter disabled, so this may only name that base",
+        metavar="MODEL",
+    )
+    precompute_reference: bool | None = setting(
+        None,
+        "dpo, kto: compute the reference log-probs once, before training, so no reference runs "
+        "during it (default on)",
+    )
     format: FormatName | None = setting(  # type: ignore[valid-type]
         None, "prompt format; default: the model's saved one, else alpaca"
     )
@@ -124,14 +183,51 @@ class TrainConfig(Config):
             )
         if not self.lora_targets or not all(t.strip() for t in self.lora_targets):
             yield "lora_targets", "no LoRA target named", "e.g. --lora-targets q_proj,v_proj, or all-linear"
-        if self.merge and self.method == "full":
+        if self.tune is not None and self.method in SFT_METHODS:
+            yield (
+                "tune",
+                f"--tune picks the weights of a reward or preference method; --method {self.method} "
+                "already says them",
+                f"drop --tune (--method full|lora|qlora is SFT), or use e.g. --method dpo --tune {self.tune}",
+            )
+        for knob, methods in METHOD_KNOBS.items():
+            if getattr(self, knob) is not None and self.method not in methods:
+                flag = "--" + knob.replace("_", "-")
+                owners = " or ".join(f"--method {m}" for m in methods)
+                yield (
+                    knob,
+                    f"{flag} is a setting of {owners}, not {self.method}",
+                    f"drop {flag}, or use {owners}",
+                )
+        if self.merge and self.weights == "full":
+            how = "--method full" if self.method == "full" else f"--method {self.method} --tune full"
             yield (
                 "merge",
-                "--merge merges a LoRA adapter, but --method full trains no adapter",
-                "drop --merge, or use --method lora",
+                f"--merge merges a LoRA adapter, but {how} trains no adapter",
+                "drop --merge, or train an adapter (--method lora, or --tune lora)",
             )
+        elif self.merge and self.objective == "reward":
+            yield (
+                "merge",
+                "--merge writes a merged language model; a reward model's adapter is loaded on its base "
+                "by `infer --reward-model` and `prefer` as it is",
+                "drop --merge (a merged reward model: load the adapter with peft and merge_and_unload)",
+            )
+
+    @property
+    def objective(self) -> str:
+        """What is learnt: "sft" (full, lora, qlora), "reward", "dpo", "orpo", "kto" or "simpo"."""
+        return "sft" if self.method in SFT_METHODS else self.method
+
+    @property
+    def weights(self) -> str:
+        """Which weights are trained: "full", "lora" or "qlora"."""
+        return self.method if self.method in SFT_METHODS else (self.tune or "lora")
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 2e-5 if self.method == "full" else 2e-4
+        if self.objective in ("sft", "reward"):
+            return 2e-5 if self.weights == "full" else 2e-4
+        # Preference methods move a model that already follows instructions: gentler steps.
+        return 5e-7 if self.weights == "full" else 5e-5

@@ -104,7 +104,7 @@ def save(config: TrainConfig, trainer: Any, prep: Prepared, summary: dict[str, A
             if main:
                 model = trainer.accelerator.unwrap_model(trainer.model)
                 _move_in(config, model, prep, tmp, summary)
-                if config.method != "full" and config.merge:
+                if config.weights != "full" and config.merge:
                     summary["merged"] = str(merge(output, prep))
                 plot = plot_losses(trainer.state.log_history, output / LOSS_PLOT)
                 if plot:
@@ -120,7 +120,7 @@ def _move_in(config: TrainConfig, model: Any, prep: Prepared, tmp: Path, summary
     """Complete what the Trainer wrote into `tmp`, then move it into the output, description last."""
     save_tokenizer(prep.tokenizer, tmp, prep.fmt)  # the trained format as its chat template
     save_format(tmp, prep.fmt)
-    if config.method != "full":
+    if config.weights != "full":
         summary["adapter"] = verify_adapter(tmp, model)
     write_json_atomic(tmp / CONFIG_FILE, summary)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_FILE):

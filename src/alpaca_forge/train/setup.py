@@ -60,7 +60,7 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
 
         torch.set_num_threads(config.threads)
     device, autocast = training_precision(config.dtype)
-    if config.method == "qlora":
+    if config.weights == "qlora":
         check_qlora(device)
     accumulation = gradient_accumulation(config, world_size())
 
@@ -98,28 +98,28 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
         )
 
     model = load_model(config, autocast)
-    if config.method == "lora":  # a merge checks that it is given these very base weights
+    if config.weights == "lora":  # a merge checks that it is given these very base weights
         facts["base_fingerprint"] = weights_fingerprint(model)
         if autocast is not None:
             # The frozen base gets no gradient and no optimiser state, so it needs no fp32 master
             # copy: held in the compute dtype it takes half the memory and is not cast at every
             # step. The adapters stay fp32 (cast back after wrapping, below).
             model = model.to(autocast)
-    if config.method == "qlora":
+    if config.weights == "qlora":
         facts["layers_in_4bit"] = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     if added_pad:
         add_pad_embedding(model, tokenizer)
         log.info(
             "the tokenizer had no pad token: added <pad>, its embedding the mean of the others (as the original)"
         )
-    if config.method in ("lora", "qlora"):
+    if config.weights in ("lora", "qlora"):
         model = wrap_lora(model, config)
         for p in model.parameters():
             if p.requires_grad and p.is_floating_point():  # fp32 weights for the optimiser
                 p.data = p.data.float()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        if config.method != "full":
+        if config.weights != "full":
             model.enable_input_require_grads()
     check_disk(output, estimate_checkpoint_bytes(model), config.save_total_limit)
 
@@ -224,7 +224,7 @@ def load_model(config: TrainConfig, autocast: Any) -> Any:
     (computing in the autocast dtype, else bf16)."""
     import torch
 
-    if config.method != "qlora":
+    if config.weights != "qlora":
         return load_pretrained(config.model)[0].float()
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
