@@ -659,9 +659,8 @@ def test_the_run_report_shows_evals_report_as_the_typed_reader_reads_it(tmp_path
     from types import SimpleNamespace
 
     from alpaca_forge.eval.compare import compare
-    from alpaca_forge.eval.items import System
     from alpaca_forge.eval.report import read_pairwise_report, write_pairwise_report
-    from alpaca_forge.judging.items import Item
+    from alpaca_forge.judging.items import Item, System
     from alpaca_forge.judging.judge import Judgement
     from alpaca_forge.run.report import _evaluation
 

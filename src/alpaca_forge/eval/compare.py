@@ -18,10 +18,9 @@ from typing import Literal
 
 import numpy as np
 
-from ..judging.items import Item
+from ..judging.items import Item, System
 from ..judging.judge import Judgement
 from . import stats
-from .items import System
 
 Outcome = Literal["win", "tie", "loss", "unjudged"]
 SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}

@@ -33,12 +33,20 @@ from ..core.files import (
 )
 from ..core.prompts import Message
 from ..engines import EngineConfig, open_engine
-from ..judging.items import Item, read_set, text_key
+from ..judging.items import (
+    Item,
+    System,
+    SystemSpec,
+    check_names,
+    parse_system,
+    read_answers,
+    read_set,
+    text_key,
+)
 from ..judging.judge import JudgementCache, Task, judge_all, judge_identity, judge_name
 from . import stats
 from .compare import SCORE, PairwiseResult, compare, identical
 from .config import JudgingConfig, LeaderboardConfig, PairwiseConfig
-from .items import System, SystemSpec, check_names, parse_system, read_answers
 from .report import leaderboard_chart, leaderboard_markdown, pairwise_data, write_pairwise_report
 
 log = logging.getLogger("alpaca_forge")

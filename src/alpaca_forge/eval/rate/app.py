@@ -42,8 +42,7 @@ from starlette.exceptions import HTTPException
 
 from ...core import http_body
 from ...core.net import hostname_of
-from ...judging.items import Item
-from ..items import System
+from ...judging.items import Item, System
 from .config import LOOPBACK_NAMES
 from .ratings import VERDICTS, Rating, RatingStore, check_rater, now
 

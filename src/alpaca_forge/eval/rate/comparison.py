@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...core.errors import UserError
-from ...judging.items import Item, read_set
-from ..items import System, check_names, parse_system, read_answers
+from ...judging.items import Item, System, check_names, parse_system, read_answers, read_set
 from .config import RateConfig
 
 
