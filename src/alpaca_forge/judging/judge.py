@@ -31,11 +31,8 @@ Verdict = Literal["A", "B", "tie"]
 # Bump when the prompt's wording changes: cached judgements of another wording are not reused.
 PROMPT_VERSION = "pairwise-v1"
 
-# Plain headings and the question last: even a 135M model answers this with a letter first
-# (tried against a longer rubric with a system message, which it paraphrased instead).
-JUDGE_PROMPT = """\
-Here is an instruction and two responses to it. Judge which response follows the instruction \
-better: the more helpful, correct and clear one, whatever its place or its length.
+# The body every wording shares (and tests/fake_judge.py reads): headings, then the question last.
+_BODY = """\
 
 ### Instruction:
 {instruction}
@@ -46,7 +43,41 @@ better: the more helpful, correct and clear one, whatever its place or its lengt
 ### Response B:
 {b}
 
-Question: which response is better? Answer "A", "B" or "tie" first, then give one short sentence of reason."""
+Question: """
+
+# Judging prompts by version id: the wordings of `prefer --annotators N` (the first N), each a
+# simulated annotator as AlpacaFarm's pool has several. Plain headings and the question last: even
+# a 135M model answers these with a letter first (tried against a longer rubric with a system
+# message, which it paraphrased instead). "pairwise-v1" is eval's, and every command's default.
+JUDGE_PROMPTS = {
+    PROMPT_VERSION: (
+        "Here is an instruction and two responses to it. Judge which response follows the instruction "
+        "better: the more helpful, correct and clear one, whatever its place or its length.\n"
+        + _BODY
+        + 'which response is better? Answer "A", "B" or "tie" first, then give one short sentence of reason.'
+    ),
+    "pairwise-v2-correct": (
+        "Two assistants answered the same instruction. Decide which answer a careful expert would "
+        "accept: correct first, then complete, then clearly written. Do not favour the longer answer "
+        "or the first one.\n"
+        + _BODY
+        + 'which response is more correct and complete? Reply "A", "B" or "tie" on the first line, '
+        "then one sentence why."
+    ),
+    "pairwise-v3-user": (
+        "Imagine you asked for what the instruction below says. Which of the two replies would you "
+        "rather get: the one that does what was asked, directly and without padding?\n"
+        + _BODY
+        + 'which reply would you rather get? Say "A", "B" or "tie" first, then a short reason.'
+    ),
+    "pairwise-v4-concise": (
+        "Compare two responses to an instruction. Prefer the one that answers exactly what was asked, "
+        "accurately and concisely; an answer that rambles, repeats itself or drifts off topic is worse.\n"
+        + _BODY
+        + 'which response answers better? Start with "A", "B" or "tie", then one sentence of reason.'
+    ),
+}
+JUDGE_PROMPT = JUDGE_PROMPTS[PROMPT_VERSION]
 
 CUT_MARK = "\n[... the rest of this response is cut]"
 
@@ -97,7 +128,9 @@ def judge_identity(cfg: EngineConfig) -> str:
 # The prompt
 
 
-def judge_messages(item: Item, a: str, b: str, max_answer_chars: int | None = None) -> list[Message]:
+def judge_messages(
+    item: Item, a: str, b: str, max_answer_chars: int | None = None, prompt: str = PROMPT_VERSION
+) -> list[Message]:
     def cut(text: str) -> str:
         text = text.strip() or "(an empty response)"
         if max_answer_chars is not None and len(text) > max_answer_chars:
@@ -105,10 +138,10 @@ def judge_messages(item: Item, a: str, b: str, max_answer_chars: int | None = No
         return text
 
     input_block = f"\n### Input:\n{item.input.strip()}\n" if item.input.strip() else ""
-    prompt = JUDGE_PROMPT.format(
+    text = JUDGE_PROMPTS[prompt].format(
         instruction=item.instruction.strip(), input_block=input_block, a=cut(a), b=cut(b)
     )
-    return [Message("user", prompt)]
+    return [Message("user", text)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,10 +213,16 @@ def _prose_verdicts(text: str) -> set[str]:
 
 
 def judgement_key(
-    judge: str, settings: GenerationSettings, max_answer_chars: int | None, item: Item, a: str, b: str
+    judge: str,
+    settings: GenerationSettings,
+    max_answer_chars: int | None,
+    item: Item,
+    a: str,
+    b: str,
+    prompt: str = PROMPT_VERSION,
 ) -> str:
     """Everything that decides a judgement, hashed: a cached one is reused only when all agree."""
-    what = [PROMPT_VERSION, judge, settings.to_dict(), max_answer_chars, item.instruction, item.input, a, b]
+    what = [prompt, judge, settings.to_dict(), max_answer_chars, item.instruction, item.input, a, b]
     return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -191,13 +230,22 @@ class JudgementCache:
     """Judge replies by key, in an append-only JSONL file (one line per reply, flushed and synced
     after every batch); a line cut off by a kill is dropped on reading."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, command: str = "eval pairwise"):
         self.path = Path(path)
         self.replies: dict[str, str] = {}
+        # What the judge cost: tokens summed over the cache's rows (those of every run)
+        self.prompt_tokens = self.completion_tokens = 0
         if self.path.exists():
             fix = "delete it (its judgements are lost) or name another --cache"
-            for _line, row in read_appended_jsonl(self.path, ("key", "reply"), "eval pairwise", fix):
+            for _line, row in read_appended_jsonl(self.path, ("key", "reply"), command, fix):
                 self.replies[str(row["key"])] = str(row["reply"])
+                self._count(row)
+
+    def _count(self, row: dict) -> None:
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = row.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, getattr(self, name) + value)
 
     def add(self, rows: Sequence[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +253,7 @@ class JudgementCache:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 self.replies[row["key"]] = row["reply"]
+                self._count(row)
             sync(f)
 
 
@@ -217,6 +266,7 @@ class Task:
     second: str
     a: str  # the first system's answer
     b: str
+    prompt: str = PROMPT_VERSION  # the judging prompt's version id (a key of JUDGE_PROMPTS)
 
 
 def judge_all(
@@ -236,7 +286,7 @@ def judge_all(
     cached, so a rerun loads no model."""
     from tqdm import tqdm
 
-    keys = [judgement_key(judge, settings, max_answer_chars, t.item, t.a, t.b) for t in tasks]
+    keys = [judgement_key(judge, settings, max_answer_chars, t.item, t.a, t.b, t.prompt) for t in tasks]
     first_of: dict[str, int] = {}  # the same pair in the same order is asked once
     for i, k in enumerate(keys):
         if k not in cache.replies:
@@ -255,7 +305,8 @@ def judge_all(
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             conversations = [
-                judge_messages(tasks[i].item, tasks[i].a, tasks[i].b, max_answer_chars) for i in batch
+                judge_messages(tasks[i].item, tasks[i].a, tasks[i].b, max_answer_chars, tasks[i].prompt)
+                for i in batch
             ]
             replies = engine.chat(conversations, settings)
             cache.add(
@@ -266,7 +317,7 @@ def judge_all(
                         "first": tasks[i].first,
                         "second": tasks[i].second,
                         "judge": judge,
-                        "prompt_version": PROMPT_VERSION,
+                        "prompt_version": tasks[i].prompt,
                         "reply": c.text,
                         "verdict": parse_verdict(c.text),
                         "prompt_tokens": c.prompt_tokens,  # what the judge cost (`run` sums them)
