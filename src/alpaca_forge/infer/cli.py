@@ -17,7 +17,13 @@ examples:
   alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/after.jsonl
   # on an OpenAI-compatible server (vLLM, TGI, llama.cpp), 32 requests in flight:
   alpaca-forge infer --engine openai --base-url http://gpu-host:8000/v1 --model my-alpaca \\
-      --input package:demo-eval.jsonl --output out/served-after.jsonl --batch-size 32"""
+      --input package:demo-eval.jsonl --output out/served-after.jsonl --batch-size 32
+  # the best of 4 samples by a reward model (`train --method reward`), or by a judge:
+  alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/best4.jsonl \\
+      --best-of 4 --temperature 0.7 --reward-model runs/my-reward
+  alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/best4-judged.jsonl \\
+      --best-of 4 --temperature 0.7 --judge-engine openai --judge-base-url http://gpu-host:8000/v1 \\
+      --judge-model my-judge"""
 
 
 def register(sub: Any) -> None:
@@ -44,4 +50,7 @@ def _main(config: InferConfig, args: Any) -> int:
         r.elapsed_s,
         r.tokens_per_s,
     )
+    if r.best_of > 1:
+        by = config.reward_model or f"the judge ({r.judgements_asked} judgements asked, the rest cached)"
+        say("each answer is the best of %d samples, chosen by %s", r.best_of, by)
     return 0

@@ -35,8 +35,9 @@ DEFAULT_MAX_SEQ_LEN = 1024  # when the folder records none: the length `train` c
 
 
 class Prompted(Protocol):
-    """What a scored item needs: an Alpaca record's instruction and input."""
+    """What a scored item needs: an Alpaca record's instruction and input (`id` names it to a judge)."""
 
+    id: str | None
     instruction: str
     input: str
 
@@ -108,6 +109,11 @@ def check_folder(folder: str | Path) -> Path:
             )
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
         raise UserError(f"{path}: no tokenizer files beside the reward model (--reward-model)", fix)
+    if read_saved_format(path) is None:
+        raise UserError(
+            f"{path}: no {FORMAT_FILE}, so how it read prompts in training is unknown (--reward-model)",
+            'write {"format": "alpaca", "system": null} there if it was trained on Alpaca prompts',
+        )
     return path
 
 
@@ -228,11 +234,7 @@ class RewardModel:
 
         path = check_folder(folder)
         fmt = read_saved_format(path)
-        if fmt is None:
-            raise UserError(
-                f"{path}: no {FORMAT_FILE}, so how it read prompts in training is unknown (--reward-model)",
-                'write {"format": "alpaca", "system": null} there if it was trained on Alpaca prompts',
-            )
+        assert fmt is not None  # check_folder refuses a folder without one
         tokenizer = _tokenizer(path)
         if is_adapter(path):
             from peft import PeftModel

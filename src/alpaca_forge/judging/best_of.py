@@ -1,0 +1,156 @@
+"""Best of N: for each item, which of its N candidate answers to keep.
+
+Two choosers, one interface (`Chooser.choose(items, candidates) -> [Choice]`):
+
+- `RewardChooser`: a reward model scores every candidate; the highest score wins.
+- `JudgeChooser`: the pairwise LLM judge plays a round-robin among the N candidates, every pair
+  judged in both orders (N(N-1) judgements an item, cached: a rerun asks nothing twice); each
+  verdict is a win for the candidate it favours, and the candidate with the most wins is kept.
+  A round-robin, not a knock-out: every candidate meets every other, so one verdict the judge
+  gets wrong (or its position bias) cannot knock the best answer out in an early round.
+
+Ties go to the lowest index (the first sample), so a choice is reproducible. Identical texts
+are a tie without asking the judge; a verdict the judge wrote in no readable form is no win.
+`infer --best-of` and `prefer --expert-iteration` both choose with these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..core.prompts import Message
+from ..engines import Completion, Engine, GenerationSettings
+from .items import Item
+from .judge import JudgementCache, Task, judge_all
+from .reward import Prompted, RewardModel
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The kept candidate of one item."""
+
+    index: int  # into the item's candidates
+    scores: list[float] | None  # a reward model's score of each candidate (None: chosen by a judge)
+    detail: dict[str, Any] = field(default_factory=dict)  # judge: {"wins": [...], "unread": n}
+
+
+class Chooser(Protocol):
+    name: str  # who chooses, as written into outputs (a reward-model folder, a judge's identity)
+
+    def choose(self, items: Sequence[Prompted], candidates: Sequence[Sequence[str]]) -> list[Choice]: ...
+
+    def close(self) -> None: ...
+
+
+def best_index(values: Sequence[float]) -> int:
+    """The index of the largest value; the lowest such index on a tie."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+class RewardChooser:
+    """The candidate the reward model scores highest."""
+
+    def __init__(self, reward_model: RewardModel):
+        self.reward_model = reward_model
+        self.name = reward_model.name
+
+    def choose(self, items: Sequence[Prompted], candidates: Sequence[Sequence[str]]) -> list[Choice]:
+        flat_items = [item for item, answers in zip(items, candidates, strict=True) for _ in answers]
+        flat_answers = [answer for answers in candidates for answer in answers]
+        flat = self.reward_model.score(flat_items, flat_answers)
+        choices, start = [], 0
+        for answers in candidates:
+            scores = flat[start : start + len(answers)]
+            start += len(answers)
+            choices.append(Choice(best_index(scores), scores))
+        return choices
+
+    def close(self) -> None:
+        self.reward_model.close()
+
+
+class _Kept:
+    """The judge engine lent to `judge_all`, which closes what it opens: the chooser keeps one
+    model loaded for all its batches and closes it itself."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def chat(self, conversations: Sequence[Sequence[Message]], settings: GenerationSettings) -> list[Completion]:
+        return self.engine.chat(conversations, settings)
+
+    def close(self) -> None:
+        pass
+
+
+class JudgeChooser:
+    """The candidate with the most wins in a round-robin by the pairwise judge, both orders."""
+
+    def __init__(
+        self,
+        open_judge: Callable[[], Engine],
+        judge: str,
+        settings: GenerationSettings,
+        cache: JudgementCache,
+        *,
+        batch_size: int = 8,
+        max_answer_chars: int | None = None,
+        progress: bool = True,
+    ):
+        """`judge` is the judge's identity (`judge_identity`), as the cache keys verdicts;
+        `open_judge()` is called once, when a first verdict is not in the cache."""
+        self.name = judge
+        self._open_judge = open_judge
+        self._engine: Engine | None = None
+        self.settings = settings
+        self.cache = cache
+        self.batch_size = batch_size
+        self.max_answer_chars = max_answer_chars
+        self.progress = progress
+        self.asked = 0  # judgements asked of the judge (not read from the cache)
+
+    def _lend(self) -> Any:
+        if self._engine is None:
+            self._engine = self._open_judge()
+        return _Kept(self._engine)
+
+    def choose(self, items: Sequence[Prompted], candidates: Sequence[Sequence[str]]) -> list[Choice]:
+        tasks: list[Task] = []
+        where: list[tuple[int, int, int]] = []  # (item, first candidate, second candidate) of each task
+        for n, (item, answers) in enumerate(zip(items, candidates, strict=True)):
+            judged = Item(item.id or f"item-{n + 1}", item.instruction, item.input)
+            for i in range(len(answers)):
+                for j in range(len(answers)):
+                    if i != j and answers[i].strip() != answers[j].strip():
+                        tasks.append(Task(judged, str(i), str(j), answers[i], answers[j]))
+                        where.append((n, i, j))
+        judgements, asked = judge_all(
+            tasks,
+            self._lend,
+            self.name,
+            self.settings,
+            self.cache,
+            batch_size=self.batch_size,
+            max_answer_chars=self.max_answer_chars,
+            progress=self.progress,
+        )
+        self.asked += asked
+        wins = [[0] * len(answers) for answers in candidates]
+        unread = [0] * len(candidates)
+        for (n, i, j), judgement in zip(where, judgements, strict=True):
+            if judgement.verdict == "A":
+                wins[n][i] += 1
+            elif judgement.verdict == "B":
+                wins[n][j] += 1
+            elif judgement.verdict is None:
+                unread[n] += 1
+        return [
+            Choice(best_index(w), None, {"wins": w, "unread": u}) for w, u in zip(wins, unread, strict=True)
+        ]
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
