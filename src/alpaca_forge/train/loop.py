@@ -12,6 +12,7 @@ from .checkpoints import remove_incomplete, write_failures
 from .config import TrainConfig
 from .distributed import is_main_process
 from .setup import Prepared
+from .tracking import reporting
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ def build_trainer(config: TrainConfig, prep: Prepared, *, progress: bool) -> Any
         tensorboard_callback,
     )
 
-    args = TrainingArguments(**training_arguments(config, prep))
     counts = TokenCounts()
     callbacks = [
         CheckpointCallback(prep.tokenizer, prep.fmt, prep.description, config.save_total_limit),
@@ -40,9 +40,18 @@ def build_trainer(config: TrainConfig, prep: Prepared, *, progress: bool) -> Any
     ]
     if progress:
         callbacks.append(ProgressBar(counts))
-    tb = tensorboard_callback(prep.output / "tensorboard") if is_main_process() else None
+    tb = None
+    if config.report_to == "tensorboard" and is_main_process():
+        tb = tensorboard_callback(prep.output / "tensorboard")
     if tb is not None:
         callbacks.append(tb)
+    if config.objective != "sft":  # reward and preference methods: TRL's trainers, our callbacks
+        from .preference import build_preference_trainer
+
+        trainer = build_preference_trainer(config, prep, training_arguments(config, prep), counts, callbacks)
+        trainer.remove_callback(PrinterCallback)
+        return trainer
+    args = TrainingArguments(**training_arguments(config, prep))
     trainer = CountingTrainer(
         counts=counts,
         model=prep.model,
@@ -57,11 +66,14 @@ def build_trainer(config: TrainConfig, prep: Prepared, *, progress: bool) -> Any
 
 
 def training_arguments(config: TrainConfig, prep: Prepared) -> dict[str, Any]:
-    """TrainingArguments for this run, only those this transformers version knows."""
+    """Arguments for this run's trainer, only those its arguments class knows (TrainingArguments,
+    or TRL's config for the method); the --trainer-arg values last, over ours."""
     import torch
-    from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    from . import tracking
+
+    cls = tracking.args_class(config.objective)
+    known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {
         "output_dir": str(prep.output),
         "per_device_train_batch_size": config.batch_size,
@@ -86,7 +98,8 @@ def training_arguments(config: TrainConfig, prep: Prepared) -> dict[str, Any]:
         "bf16": prep.autocast is torch.bfloat16,
         "fp16": prep.autocast is torch.float16,
         "use_cpu": prep.device == "cpu",
-        "report_to": "none",
+        "report_to": tracking.report_to(config),  # wandb, mlflow; TensorBoard is our callback
+        "run_name": prep.output.name,  # the run's name in wandb and mlflow
         "disable_tqdm": True,
         "remove_unused_columns": False,  # the collator's token counts ride along in each batch
         "dataloader_num_workers": 0,
@@ -102,7 +115,8 @@ def training_arguments(config: TrainConfig, prep: Prepared) -> dict[str, Any]:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
             kwargs["group_by_length"] = True
-    return {k: v for k, v in kwargs.items() if k in known}
+    kwargs = {k: v for k, v in kwargs.items() if k in known}
+    return {**kwargs, **tracking.parse_trainer_args(config, cls)}  # checked before any model loaded
 
 
 def train(trainer: Any, prep: Prepared) -> None:
@@ -114,7 +128,8 @@ def train(trainer: Any, prep: Prepared) -> None:
     if is_main_process():
         remove_incomplete(prep.output)
     hf_logging.disable_progress_bar()  # no "writing shards" bar at every checkpoint
-    with write_failures(
-        f"{prep.output}: a write failed during training", "the last complete checkpoint is intact"
+    with (
+        write_failures(f"{prep.output}: a write failed during training", "the last complete checkpoint is intact"),
+        reporting(trainer.args),  # wandb / mlflow: offline into the output, for this run only
     ):
         trainer.train(resume_from_checkpoint=str(prep.resume_from) if prep.resume_from else None)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import loop, save, setup
+from . import loop, pair_setup, save, setup
 from .config import TrainConfig
 from .distributed import leave_together
+from .preference import method_settings
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,31 @@ class TrainResult:
     model: Any = field(
         default=None, repr=False, compare=False
     )  # the trained model, in memory, on this process
+    # Reward and preference methods: the last training and held-out value of each curve
+    # (rewards/margins, rewards/accuracies, ... as TRL names them; eval_ for held-out), and for
+    # reward the held-out pair accuracy (`eval_pair_accuracy`, measured after training).
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def run(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train as `config` says; with `resume`, from the newest complete checkpoint in its output.
     Every check that can fail does so before the first step."""
     started = time.perf_counter()
-    prep = setup.prepare(config, resume=resume)
+    if config.objective == "sft":
+        prep = setup.prepare(config, resume=resume)
+    else:
+        prep = pair_setup.prepare_pairs(config, resume=resume)
     trainer = loop.build_trainer(config, prep, progress=progress)
     setup_s = time.perf_counter() - started  # reading, tokenising, loading, building the Trainer
     loop.train(trainer, prep)
     summary = save.summarize(trainer, prep.description, started)
     summary["setup_s"] = round(setup_s, 2)
+    metrics: dict[str, Any] = {}
+    if config.objective != "sft":
+        metrics = preference_metrics(config, trainer, prep)
+        summary["method"] = config.method
+        summary["method_settings"] = method_settings(config)
+        summary["metrics"] = metrics
     save.save(config, trainer, prep, summary)
     model = trainer.accelerator.unwrap_model(trainer.model)
     leave_together()
@@ -62,4 +76,15 @@ def run(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> 
         trained_tokens=summary["trained_tokens_this_run"],
         summary=summary,
         model=model,
+        metrics=metrics,
     )
+
+
+def preference_metrics(config: TrainConfig, trainer: Any, prep: Any) -> dict[str, Any]:
+    from .preference import final_metrics, pair_accuracy
+
+    metrics = final_metrics(trainer.state.log_history)
+    if config.objective == "reward" and prep.val_rows:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        metrics["eval_pair_accuracy"] = pair_accuracy(model, prep.val_rows, trainer.args.device)
+    return metrics

@@ -51,9 +51,15 @@ class Prepared:
     collator: Collator
     accumulation: int  # forward passes per optimiser step
     description: dict[str, Any]  # the config and the facts of the run: saved with every checkpoint
+    # Reward and preference methods (pair_setup.py): TRL wraps the model with this LoRA config,
+    # and a --reference model (full fine-tunes only); the held-out rows, for the reward accuracy.
+    peft_config: Any = None
+    ref_model: Any = None
+    val_rows: list[dict[str, Any]] | None = None
 
 
 def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
+    """SFT's setup; reward and preference methods have theirs in pair_setup.py."""
     output, done = check_output_folder(config.output, resume)
     if config.threads:
         import torch
@@ -279,17 +285,25 @@ def check_lora_targets(model: Any, targets: tuple[str, ...]) -> list[str] | str:
     return list(targets)
 
 
-def wrap_lora(model: Any, config: TrainConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+def lora_config(model: Any, config: TrainConfig, task_type: str = "CAUSAL_LM") -> Any:
+    """The LoRA adapter's settings (a reward model's: its score head trained in full too)."""
+    from peft import LoraConfig
 
-    targets = check_lora_targets(model, config.lora_targets)
-    lora = LoraConfig(
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
+        target_modules=check_lora_targets(model, config.lora_targets),
+        task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
+
+
+def wrap_lora(model: Any, config: TrainConfig) -> Any:
+    from peft import get_peft_model
+
+    lora = lora_config(model, config)
+    targets = lora.target_modules
     with peft_call():
         model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
