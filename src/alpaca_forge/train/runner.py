@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import loop, pair_setup, save, setup
+from . import loop, pair_setup, save, setup, tracking
 from .config import TrainConfig
 from .distributed import leave_together
 from .preference import method_settings
@@ -47,6 +47,7 @@ def run(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> 
     """Train as `config` says; with `resume`, from the newest complete checkpoint in its output.
     Every check that can fail does so before the first step."""
     started = time.perf_counter()
+    tracking.check(config)  # --report-to's package and --trainer-arg, before any model loads
     if config.objective == "sft":
         prep = setup.prepare(config, resume=resume)
     else:
