@@ -158,11 +158,35 @@ def merge(output: Path, prep: Prepared) -> Path:
     return folder
 
 
+# Preference curves as TRL logs them: DPO, ORPO, SimPO (CPO) and KTO name the implicit rewards
+# `rewards/...`; the reward trainer logs `margin` and `accuracy`. Held-out values carry `eval_`.
+PANELS = {
+    "reward margin (chosen - rejected)": ("rewards/margins", "margin"),
+    "preference accuracy (chosen above rejected)": ("rewards/accuracies", "accuracy"),
+}
+
+
+def curves(history: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{panel: {"training" | "validation": [(step, value)]}} from the Trainer's log history: the
+    loss, then each preference panel the history holds."""
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(h["step"], float(h[key])) for h in history if key in h and "step" in h]
+
+    out = {"loss": {"training": series("loss"), "validation": series("eval_loss")}}
+    for title, names in PANELS.items():
+        name = next((n for n in names if series(n) or series(f"eval_{n}")), None)
+        if name:
+            out[title] = {"training": series(name), "validation": series(f"eval_{name}")}
+    return {title: lines for title, lines in out.items() if any(lines.values())}
+
+
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training (and validation) loss against step, as a PNG; None without matplotlib."""
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    if not train and not evals:
+    """Training (and validation) loss against step, as a PNG, and beside it the reward margin
+    and accuracy of a reward or preference method; None without matplotlib. The PNG's
+    Description names its panels."""
+    panels = curves(history)
+    if not panels:
         return None
     try:
         import matplotlib
@@ -172,18 +196,24 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
     except ImportError:
         log.info("matplotlib is not installed: no loss plot (pip install 'alpaca-forge[plot]')")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="training loss", color="#1f77b4")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="validation loss", color="#d62728")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    width = 7 if len(panels) == 1 else 5.5 * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4), dpi=110, squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items(), strict=True):
+        name = "loss" if title == "loss" else title.split(" (")[0]
+        if lines["training"]:
+            ax.plot(*zip(*lines["training"], strict=True), label=f"training {name}", color="#1f77b4")
+        if lines["validation"]:
+            ax.plot(*zip(*lines["validation"], strict=True), "o-", label=f"validation {name}", color="#d62728")
+        if title == "loss" and len(panels) == 1:
+            ax.set_ylabel("loss (nats per trained token)")  # SFT's: the plot it always was
+        else:
+            ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, metadata={"Description": "panels: " + "; ".join(panels)})
     plt.close(fig)
     tmp.replace(path)
     return path
