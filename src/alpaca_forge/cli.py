@@ -21,7 +21,7 @@ from .core.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # In the order `--help` lists them: the path of the data, seed task to served answer.
-STAGES = ("generate", "data", "train", "prompt", "chat", "infer", "serve", "export", "eval", "run")
+STAGES = ("generate", "data", "train", "prefer", "prompt", "chat", "infer", "serve", "export", "eval", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:

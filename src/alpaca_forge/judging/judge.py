@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -233,8 +233,8 @@ class JudgementCache:
     def __init__(self, path: str | Path, command: str = "eval pairwise"):
         self.path = Path(path)
         self.replies: dict[str, str] = {}
-        # What the judge cost: tokens summed over the cache's rows (those of every run)
-        self.prompt_tokens = self.completion_tokens = 0
+        # What each judgement cost, by key: (prompt tokens, completion tokens), as the engine counted
+        self.costs: dict[str, tuple[int, int]] = {}
         if self.path.exists():
             fix = "delete it (its judgements are lost) or name another --cache"
             for _line, row in read_appended_jsonl(self.path, ("key", "reply"), command, fix):
@@ -242,10 +242,14 @@ class JudgementCache:
                 self._count(row)
 
     def _count(self, row: dict) -> None:
-        for name in ("prompt_tokens", "completion_tokens"):
-            value = row.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, name, getattr(self, name) + value)
+        counts = [row.get(name) for name in ("prompt_tokens", "completion_tokens")]
+        ok = [n if isinstance(n, int) and not isinstance(n, bool) else 0 for n in counts]
+        self.costs[str(row["key"])] = (ok[0], ok[1])
+
+    def cost(self, keys: Iterable[str]) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) the judgements of `keys` cost, each key once."""
+        spent = [self.costs.get(k, (0, 0)) for k in set(keys)]
+        return sum(p for p, _ in spent), sum(c for _, c in spent)
 
     def add(self, rows: Sequence[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
