@@ -199,6 +199,12 @@ class TrainConfig(Config):
                     f"{flag} is a setting of {owners}, not {self.method}",
                     f"drop {flag}, or use {owners}",
                 )
+        if self.method == "kto" and self.batch_size < 2:
+            yield (
+                "batch_size",
+                "--method kto estimates its KL term from the other answers of a batch, so it needs at least 2",
+                "use --batch-size 2 or more",
+            )
         if self.merge and self.weights == "full":
             how = "--method full" if self.method == "full" else f"--method {self.method} --tune full"
             yield (

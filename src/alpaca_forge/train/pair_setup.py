@@ -8,8 +8,10 @@ split) -> --reference against the policy's base -> tokenizer, prompt format, pai
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,9 @@ def load_reward_model(config: TrainConfig, autocast: Any) -> Any:
 
     causal = load_pretrained(config.model)[0]
     torch.manual_seed(config.seed)
-    model = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1)
+    settings = copy.deepcopy(causal.config)
+    settings.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(settings)
     body = getattr(model, model.base_model_prefix)
     missing = body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict(), strict=False)
     if missing.missing_keys:
@@ -181,6 +185,8 @@ def prepare_pairs(config: TrainConfig, *, resume: bool) -> Prepared:
     check_disk(output, estimate_checkpoint_bytes(model), config.save_total_limit)
 
     train_rows = rows_for(config.objective, encoded)
+    if config.objective == "kto":  # KTO reads its rows in order (see preference._Ours): mix them, seeded
+        random.Random(config.seed).shuffle(train_rows)
     val_rows = rows_for(config.objective, val_encoded) if val_encoded else None
     facts.update(
         {
@@ -193,6 +199,7 @@ def prepare_pairs(config: TrainConfig, *, resume: bool) -> Prepared:
             "processes": world_size(),
             "learning_rate": config.resolved_learning_rate(),
             "reference": reference or ("adapter-disabled base" if peft is not None else config.model),
+            "max_seq_len": config.max_seq_len,  # the window judging.reward cuts scored answers to
         }
     )
     return Prepared(

@@ -46,8 +46,18 @@ class _Ours:
 
     counts: TokenCounts
 
-    def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:  # dpo, kto, reward
-        return dataset  # already our ids (pair_data.rows_for)
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, name: str) -> Any:
+        """dpo, kto, reward: the rows are already our ids (pair_data.rows_for). KTO's KL term reads
+        each row's answer paired with another row's prompt: the answers rotated by one within
+        each batch, as TRL's own preparation does."""
+        if getattr(self, "calculate_KL", False) and "completion_ids" in dataset.column_names:
+
+            def rotate(batch: dict[str, list]) -> dict[str, list]:
+                ids = batch["completion_ids"]
+                return {"KL_completion_ids": [ids[-1], *ids[:-1]]}
+
+            dataset = dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+        return dataset
 
     def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:  # orpo, cpo
         prompt, out = feature["prompt_ids"], {}
@@ -116,6 +126,7 @@ def method_settings(config: TrainConfig) -> dict[str, Any]:
     if o in ("dpo", "kto"):
         given["precompute_ref_log_probs"] = config.precompute_reference is not False
     if o == "kto":
+        given["train_sampling_strategy"] = "sequential"  # its KL pairs rows of one batch; pair_setup shuffles
         if config.kto_desirable_weight is not None:
             given["desirable_weight"] = config.kto_desirable_weight
         if config.kto_undesirable_weight is not None:
