@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from ..core.prompts import Message
 from ..engines import Completion, Engine, GenerationSettings
 from .items import Item
-from .judge import JudgementCache, Task, judge_all
+from .judge import PROMPT_VERSION, JudgementCache, Task, judge_all
 from .reward import Prompted, RewardModel
 
 
@@ -97,10 +97,12 @@ class JudgeChooser:
         *,
         batch_size: int = 8,
         max_answer_chars: int | None = None,
+        prompt: str = PROMPT_VERSION,
         progress: bool = True,
     ):
         """`judge` is the judge's identity (`judge_identity`), as the cache keys verdicts;
-        `open_judge()` is called once, when a first verdict is not in the cache."""
+        `open_judge()` is called once, when a first verdict is not in the cache; `prompt` names
+        the judging prompt (a key of `judge.JUDGE_PROMPTS`)."""
         self.name = judge
         self._open_judge = open_judge
         self._engine: Engine | None = None
@@ -108,6 +110,7 @@ class JudgeChooser:
         self.cache = cache
         self.batch_size = batch_size
         self.max_answer_chars = max_answer_chars
+        self.prompt = prompt
         self.progress = progress
         self.asked = 0  # judgements asked of the judge (not read from the cache)
 
@@ -124,7 +127,7 @@ class JudgeChooser:
             for i in range(len(answers)):
                 for j in range(len(answers)):
                     if i != j and answers[i].strip() != answers[j].strip():
-                        tasks.append(Task(judged, str(i), str(j), answers[i], answers[j]))
+                        tasks.append(Task(judged, str(i), str(j), answers[i], answers[j], self.prompt))
                         where.append((n, i, j))
         judgements, asked = judge_all(
             tasks,
