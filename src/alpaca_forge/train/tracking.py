@@ -351,7 +351,7 @@ def _close_runs(report: list[str], failed: bool) -> None:
     if "wandb" in report and "wandb" in sys.modules:
         wandb = sys.modules["wandb"]
         if wandb.run is not None:
-            wandb.finish(exit_code=1 if failed else 0, quiet=True)
+            wandb.finish(exit_code=1 if failed else 0)
     if "mlflow" in report and "mlflow" in sys.modules:
         mlflow = sys.modules["mlflow"]
         if mlflow.active_run() is not None:
