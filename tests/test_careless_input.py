@@ -669,6 +669,17 @@ def eval_judge_nobody_runs(w: Workspace) -> Attempt:
 
 
 @case
+def prefer_from_a_folder_nobody_rated_in(w: Workspace) -> Attempt:
+    s = _eval_set(w, 1)
+    a, b = _predictions(w, "a.jsonl", [0]), _predictions(w, "b.jsonl", [0])
+    args = [
+        "prefer", "--from-ratings", str(w.folder("rate")), "--input", str(s), "--a", str(a),
+        "--b", f"other={b}", "--output", str(w.path("pairs.jsonl")),
+    ]  # fmt: skip
+    return Attempt(args, ["ratings.jsonl", "nobody has rated"])
+
+
+@case
 def eval_leaderboard_with_one_system(w: Workspace) -> Attempt:
     s = _eval_set(w, 1)
     a = _predictions(w, "a.jsonl", [0])

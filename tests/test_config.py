@@ -236,6 +236,7 @@ def test_every_setting_has_help_and_a_config_file_flag(command):
 TEXT_STAGES = {  # command: (required settings, the stage's own default temperature)
     "chat": ({}, 0.7),
     "infer": ({"input": "i.jsonl", "output": "o.jsonl"}, 0.0),
+    "prefer": ({"input": "i.jsonl", "output": "o.jsonl"}, 0.7),
     "eval safety": ({"output": "out"}, 0.0),
     "generate": ({"seeds": "s.jsonl", "output": "o.jsonl", "num_instructions": 1}, 0.7),  # in-process
 }
