@@ -23,7 +23,11 @@ from conftest import CLI, assert_user_error, run_cli
 def make_set(tmp: Path, n: int) -> Path:
     path = tmp / "set.jsonl"
     rows = [
-        {"id": f"t{k}", "instruction": f"Write something about topic number {k}.", "input": "" if k % 2 else f"note {k}"}
+        {
+            "id": f"t{k}",
+            "instruction": f"Write something about topic number {k}.",
+            "input": "" if k % 2 else f"note {k}",
+        }
         for k in range(n)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -132,7 +136,17 @@ def test_pairs_are_trls_rows_with_the_judges_choice_and_a_rerun_asks_nothing(tmp
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(pairs) == len(rows) == s["pairs"] > 0
     for row, pair in zip(rows, pairs, strict=True):
-        assert set(row) >= {"id", "prompt", "chosen", "rejected", "instruction", "input", "verdicts", "agreement", "judge"}
+        assert set(row) >= {
+            "id",
+            "prompt",
+            "chosen",
+            "rejected",
+            "instruction",
+            "input",
+            "verdicts",
+            "agreement",
+            "judge",
+        }
         assert len(row["chosen"]) < len(row["rejected"])  # the judge's known preference
         assert row["prompt"] == row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
         assert row["judge"] == "fake-judge | engine=openai" and row["agreement"] == 1.0
@@ -170,7 +184,18 @@ def test_flip_rate_flips_about_that_share_the_same_way_every_run(tmp_path, tiny_
     outs = [tmp_path / "a" / "pairs.jsonl", tmp_path / "b" / "pairs.jsonl"]
     with FakeJudge(shorter) as url:
         for out in outs:
-            more = ("--samples", "4", "--flip-rate", "0.5", "--annotators", "3", "--keep", "all", "--min-agreement", "0.51")
+            more = (
+                "--samples",
+                "4",
+                "--flip-rate",
+                "0.5",
+                "--annotators",
+                "3",
+                "--keep",
+                "all",
+                "--min-agreement",
+                "0.51",
+            )
             result = run_cli(*prefer_args(tiny_model_dir, items, out, url, *more))
             assert result.returncode == 0, result.stderr
     s = summary_of(outs[0])
@@ -232,7 +257,9 @@ def test_a_server_judge_is_asked_judge_batch_size_at_a_time(tmp_path, tiny_model
 
     out = tmp_path / "pairs.jsonl"
     with FakeJudge(busy) as url:
-        result = run_cli(*prefer_args(tiny_model_dir, items, out, url, "--samples", "4", "--judge-batch-size", "12"))
+        result = run_cli(
+            *prefer_args(tiny_model_dir, items, out, url, "--samples", "4", "--judge-batch-size", "12")
+        )
     assert result.returncode == 0, result.stderr
     assert summary_of(out)["judgements_asked"] >= 24 and peak == 12
 
@@ -242,7 +269,9 @@ def test_expert_iteration_keeps_the_answer_the_judge_prefers(tmp_path, tiny_mode
     items = make_set(tmp_path, 3)
     out = tmp_path / "sft.jsonl"
     with FakeJudge(shorter) as url:
-        result = run_cli(*prefer_args(tiny_model_dir, items, out, url, "--samples", "3", "--expert-iteration"))
+        result = run_cli(
+            *prefer_args(tiny_model_dir, items, out, url, "--samples", "3", "--expert-iteration")
+        )
     assert result.returncode == 0, result.stderr
     answers = answers_of(out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -265,7 +294,9 @@ def test_ratings_of_eval_rate_become_pairs_where_the_raters_agree(tmp_path):
     systems = {}
     for name, answers in (("x", ["x0", "x1", "x2", "same"]), ("y", ["y0", "y1", "y2", "same"])):
         systems[name] = tmp_path / f"{name}.jsonl"
-        systems[name].write_text("".join(json.dumps({"id": f"t{k}", "output": a}) + "\n" for k, a in enumerate(answers)))
+        systems[name].write_text(
+            "".join(json.dumps({"id": f"t{k}", "output": a}) + "\n" for k, a in enumerate(answers))
+        )
     folder = tmp_path / "rate"
     folder.mkdir()
     with RatingStore(folder / "ratings.jsonl") as store:
@@ -292,7 +323,9 @@ def test_ratings_of_eval_rate_become_pairs_where_the_raters_agree(tmp_path):
     ]
     assert {v["rater"] for v in rows[0]["verdicts"]} == {"ann", "bob"}
     s = summary_of(out)
-    assert s["dropped"] == {"identical": 1, "tie": 0, "inconsistent": 1, "unreadable": 0} and s["ratings"] == 6
+    assert (
+        s["dropped"] == {"identical": 1, "tie": 0, "inconsistent": 1, "unreadable": 0} and s["ratings"] == 6
+    )
     assert len(read_pairs(out)) == 2
 
 
@@ -312,7 +345,20 @@ def test_bad_input_is_named_before_any_model_loads(tmp_path):
         ([*base, "--input", str(items), "--temperature", "0"], "--temperature 0"),
         ([*base, "--input", str(items), "--a", "x.jsonl"], "--from-ratings"),
         ([*base, "--input", str(items), "--reward-model", str(tmp_path)], "--expert-iteration"),
-        ([*base, "--input", str(items), "--from-ratings", str(tmp_path), "--a", "a.jsonl", "--b", "b.jsonl"], "ratings.jsonl"),
+        (
+            [
+                *base,
+                "--input",
+                str(items),
+                "--from-ratings",
+                str(tmp_path),
+                "--a",
+                "a.jsonl",
+                "--b",
+                "b.jsonl",
+            ],
+            "ratings.jsonl",
+        ),
         ([*base, "--input", str(items), "--from-ratings", str(tmp_path)], "--from-ratings needs --a"),
         (["prefer", "--model", "m", "--input", str(items), "--output", str(tmp_path)], str(tmp_path)),
         (["prefer", "--model", "m", "--input", str(items), "--output", str(items)], "--output"),

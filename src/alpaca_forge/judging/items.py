@@ -49,9 +49,9 @@ def text_key(instruction: str, input: str) -> tuple[str, str]:
     return " ".join(instruction.split()), " ".join(input.split())
 
 
-def read_set(path: str | os.PathLike, *, limit: int | None = None) -> list[Item]:
+def read_set(path: str | os.PathLike, *, limit: int | None = None, flag: str = "--set") -> list[Item]:
     """The items of an evaluation set, every problem reported at once. Items without an id get
-    `item-N` (N counts from 1, in file order)."""
+    `item-N` (N counts from 1, in file order). `flag` is the one the messages name."""
     problems: list[Problem] = []
     items: list[Item] = []
     first_at: dict[str, str] = {}
@@ -84,9 +84,11 @@ def read_set(path: str | os.PathLike, *, limit: int | None = None) -> list[Item]
             first_at[item_id] = where
             items.append(Item(item_id, rec.instruction, rec.input, category, where))
     if problems:
-        raise ValidationError(problems, what=f"evaluation set {path}")
+        raise ValidationError(
+            problems, what=f"instructions {path}" if flag != "--set" else f"evaluation set {path}"
+        )
     if not items:
-        raise UserError(f"{path}: holds no instructions", "name a set of instructions with --set")
+        raise UserError(f"{path}: holds no instructions", f"name a set of instructions with {flag}")
     return items[:limit] if limit is not None else items
 
 

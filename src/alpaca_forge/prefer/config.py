@@ -35,7 +35,9 @@ class PreferConfig(TextStageConfig):
         metavar="FILE",
     )
     limit: int | None = setting(None, "use only the first N instructions", ge=1)
-    samples: int = setting(2, "answers sampled per instruction (K): K(K-1)/2 pairs judged, each in both orders", ge=2)
+    samples: int = setting(
+        2, "answers sampled per instruction (K): K(K-1)/2 pairs judged, each in both orders", ge=2
+    )
     keep: Keep = setting(  # type: ignore[valid-type]
         "best-worst",
         "best-worst: one pair per instruction, the answer with the most wins against the one with the "
@@ -58,9 +60,7 @@ class PreferConfig(TextStageConfig):
     judge_generation: GenerationSettings = nested(
         GenerationSettings, "judge sampling", _judge_greedy, exclude=("seed",), prefix="judge"
     )
-    judge_batch_size: int = setting(
-        32, "judgements asked at once (a server judge: requests in flight)", ge=1
-    )
+    judge_batch_size: int = setting(32, "judgements asked at once (a server judge: requests in flight)", ge=1)
     max_answer_chars: int | None = setting(
         6000, "show the judge at most this many characters of an answer (cut answers are marked)", ge=100
     )
@@ -94,10 +94,14 @@ class PreferConfig(TextStageConfig):
         "give --input, --a and --b as given to `eval rate`",
         metavar="DIR",
     )
-    a: str | None = setting(None, "with --from-ratings: system A as `eval rate` named it, [NAME=]FILE", metavar="SYSTEM")
+    a: str | None = setting(
+        None, "with --from-ratings: system A as `eval rate` named it, [NAME=]FILE", metavar="SYSTEM"
+    )
     b: str | None = setting(None, "with --from-ratings: system B, the same way", metavar="SYSTEM")
     answer_field: str | None = setting(
-        None, "with --from-ratings: the predictions' answer field (default: 'output', else 'response')", metavar="FIELD"
+        None,
+        "with --from-ratings: the predictions' answer field (default: 'output', else 'response')",
+        metavar="FIELD",
     )
 
     expert_iteration: bool = setting(
@@ -106,7 +110,9 @@ class PreferConfig(TextStageConfig):
         "instead of pairs, chosen by --reward-model, else by the judge (round-robin, both orders)",
     )
     reward_model: str | None = setting(
-        None, "with --expert-iteration: a `train --method reward` folder that picks the best answer", metavar="DIR"
+        None,
+        "with --expert-iteration: a `train --method reward` folder that picks the best answer",
+        metavar="DIR",
     )
 
     def check(self):
@@ -114,7 +120,11 @@ class PreferConfig(TextStageConfig):
             for name in ("a", "b", "answer_field"):
                 if getattr(self, name) is not None:
                     flag = "--" + name.replace("_", "-")
-                    yield name, f"{flag} is read with --from-ratings only", f"add --from-ratings DIR, or drop {flag}"
+                    yield (
+                        name,
+                        f"{flag} is read with --from-ratings only",
+                        f"add --from-ratings DIR, or drop {flag}",
+                    )
         else:
             for name in ("a", "b"):
                 if getattr(self, name) is None:

@@ -33,7 +33,7 @@ class Vote:
 
     @property
     def side(self) -> str | None:
-        """"x", "y", "tie" or None (unreadable)."""
+        """ "x", "y", "tie" or None (unreadable)."""
         if self.verdict is None or self.verdict == "tie":
             return self.verdict
         return "x" if (self.verdict == "A") == self.x_first else "y"

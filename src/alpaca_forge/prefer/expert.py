@@ -62,7 +62,12 @@ def _chooser(config: PreferConfig, output: Path, progress: bool) -> Chooser:
 
 
 def expert_iteration(
-    config: PreferConfig, items: Sequence[Item], sampled: Sampled, output: Path, started: float, progress: bool
+    config: PreferConfig,
+    items: Sequence[Item],
+    sampled: Sampled,
+    output: Path,
+    started: float,
+    progress: bool,
 ) -> PreferResult:
     chooser = _chooser(config, output, progress)
     try:

@@ -49,7 +49,8 @@ def rated_pairs(config: PreferConfig) -> Rated:
     path = folder / RATINGS_FILE
     if not folder.is_dir():
         raise UserError(
-            f"--from-ratings {folder}: is not a folder", "name the --output folder of `alpaca-forge eval rate`"
+            f"--from-ratings {folder}: is not a folder",
+            "name the --output folder of `alpaca-forge eval rate`",
         )
     if not path.is_file():
         raise UserError(
@@ -64,7 +65,7 @@ def rated_pairs(config: PreferConfig) -> Rated:
                 f"give {flag} the predictions file given to `eval rate`: {flag} {spec.name}=FILE",
             )
     check_names(specs)
-    items = read_set(config.input, limit=config.limit)
+    items = read_set(config.input, limit=config.limit, flag="--input")
     a, b = (read_answers(s, items, answer_field=config.answer_field, partial_set=True) for s in specs)
     live = read_ratings(path)
     if not live:
@@ -85,8 +86,6 @@ def rated_pairs(config: PreferConfig) -> Rated:
             f"{path}: none of its {len(live)} ratings is of systems {names[0]!r} and {names[1]!r} on items of {config.input}",
             "give --a, --b and --input as given to `eval rate` (the names are the systems' as rated)",
         )
-    decisions = {
-        it.id: decide(0, 1, votes[it.id], config.min_agreement) for it in items if it.id in votes
-    }
+    decisions = {it.id: decide(0, 1, votes[it.id], config.min_agreement) for it in items if it.id in votes}
     raters = sorted({rater for rater, _item in live})
     return Rated(items, (a, b), decisions, raters, len(live) - left_out, left_out)

@@ -39,7 +39,8 @@ def run(config: PreferConfig, *, progress: bool = True) -> PreferResult:
     output = check_output(config.output, inputs=[config.input])
     if config.from_ratings is not None:
         return _from_ratings(config, output, started)
-    items = read_set(config.input, limit=config.limit)  # bad input fails before any model loads
+    # bad input fails before any model loads
+    items = read_set(config.input, limit=config.limit, flag="--input")
     answers_path = check_output(beside(output, ".answers.jsonl"), inputs=[config.input])
     if config.expert_iteration:
         from .expert import check_reward_model, expert_iteration
@@ -85,11 +86,15 @@ def _judged_pairs(config, items, answers, cache, output, started, progress, samp
                 chosen = (
                     prompts
                     if config.all_annotators
-                    else [random.Random(derived_seed(seed, "annotator", item.id, x, y, order)).choice(prompts)]
+                    else [
+                        random.Random(derived_seed(seed, "annotator", item.id, x, y, order)).choice(prompts)
+                    ]
                 )
                 first, second = (x, y) if x_first else (y, x)
                 for prompt in chosen:
-                    tasks.append(Task(item, f"answer-{first}", f"answer-{second}", texts[first], texts[second], prompt))
+                    tasks.append(
+                        Task(item, f"answer-{first}", f"answer-{second}", texts[first], texts[second], prompt)
+                    )
                     where.append((n, x, y, x_first, prompt))
         pairs_of.append(mine)
     judge = judge_identity(config.judge)
@@ -120,7 +125,9 @@ def _judged_pairs(config, items, answers, cache, output, started, progress, samp
                 dropped[d.dropped] += 1
         for d in keep_pairs(decisions, config.keep):
             agreements.append(d.agreement)
-            rows.append(_pair(item, answers[n][d.winner], answers[n][d.loser], d, judge, f"{d.winner}>{d.loser}"))
+            rows.append(
+                _pair(item, answers[n][d.winner], answers[n][d.loser], d, judge, f"{d.winner}>{d.loser}")
+            )
     write_pairs(output, rows)
     keys = [
         judgement_key(judge, config.judge_generation, config.max_answer_chars, t.item, t.a, t.b, t.prompt)
@@ -192,7 +199,9 @@ def _from_ratings(config: PreferConfig, output: Path, started: float) -> PreferR
         agreements.append(d.agreement)
         names = (a.name, b.name)
         raters = "human:" + "+".join(sorted({str(v.source["rater"]) for v in d.votes}))
-        rows.append(_pair(item, texts[d.winner], texts[d.loser], d, raters, f"{names[d.winner]}>{names[d.loser]}"))
+        rows.append(
+            _pair(item, texts[d.winner], texts[d.loser], d, raters, f"{names[d.winner]}>{names[d.loser]}")
+        )
     write_pairs(output, rows)
     summary = {
         "output": str(output),
