@@ -9,6 +9,7 @@ split) -> --reference against the policy's base -> tokenizer, prompt format, pai
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import random
@@ -82,11 +83,23 @@ def _same_model(a: str, b: str) -> bool:
         except (OSError, ValueError):
             return (None,)
         config.pop("_name_or_path", None)
-        weights = sorted((f.name, f.stat().st_size) for f in p.glob("*.safetensors"))
+        weights = sorted((f.name, _sample_digest(f)) for f in p.glob("*.safetensors"))
         tok = (p / "tokenizer.json").read_bytes() if (p / "tokenizer.json").is_file() else b""
         return (config, weights, tok)
 
     return facts(pa) == facts(pb) and facts(pa) != (None,)
+
+
+def _sample_digest(path: Path, span: int = 1 << 20) -> str:
+    """Size and a hash of the first and last MiB of a weights file: a copy matches, another model's
+    weights (even of the same shapes) do not, and no multi-GB file is read whole."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        f.seek(max(0, size - span))
+        h.update(f.read(span))
+    return h.hexdigest()
 
 
 def load_reward_model(config: TrainConfig, autocast: Any) -> Any:
