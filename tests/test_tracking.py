@@ -363,7 +363,7 @@ def test_mlflow_logs_the_loss_into_a_file_store_in_the_output(tiny_model_dir, re
 
 
 @pytest.mark.integration
-def test_a_dpo_run_plots_and_logs_its_reward_curves(tiny_model_dir, pairs, tmp_path):
+def test_a_dpo_run_takes_trainer_args_and_plots_and_logs_its_reward_curves(tiny_model_dir, pairs, tmp_path):
     out = tmp_path / "dpo"
     _train(
         tiny_model_dir,
@@ -371,7 +371,12 @@ def test_a_dpo_run_plots_and_logs_its_reward_curves(tiny_model_dir, pairs, tmp_p
         out,
         *["--method", "dpo", "--val-size", "4", "--max-steps", "4", "--eval-steps", "2"],
         *["--save-steps", "4", "--logging-steps", "1", "--batch-size", "4", "--learning-rate", "1e-2"],
+        *["--trainer-arg", "adam_beta2=0.95", "--trainer-arg", "ld_alpha=0.5"],  # ld_alpha: DPOConfig's
     )
+    args = torch.load(out / "checkpoint-4" / "training_args.bin", weights_only=False)
+    assert type(args).__name__ == "DPOConfig" and args.ld_alpha == 0.5 and args.adam_beta2 == 0.95
+    optimizer = torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in optimizer["param_groups"])
     assert _panels(out / "loss.png") == PANELS
     scalars = _scalars(out / "tensorboard")
     assert len(scalars["train/rewards/margins"]) == 4 and len(scalars["eval/rewards/margins"]) == 2
