@@ -282,6 +282,38 @@ def test_expert_iteration_keeps_the_answer_the_judge_prefers(tmp_path, tiny_mode
         assert r["output"] == answers[r["id"]][r["chosen"]]
 
 
+@pytest.mark.integration
+def test_expert_iteration_keeps_the_answer_the_reward_model_scores_highest(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from alpaca_forge import get_format, save_model
+
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_model(tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    model.config.architectures = ["LlamaForSequenceClassification"]
+    reward = save_model(model, tokenizer, tmp_path / "rm", get_format("alpaca"))
+    items = make_set(tmp_path, 3)
+    out = tmp_path / "sft.jsonl"
+    result = run_cli(
+        "prefer", "--model", str(tiny_model_dir), "--input", str(items), "--output", str(out),
+        "--max-new-tokens", "10", "--samples", "4", "--expert-iteration", "--reward-model", str(reward),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answers = answers_of(out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert len(r["scores"]) == 4 and r["scores"][r["chosen"]] == max(r["scores"])
+        assert r["output"] == answers[r["id"]][r["chosen"]] and r["chosen_by"] == str(reward)
+    assert summary_of(out)["records"] == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # People's verdicts
 
