@@ -165,6 +165,28 @@ def test_pairs_are_trls_rows_with_the_judges_choice_and_a_rerun_asks_nothing(tmp
 
 
 @pytest.mark.integration
+def test_a_policy_on_a_server_gets_one_request_per_answer_each_with_its_own_seed(tmp_path, tiny_lm):
+    from alpaca_forge.engines.transformers_engine import TransformersEngine
+
+    from openai_server import LoopbackServer
+
+    items = make_set(tmp_path, 4)
+    out = tmp_path / "pairs.jsonl"
+    server = LoopbackServer(TransformersEngine(tiny_lm))
+    with server as policy_url, FakeJudge(shorter) as judge_url:
+        args = prefer_args(Path("tiny"), items, out, judge_url, "--samples", "3", "--engine", "openai")
+        args += ["--base-url", policy_url, "--batch-size", "4"]
+        assert run_cli(*args).returncode == 0
+        seeds = [r["seed"] for r in server.requests]
+        first = out.read_text()
+        out.with_name("pairs.summary.json").unlink()
+        assert run_cli(*args).returncode == 0 and len(server.requests) == 12  # all cached
+    assert len(seeds) == 12 and len(set(seeds)) == 12
+    assert out.read_text() == first and summary_of(out)["answers_cached"] == 12
+    assert all(len(set(a)) > 1 for a in answers_of(out).values())  # sampled: not all the same
+
+
+@pytest.mark.integration
 def test_a_judge_that_always_says_a_gives_no_pairs_and_says_why(tmp_path, tiny_model_dir):
     items = make_set(tmp_path, 4)
     out = tmp_path / "pairs.jsonl"

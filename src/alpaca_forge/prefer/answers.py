@@ -2,8 +2,8 @@
 
 Answer j of an item is seeded from (--seed, the item's id, j), so a rerun gives the same answers;
 each is kept in an append-only JSONL cache (OUTPUT.answers.jsonl), synced after every batch, keyed
-by everything that decides it (the model and its engine settings, the sampling settings, K, the
-instruction, input and j). A killed run loses at most the batch in flight and a rerun loads no
+by everything that decides it (the model, its files' sizes and times and its engine settings, the
+sampling settings, K, the instruction, input and j). A killed run loses at most the batch in flight and a rerun loads no
 model when every answer is cached.
 
 In this process (transformers) the K answers of one item are one batch of K copies of its prompt,
@@ -26,7 +26,7 @@ from typing import Any
 
 from ..core.files import open_append, read_appended_jsonl, sync
 from ..core.prompts import Message
-from ..engines import Completion, Engine, GenerationSettings, open_engine
+from ..engines import Completion, Engine, EngineConfig, GenerationSettings, open_engine
 from ..judging.items import Item
 from ..judging.judge import judge_identity
 from .config import PreferConfig
@@ -38,9 +38,32 @@ def derived_seed(seed: int, *parts: Any) -> int:
     return int.from_bytes(digest[:4], "big") % 2**31
 
 
-def answer_key(config: PreferConfig, settings: GenerationSettings, item: Item, j: int) -> str:
+def model_files(cfg: EngineConfig) -> list[tuple[str, int, int]]:
+    """A model folder's (or file's) files as (name, size, mtime): a model retrained into the same
+    folder samples anew instead of reusing the answers of the one before. Nothing for a server's
+    model or a built-in name (it does not change under its name)."""
+    if cfg.engine == "openai" or not cfg.model:
+        return []
+    path = Path(cfg.model).expanduser()
+    try:
+        files = (
+            sorted(p for p in path.iterdir() if p.is_file())
+            if path.is_dir()
+            else [path]
+            if path.is_file()
+            else []
+        )
+        return [(p.name, st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
+    except OSError:
+        return []
+
+
+def answer_key(
+    config: PreferConfig, settings: GenerationSettings, item: Item, j: int, files: list | None = None
+) -> str:
     what = [
         judge_identity(config.engine),  # the model as named and the settings that change its text
+        files or [],
         settings.to_dict(),
         config.samples,
         item.instruction,
@@ -84,7 +107,8 @@ def sample_answers(
 
     settings = config.settings
     k = config.samples
-    keys = [[answer_key(config, settings, it, j) for j in range(k)] for it in items]
+    files = model_files(config.engine)
+    keys = [[answer_key(config, settings, it, j, files) for j in range(k)] for it in items]
     todo = [(n, j) for n in range(len(items)) for j in range(k) if keys[n][j] not in cache.answers]
     cached = len(items) * k - len(todo)
     if todo:
