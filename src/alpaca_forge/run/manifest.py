@@ -140,6 +140,12 @@ def build_manifest(
         licences["seeds"] = {"file": s["generate"].seeds, "licence": data_licence(Path(s["generate"].seeds))}
     if "data" in s and s["data"].input:
         licences["data"] = {"file": s["data"].input, "licence": data_licence(Path(s["data"].input))}
+    if "prefer" in s:
+        licences["preference_judge"] = engine_identity(s["prefer"].judge)
+        licences["preference_instructions"] = {
+            "file": s["prefer"].input,
+            "licence": data_licence(Path(s["prefer"].input)),
+        }
     if "eval" in s:
         licences["judge"] = engine_identity(s["eval"].judging.judge)
         licences["eval_set"] = {"file": s["infer"].input, "licence": data_licence(Path(s["infer"].input))}

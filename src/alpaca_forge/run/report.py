@@ -8,11 +8,8 @@ and provenance.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import re
-from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +18,8 @@ from ..core.files import write_text_atomic
 from ..core.hardware import flops_per_token_factor
 from .forecast import Forecast
 from .recipe import Recipe
+from .report_align import alignment
+from .report_html import Html, esc, fmt, pairwise_table, pct, png, section, stage_figures, table
 from .state import RunState
 from .wiring import run_file
 
@@ -28,7 +27,18 @@ if TYPE_CHECKING:
     from ..eval.report import PairwiseReport
 
 REPORT_FILE = "report.html"
-SECTIONS = ("run", "data", "preflight", "training", "evaluation", "samples", "export", "cost", "provenance")
+SECTIONS = (
+    "run",
+    "data",
+    "preflight",
+    "training",
+    "evaluation",
+    "samples",
+    "alignment",
+    "export",
+    "cost",
+    "provenance",
+)
 SAMPLES_SHOWN = 12
 
 STYLE = """
@@ -48,62 +58,6 @@ nav a{margin-right:12px;color:#2a55c9;text-decoration:none}
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _png(path: Path | None) -> str:
-    if path is None or not Path(path).is_file():
-        return '<p class="muted">(no chart: matplotlib not installed, or the stage did not draw one)</p>'
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{_e(Path(path).name)}" src="data:image/png;base64,{data}">'
-
-
-def _table(rows: Iterable[Sequence[Any]], head: Sequence[str] | None = None) -> str:
-    out = ["<table>"]
-    if head:
-        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>")
-    for row in rows:
-        cells = []
-        for cell in row:
-            is_num = isinstance(cell, (int, float)) and not isinstance(cell, bool)
-            cells.append(
-                f'<td class="num">{_fmt(cell)}</td>'
-                if is_num
-                else f"<td>{cell if _is_html(cell) else _e(_fmt(cell))}</td>"
-            )
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "".join(out)
-
-
-class Html(str):
-    """Text already escaped."""
-
-
-def _is_html(value: Any) -> bool:
-    return isinstance(value, Html)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
-
-
-def _section(key: str, title: str, body: str) -> str:
-    return f'<section id="{key}"><h2>{_e(title)}</h2>{body}</section>'
-
-
-def _figures(state: RunState, stage: str) -> dict[str, Any]:
-    rec = state.stages.get(stage)
-    return rec.figures if rec else {}
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -115,17 +69,17 @@ def _run(recipe: Recipe, state: RunState) -> str:
     total = sum(r[2] or 0 for r in rows)
     rows.append((Html("<b>all stages</b>"), "", round(total, 1)))
     return (
-        f"<p>{_e(recipe.top.description)}</p>"
-        f'<p class="muted">recipe {_e(recipe.path)} · run directory {_e(recipe.run_dir)}</p>'
-        + _table(rows, ("stage", "status", "wall time, s"))
+        f"<p>{esc(recipe.top.description)}</p>"
+        f'<p class="muted">recipe {esc(recipe.path)} · run directory {esc(recipe.run_dir)}</p>'
+        + table(rows, ("stage", "status", "wall time, s"))
     )
 
 
 def _data(state: RunState) -> str:
-    d = _figures(state, "data")
+    d = stage_figures(state, "data")
     if not d:
         return '<p class="muted">no data stage in this recipe</p>'
-    g = _figures(state, "generate")
+    g = stage_figures(state, "generate")
     quality = d.get("quality", {})
     rows = [
         ("records from the teacher", d.get("from_teacher_in")),
@@ -136,23 +90,23 @@ def _data(state: RunState) -> str:
         ("… of which from the teacher", d.get("from_teacher")),
         ("… of which seed tasks", d.get("from_seeds")),
     ]
-    parts = [_table(rows)]
+    parts = [table(rows)]
     if g:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(g.get("dropped", {}).items())) or "none"
         parts.append(
-            f"<p>The teacher ({_e(g.get('teacher'))}) accepted {_e(g.get('accepted'))} of the {_e(g.get('target'))} "
-            f"records asked for, from {_e(g.get('requests'))} requests ({_e(g.get('accepted_per_request'))} per request); "
-            f"stopped: {_e(g.get('stop_reason'))}. Candidates dropped: {_e(dropped)}.</p>"
+            f"<p>The teacher ({esc(g.get('teacher'))}) accepted {esc(g.get('accepted'))} of the {esc(g.get('target'))} "
+            f"records asked for, from {esc(g.get('requests'))} requests ({esc(g.get('accepted_per_request'))} per request); "
+            f"stopped: {esc(g.get('stop_reason'))}. Candidates dropped: {esc(dropped)}.</p>"
         )
     if quality:
         parts.append("<h3>Quality checks on the records before cleaning</h3>")
-        parts.append(_table(quality.items(), ("check", "records flagged")))
+        parts.append(table(quality.items(), ("check", "records flagged")))
     stats = d.get("stats") or {}
     if stats:
         flat = [(k, v) for k, v in stats.items() if isinstance(v, (int, float, str))]
         if flat:
-            parts.append(_table(flat, ("statistic", "value")))
-    parts.append(_png(Path(d["lengths_plot"]) if d.get("lengths_plot") else None))
+            parts.append(table(flat, ("statistic", "value")))
+    parts.append(png(Path(d["lengths_plot"]) if d.get("lengths_plot") else None))
     return "".join(parts)
 
 
@@ -165,21 +119,21 @@ def _example(text: str) -> str:
     out, last = [], 0
     for m in _MASK.finditer(body):
         if m.start() > last:
-            out.append(f'<span class="trained">{_e(body[last : m.start()])}</span>')
-        out.append(f'<span class="masked">{_e(m.group(1))}</span>')
+            out.append(f'<span class="trained">{esc(body[last : m.start()])}</span>')
+        out.append(f'<span class="masked">{esc(m.group(1))}</span>')
         last = m.end()
     if last < len(body):
-        out.append(f'<span class="trained">{_e(body[last:])}</span>')
-    return f'<p class="muted">{_e(head)}</p><pre>{"".join(out)}</pre>'
+        out.append(f'<span class="trained">{esc(body[last:])}</span>')
+    return f'<p class="muted">{esc(head)}</p><pre>{"".join(out)}</pre>'
 
 
 def _preflight(state: RunState) -> str:
-    pre = _figures(state, "train").get("preflight")
+    pre = stage_figures(state, "train").get("preflight")
     if not pre:
         return '<p class="muted">no train stage in this recipe</p>'
     verdict = '<span class="ok">passed</span>' if pre["ok"] else '<span class="bad">failed</span>'
     head = (
-        f"<p>EOS check {verdict}: the EOS token {_e(pre['eos_token'])} carries loss in {pre['eos_trained']} of "
+        f"<p>EOS check {verdict}: the EOS token {esc(pre['eos_token'])} carries loss in {pre['eos_trained']} of "
         f"{pre['examples']} examples after batching ({pre['format']} format, {pre['tokens']:,} tokens, "
         f"{pre['trained_tokens']:,} trained). Grey: the prompt, masked (no loss); green: the answer the model learns, "
         "ending in EOS.</p>"
@@ -188,7 +142,7 @@ def _preflight(state: RunState) -> str:
 
 
 def _training(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
-    t = _figures(state, "train")
+    t = stage_figures(state, "train")
     if not t:
         return '<p class="muted">no train stage in this recipe</p>'
     s = t["summary"]
@@ -198,11 +152,11 @@ def _training(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
         ("method", config.method),
         ("base model", config.model),
         ("optimiser steps", s.get("steps")),
-        ("first / last training loss", f"{_fmt(s.get('first_loss'))} / {_fmt(s.get('last_loss'))}"),
+        ("first / last training loss", f"{fmt(s.get('first_loss'))} / {fmt(s.get('last_loss'))}"),
         ("validation loss", s.get("last_eval_loss")),
         (
             "tokens seen / trained on",
-            f"{_fmt(s.get('tokens_seen_this_run'))} / {_fmt(s.get('trained_tokens_this_run'))}",
+            f"{fmt(s.get('tokens_seen_this_run'))} / {fmt(s.get('trained_tokens_this_run'))}",
         ),
         ("padding share", s.get("padding_share")),
         ("steady throughput, tokens/s", tps),
@@ -214,50 +168,27 @@ def _training(recipe: Recipe, state: RunState, forecast: Forecast) -> str:
     elif tps and forecast.train:  # all processes' tokens/s already
         achieved = flops_per_token_factor(config.weights) * forecast.train.parameters * tps
         rows.append(("achieved FLOP/s (train reports MFU on CUDA)", f"{achieved:.3g}"))
-    return _table(rows) + _png(Path(s["loss_plot"]) if s.get("loss_plot") else None)
+    return table(rows) + png(Path(s["loss_plot"]) if s.get("loss_plot") else None)
 
 
-def _eval_report(recipe: Recipe) -> PairwiseReport | None:
-    """The eval stage's report.json, read through eval's typed reader; None before it exists."""
+def _eval_report(recipe: Recipe, output: str = "report") -> PairwiseReport | None:
+    """The eval stage's report.json (or its `aligned report`), read through eval's typed reader;
+    None before it exists."""
     from ..eval.report import read_pairwise_report
 
-    path = run_file(recipe.run_dir, "eval", "report")
+    path = run_file(recipe.run_dir, "eval", output)
     if not path.is_file():
         return None
-    return read_pairwise_report(path, flag="the eval stage's report", fix="run the recipe with --from eval")
+    return read_pairwise_report(path, flag=f"the eval stage's {output}", fix="run the recipe with --from eval")
 
 
 def _evaluation(state: RunState, r: PairwiseReport | None) -> str:
-    e = _figures(state, "eval")
+    e = stage_figures(state, "eval")
     if not e:
         return '<p class="muted">no eval stage in this recipe</p>'
     if r is None:
         return '<p class="muted">the eval stage\'s report.json is gone: run the recipe with --from eval</p>'
-    wr, pc = r.win_rate, r.position_consistency
-    rows = [
-        ("system A", r.a),
-        ("system B", r.b),
-        ("judge", r.judge),
-        ("items judged / in the set", f"{r.judged} / {r.items}"),
-        ("A wins / ties / B wins", f"{r.wins} / {r.ties} / {r.losses}"),
-        ("A's win rate (ties ½), 95% bootstrap", f"{_pct(wr.value)} [{_pct(wr.low)}, {_pct(wr.high)}]"),
-        ("sign test p", r.sign_test_p),
-        ("position consistency (both orders agree)", _pct(pc) if pc is not None else "—"),
-        ("unreadable verdicts", f"{r.unreadable_verdicts} of {r.judgements}"),
-        ("identical answers (ties, not asked)", r.identical_answers),
-        ("empty answers, A / B", "{} / {}".format(*(r.empty_answers or ("—", "—")))),
-        (
-            "mean answer length in characters, A / B",
-            "{:.0f} / {:.0f}".format(*r.mean_chars) if r.mean_chars else "—",
-        ),
-    ]
-    chart = next((Path(f) for f in e.get("files", []) if f.endswith("winrate.png")), None)
-    notes = "".join(f"<li>{_e(n)}</li>" for n in r.notes)
-    return _table(rows) + (f"<ul>{notes}</ul>" if notes else "") + _png(chart)
-
-
-def _pct(x: Any) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
+    return pairwise_table(r, e.get("files", []))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -281,11 +212,11 @@ def _samples(recipe: Recipe, state: RunState, report: PairwiseReport | None) -> 
     ]
     for i, b in enumerate(before[:SAMPLES_SHOWN]):
         a = after.get((b["instruction"], b.get("input", "")), {})
-        inp = f"<br><span class='muted'>{_e(b['input'])}</span>" if b.get("input") else ""
+        inp = f"<br><span class='muted'>{esc(b['input'])}</span>" if b.get("input") else ""
         outcome = outcomes.get(str(b.get("id")))  # the reader holds every id as text
-        tag = f'<span class="tag">judge: {_e(outcome)}</span>' if outcome else ""
+        tag = f'<span class="tag">judge: {esc(outcome)}</span>' if outcome else ""
         parts.append(
-            f"<h3>{i + 1}. {_e(b['instruction'])}{tag}</h3>{inp}"
+            f"<h3>{i + 1}. {esc(b['instruction'])}{tag}</h3>{inp}"
             f'<div class="pair"><div><b>before</b>\n{_answer(b)}</div><div><b>after</b>\n{_answer(a)}</div></div>'
         )
     return "".join(parts)
@@ -296,18 +227,18 @@ def _answer(row: dict[str, Any]) -> str:
         return '<span class="muted">(no answer in the file)</span>'
     text = row.get("output", "")
     return (
-        _e(text) if text.strip() else '<span class="muted">(empty: the model ended its answer at once)</span>'
+        esc(text) if text.strip() else '<span class="muted">(empty: the model ended its answer at once)</span>'
     )
 
 
 def _export(state: RunState) -> str:
-    x = _figures(state, "export")
+    x = stage_figures(state, "export")
     if not x:
         return '<p class="muted">no export stage in this recipe</p>'
     g = x["gguf"]
     p = g.get("parity") or {}
     speed = x.get("speed") or {}
-    after = _figures(state, "infer").get("after", {})
+    after = stage_figures(state, "infer").get("after", {})
     rows = [
         ("file", g["output"]),
         ("quantisation", g["quant"]),
@@ -315,20 +246,20 @@ def _export(state: RunState) -> str:
         ("export time, s", g.get("export_s")),
         (
             "parity: next token agrees after the prompt / at every position",
-            f"{_pct(p.get('top1_last'))} / {_pct(p.get('top1_all'))}" if p else "not checked",
+            f"{pct(p.get('top1_last'))} / {pct(p.get('top1_all'))}" if p else "not checked",
         ),
         ("parity: largest logit difference", p.get("max_logit_diff") if p else None),
-        ("parity: tokenisation agrees", _pct(p.get("tokenization_agree")) if p else None),
+        ("parity: tokenisation agrees", pct(p.get("tokenization_agree")) if p else None),
         ("llama.cpp greedy decode, tokens/s", speed.get("tokens_per_s")),
         ("transformers (the infer stage, batched), tokens/s", after.get("tokens_per_s")),
     ]
-    return _table(rows)
+    return table(rows)
 
 
 def _cost(recipe: Recipe, state: RunState, forecast: Forecast, report: PairwiseReport | None) -> str:
-    g = _figures(state, "generate")
-    t = _figures(state, "train").get("summary", {})
-    e = _figures(state, "eval")
+    g = stage_figures(state, "generate")
+    t = stage_figures(state, "train").get("summary", {})
+    e = stage_figures(state, "eval")
     rows = []
     if forecast.teacher:
         f = forecast.teacher
@@ -341,7 +272,7 @@ def _cost(recipe: Recipe, state: RunState, forecast: Forecast, report: PairwiseR
     if forecast.train:
         f2 = forecast.train
         actual_hours = (
-            (state.stages["train"].wall_s * _figures(state, "train").get("processes", 1) / 3600)
+            (state.stages["train"].wall_s * stage_figures(state, "train").get("processes", 1) / 3600)
             if "train" in state.stages
             else None
         )
@@ -375,20 +306,36 @@ def _cost(recipe: Recipe, state: RunState, forecast: Forecast, report: PairwiseR
                 ) if e else None,
             ),
         ]  # fmt: skip
+    rows += _alignment_cost(state)
     head = ("", "forecast", "actual")
-    lines = "".join(f"<li>{_e(line)}</li>" for line in forecast.lines())
+    lines = "".join(f"<li>{esc(line)}</li>" for line in forecast.lines())
     return (
-        _table(rows, head) + f'<p class="muted">How the forecast was made:</p><ul class="muted">{lines}</ul>'
+        table(rows, head) + f'<p class="muted">How the forecast was made:</p><ul class="muted">{lines}</ul>'
     )
+
+
+def _alignment_cost(state: RunState) -> list[tuple[str, Any, Any]]:
+    """What learning from preferences cost: not forecast, counted."""
+    rows: list[tuple[str, Any, Any]] = []
+    p = stage_figures(state, "prefer").get("summary") or {}
+    if p.get("judge_cost"):
+        c = p["judge_cost"]
+        rows.append(("prefer: judge prompt / completion tokens", "—", f"{fmt(c['prompt_tokens'])} / {fmt(c['completion_tokens'])}"))
+    if "align" in state.stages:
+        rows.append(("align: training wall time, s", "—", round(state.stages["align"].wall_s, 1)))
+    e = stage_figures(state, "eval").get("aligned")
+    if e:
+        rows.append(("eval (aligned): judge prompt / completion tokens", "—", f"{fmt(e['prompt_tokens'])} / {fmt(e['completion_tokens'])}"))
+    return rows
 
 
 def _provenance(manifest: dict[str, Any]) -> str:
-    versions = _table(((k, v) for k, v in manifest["versions"].items()), ("package", "version"))
-    licences = _table(
+    versions = table(((k, v) for k, v in manifest["versions"].items()), ("package", "version"))
+    licences = table(
         ((k, ", ".join(f"{a}: {b}" for a, b in v.items())) for k, v in manifest["licences"].items()),
         ("what", "licence or terms"),
     )
-    hashes = _table(((k, v) for k, v in manifest["hashes"].items()), ("file", "sha256"))
+    hashes = table(((k, v) for k, v in manifest["hashes"].items()), ("file", "sha256"))
     return (
         "<h3>Licences and terms</h3>"
         + licences
@@ -401,6 +348,7 @@ def _provenance(manifest: dict[str, Any]) -> str:
 
 def render(recipe: Recipe, state: RunState, forecast: Forecast, manifest: dict[str, Any]) -> str:
     judged = _eval_report(recipe) if "eval" in state.stages else None
+    aligned = _eval_report(recipe, "aligned report") if recipe.has("align") and "eval" in state.stages else None
     bodies = {
         "run": ("The run", _run(recipe, state)),
         "data": ("Data", _data(state)),
@@ -408,17 +356,18 @@ def render(recipe: Recipe, state: RunState, forecast: Forecast, manifest: dict[s
         "training": ("Training", _training(recipe, state, forecast)),
         "evaluation": ("Evaluation", _evaluation(state, judged)),
         "samples": ("Before and after fine-tuning", _samples(recipe, state, judged)),
+        "alignment": ("Learning from preferences", alignment(state, aligned)),
         "export": ("Export", _export(state)),
         "cost": ("Cost: forecast and actual", _cost(recipe, state, forecast, judged)),
         "provenance": ("Provenance", _provenance(manifest)),
     }
-    nav = "".join(f'<a href="#{k}">{_e(bodies[k][0])}</a>' for k in SECTIONS)
+    nav = "".join(f'<a href="#{k}">{esc(bodies[k][0])}</a>' for k in SECTIONS)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = "".join(_section(k, *bodies[k]) for k in SECTIONS)
+    sections = "".join(section(k, *bodies[k]) for k in SECTIONS)
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>alpaca-forge: {_e(recipe.name)}</title><style>{STYLE}</style></head><body><main>"
-        f'<h1>alpaca-forge run: {_e(recipe.name)}</h1><p class="muted">{when}</p><nav>{nav}</nav>'
+        f"<title>alpaca-forge: {esc(recipe.name)}</title><style>{STYLE}</style></head><body><main>"
+        f'<h1>alpaca-forge run: {esc(recipe.name)}</h1><p class="muted">{when}</p><nav>{nav}</nav>'
         f"{sections}</main></body></html>"
     )
 

@@ -1,8 +1,9 @@
-"""The six stages of a recipe, each as the work it plans and the stage command it runs.
+"""The stages of a recipe, each as the work it plans and the stage command it runs.
 
-    generate -> data (quality, clean, dedupe) -> train (preflight first) -> infer (base, then
-    fine-tuned) -> eval (fine-tuned vs base, blind, both orders) -> export (merge, GGUF, parity,
-    llama.cpp speed)
+    generate -> data (quality, clean, dedupe) -> train (preflight first) -> [prefer (pairs from the
+    fine-tuned model's samples, judged) -> align (DPO & co. from the fine-tuned model)] -> infer
+    (base, fine-tuned [, aligned]) -> eval (fine-tuned vs base [, aligned vs fine-tuned], blind,
+    both orders) -> export (the last model trained: merge, GGUF, parity, llama.cpp speed)
 
 `plan(recipe)` lists, for each stage, the configs the recipe built for it (their joining fields
 filled from the wiring table), what it reads (hashed into its fingerprint) and what it writes. `execute(work, ...)` runs a stage through its own `run(config)`
@@ -26,7 +27,6 @@ from typing import Any
 from ..core.errors import UserError
 from ..core.files import read_appended_jsonl, write_json_atomic, write_text_atomic
 from .recipe import Recipe
-from .wiring import run_file
 
 log = logging.getLogger("alpaca_forge")
 
@@ -76,28 +76,48 @@ def plan(recipe: Recipe) -> list[StageWork]:
             inputs["accelerate_config"] = Path(launch.accelerate_config)
         extra = {"processes": launch.processes, "accelerate_config": launch.accelerate_config}
         works.append(StageWork("train", run / "train", c["train"], inputs, [Path(t.output)], extra))
+    if "prefer" in s:
+        p = s["prefer"]
+        inputs = {"instructions": Path(p.input), "policy": Path(p.engine.model)}
+        if p.reward_model:
+            inputs["reward_model"] = Path(p.reward_model)
+        works.append(StageWork("prefer", run / "prefer", c["prefer"], inputs, [Path(p.output)]))
+    if "align" in s:
+        a = s["align"]
+        inputs = {"pairs": Path(a.data), "model": Path(a.model)}
+        if a.val:
+            inputs["val"] = Path(a.val)
+        extra = {"processes": recipe.launch.processes, "accelerate_config": recipe.launch.accelerate_config}
+        works.append(StageWork("align", run / "align", c["align"], inputs, [Path(a.output)], extra))
     if "infer" in s:
-        before, after = c["infer"]["before"], c["infer"]["after"]
-        inputs = {"set": Path(before.input), "model": Path(after.engine.model)}
+        roles = c["infer"]
+        inputs = {"set": Path(roles["before"].input), "model": Path(roles["after"].engine.model)}
+        if "aligned" in roles:
+            inputs["aligned model"] = Path(roles["aligned"].engine.model)
         extra = {"train_format": s["train"].format, "train_system": s["train"].system}
-        outputs = [Path(before.output), Path(after.output)]
-        works.append(StageWork("infer", run / "infer", c["infer"], inputs, outputs, extra))
+        outputs = [Path(config.output) for config in roles.values()]
+        works.append(StageWork("infer", run / "infer", roles, inputs, outputs, extra))
     if "eval" in s:
-        e = s["eval"]
         answered = s["infer"].limit  # infer answered only the set's first N: judge those
-        if answered and (e.judging.limit is None or e.judging.limit > answered):
-            e = dataclasses.replace(e, judging=dataclasses.replace(e.judging, limit=answered))
+        configs = {role: _judge_answered(e, answered) for role, e in c["eval"].items()}
         answers = {role: Path(config.output) for role, config in c["infer"].items()}
-        inputs = {"set": Path(e.set), **answers}
-        works.append(StageWork("eval", run / "eval", {"eval": e}, inputs, [run_file(run, "eval", "report")]))
+        inputs = {"set": Path(configs["eval"].set), **answers}
+        reports = [Path(e.output) / "report.json" for e in configs.values()]
+        works.append(StageWork("eval", run / "eval", configs, inputs, reports))
     if "export" in s:
         gguf = s["export"]
+        final = s["align"] if "align" in s else s["train"]  # the last model trained
         works.append(
-            StageWork(
-                "export", run / "export", c["export"], {"model": Path(s["train"].output)}, [Path(gguf.output)]
-            )
+            StageWork("export", run / "export", c["export"], {"model": Path(final.output)}, [Path(gguf.output)])
         )
     return works
+
+
+def _judge_answered(e: Any, answered: int | None) -> Any:
+    """An eval config judging only the items infer answered (its `limit`)."""
+    if answered and (e.judging.limit is None or e.judging.limit > answered):
+        return dataclasses.replace(e, judging=dataclasses.replace(e.judging, limit=answered))
+    return e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +131,8 @@ def execute(work: StageWork, recipe: Recipe, *, resume: bool, progress: bool) ->
         "generate": _generate,
         "data": _data,
         "train": _train,
+        "prefer": _prefer,
+        "align": _align,
         "infer": _infer,
         "eval": _eval,
         "export": _export,
@@ -179,19 +201,50 @@ def _train(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dic
     write_json_atomic(recipe.run_dir / "preflight.json", pre.to_dict())
     log.info("%s", pre.text().rstrip())
     preflight.require_eos(pre, f"{recipe.path} (stages.train)", kept)
-    processes = work.extra["processes"]
+    summary = _train_model(config, work, resume, progress)
+    return {"summary": summary, "preflight": pre.to_dict(), "processes": work.extra["processes"]}
+
+
+def _train_model(config: Any, work: StageWork, resume: bool, progress: bool) -> dict[str, Any]:
+    """`train` as the stage's config says (under accelerate for several processes); its summary.
+    A model saved before a kill is not trained again."""
     from ..train.checkpoints import CONFIG_FILE
 
+    processes = work.extra["processes"]
     if resume and (Path(config.output) / CONFIG_FILE).is_file():
-        log.info("train: the model was saved before the run was stopped; not trained again")
+        log.info("%s: the model was saved before the run was stopped; not trained again", work.name)
     elif processes > 1:
         _launch_train(config, work, processes, resume)
     else:
         from ..train.runner import run
 
         run(config, resume=resume, progress=progress)
-    summary = json.loads((Path(config.output) / "train_summary.json").read_text())
-    return {"summary": summary, "preflight": pre.to_dict(), "processes": processes}
+    return json.loads((Path(config.output) / "train_summary.json").read_text())
+
+
+def _prefer(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    from ..prefer.runner import run
+
+    config = work.configs["prefer"]
+    r = run(config, progress=progress)
+    if r.pairs == 0:
+        raise UserError(
+            f"prefer: no preference pair was kept ({_drops(r.summary)})",
+            "sample more answers (stages.prefer.samples), use more instructions, or a judge that decides "
+            "(see RUN/prefer/pairs.summary.json)",
+        )
+    return {"pairs": r.pairs, "summary": r.summary, "judge": config.judge.model}
+
+
+def _drops(summary: dict[str, Any]) -> str:
+    dropped = summary.get("dropped") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "nothing to compare"
+
+
+def _align(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    config = work.configs["align"]
+    summary = _train_model(config, work, resume, progress)
+    return {"summary": summary, "processes": work.extra["processes"]}
 
 
 def launch_command(
@@ -209,7 +262,7 @@ def launch_command(
 def _launch_train(config: Any, work: StageWork, processes: int, resume: bool) -> None:
     import yaml
 
-    config_file = work.folder.parent / "train.launch.yaml"
+    config_file = work.folder.parent / f"{work.name}.launch.yaml"
     write_text_atomic(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
     cmd = launch_command(config_file, processes, work.extra["accelerate_config"], resume)
     log.info("train: %s", " ".join(cmd))
@@ -219,6 +272,9 @@ def _launch_train(config: Any, work: StageWork, processes: int, resume: bool) ->
             f"train under accelerate launch ({processes} processes) failed with exit status {done.returncode}",
             "see its output above; run the recipe again to resume from the last checkpoint",
         )
+
+
+INFER_ROLES = {"before": "base", "after": "fine-tuned", "aligned": "aligned"}
 
 
 def _infer(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
@@ -237,8 +293,8 @@ def _infer(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dic
         )
         before = dataclasses.replace(before, engine=dataclasses.replace(before.engine, format=fmt.name))
     figures = {}
-    for role, config in (("before", before), ("after", work.configs["after"])):
-        log.info("infer: the %s model answers the set", "base" if role == "before" else "fine-tuned")
+    for role, config in {**work.configs, "before": before}.items():
+        log.info("infer: the %s model answers the set", INFER_ROLES[role])
         r = run(config, progress=progress)
         figures[role] = {
             "model": config.engine.model,
@@ -251,10 +307,18 @@ def _infer(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dic
 
 
 def _eval(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
+    figures = _pairwise(work.configs["eval"], progress)
+    if "aligned" in work.configs:
+        log.info("eval: the aligned model against the fine-tuned one, by the same judge")
+        figures["aligned"] = _pairwise(work.configs["aligned"], progress)
+    return figures
+
+
+def _pairwise(config: Any, progress: bool) -> dict[str, Any]:
     from ..eval.report import read_pairwise_report
     from ..eval.runner import run_pairwise
 
-    r = run_pairwise(work.configs["eval"], progress=progress)
+    r = run_pairwise(config, progress=progress)
     fix = "run the recipe with --from eval to judge again"
     report = read_pairwise_report(r.output, flag="the eval stage's report", fix=fix)
     prompt_tokens = completion_tokens = 0

@@ -3,6 +3,12 @@
     generate --records--> data --train data--> train --model--> infer (the base, then the fine-tuned
     model answers the set) --answers--> eval;  train --model--> export (merged first when LoRA)
 
+and, learning from preferences after fine-tuning (AlpacaFarm's step):
+
+    train --model--> prefer (the fine-tuned model's sampled answers, judged: pairs) --pairs--> align
+    (DPO & co. from the fine-tuned model) --model--> infer (a third answer set) --> eval (aligned vs
+    fine-tuned, the same judge); the aligned model is then the one export writes
+
 Each stage has its section class (the recipe's `stages.NAME` keys are that class's settings), the
 files it leaves under the run directory (`OUTPUTS`), and the rows of `WIRES` that feed its configs.
 The loader reads the table once per stage: a wired field set in the recipe is a problem named by
@@ -24,6 +30,7 @@ from ..eval.config import PairwiseConfig
 from ..export.config import GgufConfig, MergeConfig
 from ..generate.config import GenerateConfig
 from ..infer.config import InferConfig
+from ..prefer.config import PreferConfig
 from ..train.config import TrainConfig
 
 
@@ -54,6 +61,8 @@ SECTIONS: dict[str, type] = {
     "generate": GenerateConfig,
     "data": DataStage,
     "train": TrainConfig,
+    "prefer": PreferConfig,
+    "align": TrainConfig,  # `train --method dpo|orpo|kto|simpo` from the fine-tuned model
     "infer": InferConfig,
     "eval": PairwiseConfig,
     "export": GgufConfig,
@@ -66,8 +75,10 @@ ROLES: dict[str, dict[str, type]] = {
     "generate": {"generate": GenerateConfig},
     "data": {"data": DataStage},
     "train": {"train": TrainConfig},
-    "infer": {"before": InferConfig, "after": InferConfig},
-    "eval": {"eval": PairwiseConfig},
+    "prefer": {"prefer": PreferConfig},
+    "align": {"align": TrainConfig},
+    "infer": {"before": InferConfig, "after": InferConfig, "aligned": InferConfig},
+    "eval": {"eval": PairwiseConfig, "aligned": PairwiseConfig},
     "export": {"merge": MergeConfig, "gguf": GgufConfig},
 }
 
@@ -91,25 +102,49 @@ OUTPUTS: dict[str, dict[str, str | Setting]] = {
         "dropped records": "data/train.dropped.jsonl",
     },
     "train": {"model": "train", "base model": Setting(("model",))},
+    "prefer": {"pairs": "prefer/pairs.jsonl"},
+    "align": {"model": "align"},
     "infer": {
         "set": Setting(("input",)),
         "base answers": "infer/before.jsonl",
         "tuned answers": "infer/after.jsonl",
+        "aligned answers": "infer/aligned.jsonl",
     },
-    "eval": {"report folder": "eval", "report": "eval/report.json"},
+    "eval": {
+        "report folder": "eval",
+        "report": "eval/report.json",
+        "aligned report folder": "eval/aligned",
+        "aligned report": "eval/aligned/report.json",
+    },
     "export": {"merged model": "export/merged", "gguf file": "export/model.{quant}.gguf"},
 }
 
 
-def _lora(stages: dict[str, Any]) -> bool:
-    train = stages.get("train")
-    return train is not None and train.weights in ("lora", "qlora")
+def _aligns(stages: dict[str, Any]) -> bool:
+    return "align" in stages
 
 
-# A row applies only where its condition holds (on the configs built so far).
+def _lora(stages: dict[str, Any], stage: str) -> bool:
+    config = stages.get(stage)
+    return config is not None and config.weights in ("lora", "qlora")
+
+
+# A row applies only where its condition holds (on the configs built so far). The model export
+# writes is the last one trained: the aligned one where the recipe aligns.
 CONDITIONS: dict[str, Callable[[dict[str, Any]], bool]] = {
-    "train is LoRA": _lora,  # an adapter is merged into its base before it becomes a GGUF file
-    "train is full": lambda stages: not _lora(stages),
+    "the recipe aligns": _aligns,
+    # an adapter is merged into its base before it becomes a GGUF file
+    "train is LoRA": lambda stages: not _aligns(stages) and _lora(stages, "train"),
+    "train is full": lambda stages: not _aligns(stages) and not _lora(stages, "train"),
+    "align is LoRA": lambda stages: _aligns(stages) and _lora(stages, "align"),
+    "align is full": lambda stages: _aligns(stages) and not _lora(stages, "align"),
+}
+# Rows under these conditions read an optional stage: a recipe without it simply lacks the rows.
+OPTIONAL = ("the recipe aligns", "align is LoRA", "align is full")
+# A role that exists only where its condition holds (the others always do).
+ROLE_CONDITIONS: dict[tuple[str, str], str] = {
+    ("infer", "aligned"): "the recipe aligns",
+    ("eval", "aligned"): "the recipe aligns",
 }
 
 
@@ -141,18 +176,33 @@ WIRES: tuple[Wire, ...] = (
     Wire("data", "dropped records", "data", ("dedupe", "dropped")),
     Wire("data", "train data", "train", ("data",)),
     Wire("train", "model", "train", ("output",)),
+    Wire("train", "model", "prefer", ("engine", "model")),
+    Wire("prefer", "pairs", "prefer", ("output",)),
+    Wire("prefer", "pairs", "align", ("data",)),
+    Wire("train", "model", "align", ("model",)),
+    Wire("align", "model", "align", ("output",)),
     Wire("infer", "base answers", "infer", ("output",), role="before"),
     Wire("train", "base model", "infer", ("engine", "model"), role="before"),
     Wire("infer", "tuned answers", "infer", ("output",), role="after"),
     Wire("train", "model", "infer", ("engine", "model"), role="after"),
+    Wire("infer", "aligned answers", "infer", ("output",), role="aligned", when="the recipe aligns"),
+    Wire("align", "model", "infer", ("engine", "model"), role="aligned", when="the recipe aligns"),
     Wire("infer", "set", "eval", ("set",)),
     Wire("infer", "tuned answers", "eval", ("a",), label="fine-tuned"),
     Wire("infer", "base answers", "eval", ("b",), label="base"),
     Wire("eval", "report folder", "eval", ("output",)),
+    Wire("infer", "set", "eval", ("set",), role="aligned", when="the recipe aligns"),
+    Wire("infer", "aligned answers", "eval", ("a",), role="aligned", label="aligned", when="the recipe aligns"),
+    Wire("infer", "tuned answers", "eval", ("b",), role="aligned", label="fine-tuned", when="the recipe aligns"),
+    Wire("eval", "aligned report folder", "eval", ("output",), role="aligned", when="the recipe aligns"),
     Wire("train", "model", "export", ("adapter",), role="merge", when="train is LoRA"),
+    Wire("align", "model", "export", ("adapter",), role="merge", when="align is LoRA"),
     Wire("export", "merged model", "export", ("output",), role="merge", when="train is LoRA"),
+    Wire("export", "merged model", "export", ("output",), role="merge", when="align is LoRA"),
     Wire("export", "merged model", "export", ("model",), role="gguf", when="train is LoRA"),
+    Wire("export", "merged model", "export", ("model",), role="gguf", when="align is LoRA"),
     Wire("train", "model", "export", ("model",), role="gguf", when="train is full"),
+    Wire("align", "model", "export", ("model",), role="gguf", when="align is full"),
     Wire("export", "gguf file", "export", ("output",), role="gguf"),
 )
 
@@ -167,13 +217,17 @@ USER_PATHS: dict[str, tuple[FieldPath, ...]] = {
     "generate": (("seeds",),),
     "data": (("input",),),
     "train": (("val",),),
+    "prefer": (("input",),),
+    "align": (("val",),),
     "infer": (("input",),),
 }
 # Paths of the user's that may not exist yet (a cache the stage creates), and local models.
-USER_OUTPUTS: dict[str, tuple[FieldPath, ...]] = {"eval": (("judging", "cache"),)}
+USER_OUTPUTS: dict[str, tuple[FieldPath, ...]] = {"prefer": (("cache",),), "eval": (("judging", "cache"),)}
 USER_MODELS: dict[str, tuple[FieldPath, ...]] = {
     "generate": (("engine", "model"),),
     "train": (("model",),),
+    "prefer": (("judge", "model"), ("reward_model",)),
+    "align": (("reference",),),
     "eval": (("judging", "judge", "model"),),
 }
 
@@ -194,7 +248,11 @@ def wired_fields(stage: str) -> dict[FieldPath, str]:
 def upstream() -> list[tuple[str, str]]:
     """(stage, a stage whose output it reads) for every row that joins two stages, once each, in
     the table's order: a recipe with the first needs the second."""
-    return list(dict.fromkeys((w.to_stage, w.from_stage) for w in WIRES if w.from_stage != w.to_stage))
+    return list(
+        dict.fromkeys(
+            (w.to_stage, w.from_stage) for w in WIRES if w.from_stage != w.to_stage and w.when not in OPTIONAL
+        )
+    )
 
 
 def run_file(run_dir: Path, stage: str, output: str, settings: dict[str, Any] | None = None) -> Path:
@@ -220,13 +278,20 @@ def _value(w: Wire, run_dir: Path, stages: dict[str, Any], own: dict[str, Any]) 
     return f"{w.label}={value}" if w.label else value
 
 
+def _role_applies(stage: str, role: str, stages: dict[str, Any]) -> bool:
+    condition = ROLE_CONDITIONS.get((stage, role))
+    return condition is None or CONDITIONS[condition](stages)
+
+
 def wired_values(
     stage: str, run_dir: Path, stages: dict[str, Any], own: dict[str, Any]
 ) -> dict[str, dict[FieldPath, Any]]:
     """Each role of the stage with its wired fields' values, by path, from the rows that apply.
     `stages`: the configs of the stages before it; `own`: the stage's own settings by name."""
     roles: dict[str, dict[FieldPath, Any]] = {
-        role: {} for role, cls in ROLES[stage].items() if cls is SECTIONS[stage]
+        role: {}
+        for role, cls in ROLES[stage].items()
+        if cls is SECTIONS[stage] and _role_applies(stage, role, stages)
     }
     for w in WIRES:
         if w.to_stage == stage and (not w.when or CONDITIONS[w.when](stages)):
