@@ -257,7 +257,7 @@ def test_a_killed_run_resumes_to_the_same_pairs_asking_nothing_twice(tmp_path, t
         assert run_cli(*prefer_args(tiny_model_dir, items, whole, url, "--samples", "3")).returncode == 0
     s = summary_of(killed)
     assert 4 <= kept < s["judgements"] and resumed == s["judgements"] - kept  # only what the cache lacked
-    assert before == kept  # ... and every verdict asked before the kill was kept
+    assert kept <= before <= kept + 2  # a kill loses at most the batch in flight (--judge-batch-size 2)
     assert killed.read_text() == whole.read_text() and s["pairs"] > 0
 
 
