@@ -48,7 +48,9 @@ def build_trainer(config: TrainConfig, prep: Prepared, *, progress: bool) -> Any
     if config.objective != "sft":  # reward and preference methods: TRL's trainers, our callbacks
         from .preference import build_preference_trainer
 
-        trainer = build_preference_trainer(config, prep, training_arguments(config, prep), counts, callbacks)
+        trainer = build_preference_trainer(
+            config, prep, training_arguments(config, prep), counts, callbacks, progress=progress
+        )
         trainer.remove_callback(PrinterCallback)
         return trainer
     args = TrainingArguments(**training_arguments(config, prep))
@@ -129,7 +131,9 @@ def train(trainer: Any, prep: Prepared) -> None:
         remove_incomplete(prep.output)
     hf_logging.disable_progress_bar()  # no "writing shards" bar at every checkpoint
     with (
-        write_failures(f"{prep.output}: a write failed during training", "the last complete checkpoint is intact"),
+        write_failures(
+            f"{prep.output}: a write failed during training", "the last complete checkpoint is intact"
+        ),
         reporting(trainer.args),  # wandb / mlflow: offline into the output, for this run only
     ):
         trainer.train(resume_from_checkpoint=str(prep.resume_from) if prep.resume_from else None)

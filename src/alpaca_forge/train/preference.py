@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 from .batching import TokenCounts
@@ -159,10 +160,20 @@ def trainer_arguments(config: TrainConfig, arguments: dict[str, Any], cfg_class:
 
 
 def build_preference_trainer(
-    config: TrainConfig, prep: Prepared, arguments: dict[str, Any], counts: TokenCounts, callbacks: list
+    config: TrainConfig,
+    prep: Prepared,
+    arguments: dict[str, Any],
+    counts: TokenCounts,
+    callbacks: list,
+    *,
+    progress: bool = True,
 ) -> Any:
     """The method's TRL trainer on `prep`'s ids, with `arguments` (loop.training_arguments) and
-    our callbacks."""
+    our callbacks. Building it computes the reference log-probs where they are precomputed (a
+    bar shows it, unless `progress` is off)."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the quick maps over our rows need no bar
     cls, cfg_class = _classes(config.objective)
     args = trainer_arguments(config, arguments, cfg_class)
     kwargs: dict[str, Any] = {
@@ -176,7 +187,16 @@ def build_preference_trainer(
     }
     if config.objective in ("dpo", "kto"):
         kwargs["ref_model"] = prep.ref_model
-    trainer = cls(**kwargs)
+    saved = os.environ.get("TQDM_DISABLE")
+    if not progress:
+        os.environ["TQDM_DISABLE"] = "1"  # TRL's reference pass reads it
+    try:
+        trainer = cls(**kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
     trainer.counts = counts
     return trainer
 
