@@ -50,46 +50,54 @@ def _lines(path: Path) -> list[dict]:
 # A reward model that likes cats
 
 
-def _save_reward_folder(model, tokenizer, folder: Path) -> Path:
-    from alpaca_forge import save_model
-
-    model.config.architectures = [type(model).__name__]
-    return save_model(model, tokenizer, folder, get_format("alpaca"))
-
-
-def train_cat_lover(folder: Path) -> Path:
-    """A tiny LlamaForSequenceClassification taught, on the ids `reward_ids` gives, that an answer
-    naming the cat beats any other (a Bradley-Terry loss, a few dozen steps)."""
-    import torch
-    from transformers import LlamaForSequenceClassification
-
-    tokenizer = build_tiny_tokenizer()
-    causal = build_tiny_model(tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(causal.config.__class__(**{**causal.config.to_dict(), "num_labels": 1}))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    fmt = get_format("alpaca")
-    prompts = ["Describe the room.", "Tell me a fact.", "Say something."]
-    pairs = [(p, f"{CAT}", other) for p in prompts for other in OTHERS]
-    ids = [reward_ids(tokenizer, fmt, p, "", a, 256) for p, good, bad in pairs for a in (good, bad)]
-    width = max(map(len, ids))
-    batch = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])  # right-padded
-    mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(40):
-        scores = model(input_ids=batch, attention_mask=mask).logits[:, 0].view(-1, 2)  # (pairs, good/bad)
-        loss = -torch.nn.functional.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return _save_reward_folder(model, tokenizer, folder)
+def write_cat_pairs(path: Path) -> Path:
+    """Preference pairs where the answer naming the cat is always the chosen one (prompts of
+    several shapes, so the preference holds for prompts it never saw)."""
+    others = [
+        "Paris is the capital.", "What is the capital of France?", "a response", "the mat.", "Blue.",
+        "It is a city in Europe.", "I do not know.", "Green and red, with a dog.",
+    ]  # fmt: skip
+    prompts = [
+        "Say something.", "Describe the room.", "Hi.", "What is there?", "Tell me a fact.",
+        "Question number 7: what do you see?", "Name an animal.", "Write one sentence about anything at all.",
+    ]  # fmt: skip
+    rows = [
+        {"id": f"{i}-{j}", "prompt": prompt, "chosen": CAT, "rejected": other}
+        for i, prompt in enumerate(prompts)
+        for j, other in enumerate(others)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="module")
-def cat_reward_dir(tmp_path_factory) -> Path:
-    return train_cat_lover(tmp_path_factory.mktemp("cat-reward"))
+def cat_reward_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """`train --method reward` (LoRA, the default) on the tiny model, taught to prefer the cat."""
+    tmp = tmp_path_factory.mktemp("cat-reward")
+    r = run_cli(
+        "train", "--method", "reward", "--model", str(tiny_model_dir), "--data", str(write_cat_pairs(tmp / "pairs.jsonl")),
+        "--output", str(tmp / "rm"), "--max-steps", "24", "--learning-rate", "5e-3", "--batch-size", "8",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp / "rm" / "adapter_config.json").is_file()
+    return tmp / "rm"
+
+
+@pytest.fixture(scope="module")
+def whole_reward_dir(tmp_path_factory) -> Path:
+    """A whole (not adapter) reward model folder: a random tiny LlamaForSequenceClassification."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from alpaca_forge import save_model
+
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_model(tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    model.config.architectures = ["LlamaForSequenceClassification"]
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("whole-reward"), get_format("alpaca"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +146,17 @@ def test_the_reward_chooser_keeps_what_the_reward_model_prefers(cat_reward_dir):
     for n, c in enumerate(choices):
         assert len(c.scores) == len(candidates[n])
         assert c.index == max(range(len(c.scores)), key=c.scores.__getitem__)
-    # batched and padded scoring gives what one-at-a-time scoring gives
-    one = RewardModel.open(cat_reward_dir, device="cpu", batch_size=1)
-    flat_items = [items[2]] * 4
-    assert one.score(flat_items, candidates[2]) == pytest.approx(rm.score(flat_items, candidates[2]), abs=1e-4)
+
+
+@pytest.mark.integration
+def test_a_whole_reward_model_scores_alike_batched_and_alone(whole_reward_dir):
+    batched = RewardModel.open(whole_reward_dir, device="cpu", batch_size=4)
+    alone = RewardModel.open(whole_reward_dir, device="cpu", batch_size=1)
+    items = [Item("a", "Say hello."), Item("b", "Name a colour.", "in one word")] * 3
+    answers = ["Hello!", "Red.", "Hello there, my friend, how are you today?", "", "x", "Blue, like the sky."]
+    scores = batched.score(items, answers)  # right-padded batches of unlike lengths
+    assert scores == pytest.approx(alone.score(items, answers), abs=1e-4)
+    assert len(set(scores)) == len(scores)
 
 
 @pytest.mark.integration
@@ -230,7 +245,7 @@ def test_infer_best_of_resumes_after_kill_9(tmp_path, tiny_model_dir, cat_reward
     rows = _instructions(tmp_path / "in.jsonl", n)
     args = _infer(
         tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "killed.jsonl",
-        "--best-of", "3", "--reward-model", str(cat_reward_dir), "--batch-size", "1",
+        "--best-of", "3", "--reward-model", str(cat_reward_dir), "--batch-size", "1", "--max-new-tokens", "8",
     )  # fmt: skip
     out = tmp_path / "killed.jsonl"
     proc = subprocess.Popen([str(CLI), *args], stderr=subprocess.DEVNULL)

@@ -24,14 +24,14 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.files import check_output, open_append, read_appended_jsonl, sync
-from ..core.models import DEFAULT_MODEL, load_tokenizer
+from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
 from ..core.records import Record, read_records
 from ..engines import Completion, Engine, using_engine
 from ..engines.config import open_engine
 from ..judging.best_of import Choice, Chooser, JudgeChooser, RewardChooser
 from ..judging.judge import JudgementCache, judge_identity
-from ..judging.reward import RewardModel, check_folder, check_tokenizer
+from ..judging.reward import RewardModel, check_folder
 from .config import InferConfig
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ def _check_reward_tokenizer(config: InferConfig) -> None:
     if config.on_server:
         log.info("the policy is on a server: its tokenizer cannot be compared with the reward model's")
         return
-    policy = config.engine.model or DEFAULT_MODEL
-    check_tokenizer(config.reward_model or "", load_tokenizer(policy), policy)
+    RewardModel.check(config.reward_model or "", config.engine.model or DEFAULT_MODEL)
 
 
 def _open_chooser(config: InferConfig, judge_cache: Path | None, progress: bool) -> Chooser | None:

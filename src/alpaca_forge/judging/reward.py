@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from ..core.errors import UserError
 from ..core.examples import encode_record, eos_id
 from ..core.library_noise import peft_call
-from ..core.models import ADAPTER_BASE_FILE, ERROR_EXCERPT_CHARS, adapter_facts, hub_offline, resolve_model
+from ..core.models import ADAPTER_BASE_FILE, ERROR_EXCERPT_CHARS, adapter_facts, hub_offline, load_pretrained
 from ..core.prompts import FORMAT_FILE, PromptFormat, read_saved_format
 from ..core.records import Record
 
@@ -166,14 +166,14 @@ def saved_max_seq_len(folder: Path) -> int | None:
 
 
 def _seq_cls_from(location: str) -> Any:
-    """A sequence-classification model with one output from a folder or cached hub id (a language
-    model's folder gets a new, random head: only right as the base of an adapter that trained it)."""
+    """A whole reward model saved in a folder: a sequence-classification model with one output."""
     from transformers import AutoModelForSequenceClassification
 
+    from ..core.gguf_cache import no_hf_progress_bars
+
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            location, num_labels=1, local_files_only=hub_offline()
-        )
+        with no_hf_progress_bars():
+            return AutoModelForSequenceClassification.from_pretrained(location, local_files_only=hub_offline())
     except (OSError, ValueError) as e:
         raise UserError(
             f"{location}: cannot load it as a reward model ({' '.join(str(e).split())[:ERROR_EXCERPT_CHARS]})",
@@ -182,26 +182,25 @@ def _seq_cls_from(location: str) -> Any:
 
 
 def _base_seq_cls(spec: str) -> Any:
-    """The base of a reward adapter, as a sequence-classification model, offline (a built-in
-    name or a .gguf is read through its dense copy)."""
-    from ..core.gguf_cache import dense_gguf
+    """The base of a reward adapter as `train --method reward` built it: a sequence-classification
+    model of the base's architecture holding the base's weights (whatever names it: a folder, a
+    built-in, a .gguf), its head to be filled by the adapter."""
+    import copy
 
-    source = resolve_model(spec)
-    if source.kind in ("gguf", "builtin"):
-        dense = dense_gguf(Path(source.location))
-        if dense.folder is None:
-            import tempfile
+    from transformers import AutoModelForSequenceClassification
 
-            with tempfile.TemporaryDirectory(prefix="alpaca-forge-reward-base-") as tmp:
-                dense.model.save_pretrained(tmp)
-                return _seq_cls_from(tmp)
-        return _seq_cls_from(str(dense.folder))
-    if source.kind == "adapter":
+    causal = load_pretrained(spec)[0]
+    settings = copy.deepcopy(causal.config)
+    settings.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(settings)
+    body = getattr(model, model.base_model_prefix)
+    missing = body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict(), strict=False)
+    if missing.missing_keys:
         raise UserError(
-            f"{spec}: the base of a reward adapter is itself an adapter",
-            "merge it first (`alpaca-forge export merge`), and train the reward model on the merged folder",
+            f"{spec}: its weights do not fit a sequence-classification model (missing {missing.missing_keys[:3]})",
+            "use the base the reward model was trained on (its adapter_config.json names it)",
         )
-    return _seq_cls_from(source.location)
+    return model.float()
 
 
 @dataclass
@@ -268,6 +267,14 @@ class RewardModel:
         model = model.to(device=dev, dtype=pick_dtype(dtype, dev)).eval()
         window = max_seq_len or saved_max_seq_len(path) or DEFAULT_MAX_SEQ_LEN
         return cls(model, tokenizer, fmt, path, window, batch_size)
+
+    @staticmethod
+    def check(folder: str | Path, policy_model: str) -> None:
+        """Refuse `folder` as a reward model for the policy `policy_model` (a built-in name, a
+        folder, a .gguf) when their tokenizers differ; reads tokenizer files, no weights."""
+        from ..core.models import load_tokenizer
+
+        check_tokenizer(folder, load_tokenizer(policy_model), policy_model)
 
     def ids(self, item: Prompted, answer: str) -> list[int]:
         return reward_ids(self.tokenizer, self.prompt_format, item.instruction, item.input, answer, self.max_seq_len)
