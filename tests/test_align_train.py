@@ -163,7 +163,7 @@ def _align(model: Path, data: Path, out: Path, *flags: str) -> list[str]:
 
 # (method flags, steps, learning rate, the held-out metric that must show the preference was learnt)
 METHODS = {
-    "dpo": ("--method dpo", 16, "5e-3", "eval_rewards/accuracies"),
+    "dpo": ("--method dpo --merge", 16, "5e-3", "eval_rewards/accuracies"),
     "dpo-full": ("--method dpo --tune full", 10, "1e-3", "eval_rewards/accuracies"),
     "orpo": ("--method orpo", 8, "5e-3", "eval_rewards/accuracies"),
     "simpo": ("--method simpo --simpo-gamma 0.5", 8, "5e-3", "eval_rewards/accuracies"),
@@ -195,6 +195,7 @@ def test_each_method_trains_saves_and_reports_its_curves(name, tiny_model_dir, p
         assert {"rewards/chosen", "rewards/rejected", "eval_rewards/chosen"} <= set(metrics)
         assert summary["method_settings"]["loss_type"] == ["sigmoid"]
         assert summary["method_settings"]["precompute_ref_log_probs"] is True
+        assert (out / "merged" / "model.safetensors").is_file()
     assert (out / "prompt_format.json").is_file() and (out / "tokenizer.json").is_file()
     if "full" in flags:
         assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()

@@ -195,7 +195,7 @@ def prepare_pairs(config: TrainConfig, *, resume: bool) -> Prepared:
                 add_pad_embedding(ref_model, tokenizer)
     if config.gradient_checkpointing and peft is None:
         model.gradient_checkpointing_enable()
-    check_disk(output, estimate_checkpoint_bytes(model), config.save_total_limit)
+    check_disk(output, _checkpoint_bytes(model, peft), config.save_total_limit)
 
     train_rows = rows_for(config.objective, encoded)
     if config.objective == "kto":  # KTO reads its rows in order (see preference._Ours): mix them, seeded
@@ -232,6 +232,28 @@ def prepare_pairs(config: TrainConfig, *, resume: bool) -> Prepared:
         ref_model=ref_model,
         val_rows=val_rows,
     )
+
+
+def _checkpoint_bytes(model: Any, peft: Any) -> int:
+    """What one checkpoint takes: the whole model's, or (TRL wraps the model later) the adapter's
+    fp32 weights and AdamW's two moments, counted from the layers it targets."""
+    import torch
+
+    if peft is None:
+        return estimate_checkpoint_bytes(model)
+    targets = peft.target_modules
+    every = targets == "all-linear"
+    params = 0
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit"
+        if linear and short not in ("lm_head", "score") and (every or short in targets):
+            params += (module.in_features + module.out_features) * peft.r
+    if peft.modules_to_save:
+        params += sum(
+            p.numel() for n, p in model.named_parameters() if n.split(".")[0] in peft.modules_to_save
+        )
+    return params * 12
 
 
 def _qlora_reward(config: TrainConfig) -> Any:

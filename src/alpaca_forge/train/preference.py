@@ -77,6 +77,8 @@ class _Ours:
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         real = padding = trained = 0
         for key, value in inputs.items():
+            if key.startswith("prompt_"):  # orpo, cpo: the prompt alone, inside the sequences too
+                continue
             if key.endswith("attention_mask") and hasattr(value, "sum"):
                 n = int(value.sum())
                 real += n
