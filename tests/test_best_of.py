@@ -185,6 +185,8 @@ def test_the_judge_chooser_keeps_the_answer_the_judge_prefers_in_both_orders(tmp
     assert choices[1].detail["wins"] == [4, 0, 2]
     # 6 ordered pairs of item a's 3 distinct texts (the same pair in the same order is asked once), 6 of b's
     assert chooser.asked == len(fj.asks) == 6 + 6
+    prompt_tokens, completion_tokens = chooser.cost()
+    assert completion_tokens == 12 and prompt_tokens > 12 * 50  # FakeJudge counts words: one a reply
     # a rerun reads every verdict from the cache and opens no judge
     again = JudgeChooser(lambda: pytest.fail("the judge was opened"), "fake-judge", settings, JudgementCache(cache.path))
     assert [c.index for c in again.choose(items, candidates)] == [1, 0] and again.asked == 0
@@ -231,7 +233,9 @@ def test_infer_best_of_by_the_judge_keeps_the_shortest(tmp_path, tiny_model_dir)
         judge = ["--judge-engine", "openai", "--judge-base-url", url, "--judge-model", "fake-judge"]
         r = run_cli(*_infer(tiny_model_dir, tmp_path / "in.jsonl", out, "--best-of", "4", *judge))
     assert r.returncode == 0, r.stderr
+    assert "best of 4 samples, chosen by the judge" in r.stderr and "completion tokens of the judge" in r.stderr
     for row in _lines(out):
+        assert row["chosen_by"] == "fake-judge | engine=openai"
         texts = [c.strip() for c in row["candidates"]]
         assert len(row["wins"]) == 4
         if len(set(texts)) > 1:

@@ -51,6 +51,9 @@ def _main(config: InferConfig, args: Any) -> int:
         r.tokens_per_s,
     )
     if r.best_of > 1:
-        by = config.reward_model or f"the judge ({r.judgements_asked} judgements asked, the rest cached)"
+        by = config.reward_model or (
+            f"the judge ({r.judgements_asked} judgements asked, the rest cached; this run's choices cost "
+            f"{r.judge_tokens[0]:,} prompt + {r.judge_tokens[1]:,} completion tokens of the judge)"
+        )
         say("each answer is the best of %d samples, chosen by %s", r.best_of, by)
     return 0

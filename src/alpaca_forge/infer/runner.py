@@ -46,6 +46,7 @@ class InferResult:
     elapsed_s: float
     best_of: int = 1  # answers sampled per record, the best kept
     judgements_asked: int = 0  # of the best-of judge by this run (the rest were in its cache)
+    judge_tokens: tuple[int, int] = (0, 0)  # (prompt, completion) the choices' judgements cost, cached too
 
     @property
     def tokens_per_s(self) -> float:
@@ -141,7 +142,7 @@ def _open_chooser(config: InferConfig, judge_cache: Path | None, progress: bool)
         lambda: open_engine(config.judge, seed=config.generation.seed),
         judge_identity(config.judge),
         config.judge_generation,
-        JudgementCache(judge_cache or ""),
+        JudgementCache(judge_cache or "", "infer --best-of"),
         batch_size=config.batch_size,
         progress=False,  # the records' bar is the one to watch
     )
@@ -234,7 +235,14 @@ def _answer(
                 bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} tok/s")
     finally:
         bar.close()
-    asked = chooser.asked if isinstance(chooser, JudgeChooser) else 0
+    judged = isinstance(chooser, JudgeChooser)
     return InferResult(
-        output, len(todo), already, tokens, time.perf_counter() - start, config.best_of, asked
+        output,
+        len(todo),
+        already,
+        tokens,
+        time.perf_counter() - start,
+        config.best_of,
+        chooser.asked if judged else 0,
+        chooser.cost() if judged else (0, 0),
     )

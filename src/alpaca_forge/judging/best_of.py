@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from ..core.prompts import Message
 from ..engines import Completion, Engine, GenerationSettings
 from .items import Item
-from .judge import PROMPT_VERSION, JudgementCache, Task, judge_all
+from .judge import PROMPT_VERSION, JudgementCache, Task, judge_all, judgement_key
 from .reward import Prompted, RewardModel
 
 
@@ -113,6 +113,12 @@ class JudgeChooser:
         self.prompt = prompt
         self.progress = progress
         self.asked = 0  # judgements asked of the judge (not read from the cache)
+        self._keys: set[str] = set()  # of every judgement the choices read
+
+    def cost(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) the judgements behind every choice so far cost,
+        cached ones too, each once: what judging these answers costs from scratch."""
+        return self.cache.cost(self._keys)
 
     def _lend(self) -> Any:
         if self._engine is None:
@@ -140,6 +146,9 @@ class JudgeChooser:
             progress=self.progress,
         )
         self.asked += asked
+        self._keys.update(
+            judgement_key(self.name, self.settings, self.max_answer_chars, t.item, t.a, t.b, t.prompt) for t in tasks
+        )
         wins = [[0] * len(answers) for answers in candidates]
         unread = [0] * len(candidates)
         for (n, i, j), judgement in zip(where, judgements, strict=True):
