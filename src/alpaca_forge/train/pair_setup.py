@@ -153,6 +153,12 @@ def prepare_pairs(config: TrainConfig, *, resume: bool) -> Prepared:
         check_resumable(config, facts, resume_from)
 
     tokenizer = load_tokenizer(config.model)
+    if reference is not None and load_tokenizer(reference).get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"--reference {reference}: its tokenizer is not the policy's ({config.model}), so their "
+            "log-probabilities of the same answer cannot be compared",
+            "use a reference model of the same family and tokenizer (the SFT model the policy starts from)",
+        )
     fmt = model_format(config.model, config.format, config.system, tokenizer, for_training=True)
     added_pad = tokenizer.pad_token_id is None
     if added_pad:
@@ -186,13 +192,12 @@ def prepare_pairs(config: TrainConfig, *, resume: bool) -> Prepared:
     if config.weights in ("lora", "qlora"):
         peft = lora_config(model, config, "SEQ_CLS" if config.objective == "reward" else "CAUSAL_LM")
     ref_model = None
-    if config.objective in ("dpo", "kto") and config.weights == "full":
-        if reference is not None:
-            ref_model = load_pretrained(reference)[0].float()
-        elif config.precompute_reference is False:
-            ref_model = load_pretrained(config.model)[0].float()  # TRL would copy it by name otherwise
-            if added_pad:
-                add_pad_embedding(ref_model, tokenizer)
+    own_reference = reference is not None or config.precompute_reference is False
+    if config.objective in ("dpo", "kto") and config.weights == "full" and own_reference:
+        # TRL would otherwise load a copy by the model's name, which may be a GGUF or built-in
+        ref_model = load_pretrained(reference or config.model)[0].float()
+        if added_pad:
+            add_pad_embedding(ref_model, tokenizer)
     if config.gradient_checkpointing and peft is None:
         model.gradient_checkpointing_enable()
     check_disk(output, _checkpoint_bytes(model, peft), config.save_total_limit)
