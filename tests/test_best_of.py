@@ -223,6 +223,9 @@ def test_infer_best_of_keeps_the_reward_models_best(tmp_path, tiny_model_dir, ca
         assert rm.score([item] * 4, row["candidates"]) == pytest.approx(row["scores"], abs=1e-4)
         varied += len(set(row["candidates"])) > 1
     assert varied >= 4, "samples at temperature 1 with 4 seeds differ"
+    # the same output resumed with another N would mix two kinds of rows in one file
+    r = run_cli(*_infer(tiny_model_dir, tmp_path / "in.jsonl", out, "--best-of", "2", "--reward-model", str(cat_reward_dir)))
+    assert_user_error(r, f"{out}:1", "best_of: 4, now 2")
 
 
 @pytest.mark.integration
