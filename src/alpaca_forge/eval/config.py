@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..core.config import REQUIRED, Config, nested, setting
 from ..core.shipped import or_shipped
 from ..engines import EngineConfig, GenerationSettings
+from ..judging.rules import judge_model_problem
 
 SET_HELP = (
     "the evaluation set: Alpaca records, seed tasks, or evaluation tasks "
@@ -66,6 +67,11 @@ class JudgingConfig(Config):
         exclude=("seed", "stop"),
         prefix="answer",
     )
+
+    def check(self):
+        bad_judge = judge_model_problem(self.judge.model)
+        if bad_judge:
+            yield "judge.model", *bad_judge
 
 
 @dataclass(frozen=True)

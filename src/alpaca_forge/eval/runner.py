@@ -43,7 +43,7 @@ from ..judging.items import (
     read_set,
     text_key,
 )
-from ..judging.judge import JudgementCache, Task, judge_all, judge_identity, judge_name
+from ..judging.judge import JudgementCache, Task, judge_all, judge_identity, judge_name, open_judge
 from . import stats
 from .compare import SCORE, PairwiseResult, compare, identical
 from .config import JudgingConfig, LeaderboardConfig, PairwiseConfig
@@ -179,7 +179,7 @@ def _judge(
 ) -> tuple[list, int, str]:
     judgements, asked = judge_all(
         tasks,
-        lambda: open_engine(cfg.judge, seed=cfg.seed),
+        lambda: open_judge(cfg.judge, seed=cfg.seed),
         judge_identity(cfg.judge),
         cfg.judge_generation,
         cache,

@@ -8,6 +8,7 @@ from ..core.config import REQUIRED, nested, setting
 from ..core.shipped import or_shipped
 from ..engines import EngineConfig, GenerationSettings
 from ..engines.config import TextStageConfig, engine_setting, generation_setting, repetition_penalty_setting
+from ..judging.rules import judge_model_problem
 
 
 def _judge_greedy() -> GenerationSettings:
@@ -64,6 +65,9 @@ class InferConfig(TextStageConfig):
         return self.best_of > 1 and self.reward_model is None
 
     def check(self):
+        bad_judge = judge_model_problem(self.judge.model)
+        if bad_judge:
+            yield "judge.model", *bad_judge
         if self.best_of > 1 and self.generation.temperature == 0:
             yield (
                 "best_of",

@@ -28,9 +28,8 @@ from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
 from ..core.records import Record, read_records
 from ..engines import Completion, Engine, using_engine
-from ..engines.config import open_engine
 from ..judging.best_of import Choice, Chooser, JudgeChooser, RewardChooser
-from ..judging.judge import JudgementCache, judge_identity
+from ..judging.judge import JudgementCache, judge_identity, open_judge
 from ..judging.reward import RewardModel, check_folder
 from .config import InferConfig
 
@@ -139,7 +138,7 @@ def _open_chooser(config: InferConfig, judge_cache: Path | None, progress: bool)
             )
         )
     return JudgeChooser(
-        lambda: open_engine(config.judge, seed=config.generation.seed),
+        lambda: open_judge(config.judge, seed=config.generation.seed),
         judge_identity(config.judge),
         config.judge_generation,
         JudgementCache(judge_cache or "", "infer --best-of"),

@@ -9,21 +9,26 @@ from .judge import (
     judge_all,
     judge_identity,
     judge_name,
+    open_judge,
     parse_verdict,
     side_of,
 )
+from .rules import RuleJudge, rule_name
 
 __all__ = [
     "Item",
     "Judgement",
     "JudgementCache",
+    "RuleJudge",
     "Task",
     "Verdict",
     "judge_all",
     "judge_identity",
     "judge_name",
+    "open_judge",
     "parse_verdict",
     "read_set",
+    "rule_name",
     "side_of",
     "text_key",
 ]

@@ -23,8 +23,9 @@ from typing import Literal
 from ..core.files import open_append, read_appended_jsonl, sync
 from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
-from ..engines import Engine, EngineConfig, GenerationSettings
+from ..engines import Completion, Engine, EngineConfig, FinishReason, GenerationSettings, open_engine
 from .items import Item
+from .rules import RuleJudge, rule_name
 
 Verdict = Literal["A", "B", "tie"]
 
@@ -103,6 +104,13 @@ def side_of(verdict: Verdict | None, *, shown_first: bool) -> str | None:
     if verdict is None or verdict == "tie":
         return verdict
     return "a" if (verdict == "A") == shown_first else "b"
+
+
+def open_judge(cfg: EngineConfig, *, seed: int = 0) -> Engine | RuleJudge:
+    """The judge `cfg` names: a rule judge (`rule:NAME`, see judging/rules.py), else its engine
+    (a model loads here)."""
+    rule = rule_name(cfg.model)
+    return RuleJudge(rule) if rule else open_engine(cfg, seed=seed)
 
 
 def judge_name(cfg: EngineConfig) -> str:
@@ -275,7 +283,7 @@ class Task:
 
 def judge_all(
     tasks: Sequence[Task],
-    open_judge: Callable[[], Engine],
+    open_judge: Callable[[], Engine | RuleJudge],
     judge: str,
     settings: GenerationSettings,
     cache: JudgementCache,
@@ -308,11 +316,14 @@ def judge_all(
     try:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
-            conversations = [
-                judge_messages(tasks[i].item, tasks[i].a, tasks[i].b, max_answer_chars, tasks[i].prompt)
-                for i in batch
-            ]
-            replies = engine.chat(conversations, settings)
+            if isinstance(engine, RuleJudge):  # the rule reads the answers themselves, whole
+                replies = [Completion(engine.reply(tasks[i].a, tasks[i].b), FinishReason.STOP) for i in batch]
+            else:
+                conversations = [
+                    judge_messages(tasks[i].item, tasks[i].a, tasks[i].b, max_answer_chars, tasks[i].prompt)
+                    for i in batch
+                ]
+                replies = engine.chat(conversations, settings)
             cache.add(
                 [
                     {

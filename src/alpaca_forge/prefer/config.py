@@ -10,6 +10,7 @@ from ..core.shipped import or_shipped
 from ..engines import EngineConfig, GenerationSettings
 from ..engines.config import TextStageConfig, engine_setting, generation_setting, repetition_penalty_setting
 from ..judging.judge import JUDGE_PROMPTS
+from ..judging.rules import judge_model_problem
 
 Keep = Literal["best-worst", "all"]
 
@@ -116,6 +117,9 @@ class PreferConfig(TextStageConfig):
     )
 
     def check(self):
+        bad_judge = judge_model_problem(self.judge.model)
+        if bad_judge:
+            yield "judge.model", *bad_judge
         if self.from_ratings is None:
             for name in ("a", "b", "answer_field"):
                 if getattr(self, name) is not None:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from ..core.files import check_output
 from ..core.models import DEFAULT_MODEL, load_tokenizer
-from ..engines import open_engine
 from ..judging.best_of import Chooser, JudgeChooser, RewardChooser
 from ..judging.items import Item
-from ..judging.judge import JudgementCache, judge_identity
+from ..judging.judge import JudgementCache, judge_identity, open_judge
 from ..judging.reward import RewardModel, check_folder, check_tokenizer
 from .answers import Sampled
 from .config import PreferConfig
@@ -51,7 +50,7 @@ def _chooser(config: PreferConfig, output: Path, progress: bool) -> Chooser:
         else beside(output, ".judgements.jsonl")
     )
     return JudgeChooser(
-        lambda: open_engine(config.judge, seed=config.generation.seed),
+        lambda: open_judge(config.judge, seed=config.generation.seed),
         judge_identity(config.judge),
         config.judge_generation,
         JudgementCache(cache, "prefer"),

@@ -22,9 +22,16 @@ from pathlib import Path
 from ..core.files import check_output
 from ..core.models import DEFAULT_MODEL
 from ..core.pairs import Pair, write_pairs
-from ..engines import open_engine
 from ..judging.items import Item, read_set
-from ..judging.judge import JUDGE_PROMPTS, JudgementCache, Task, judge_all, judge_identity, judgement_key
+from ..judging.judge import (
+    JUDGE_PROMPTS,
+    JudgementCache,
+    Task,
+    judge_all,
+    judge_identity,
+    judgement_key,
+    open_judge,
+)
 from .answers import AnswerCache, derived_seed, sample_answers
 from .config import PreferConfig
 from .decide import DROPS, Decision, Vote, decide, flip, keep_pairs, vote_rows
@@ -100,7 +107,7 @@ def _judged_pairs(config, items, answers, cache, output, started, progress, samp
     judge = judge_identity(config.judge)
     judgements, asked = judge_all(
         tasks,
-        lambda: open_engine(config.judge, seed=seed),
+        lambda: open_judge(config.judge, seed=seed),
         judge,
         config.judge_generation,
         cache,
