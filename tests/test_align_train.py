@@ -276,7 +276,7 @@ def test_the_trainer_sees_our_ids_and_lora_references_the_disabled_adapter(
 def test_a_killed_dpo_run_resumes_from_its_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "killed"
     args = _align(
-        tiny_model_dir, pairs_file, out, *["--method", "dpo", "--max-steps", "12", "--save-steps", "3"]
+        tiny_model_dir, pairs_file, out, *["--method", "dpo", "--max-steps", "8", "--save-steps", "2"]
     )
     proc = subprocess.Popen([str(CLI), "-q", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
@@ -286,12 +286,12 @@ def test_a_killed_dpo_run_resumes_from_its_last_checkpoint(tiny_model_dir, pairs
     proc.wait()
     assert not (out / "train_summary.json").exists(), "the run finished before it could be killed"
     done = sorted(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{COMPLETE}"))
-    assert done and done[-1] < 12
+    assert done and done[-1] < 8
     assert_user_error(run_cli("train", *args[1:]), "--resume")
     result = run_cli("-q", *args, "--resume")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 12
+    assert summary["steps"] == 8
     assert summary["metrics"]["eval_rewards/accuracies"] is not None
     changed = [*args, "--beta", "0.3", "--resume"]
     (out / "train_summary.json").unlink()
