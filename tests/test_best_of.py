@@ -247,6 +247,17 @@ def test_infer_best_of_by_the_judge_keeps_the_shortest(tmp_path, tiny_model_dir)
 
 
 @pytest.mark.integration
+def test_infer_best_of_by_a_rule_judge_needs_no_model_or_server(tmp_path, tiny_model_dir):
+    _instructions(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "ruled.jsonl"
+    r = run_cli(*_infer(tiny_model_dir, tmp_path / "in.jsonl", out, "--best-of", "3", "--judge-model", "rule:shorter"))
+    assert r.returncode == 0, r.stderr
+    for row in _lines(out):
+        words = [len(c.split()) for c in row["candidates"]]
+        assert row["chosen_by"] == "rule:shorter" and len(row["output"].split()) == min(words)
+
+
+@pytest.mark.integration
 def test_infer_best_of_resumes_after_kill_9(tmp_path, tiny_model_dir, cat_reward_dir):
     n = 12
     rows = _instructions(tmp_path / "in.jsonl", n)

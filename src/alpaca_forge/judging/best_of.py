@@ -25,6 +25,7 @@ from ..engines import Completion, Engine, GenerationSettings
 from .items import Item
 from .judge import PROMPT_VERSION, JudgementCache, Task, judge_all, judgement_key
 from .reward import Prompted, RewardModel
+from .rules import RuleJudge
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class JudgeChooser:
 
     def __init__(
         self,
-        open_judge: Callable[[], Engine],
+        open_judge: Callable[[], Engine | RuleJudge],
         judge: str,
         settings: GenerationSettings,
         cache: JudgementCache,
@@ -105,7 +106,7 @@ class JudgeChooser:
         the judging prompt (a key of `judge.JUDGE_PROMPTS`)."""
         self.name = judge
         self._open_judge = open_judge
-        self._engine: Engine | None = None
+        self._engine: Engine | RuleJudge | None = None
         self.settings = settings
         self.cache = cache
         self.batch_size = batch_size
@@ -123,7 +124,8 @@ class JudgeChooser:
     def _lend(self) -> Any:
         if self._engine is None:
             self._engine = self._open_judge()
-        return _Kept(self._engine)
+        # A rule judge holds no model and `judge_all` reads it as it is; an engine is lent unclosable.
+        return self._engine if isinstance(self._engine, RuleJudge) else _Kept(self._engine)
 
     def choose(self, items: Sequence[Prompted], candidates: Sequence[Sequence[str]]) -> list[Choice]:
         tasks: list[Task] = []
