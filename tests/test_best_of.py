@@ -17,7 +17,7 @@ import pytest
 from alpaca_forge.core.examples import encode_record
 from alpaca_forge.core.prompts import get_format
 from alpaca_forge.core.records import Record
-from alpaca_forge.judging.best_of import JudgeChooser, RewardChooser, best_index
+from alpaca_forge.judging.best_of import Choice, JudgeChooser, RewardChooser, best_index
 from alpaca_forge.judging.items import Item
 from alpaca_forge.judging.judge import JudgementCache
 from alpaca_forge.judging.reward import RewardModel, reward_ids
@@ -109,6 +109,8 @@ def test_ties_go_to_the_first_candidate():
     assert best_index([1.0, 3.0, 3.0, 2.0]) == 1
     assert best_index([0, 0, 0]) == 0
     assert best_index([-2.0, -1.0]) == 1
+    assert Choice(1, [1.0, 3.0, 3.0]).tied and not Choice(1, [1.0, 3.0, 2.0]).tied
+    assert Choice(0, None, {"wins": [2, 2, 2]}).tied and not Choice(0, None, {"wins": [4, 0, 2]}).tied
 
 
 @pytest.mark.unit
@@ -187,6 +189,11 @@ def test_the_judge_chooser_keeps_the_answer_the_judge_prefers_in_both_orders(tmp
     assert chooser.asked == len(fj.asks) == 6 + 6
     prompt_tokens, completion_tokens = chooser.cost()
     assert completion_tokens == 12 and prompt_tokens > 12 * 50  # FakeJudge counts words: one a reply
+    # a judge that always names Response A gives every candidate as many wins: ties, the first kept
+    with FakeJudge(lambda ask: "A") as url:
+        judge = EngineConfig(engine="openai", base_url=url, model="fake-judge")
+        biased = JudgeChooser(lambda: open_engine(judge), "biased", settings, JudgementCache(tmp_path / "b.jsonl"))
+        assert [(c.index, c.tied) for c in biased.choose(items, candidates)] == [(0, True), (0, True)]
     # a rerun reads every verdict from the cache and opens no judge
     again = JudgeChooser(lambda: pytest.fail("the judge was opened"), "fake-judge", settings, JudgementCache(cache.path))
     assert [c.index for c in again.choose(items, candidates)] == [1, 0] and again.asked == 0

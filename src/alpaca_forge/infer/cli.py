@@ -56,4 +56,11 @@ def _main(config: InferConfig, args: Any) -> int:
             f"{r.judge_tokens[0]:,} prompt + {r.judge_tokens[1]:,} completion tokens of the judge)"
         )
         say("each answer is the best of %d samples, chosen by %s", r.best_of, by)
+        if r.tied:
+            say(
+                "%d of %d choices were ties between several best samples (the first of them kept)%s",
+                r.tied,
+                r.written,
+                "" if config.reward_model else "; a judge that always names one position ties every time",
+            )
     return 0

@@ -46,6 +46,7 @@ class InferResult:
     best_of: int = 1  # answers sampled per record, the best kept
     judgements_asked: int = 0  # of the best-of judge by this run (the rest were in its cache)
     judge_tokens: tuple[int, int] = (0, 0)  # (prompt, completion) the choices' judgements cost, cached too
+    tied: int = 0  # choices where several candidates were best alike (the first of them kept)
 
     @property
     def tokens_per_s(self) -> float:
@@ -192,7 +193,7 @@ def _answer(
     todo = pending_records(records, read_done(output, checked))
     already = len(records) - len(todo)
     out = open_append(output)
-    start, tokens = time.perf_counter(), 0
+    start, tokens, tied = time.perf_counter(), 0, 0
     bar = tqdm(
         total=len(records),
         initial=already,
@@ -212,6 +213,7 @@ def _answer(
                 else:
                     samples = _sample(engine, conversations, config)
                     choices = chooser.choose(batch, [[c.text for c in answers] for answers in samples])
+                    tied += sum(c.tied for c in choices)
                 for rec, answers, choice in zip(batch, samples, choices, strict=True):
                     comp = answers[choice.index if choice else 0]
                     row = {
@@ -244,4 +246,5 @@ def _answer(
         config.best_of,
         chooser.asked if judged else 0,
         chooser.cost() if judged else (0, 0),
+        tied,
     )

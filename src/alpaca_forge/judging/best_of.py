@@ -36,6 +36,13 @@ class Choice:
     scores: list[float] | None  # a reward model's score of each candidate (None: chosen by a judge)
     detail: dict[str, Any] = field(default_factory=dict)  # judge: {"wins": [...], "unread": n}
 
+    @property
+    def tied(self) -> bool:
+        """Several candidates shared the best score or the most wins (the first of them was kept):
+        a judge that always names one position gives every candidate as many wins."""
+        values = self.scores if self.scores is not None else self.detail.get("wins") or []
+        return sum(v == values[self.index] for v in values) > 1
+
 
 class Chooser(Protocol):
     name: str  # who chooses, as written into outputs (a reward-model folder, a judge's identity)
