@@ -158,6 +158,9 @@ def trainer_arguments(config: TrainConfig, arguments: dict[str, Any], cfg_class:
         kwargs["max_length"] = config.max_seq_len
     if config.objective == "reward":
         kwargs["center_rewards_coefficient"] = None
+    from .tracking import parse_trainer_args
+
+    kwargs.update(parse_trainer_args(config, cfg_class))  # --trainer-arg last, over ours
     return cfg_class(**{k: v for k, v in kwargs.items() if k in known})
 
 
