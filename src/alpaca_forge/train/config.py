@@ -199,6 +199,13 @@ class TrainConfig(Config):
                     f"{flag} is a setting of {owners}, not {self.method}",
                     f"drop {flag}, or use {owners}",
                 )
+        if self.batching == "grouped" and self.objective != "sft":
+            yield (
+                "batching",
+                f"--batching grouped sorts SFT examples by length; --method {self.method} batches "
+                "preference pairs as TRL does (padded, in random order)",
+                "drop --batching",
+            )
         if self.method == "kto" and self.batch_size < 2:
             yield (
                 "batch_size",
