@@ -206,6 +206,13 @@ class TrainConfig(Config):
                 "preference pairs as TRL does (padded, in random order)",
                 "drop --batching",
             )
+        if self.train_on_inputs and self.objective != "sft":
+            yield (
+                "train_on_inputs",
+                f"--train-on-inputs learns the prompt in SFT; --method {self.method} compares answers "
+                "to one prompt, whose tokens are never learnt",
+                "drop --train-on-inputs",
+            )
         if self.method == "kto" and self.batch_size < 2:
             yield (
                 "batch_size",
