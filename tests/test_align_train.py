@@ -347,6 +347,8 @@ def test_bad_preference_input_is_refused_before_any_model_loads(tiny_model_dir, 
     assert_user_error(run_cli(*base, "--method", "reward", "--merge"), "reward model")
     assert_user_error(run_cli(*base, "--method", "kto", "--batch-size", "1"), "at least 2")
     assert_user_error(run_cli(*base, "--method", "dpo", "--beta", "0"), "beta")
+    assert_user_error(run_cli(*base, "--method", "dpo", "--batching", "grouped"), "--batching grouped")
+    assert_user_error(run_cli(*base, "--method", "orpo", "--train-on-inputs"), "--train-on-inputs")
     assert time.perf_counter() - started < 30
     other = tmp_path / "other-base"
     tok = build_tiny_tokenizer()
