@@ -38,9 +38,7 @@ def _aligning_recipe(folder, model, teacher, judge, **changes):
             "samples": 3,
             "max_new_tokens": 12,
             "temperature": 1.0,
-            "judge_engine": "openai",
-            "judge_base_url": judge,
-            "judge_model": "fake-judge",
+            "judge_model": "rule:shorter",  # eval's judge is the scripted one on loopback
         },
         stages__align={
             "method": "dpo",
@@ -88,6 +86,10 @@ def test_a_recipe_that_aligns_judges_the_aligned_model_and_exports_it(tmp_path, 
     assert len(aligned_answers.read_text().splitlines()) == 4  # infer's limit
     report = json.loads((run_dir / "eval" / "aligned" / "report.json").read_text())
     assert report["a"] == "aligned" and report["b"] == "fine-tuned"
+    # judged by the judge whose preferences the model learned; the fine-tuned model against its
+    # base by the recipe's eval judge
+    assert report["judge"] == "rule:shorter"
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["judge"] == "fake-judge"
     # the exported file is the aligned model, merged: its adapter came from the align stage
     export = state["stages"]["export"]["figures"]
     assert export["merge"]["output"] == str(run_dir / "export" / "merged")

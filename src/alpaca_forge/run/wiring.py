@@ -102,7 +102,7 @@ OUTPUTS: dict[str, dict[str, str | Setting]] = {
         "dropped records": "data/train.dropped.jsonl",
     },
     "train": {"model": "train", "base model": Setting(("model",))},
-    "prefer": {"pairs": "prefer/pairs.jsonl"},
+    "prefer": {"pairs": "prefer/pairs.jsonl", "judge": Setting(("judge",))},
     "align": {"model": "align"},
     "infer": {
         "set": Setting(("input",)),
@@ -195,6 +195,9 @@ WIRES: tuple[Wire, ...] = (
     Wire("infer", "aligned answers", "eval", ("a",), role="aligned", label="aligned", when="the recipe aligns"),
     Wire("infer", "tuned answers", "eval", ("b",), role="aligned", label="fine-tuned", when="the recipe aligns"),
     Wire("eval", "aligned report folder", "eval", ("output",), role="aligned", when="the recipe aligns"),
+    # the aligned model is judged by the judge whose preferences it learned (AlpacaFarm's simulated
+    # win rate), whatever judge compares the fine-tuned model with its base
+    Wire("prefer", "judge", "eval", ("judging", "judge"), role="aligned", when="the recipe aligns"),
     Wire("train", "model", "export", ("adapter",), role="merge", when="train is LoRA"),
     Wire("align", "model", "export", ("adapter",), role="merge", when="align is LoRA"),
     Wire("export", "merged model", "export", ("output",), role="merge", when="train is LoRA"),
@@ -236,6 +239,10 @@ def wired_fields(stage: str) -> dict[FieldPath, str]:
     """The section's fields the recipe sets, each with what feeds it (for the loader's problems)."""
     fields: dict[FieldPath, list[str]] = {}
     for w in WIRES:
+        # a role that exists only sometimes (eval's "aligned") may take a setting the user gives
+        # the others: its rows set nothing the user may not
+        if (stage, w.into) in ROLE_CONDITIONS:
+            continue
         if w.to_stage == stage and ROLES[stage][w.into] is SECTIONS[stage]:
             source = OUTPUTS[w.from_stage][w.output]
             text = f"the {w.from_stage} stage's {w.output}" + (
@@ -272,7 +279,7 @@ def _value(w: Wire, run_dir: Path, stages: dict[str, Any], own: dict[str, Any]) 
         else:
             for part in source.path:
                 config = getattr(config, part)
-            value = config
+            value = config.to_dict() if isinstance(config, Config) else config  # a nested config, as settings
     else:
         value = str(run_file(run_dir, w.from_stage, w.output, own))
     return f"{w.label}={value}" if w.label else value

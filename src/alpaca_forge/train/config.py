@@ -155,8 +155,8 @@ class TrainConfig(Config):
     )
     trainer_args: tuple[str, ...] = setting(
         (),
-        "KEY=VALUE for a transformers TrainingArguments field we do not model (repeatable), "
-        "checked against TrainingArguments before any model loads; e.g. --trainer-arg adam_beta2=0.95",
+        "KEY=VALUE for a field of transformers' TrainingArguments (or of the method's TRL config) we do "
+        "not model (repeatable), typed and checked before any model loads; e.g. --trainer-arg adam_beta2=0.95",
         repeat=True,
         metavar="KEY=VALUE",
         flag="--trainer-arg",
