@@ -23,6 +23,7 @@ import logging
 import os
 from typing import Any
 
+from ..core.library_noise import peft_call
 from .batching import TokenCounts
 from .config import TrainConfig
 from .setup import Prepared
@@ -142,13 +143,19 @@ def method_settings(config: TrainConfig) -> dict[str, Any]:
     return given
 
 
+def checkpointing_key(known: set[str]) -> str:
+    return "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+
+
 def trainer_arguments(config: TrainConfig, arguments: dict[str, Any], cfg_class: type) -> Any:
     """TRL's config for the method: `arguments` (loop.training_arguments, as SFT's) and the knobs."""
     known = {f.name for f in dataclasses.fields(cfg_class)}
     kwargs = {k: v for k, v in arguments.items() if k in known}
     kwargs.update(
         {
-            "gradient_checkpointing": config.gradient_checkpointing,  # TRL's default is on
+            # TRL's default is on; transformers 5 names it activation_checkpointing (the old
+            # name still works, with a FutureWarning at every run)
+            checkpointing_key(known): config.gradient_checkpointing,
             "max_length": None,  # our ids already fit max_seq_len (cut as SFT cuts)
             "dataset_num_proc": None,
         }
@@ -196,7 +203,8 @@ def build_preference_trainer(
     if not progress:
         os.environ["TQDM_DISABLE"] = "1"  # TRL's reference pass reads it
     try:
-        trainer = cls(**kwargs)
+        with peft_call():  # TRL wraps the model in peft itself, from peft_config
+            trainer = cls(**kwargs)
     finally:
         if saved is None:
             os.environ.pop("TQDM_DISABLE", None)
