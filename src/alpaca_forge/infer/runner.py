@@ -129,15 +129,7 @@ def _open_chooser(config: InferConfig, judge_cache: Path | None, progress: bool)
     if config.best_of == 1:
         return None
     if config.reward_model is not None:
-        local = config.engine.engine == "transformers"
-        return RewardChooser(
-            RewardModel.open(
-                config.reward_model,
-                device=config.engine.device if local else "auto",
-                dtype=config.engine.dtype if local else "auto",
-                batch_size=config.batch_size,
-            )
-        )
+        return RewardChooser.beside(config.reward_model, config.engine, config.batch_size)
     return JudgeChooser(
         lambda: open_judge(config.judge, seed=config.generation.seed),
         judge_identity(config.judge),

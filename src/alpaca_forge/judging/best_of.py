@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.prompts import Message
-from ..engines import Completion, Engine, GenerationSettings
+from ..engines import Completion, Engine, EngineConfig, GenerationSettings
 from .items import Item
 from .judge import PROMPT_VERSION, JudgementCache, Task, judge_all, judgement_key
 from .reward import Prompted, RewardModel
@@ -74,6 +74,20 @@ class RewardChooser:
             start += len(answers)
             choices.append(Choice(best_index(scores), scores))
         return choices
+
+    @classmethod
+    def beside(cls, folder: str, policy: EngineConfig, batch_size: int) -> RewardChooser:
+        """The reward model in `folder`, on the policy's device and dtype where the policy runs
+        in this process (else torch's choice)."""
+        local = policy.engine == "transformers"
+        return cls(
+            RewardModel.open(
+                folder,
+                device=policy.device if local else "auto",
+                dtype=policy.dtype if local else "auto",
+                batch_size=batch_size,
+            )
+        )
 
     def close(self) -> None:
         self.reward_model.close()

@@ -13,7 +13,7 @@ from ..core.models import DEFAULT_MODEL, load_tokenizer
 from ..judging.best_of import Chooser, JudgeChooser, RewardChooser
 from ..judging.items import Item
 from ..judging.judge import JudgementCache, judge_identity, open_judge
-from ..judging.reward import RewardModel, check_folder, check_tokenizer
+from ..judging.reward import check_folder, check_tokenizer
 from .answers import Sampled
 from .config import PreferConfig
 from .output import PreferResult, beside, done, write_records
@@ -35,15 +35,7 @@ def check_reward_model(config: PreferConfig) -> None:
 
 def _chooser(config: PreferConfig, output: Path, progress: bool) -> Chooser:
     if config.reward_model is not None:
-        local = config.engine.engine == "transformers"
-        return RewardChooser(
-            RewardModel.open(
-                config.reward_model,
-                device=config.engine.device if local else "auto",
-                dtype=config.engine.dtype if local else "auto",
-                batch_size=config.batch_size,
-            )
-        )
+        return RewardChooser.beside(config.reward_model, config.engine, config.batch_size)
     cache = (
         check_output(config.cache, flag="--cache", inputs=[config.input, output])
         if config.cache

@@ -16,7 +16,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..core.devices import training_precision
 from ..core.errors import UserError
 from ..core.examples import eos_id
 from ..core.models import load_pretrained, load_tokenizer, model_format, resolve_model, weights_fingerprint
@@ -31,12 +30,10 @@ from .setup import (
     _base_model_name,
     add_pad_embedding,
     check_disk,
-    check_output_folder,
-    check_qlora,
     estimate_checkpoint_bytes,
-    gradient_accumulation,
     load_model,
     lora_config,
+    start,
 )
 
 log = logging.getLogger(__name__)
@@ -129,15 +126,7 @@ def load_reward_model(config: TrainConfig, autocast: Any) -> Any:
 
 
 def prepare_pairs(config: TrainConfig, *, resume: bool) -> Prepared:
-    output, done = check_output_folder(config.output, resume)
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
-    device, autocast = training_precision(config.dtype)
-    if config.weights == "qlora":
-        check_qlora(device)
-    accumulation = gradient_accumulation(config, world_size())
+    output, done, device, autocast, accumulation = start(config, resume)
 
     train_pairs, val_pairs = read_pair_data(config)
     reference = check_reference(config)

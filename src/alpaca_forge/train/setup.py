@@ -60,16 +60,7 @@ class Prepared:
 
 def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
     """SFT's setup; reward and preference methods have theirs in pair_setup.py."""
-    output, done = check_output_folder(config.output, resume)
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
-    device, autocast = training_precision(config.dtype)
-    if config.weights == "qlora":
-        check_qlora(device)
-    accumulation = gradient_accumulation(config, world_size())
-
+    output, done, device, autocast, accumulation = start(config, resume)
     train_records, val_records = read_data(config)
     facts: dict[str, Any] = {
         "base_model": _base_model_name(config.model),
@@ -161,6 +152,21 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
 
 # ---------------------------------------------------------------------------------------------
 # Output, data
+
+
+def start(config: TrainConfig, resume: bool) -> tuple[Path, list[Path], str, Any, int]:
+    """What every method checks first: the output folder (and its complete checkpoints), torch's
+    threads, the precision and device (QLoRA's CUDA), and the gradient accumulation."""
+    output, done = check_output_folder(config.output, resume)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    device, autocast = training_precision(config.dtype)
+    if config.weights == "qlora":
+        check_qlora(device)
+    return output, done, device, autocast, gradient_accumulation(config, world_size())
+
 
 
 def check_output_folder(path: str, resume: bool) -> tuple[Path, list[Path]]:
