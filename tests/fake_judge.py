@@ -81,3 +81,61 @@ class FakeJudge(Loopback):
                 self.wfile.write(data)
 
         super().__init__(Handler)
+
+
+def words(text: str) -> int:
+    """Whitespace-separated words in `text`: what `fewer_words` counts."""
+    return len(text.split())
+
+
+def fewer_words(ask: Ask) -> str:
+    """A judge with a known taste: the answer of fewer words is the better one; the same number
+    of words is a tie. The proof-of-effect tests teach a model this preference and check that it
+    was learnt."""
+    a, b = words(ask.a), words(ask.b)
+    return "A" if a < b else "B" if b < a else "tie"
+
+
+@dataclass
+class InFlight:
+    """What a slow judge saw: the most requests it held at once, and when the first came in and
+    the last went out (`time.perf_counter`)."""
+
+    now: int = 0
+    most: int = 0
+    served: int = 0
+    first: float | None = None
+    last: float | None = None
+
+
+def slow_judge(policy: Callable[[Ask], str], delay_s: float) -> tuple[Callable[[Ask], str], InFlight]:
+    """`policy` answering after `delay_s`, as a remote judge's latency; the returned InFlight
+    counts the requests it holds at once, so a bench sees how many a client keeps in flight."""
+    import time
+
+    seen = InFlight()
+    lock = threading.Lock()
+
+    def answer(ask: Ask) -> str:
+        with lock:
+            seen.now += 1
+            seen.most = max(seen.most, seen.now)
+            if seen.first is None:
+                seen.first = time.perf_counter()
+        try:
+            time.sleep(delay_s)
+            return policy(ask)
+        finally:
+            with lock:
+                seen.now -= 1
+                seen.served += 1
+                seen.last = time.perf_counter()
+
+    return answer, seen
+
+
+def with_a_digit(ask: Ask) -> str:
+    """A judge with a known taste: an answer holding a digit beats one without; two with (or two
+    without) tie."""
+    a, b = (any(c.isdigit() for c in text) for text in (ask.a, ask.b))
+    return "A" if a and not b else "B" if b and not a else "tie"

@@ -1,0 +1,163 @@
+"""Proof of effect: learning from a judge's preferences changes what a model writes, as the judge
+wanted. The judge is scripted (tests/fake_judge.py `fewer_words`: the answer of fewer words is
+better), so the preference is known and every step of the recipe is the real CLI:
+
+1. `prefer` (the tiny model's own sampled answers, judged in both orders) -> `train --method dpo`:
+   on held-out pairs the trained policy's implicit reward ranks chosen above rejected (>= 0.9).
+2. On the embedded SmolLM2: `prefer` -> `train --method dpo --tune lora` -> the aligned model and
+   its parent answer held-out instructions -> `eval pairwise` by the same judge, both orders: the
+   aligned model's win rate has its 95% interval above 50%.
+3. `train --method reward` on the tiny model's pairs -> `infer --best-of 8 --reward-model` beats
+   plain sampling (best-of-1) by the judge that made the pairs. That judge prefers an answer holding
+   a digit (`with_a_digit`): a reward model on the tiny random model ranks held-out pairs by word
+   counts no better than chance (it memorises its pairs), a token's presence it learns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from alpaca_forge.core.pairs import read_pairs
+from fake_judge import FakeJudge, fewer_words, with_a_digit, words
+
+from conftest import VENDORED_DATA, run_cli
+
+CORPUS = VENDORED_DATA / "corpus" / "small.alpaca.jsonl.gz"
+EVAL_SET = VENDORED_DATA / "eval" / "user_oriented_instructions.jsonl"
+
+
+def instructions(tmp: Path, name: str, start: int, stop: int) -> Path:
+    """Records start..stop of the vendored corpus (400 instructions, our own text) as a file."""
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][start:stop]
+    assert len(rows) == stop - start
+    path = tmp / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def judge_flags(url: str) -> list[str]:
+    return ["--judge-engine", "openai", "--judge-base-url", url, "--judge-model", "fake-judge"]
+
+
+def ok(*args: str):
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "train_summary.json").read_text())
+
+
+def prefer_pairs(tmp: Path, model: str, items: Path, url: str, *more: str) -> Path:
+    out = tmp / "pairs.jsonl"
+    ok("-q", "prefer", "--model", model, "--input", str(items), "--output", str(out), *judge_flags(url), *more)
+    return out
+
+
+def assert_pairs_follow_the_judge(path: Path, least: int) -> None:
+    pairs = read_pairs(path)  # the agreed format, as train reads it
+    assert len(pairs) >= least, len(pairs)
+    assert all(words(p.chosen) < words(p.rejected) for p in pairs)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(r["agreement"] == 1.0 and len(r["verdicts"]) == 2 for r in rows)
+
+
+# The tiny random model writes 24 tokens of noise; which of them have fewer words is all the
+# judge sees. K=4 answers per instruction, the best against the worst (prefer's default).
+TINY_SAMPLING = ["--samples", "4", "--temperature", "1.0", "--max-new-tokens", "24", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory, tiny_model_dir) -> Path:
+    """240 instructions -> one pair each where the judge decided (ties dropped)."""
+    tmp = tmp_path_factory.mktemp("tiny-pairs")
+    with FakeJudge(fewer_words) as url:
+        out = prefer_pairs(tmp, str(tiny_model_dir), instructions(tmp, "train", 0, 240), url, *TINY_SAMPLING)
+    assert_pairs_follow_the_judge(out, 200)
+    return out
+
+
+@pytest.mark.integration
+def test_dpo_on_the_judges_pairs_ranks_held_out_pairs_as_the_judge_does(tmp_path, tiny_model_dir, tiny_pairs):
+    """Held-out `rewards/accuracies` (TRL's: the share of pairs whose implicit reward, beta times
+    the policy's log-ratio to the reference, is higher for chosen) >= 0.9. Full weights: the tiny
+    model's LoRA cannot move a preference for fewer word-starting tokens everywhere (it memorises
+    the training pairs and stays at chance on held-out ones); LoRA's effect is shown on SmolLM2."""
+    out = tmp_path / "dpo"
+    started = time.perf_counter()
+    ok(
+        "-q", "train", "--method", "dpo", "--tune", "full", "--model", str(tiny_model_dir),
+        "--data", str(tiny_pairs), "--val-size", "40", "--output", str(out),
+        "--learning-rate", "2e-2", "--lr-schedule", "constant", "--warmup-ratio", "0",
+        "--batch-size", "8", "--epochs", "3", "--save-steps", "1000", "--report-to", "none",
+    )  # fmt: skip
+    s = summary(out)
+    metrics = s["metrics"]
+    assert metrics["eval_rewards/accuracies"] >= 0.9, metrics
+    assert metrics["eval_rewards/margins"] > 0, metrics
+    print(f"DPO: held-out accuracy {metrics['eval_rewards/accuracies']:.3f}, {time.perf_counter() - started:.0f} s")
+
+
+def eval_pairwise(tmp: Path, items: Path, a: Path, b: Path, url: str) -> dict:
+    """`eval pairwise` of two predictions files by the judge at `url`, both orders: report.json."""
+    out = tmp / "eval"
+    ok(
+        "-q", "eval", "pairwise", "--set", str(items), "--a", f"a={a}", "--b", f"b={b}", "--output", str(out),
+        *judge_flags(url), "--batch-size", "32", "--bootstrap-samples", "2000",
+    )  # fmt: skip
+    return json.loads((out / "report.json").read_text())
+
+
+def assert_a_wins(report: dict) -> None:
+    rate = report["win_rate"]
+    assert rate["low"] > 0.5, report
+    assert report["wins"] > 3 * report["losses"] and report["sign_test_p"] < 0.01, report
+
+
+@pytest.mark.integration
+def test_best_of_8_by_a_reward_model_trained_on_the_pairs_beats_best_of_1(tmp_path, tiny_model_dir, tiny_pairs):
+    started = time.perf_counter()
+    # the same sampled answers as the DPO test (prefer's answer cache), judged by another judge
+    pairs = tmp_path / "digits.jsonl"
+    items = tiny_pairs.with_name("train.jsonl")
+    (tmp_path / "digits.answers.jsonl").write_bytes(tiny_pairs.with_name("pairs.answers.jsonl").read_bytes())
+    with FakeJudge(with_a_digit) as url:
+        ok(
+            "-q", "prefer", "--model", str(tiny_model_dir), "--input", str(items), "--output", str(pairs),
+            *judge_flags(url), *TINY_SAMPLING, "--keep", "all",
+        )  # fmt: skip
+        rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+        assert json.loads(pairs.with_name("digits.summary.json").read_text())["answers_sampled"] == 0
+        assert len(rows) >= 400 and all(with_a_digit_wins(r) for r in rows)
+        rm = tmp_path / "rm"
+        ok(
+            "-q", "train", "--method", "reward", "--tune", "full", "--model", str(tiny_model_dir),
+            "--data", str(pairs), "--output", str(rm), "--learning-rate", "1e-3", "--lr-schedule", "constant",
+            "--warmup-ratio", "0", "--batch-size", "8", "--epochs", "2", "--save-steps", "1000",
+            "--report-to", "none",
+        )  # fmt: skip
+        held_out = instructions(tmp_path, "held-out", 300, 400)
+        sample = ["--model", str(tiny_model_dir), "--input", str(held_out), "--temperature", "1.0"]
+        sample += ["--max-new-tokens", "24", "--seed", "7", "--batch-size", "32"]
+        best8, best1 = tmp_path / "best8.jsonl", tmp_path / "best1.jsonl"
+        ok("-q", "infer", *sample, "--output", str(best8), "--best-of", "8", "--reward-model", str(rm))
+        ok("-q", "infer", *sample, "--output", str(best1))
+        report = eval_pairwise(tmp_path, held_out, best8, best1, url)
+    assert_a_wins(report)
+    digit = [sum(any(c.isdigit() for c in json.loads(line)["output"]) for line in p.read_text().splitlines()) for p in (best8, best1)]
+    print(
+        f"best-of-8 vs best-of-1: win rate {report['win_rate']['value']:.2f} "
+        f"[{report['win_rate']['low']:.2f}, {report['win_rate']['high']:.2f}], "
+        f"answers with a digit {digit[0]} vs {digit[1]} of 100, {time.perf_counter() - started:.0f} s"
+    )
+
+
+def with_a_digit_wins(row: dict) -> bool:
+    return any(c.isdigit() for c in row["chosen"]) and not any(c.isdigit() for c in row["rejected"])
