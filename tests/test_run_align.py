@@ -75,7 +75,7 @@ def test_a_recipe_that_aligns_judges_the_aligned_model_and_exports_it(tmp_path, 
     pairs = [json.loads(x) for x in (run_dir / "prefer" / "pairs.jsonl").read_text().splitlines()]
     assert prefer["pairs"] == len(pairs) > 0
     for p in pairs:  # the scripted judge's preference, both orders
-        assert len(p["chosen"].strip()) < len(p["rejected"].strip())
+        assert len(p["chosen"].split()) < len(p["rejected"].split())
     # the policy that answered is the fine-tuned model, and align starts from it
     align = state["stages"]["align"]["figures"]["summary"]
     assert align["config"]["model"] == str(run_dir / "train")
