@@ -140,15 +140,29 @@ def _row(key: str, item: Item, j: int, seed: int, completion: Completion, engine
 
 
 def _by_item(engine, config, settings, items, keys, todo):
-    """One batch of K copies of an item's prompt, seeded from (seed, item); every row of it is
-    redone when any is missing, so a batch never depends on what else was pending."""
+    """Batches of whole items: K copies of each prompt, `--batch-size` answers at most (at least
+    one item), cut the same way on every run (the items in input order) and seeded from (seed,
+    the batch's first item). An item with any answer missing is redone whole, with the batch it
+    belongs to, so no answer depends on what else was pending."""
     k = config.samples
-    for n in sorted({n for n, _j in todo}):
-        item = items[n]
-        seed = derived_seed(settings.seed, item.id)
-        conversation = [Message.from_record(item.instruction, item.input)]
-        completions = engine.chat([conversation] * k, dataclasses.replace(settings, seed=seed))
-        yield [_row(keys[n][j], item, j, seed, c, engine) for j, c in enumerate(completions)]
+    per = max(1, config.batch_size // k)
+    pending = {n for n, _j in todo}
+    for start in range(0, len(items), per):
+        batch = list(range(start, min(start + per, len(items))))
+        redo = [n for n in batch if n in pending]
+        if not redo:
+            continue
+        seed = derived_seed(settings.seed, items[batch[0]].id)
+        conversations = [[Message.from_record(items[n].instruction, items[n].input)] for n in batch]
+        completions = engine.chat(
+            [c for c in conversations for _ in range(k)], dataclasses.replace(settings, seed=seed)
+        )
+        yield [
+            _row(keys[n][j], items[n], j, seed, completions[i * k + j], engine)
+            for i, n in enumerate(batch)
+            if n in redo
+            for j in range(k)
+        ]
 
 
 def _by_answer(engine, config, settings, items, keys, todo):

@@ -51,7 +51,9 @@ class PreferConfig(TextStageConfig):
         gt=0.5,
         le=1.0,
     )
-    batch_size: int = setting(8, "answers generated at once (a server: requests in flight)", ge=1)
+    batch_size: int = setting(
+        8, "answers generated at once (in-process: whole items, K answers each; a server: requests in flight)", ge=1
+    )
     engine: EngineConfig = engine_setting("policy (the model that answers)")
     repetition_penalty: float | None = repetition_penalty_setting()
     # Sampled, seeded: answer j of an instruction is the same on every rerun.
