@@ -99,6 +99,7 @@ def ours(settings: dict) -> float:
 
 def trl_direct(settings: dict) -> float:
     """TRL's DPOTrainer by hand on what our setup prepares (model, LoRA config, token ids)."""
+    from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     from alpaca_forge.train import TrainConfig
@@ -145,6 +146,7 @@ def trl_direct(settings: dict) -> float:
         callbacks=[timer],
     )
     assert trainer.ref_model is None  # the adapter-disabled base, as ours
+    trainer.remove_callback(PrinterCallback)  # as ours: no log dicts on stdout
     trainer.train()
     shutil.rmtree(settings["output"], ignore_errors=True)
     seconds = sorted(s for s, _ in timer.steps)
@@ -157,11 +159,15 @@ def step_speed(work: Path, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     data = write_jsonl(work / "pairs.jsonl", corpus_pairs(args.batch * (args.steps + 1)))
     mine, theirs = [], []
-    for r in range(args.rounds):
+    for r in range(args.rounds):  # the order alternates: neither always runs on a warmer machine
         s = dpo_settings(data, work / f"ours-{r}", args.steps, args.threads, args.batch, args.seq)
-        mine.append(ours(s))
         t = dpo_settings(data, work / f"trl-{r}", args.steps, args.threads, args.batch, args.seq)
-        theirs.append(trl_direct(t))
+        if r % 2:
+            theirs.append(trl_direct(t))
+            mine.append(ours(s))
+        else:
+            mine.append(ours(s))
+            theirs.append(trl_direct(t))
         print(f"DPO step, round {r + 1}: ours {mine[-1]:.3f} s, TRL direct {theirs[-1]:.3f} s", flush=True)
     ratio = min(theirs) / min(mine)  # speed: ours over theirs
     return {
