@@ -193,7 +193,9 @@ def evaluation_set(tmp: Path) -> Path:
 def test_dpo_on_smollm2_wins_against_its_parent_by_the_judge_that_made_the_pairs(tmp_path):
     """prefer (SmolLM2's own answers, llama.cpp, K=4) -> LoRA DPO -> the aligned model and its
     parent answer 28 held-out instructions (greedy) -> `eval pairwise`, both orders: the aligned
-    model's win rate, with its 95% interval, lies above 50%."""
+    model's win rate, with its 95% interval, lies above 50%. Measured: 56 pairs (chosen 28 words
+    on average, rejected 47), training accuracy 1.0 after 14 steps, win rate 0.86 [0.71, 0.96]
+    (24 wins, 4 losses), 392 words in all against the parent's 1,090."""
     from alpaca_forge.core.models import DEFAULT_MODEL
 
     started = time.perf_counter()
@@ -206,7 +208,7 @@ def test_dpo_on_smollm2_wins_against_its_parent_by_the_judge_that_made_the_pairs
         aligned = tmp_path / "dpo"
         ok(
             "-q", "train", "--method", "dpo", "--tune", "lora", "--model", DEFAULT_MODEL, "--data", str(pairs),
-            "--output", str(aligned), "--max-steps", "24", "--batch-size", "4", "--learning-rate", "5e-4",
+            "--output", str(aligned), "--max-steps", "14", "--batch-size", "4", "--learning-rate", "5e-4",
             "--lr-schedule", "constant", "--warmup-ratio", "0", "--max-seq-len", "256",
             "--save-steps", "1000", "--report-to", "none",
         )  # fmt: skip
@@ -218,7 +220,10 @@ def test_dpo_on_smollm2_wins_against_its_parent_by_the_judge_that_made_the_pairs
         ok("-q", "infer", "--model", DEFAULT_MODEL, *greedy, "--output", str(parent))
         report = eval_pairwise(tmp_path, held_out, mine, parent, url)
     assert report["win_rate"]["low"] > 0.5, report
-    counts = [sum(words(json.loads(line)["output"]) for line in p.read_text().splitlines()) for p in (mine, parent)]
+    answers = [[json.loads(line)["output"] for line in p.read_text().splitlines()] for p in (mine, parent)]
+    # the judge's taste is learnt as shorter answers, not as saying nothing (measured: 1 empty of 28)
+    assert sum(1 for a in answers[0] if not a.strip()) <= 3
+    counts = [sum(words(a) for a in side) for side in answers]
     print(
         f"aligned vs parent: win rate {report['win_rate']['value']:.2f} [{report['win_rate']['low']:.2f}, "
         f"{report['win_rate']['high']:.2f}], {counts[0]} vs {counts[1]} words, {time.perf_counter() - started:.0f} s"
