@@ -99,6 +99,7 @@ class _Kept:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.upstream = engine.upstream  # a server judge is kept busy (see judge_all)
 
     def chat(self, conversations: Sequence[Sequence[Message]], settings: GenerationSettings) -> list[Completion]:
         return self.engine.chat(conversations, settings)

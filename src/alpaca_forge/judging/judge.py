@@ -15,7 +15,8 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -281,6 +282,44 @@ class Task:
     prompt: str = PROMPT_VERSION  # the judging prompt's version id (a key of JUDGE_PROMPTS)
 
 
+def _ask(
+    engine: Engine | RuleJudge,
+    tasks: Sequence[Task],
+    pending: list[int],
+    settings: GenerationSettings,
+    batch_size: int,
+    max_answer_chars: int | None,
+) -> Iterator[list[tuple[int, Completion]]]:
+    """The judge's replies to the pending tasks, in groups as they come back. A server judge
+    (`upstream`) keeps `batch_size` requests in flight all the time: each finished one is replaced
+    at once, and what came back is yielded (to be cached) while the rest are still out. A model
+    in this process answers `batch_size` at a time, batched; a rule answers at once."""
+    if isinstance(engine, RuleJudge):  # the rule reads the answers themselves, whole
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            yield [(i, Completion(engine.reply(tasks[i].a, tasks[i].b), FinishReason.STOP)) for i in batch]
+        return
+
+    def messages(i: int) -> list[Message]:
+        t = tasks[i]
+        return judge_messages(t.item, t.a, t.b, max_answer_chars, t.prompt)
+
+    if not engine.upstream:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            yield list(zip(batch, engine.chat([messages(i) for i in batch], settings), strict=True))
+        return
+    pool = ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="judge")
+    try:
+        out = {pool.submit(lambda i=i: engine.chat([messages(i)], settings)[0]): i for i in pending}
+        waiting = set(out)
+        while waiting:
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            yield [(out[f], f.result()) for f in done]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def judge_all(
     tasks: Sequence[Task],
     open_judge: Callable[[], Engine | RuleJudge],
@@ -314,16 +353,7 @@ def judge_all(
         file=sys.stderr,
     )
     try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            if isinstance(engine, RuleJudge):  # the rule reads the answers themselves, whole
-                replies = [Completion(engine.reply(tasks[i].a, tasks[i].b), FinishReason.STOP) for i in batch]
-            else:
-                conversations = [
-                    judge_messages(tasks[i].item, tasks[i].a, tasks[i].b, max_answer_chars, tasks[i].prompt)
-                    for i in batch
-                ]
-                replies = engine.chat(conversations, settings)
+        for done in _ask(engine, tasks, pending, settings, batch_size, max_answer_chars) if pending else ():
             cache.add(
                 [
                     {
@@ -338,10 +368,10 @@ def judge_all(
                         "prompt_tokens": c.prompt_tokens,  # what the judge cost (`run` sums them)
                         "completion_tokens": c.completion_tokens,
                     }
-                    for i, c in zip(batch, replies, strict=True)
+                    for i, c in done
                 ]
             )
-            bar.update(len(batch))
+            bar.update(len(done))
     finally:
         bar.close()
         if pending:
