@@ -71,15 +71,15 @@ def assert_pairs_follow_the_judge(path: Path, least: int) -> None:
 
 # The tiny random model writes 24 tokens of noise; which of them have fewer words is all the
 # judge sees. K=4 answers per instruction, the best against the worst (prefer's default).
-TINY_SAMPLING = ["--samples", "4", "--temperature", "1.0", "--max-new-tokens", "24", "--seed", "0"]
+TINY_SAMPLING = ["--samples", "4", "--temperature", "1.0", "--max-new-tokens", "24", "--seed", "0", "--batch-size", "64"]
 
 
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory, tiny_model_dir) -> Path:
-    """240 instructions -> one pair each where the judge decided (ties dropped)."""
+    """300 instructions -> one pair each where the judge decided (ties dropped)."""
     tmp = tmp_path_factory.mktemp("tiny-pairs")
     with FakeJudge(fewer_words) as url:
-        out = prefer_pairs(tmp, str(tiny_model_dir), instructions(tmp, "train", 0, 240), url, *TINY_SAMPLING)
+        out = prefer_pairs(tmp, str(tiny_model_dir), instructions(tmp, "train", 0, 300), url, *TINY_SAMPLING)
     assert_pairs_follow_the_judge(out, 200)
     return out
 
@@ -94,7 +94,7 @@ def test_dpo_on_the_judges_pairs_ranks_held_out_pairs_as_the_judge_does(tmp_path
     started = time.perf_counter()
     ok(
         "-q", "train", "--method", "dpo", "--tune", "full", "--model", str(tiny_model_dir),
-        "--data", str(tiny_pairs), "--val-size", "40", "--output", str(out),
+        "--data", str(tiny_pairs), "--val-size", "60", "--output", str(out),
         "--learning-rate", "2e-2", "--lr-schedule", "constant", "--warmup-ratio", "0",
         "--batch-size", "8", "--epochs", "5", "--save-steps", "1000", "--report-to", "none",
     )  # fmt: skip
