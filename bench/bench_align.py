@@ -127,6 +127,9 @@ def trl_direct(settings: dict) -> float:
         report_to="none",
         use_cpu=True,
         seed=config.seed,
+        data_seed=config.seed,  # as ours: the same pairs in the same order, so the same lengths per step
+        optim="adamw_torch_fused",  # as ours
+        bf16=False,  # as ours (--dtype float32); TRL's own default is bf16 autocast
         gradient_checkpointing=False,
         max_length=None,
         precompute_ref_log_probs=True,
