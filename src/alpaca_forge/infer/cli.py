@@ -19,10 +19,10 @@ examples:
   alpaca-forge infer --engine openai --base-url http://gpu-host:8000/v1 --model my-alpaca \\
       --input package:demo-eval.jsonl --output out/served-after.jsonl --batch-size 32
   # the best of 4 samples by a reward model (`train --method reward`), or by a judge:
-  alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/best4.jsonl \\
-      --best-of 4 --temperature 0.7 --reward-model runs/my-reward
-  alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/best4-judged.jsonl \\
-      --best-of 4 --temperature 0.7 --judge-engine openai --judge-base-url http://gpu-host:8000/v1 \\
+  alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/best-of-4.jsonl \\
+      --best-of 4 --temperature 1.0 --reward-model runs/my-reward
+  alpaca-forge infer --model runs/my-alpaca --input package:demo-eval.jsonl --output out/best-of-4.jsonl \\
+      --best-of 4 --temperature 1.0 --judge-engine openai --judge-base-url http://gpu-host:8000/v1 \\
       --judge-model my-judge"""
 
 

@@ -23,13 +23,13 @@ examples:
       --output out/pairs.jsonl
   # AlpacaFarm's simulated annotators: 4 prompt wordings, a quarter of the labels flipped:
   alpaca-forge prefer --model runs/my-alpaca --input package:demo-seeds.jsonl --judge-engine llamacpp \\
-      --annotators 4 --flip-rate 0.25 --output out/noisy-pairs.jsonl
+      --annotators 4 --flip-rate 0.25 --output out/pairs-strong.jsonl
   # people's verdicts from an `eval rate` folder:
   alpaca-forge prefer --from-ratings out/rate --input package:demo-eval.jsonl \\
       --a tuned=out/after.jsonl --b base=out/before.jsonl --output out/human-pairs.jsonl
-  # expert iteration: the best of 8 answers by a reward model, as SFT records:
-  alpaca-forge prefer --model runs/my-alpaca --input package:demo-seeds.jsonl --samples 8 \\
-      --expert-iteration --reward-model runs/reward --output out/best-of-8.jsonl"""
+  # expert iteration: the best of 4 answers by a reward model, as SFT records:
+  alpaca-forge prefer --model runs/my-alpaca --input package:demo-seeds.jsonl --samples 4 \\
+      --expert-iteration --reward-model runs/my-reward --output out/best-of-4-sft.jsonl"""
 
 
 def register(sub: Any) -> None:

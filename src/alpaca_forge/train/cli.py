@@ -23,10 +23,10 @@ examples:
       --epochs 3 --learning-rate 1e-3 --max-seq-len 256 --val-size 0.1
   alpaca-forge train --config configs/smollm2-cpu.yaml --output runs/my-alpaca-yaml   # the same, from a file
   alpaca-forge train --config configs/smollm2-cpu.yaml --resume
-  alpaca-forge train --model runs/my-alpaca/merged --data runs/pairs.jsonl --output runs/dpo \\
-      --method dpo --beta 0.1 --val-size 0.1 --max-seq-len 256
-  alpaca-forge train --model runs/my-alpaca/merged --data runs/pairs.jsonl --output runs/reward \\
-      --method reward --val-size 0.1"""
+  alpaca-forge train --method dpo --model runs/my-alpaca --data out/pairs.jsonl --output runs/my-alpaca-dpo \\
+      --beta 0.1 --val-size 0.2 --max-seq-len 256
+  alpaca-forge train --method reward --model runs/my-alpaca --data out/pairs.jsonl --output runs/my-reward \\
+      --val-size 0.2"""
 
 
 def register(sub: Any) -> None:
