@@ -383,3 +383,30 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, prompt_fo
     save_tokenizer(tokenizer, out, prompt_format)  # with the format as its chat template
     save_format(out, prompt_format)
     return out
+
+
+def sequence_classifier(spec: str, fix: str, *, seed: int | None = None) -> Any:
+    """A sequence-classification model with one output (a reward model) of `spec`'s architecture,
+    holding its weights, whatever names it (a folder, a built-in, a .gguf); fp32. Its score head
+    starts random (seeded with `seed`): `train --method reward` trains it, a reward adapter fills it.
+    `fix` says what to do where the weights do not fit such a model."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    causal = load_pretrained(spec)[0]
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = copy.deepcopy(causal.config)
+    settings.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(settings)
+    body = getattr(model, model.base_model_prefix)
+    missing = body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict(), strict=False)
+    if missing.missing_keys:
+        raise UserError(
+            f"{spec}: its weights do not fit a sequence-classification model of its architecture "
+            f"(missing {missing.missing_keys[:3]})",
+            fix,
+        )
+    return model.float()

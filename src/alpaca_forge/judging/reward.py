@@ -24,7 +24,13 @@ from typing import Any, Protocol
 from ..core.errors import UserError
 from ..core.examples import encode_record, eos_id
 from ..core.library_noise import peft_call
-from ..core.models import ADAPTER_BASE_FILE, ERROR_EXCERPT_CHARS, adapter_facts, hub_offline, load_pretrained
+from ..core.models import (
+    ADAPTER_BASE_FILE,
+    ERROR_EXCERPT_CHARS,
+    adapter_facts,
+    hub_offline,
+    sequence_classifier,
+)
 from ..core.prompts import FORMAT_FILE, PromptFormat, read_saved_format
 from ..core.records import Record
 
@@ -182,25 +188,9 @@ def _seq_cls_from(location: str) -> Any:
 
 
 def _base_seq_cls(spec: str) -> Any:
-    """The base of a reward adapter as `train --method reward` built it: a sequence-classification
-    model of the base's architecture holding the base's weights (whatever names it: a folder, a
-    built-in, a .gguf), its head to be filled by the adapter."""
-    import copy
-
-    from transformers import AutoModelForSequenceClassification
-
-    causal = load_pretrained(spec)[0]
-    settings = copy.deepcopy(causal.config)
-    settings.num_labels = 1
-    model = AutoModelForSequenceClassification.from_config(settings)
-    body = getattr(model, model.base_model_prefix)
-    missing = body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict(), strict=False)
-    if missing.missing_keys:
-        raise UserError(
-            f"{spec}: its weights do not fit a sequence-classification model (missing {missing.missing_keys[:3]})",
-            "use the base the reward model was trained on (its adapter_config.json names it)",
-        )
-    return model.float()
+    """The base of a reward adapter as `train --method reward` built it (its head to be filled
+    by the adapter)."""
+    return sequence_classifier(spec, "use the base the reward model was trained on (its adapter_config.json names it)")
 
 
 @dataclass

@@ -8,7 +8,6 @@ split) -> --reference against the policy's base -> tokenizer, prompt format, pai
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -18,7 +17,14 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.examples import eos_id
-from ..core.models import load_pretrained, load_tokenizer, model_format, resolve_model, weights_fingerprint
+from ..core.models import (
+    load_pretrained,
+    load_tokenizer,
+    model_format,
+    resolve_model,
+    sequence_classifier,
+    weights_fingerprint,
+)
 from ..core.pairs import Pair, pairs_fingerprint, read_pairs
 from ..core.records import split_records
 from .checkpoints import check_resumable
@@ -102,24 +108,11 @@ def _sample_digest(path: Path, span: int = 1 << 20) -> str:
 def load_reward_model(config: TrainConfig, autocast: Any) -> Any:
     """A sequence-classification model with one output on the base's weights; its score head
     starts random (seeded)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    causal = load_pretrained(config.model)[0]
-    torch.manual_seed(config.seed)
-    settings = copy.deepcopy(causal.config)
-    settings.num_labels = 1
-    model = AutoModelForSequenceClassification.from_config(settings)
-    body = getattr(model, model.base_model_prefix)
-    missing = body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict(), strict=False)
-    if missing.missing_keys:
-        raise UserError(
-            f"{config.model}: its weights do not fit a sequence-classification model of its architecture "
-            f"(missing {missing.missing_keys[:3]})",
-            "use a causal LM transformers also has a ...ForSequenceClassification class for (Llama, Qwen, ...)",
-        )
-    del causal
-    model = model.float()
+    model = sequence_classifier(
+        config.model,
+        "use a causal LM transformers also has a ...ForSequenceClassification class for (Llama, Qwen, ...)",
+        seed=config.seed,
+    )
     if config.weights == "lora" and autocast is not None:
         model = model.to(autocast)
     return model
