@@ -16,6 +16,8 @@ from ..engines.config import (
     repetition_penalty_for,
     repetition_penalty_setting,
 )
+from .evol_config import EvolConfig
+from .magpie_config import MagpieConfig
 from .teacher import IN_PROCESS, SERVER, default_engine, defaults_for
 from .teacher_prompt import TEACHER_STOP
 
@@ -103,14 +105,21 @@ class TeacherSampling(GenerationSettings):
 
 @dataclass(frozen=True)
 class GenerateConfig(TextStageConfig):
-    seeds: str = setting(
-        REQUIRED,
-        "seed tasks (seed-task format or Alpaca records)" + or_shipped("demo-seeds.jsonl"),
-        metavar="FILE",
-    )
     output: str = setting(REQUIRED, "accepted records, JSONL; resumed from if it exists", metavar="FILE")
     num_instructions: int = setting(
         REQUIRED, "stop once this many records are accepted (across resumed runs)", ge=1
+    )
+    method: Literal["self-instruct", "evol", "magpie"] = setting(
+        "self-instruct",
+        "self-instruct: new tasks from 3 seed tasks a request (Alpaca); evol: harder and broader "
+        "rewrites of the --seeds instructions, round by round (Evol-Instruct); magpie: an aligned "
+        "model writes the queries itself from its chat template, no seeds (Magpie)",
+    )
+    seeds: str | None = setting(
+        None,
+        "seed tasks (seed-task format or Alpaca records); for evol, the instructions to evolve; "
+        "magpie takes none" + or_shipped("demo-seeds.jsonl"),
+        metavar="FILE",
     )
     seed: int = setting(
         0, "seeds the demonstrations and the teacher's sampling (request k always shows the same 3)", ge=0
@@ -138,6 +147,8 @@ class GenerateConfig(TextStageConfig):
         100, "stop once this many requests in a row gave no accepted record", ge=1
     )
     filters: FilterConfig = nested(FilterConfig, "filters")
+    evol: EvolConfig = nested(EvolConfig, "evol (--method evol)", prefix="evol")
+    magpie: MagpieConfig = nested(MagpieConfig, "magpie (--method magpie)", prefix="magpie")
     engine: TeacherEngineConfig = nested(TeacherEngineConfig, "teacher")
     # Alpaca's top_p (1.0) and the stop strings that end a reply before task 20; the length and
     # temperature default by where the teacher runs (`resolved`). The request seed comes from
@@ -149,6 +160,21 @@ class GenerateConfig(TextStageConfig):
         functools.partial(TeacherSampling, top_p=1.0, stop=TEACHER_STOP),  # built when asked
         exclude=("repetition_penalty", "seed", "stop"),
     )
+
+    def check(self):
+        if self.method != "magpie" and not self.seeds:
+            yield (
+                "seeds",
+                f"--method {self.method} needs seed tasks",
+                "give --seeds FILE (e.g. --seeds package:demo-seeds.jsonl)",
+            )
+        if self.method == "magpie" and self.seeds:
+            yield (
+                "seeds",
+                "--method magpie writes its own queries and reads no seeds",
+                "leave out --seeds, or choose --method self-instruct or evol",
+            )
+        yield from super().check()
 
     @functools.cached_property
     def resolved(self) -> GenerateConfig:

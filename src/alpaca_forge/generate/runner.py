@@ -68,6 +68,8 @@ class GenerateResult:
     output: Path
     requests_log: Path
     summary_path: Path
+    method: str = "self-instruct"
+    details: dict[str, Any] = field(default_factory=dict)  # the method's own counts (evol, magpie)
 
     @property
     def accepted_per_request(self) -> float:
@@ -93,6 +95,8 @@ class GenerateResult:
             "cost_usd": round(self.cost_usd, 6),
             "wall_time_s_this_run": round(self.wall_time_s, 2),
             "output": str(self.output),
+            "method": self.method,
+            **({"details": self.details} if self.details else {}),
         }
 
 
@@ -135,6 +139,15 @@ def run(config: GenerateConfig, *, progress: bool = True, engine: Engine | None 
     reached). `engine` reuses an open teacher, which must be the kind `config.teacher` names (it
     decides the default API, sampling and repetition penalty); else one is opened and closed here."""
     config = config.resolved  # the teacher's defaults, filled in once for the whole job
+    if config.method == "evol":
+        from .evol import run_evol
+
+        return run_evol(config, progress=progress, engine=engine)
+    if config.method == "magpie":
+        from .magpie import run_magpie
+
+        return run_magpie(config, progress=progress, engine=engine)
+    assert config.seeds is not None  # checked by the config
     with user_paths():  # an OSError on any of the user's paths is reported, never a traceback
         output = check_output(config.output, inputs=[config.seeds])
         log_path, summary_path = side_paths(output)
