@@ -7,7 +7,11 @@ records, whatever its shape; these are understood:
 - Alpaca: `{"instruction", "input", "output"}`, as in the 52K `alpaca_data.json`;
 - seed tasks and evaluation tasks: `{"id", "instruction", "instances": [{"input", "output"}]}`,
   one record per instance;
-- chat messages: `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}`, one exchange;
+- conversations: OpenAI `{"messages": [{"role", "content"}, ...]}` or ShareGPT
+  `{"conversations": [{"from", "value"}, ...]}` (`core/conversations.py` checks them). One exchange
+  with no system message is an Alpaca record like any other; a system message or more than one
+  exchange keeps the turns in `Record.messages`, and then `instruction` is the last user turn and
+  `output` the assistant's reply to it ("" when none);
 - predictions: `{"instruction", "input", "response"}`: the response is read as the output;
 - anything else is reported, never dropped silently.
 """
@@ -18,13 +22,15 @@ import json
 import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conversations import OPENAI, is_multi_turn, layout_of, read_conversation, to_rows
 from .errors import Problem, UserError, ValidationError
 from .files import atomic_writer
 from .json_items import RECORD_EXAMPLE, iter_json_items
+from .prompts import Message
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,43 @@ class Record:
     input: str = ""
     output: str = ""
     id: str | None = None  # kept from the source when it has one (seed and evaluation tasks do)
+    # A conversation's turns (system first if any), when it is more than one plain exchange.
+    messages: tuple[Message, ...] | None = None
+    where: str = field(default="", compare=False, repr=False)  # a conversation's file:line, for messages
 
-    def to_dict(self) -> dict[str, str]:
-        d = {"instruction": self.instruction, "input": self.input, "output": self.output}
+    @property
+    def is_conversation(self) -> bool:
+        return self.messages is not None
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[Message], id: str | None = None, where: str = "") -> Record:
+        """A record of these turns: a plain record when they are one exchange with no system
+        message, else a conversation whose instruction is its last user turn."""
+        turns = tuple(messages)
+        last_user = max(i for i, m in enumerate(turns) if m.role == "user")
+        reply = turns[last_user + 1].content if last_user + 1 < len(turns) else ""
+        if not is_multi_turn(turns):
+            return cls(turns[last_user].content, "", reply, id)
+        return cls(turns[last_user].content, "", reply, id, turns, where)
+
+    def conversation(self) -> tuple[Message, ...]:
+        """Every turn: a conversation's own, or a plain record's user message and its reply."""
+        if self.messages is not None:
+            return self.messages
+        return (Message.from_record(self.instruction, self.input), Message("assistant", self.output))
+
+    def prompt_messages(self) -> list[Message]:
+        """What a model answers: the turns up to and including the last user turn."""
+        if self.messages is None:
+            return [Message.from_record(self.instruction, self.input)]
+        last_user = max(i for i, m in enumerate(self.messages) if m.role == "user")
+        return list(self.messages[: last_user + 1])
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.messages is not None:
+            d: dict[str, Any] = {"messages": to_rows(self.messages, OPENAI)}
+        else:
+            d = {"instruction": self.instruction, "input": self.input, "output": self.output}
         if self.id is not None:
             d = {"id": self.id, **d}
         return d
@@ -81,8 +121,10 @@ def records_from_item(value: Any, where: str, *, require_output: bool) -> tuple[
 
     raw_id = value.get("id")
     rec_id = None if raw_id is None else str(raw_id)
-    if "messages" in value:  # chat format: the first user turn and the assistant's answer to it
-        return _records_from_messages(value["messages"], where, rec_id, require_output)
+    layout = layout_of(value)
+    if layout is not None:  # a conversation: OpenAI messages or ShareGPT
+        turns, problems = read_conversation(value[layout.field], layout, where, require_output=require_output)
+        return ([Record.from_messages(turns, rec_id, where)] if turns else []), problems
 
     instruction = _check_text(value.get("instruction"), "instruction", where, problems, required=True)
     if instruction is not None and not instruction.strip():
@@ -125,40 +167,6 @@ def records_from_item(value: Any, where: str, *, require_output: bool) -> tuple[
     if problems:
         return [], problems
     return [Record(instruction or "", inp or "", out or "", rec_id)], []
-
-
-def _records_from_messages(
-    messages: Any, where: str, rec_id: str | None, require_output: bool
-) -> tuple[list[Record], list[Problem]]:
-    example = '"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        return [], [
-            Problem(
-                where, "field 'messages' must be a list of {role, content} objects", f"write it as {example}"
-            )
-        ]
-    turns = [m for m in messages if m.get("role") != "system"]
-    user = turns[0] if turns else {}
-    if user.get("role") != "user" or not isinstance(user.get("content"), str) or not user["content"].strip():
-        return [], [
-            Problem(where, "'messages' must start with a user message with text", f"write it as {example}")
-        ]
-    reply = turns[1] if len(turns) > 1 else None
-    if reply is not None and (reply.get("role") != "assistant" or not isinstance(reply.get("content"), str)):
-        return [], [
-            Problem(where, "the second message must be the assistant's, with text", f"write it as {example}")
-        ]
-    if reply is None and require_output:
-        return [], [Problem(where, "'messages' has no assistant answer", f"add it: {example}")]
-    if len(turns) > 2:
-        return [], [
-            Problem(
-                where,
-                f"'messages' has {len(turns)} turns; an Alpaca record holds one exchange",
-                "split multi-turn conversations into one record per exchange",
-            )
-        ]
-    return [Record(user["content"], "", reply["content"] if reply else "", rec_id)], []
 
 
 def read_records(path: str | os.PathLike, *, require_output: bool = True) -> list[Record]:
