@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..core.config import REQUIRED, Config, setting
+from ..core.config import REQUIRED, Config, nested, setting
 from ..core.models import BUILTIN_MODELS, DEFAULT_MODEL
 from ..core.prompts import FORMATS
 from ..core.shipped import or_shipped
+from ..engines import EngineConfig, GenerationSettings
+from ..judging.rules import judge_model_problem
 from .tools import CHECK_NAMES
 
 PICTURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib writes, by name
@@ -53,11 +55,26 @@ class CleanConfig(Config):
     file: str = setting(REQUIRED, _FILE, positional=True)
     output: str = setting(REQUIRED, "the records that pass (.json array or .jsonl)", metavar="FILE")
     checks: tuple[str, ...] = setting(
-        CHECK_NAMES, "comma-separated checks to apply (only these run)", sep=",", metavar="LIST"
+        CHECK_NAMES,
+        "comma-separated checks to apply (only these run); none: no check (with --min-score)",
+        sep=",",
+        metavar="LIST",
     )
     threshold: float = setting(0.7, _THRESHOLD + "; used by near_duplicate", gt=0, le=1)
+    min_score: float | None = setting(
+        None,
+        "also remove records whose score.overall (from `data score`) is below this, 1-5, and those the "
+        "judge left unrated; with --checks none, only this runs",
+        ge=1,
+        le=5,
+        metavar="X",
+    )
 
     def check(self):
+        if self.checks == ("none",):
+            if self.min_score is None:
+                yield "checks", "'none' removes nothing without --min-score", "give --min-score X, or checks"
+            return
         unknown = [c for c in self.checks if c not in CHECK_NAMES]
         if unknown:
             yield (
@@ -133,3 +150,94 @@ class TokenizeConfig(Config):
                 "nothing to do",
                 "give --output FILE to write the examples, or --show N to print some",
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# data score and data decontaminate (issue 25)
+
+
+def _score_greedy() -> GenerationSettings:
+    # Two labelled lines and one sentence of reason: a short budget, greedy, no penalty (a penalty
+    # on repeated tokens pushes a judge off the labels it was told to write).
+    return GenerationSettings(max_new_tokens=48, temperature=0.0, repetition_penalty=1.0)
+
+
+@dataclass(frozen=True)
+class ScoreConfig(Config):
+    file: str = setting(REQUIRED, _FILE, positional=True)
+    output: str = setting(
+        REQUIRED,
+        "the records with their ratings (.jsonl or .json): each row as read plus \"score\": {accuracy, "
+        "helpfulness, overall, judge} (null where the judge's reply could not be read). Rewritten whole "
+        "from the cache on every run",
+        metavar="FILE",
+    )
+    cache: str | None = setting(
+        None,
+        "the judge's replies, append-only JSONL, reused by a rerun (default: OUTPUT's name + "
+        ".cache.jsonl); a killed run resumes from it",
+        metavar="FILE",
+    )
+    plot: str | None = setting(
+        None,
+        "where to draw the score histograms (default: OUTPUT's name + .scores.png; skipped with a note "
+        "when matplotlib is not installed)",
+        metavar="PNG",
+    )
+    judge: EngineConfig = nested(EngineConfig, "judge", prefix="judge")
+    judge_generation: GenerationSettings = nested(
+        GenerationSettings, "judge sampling", _score_greedy, exclude=("seed",), prefix="judge"
+    )
+    judge_batch_size: int = setting(
+        32, "ratings asked at once (a server judge: requests kept in flight all the time)", ge=1
+    )
+    retries: int = setting(
+        2, "ask again this many times when a reply holds no readable rating (then it is counted)", ge=0
+    )
+    max_output_chars: int | None = setting(
+        6000, "show the judge at most this many characters of an output (cut ones are marked)", ge=100
+    )
+    limit: int | None = setting(None, "score only the first N records", ge=1)
+
+    def check(self):
+        if self.plot and Path(self.plot).suffix.lower() not in PICTURE_SUFFIXES:
+            yield "plot", f"{self.plot} is not a picture's name", "end it in .png (or .svg, .pdf, .jpg)"
+        bad_judge = judge_model_problem(self.judge.model)
+        if bad_judge:
+            yield "judge.model", *bad_judge
+
+
+@dataclass(frozen=True)
+class DecontaminateConfig(Config):
+    file: str = setting(REQUIRED, "the training records" + or_shipped("demo-seeds.jsonl"), positional=True)
+    against: tuple[str, ...] = setting(
+        REQUIRED,
+        "an evaluation set to keep out of training (Alpaca records, seed or evaluation tasks); repeat "
+        "the flag for several",
+        metavar="EVAL",
+        repeat=True,
+    )
+    output: str = setting(REQUIRED, "the kept records (.json array or .jsonl)", metavar="FILE")
+    dropped: str | None = setting(
+        None,
+        "each dropped record with the evaluation item it matched, the method and the score (default: "
+        "OUTPUT's name + .dropped.jsonl)",
+        metavar="FILE",
+    )
+    ngram: int = setting(
+        13,
+        "drop a record that shares any run of this many words with an evaluation item (words as "
+        "ROUGE-L reads them: lower-case letters and digits); 0: no n-gram check",
+        ge=0,
+    )
+    threshold: float = setting(
+        0.7,
+        "drop a record whose ROUGE-L F1 with an evaluation item is above this (exact: rouge-score's "
+        "tokens and arithmetic)",
+        gt=0,
+        le=1,
+    )
+    rouge: bool = setting(True, "run the ROUGE-L check (--no-rouge: the n-gram check alone)")
+    key: Literal["instruction", "instruction+input"] = setting(
+        "instruction+input", "which text of both sides is compared"
+    )
