@@ -1,8 +1,8 @@
 """The `alpaca-forge` command: lists the stages and maps errors to exit codes, nothing else.
 
 Each stage registers its own subcommand (`<stage>/cli.py`), its flags derived from its config.
-Errors the user can fix (`UserError`) print as a message and a fix with exit status 2; Ctrl-C
-exits with 130. Neither prints a traceback.
+Errors the user can fix (`UserError`) print as a message and a fix with exit status 2 (3: a batch
+teacher's requests wait for their results); Ctrl-C exits with 130. Neither prints a traceback.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except UserError as e:
         command = " ".join(filter(None, [args.command, getattr(args, "tool", None)]))
-        print(f"alpaca-forge {command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        # A batch teacher's waiting requests (engines.batch.BatchPending) stop with their own status.
+        print(f"alpaca-forge {command}: {getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
+        return getattr(e, "exit_status", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

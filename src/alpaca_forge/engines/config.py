@@ -66,6 +66,20 @@ class EngineConfig(Config):
     max_retries: int = setting(
         6, "openai: retries of a failed request (429, 5xx, timeout), with backoff and jitter", ge=0
     )
+    batch_dir: str | None = setting(
+        None,
+        "openai: send nothing live; write each request to DIR/requests.jsonl (OpenAI Batch API format, "
+        "which vLLM's run_batch also reads), answer from the result files put in DIR/results/, and stop "
+        "with exit status 3 while any wait; rerun the same command once they are in",
+        metavar="DIR",
+    )
+    batch_discount: float = setting(
+        0.5,
+        "openai --batch-dir: the share of the list price a batch saves (OpenAI's Batch API: 0.5, half "
+        "price); cost figures count (1 - this) x the prices",
+        ge=0,
+        le=1,
+    )
 
     context_tokens: int = setting(
         4096,
@@ -76,7 +90,7 @@ class EngineConfig(Config):
 
     def check(self):
         if self.engine == "openai":
-            if not self.base_url:
+            if not self.base_url and not self.batch_dir:
                 yield (
                     "base_url",
                     "--engine=openai needs --base-url (the server's API base)",
@@ -102,6 +116,12 @@ class EngineConfig(Config):
                         f"--base-url {self.base_url!r} {problem}",
                         "e.g. --base-url=http://127.0.0.1:8000/v1",
                     )
+        elif self.batch_dir:
+            yield (
+                "batch_dir",
+                f"--batch-dir is for --engine=openai; the {self.engine} engine runs the model in this process",
+                "add --engine=openai --model=NAME, or drop --batch-dir",
+            )
         elif self.base_url:
             yield (
                 "base_url",
@@ -192,6 +212,10 @@ def _url_problem(url: str) -> str | None:
 
 def open_engine(cfg: EngineConfig, *, seed: int = 0) -> Engine:
     """The engine `cfg` names, ready to use (a model is loaded here)."""
+    if cfg.engine == "openai" and cfg.batch_dir:
+        from .batch import BatchEngine
+
+        return BatchEngine(cfg.batch_dir, cfg.model or "", system=cfg.system, seed=seed)
     if cfg.engine == "openai":
         from .openai_http import OpenAIEngine, RetryPolicy
 

@@ -16,7 +16,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,7 @@ from ..core.files import open_append, read_appended_jsonl, sync
 from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
 from ..engines import Completion, Engine, EngineConfig, FinishReason, GenerationSettings, open_engine
+from ..engines.batch import BatchPending, waiting_error
 from .items import Item
 from .rules import RuleJudge, rule_name
 
@@ -315,9 +316,17 @@ def _ask(
         waiting = set(out)
         while waiting:
             done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-            yield [(out[f], f.result()) for f in done]
+            yield [(out[f], c) for f in done for c in _answered(f)]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _answered(future: Future) -> list[Completion]:
+    """A request's reply, or none where a batch judge wrote it to be answered later."""
+    try:
+        return [future.result()]
+    except BatchPending:
+        return []
 
 
 def judge_all(
@@ -343,6 +352,7 @@ def judge_all(
         if k not in cache.replies:
             first_of.setdefault(k, i)
     pending = list(first_of.values())
+    waiting = None
     if pending:
         engine = open_judge()
     bar = tqdm(
@@ -372,10 +382,14 @@ def judge_all(
                 ]
             )
             bar.update(len(done))
+        if pending:  # a batch judge's requests without results stop the command here
+            waiting = waiting_error(engine)
     finally:
         bar.close()
         if pending:
             engine.close()
+    if waiting is not None:
+        raise waiting
     judgements = [
         Judgement(t.item.id, t.first, t.second, parse_verdict(cache.replies[k]), cache.replies[k])
         for t, k in zip(tasks, keys, strict=True)

@@ -27,6 +27,7 @@ from typing import Any
 from ..core.files import open_append, read_appended_jsonl, sync
 from ..core.prompts import Message
 from ..engines import Completion, Engine, EngineConfig, GenerationSettings, open_engine
+from ..engines.batch import BatchPending, waiting_error
 from ..judging.items import Item
 from ..judging.judge import judge_identity
 from .config import PreferConfig
@@ -111,6 +112,7 @@ def sample_answers(
     keys = [[answer_key(config, settings, it, j, files) for j in range(k)] for it in items]
     todo = [(n, j) for n in range(len(items)) for j in range(k) if keys[n][j] not in cache.answers]
     cached = len(items) * k - len(todo)
+    waiting = None
     if todo:
         engine = open_engine(config.engine, seed=settings.seed)
         bar = tqdm(total=len(todo), desc="sample", unit="answer", disable=not progress, file=sys.stderr)
@@ -119,9 +121,12 @@ def sample_answers(
             for rows in rows_of(engine, config, settings, items, keys, todo):
                 cache.add(rows)
                 bar.update(len(rows))
+            waiting = waiting_error(engine)  # a batch engine's requests without results yet
         finally:
             bar.close()
             engine.close()
+    if waiting is not None:
+        raise waiting
     answers = [[cache.answers[key] for key in item_keys] for item_keys in keys]
     return Sampled(answers, len(todo), cached)
 
@@ -168,15 +173,18 @@ def _by_item(engine, config, settings, items, keys, todo):
 def _by_answer(engine, config, settings, items, keys, todo):
     """One request per answer with its own seed, `batch_size` at a time in flight."""
 
-    def one(nj: tuple[int, int]) -> dict[str, Any]:
+    def one(nj: tuple[int, int]) -> dict[str, Any] | None:
         n, j = nj
         item = items[n]
         seed = derived_seed(settings.seed, item.id, j)
         conversation = [Message.from_record(item.instruction, item.input)]
-        (completion,) = engine.chat([conversation], dataclasses.replace(settings, seed=seed))
+        try:
+            (completion,) = engine.chat([conversation], dataclasses.replace(settings, seed=seed))
+        except BatchPending:  # written for a batch: answered on the rerun
+            return None
         return _row(keys[n][j], item, j, seed, completion, engine)
 
     workers = config.batch_size if config.on_server else 1
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefer-sample") as pool:
         for start in range(0, len(todo), config.batch_size):
-            yield list(pool.map(one, todo[start : start + config.batch_size]))
+            yield [row for row in pool.map(one, todo[start : start + config.batch_size]) if row is not None]
