@@ -11,6 +11,15 @@ One example is `prompt ids + response ids + EOS`:
 - an example longer than `max_seq_len` loses response tokens from its end, never its EOS, so a
   model trained on cut answers still learns to stop. A record whose prompt alone leaves no room
   for one response token and the EOS carries no loss; it is left out and counted.
+
+A conversation (`Record.messages`) is the same, turn after turn: what the format writes before
+each assistant turn (the text of `render(turns before it)` past the previous answer: the system
+message, the user's turn, the template's turn markers) is masked; each assistant turn is
+tokenised alone and followed by the EOS, both learnt (`assistant_turns="all"`), or only the last
+one (`"last"`, the earlier ones then read as context). So the ids before each answer are the ids
+inference renders for that point of the conversation. A window too short for the whole
+conversation keeps its first turns (the last answer kept is cut, its EOS kept). Single-turn
+formats refuse conversations (`check_format_fits`), before any model loads.
 """
 
 from __future__ import annotations
@@ -18,13 +27,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import UserError
 from .prompts import PromptFormat
 from .records import Record
 
 IGNORE_INDEX = -100
+AssistantTurns = Literal["all", "last"]  # which assistant turns of a conversation are learnt
+ASSISTANT_TURNS = ("all", "last")
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,13 @@ def encode_record(
     fmt: PromptFormat,
     max_seq_len: int,
     train_on_inputs: bool = False,
+    assistant_turns: AssistantTurns = "all",
 ) -> Example | None:
     """One record as an example, or None when its prompt leaves no room for a response."""
+    if record.messages is not None:
+        return encode_conversation(
+            record, index, tokenizer, fmt, max_seq_len, train_on_inputs, assistant_turns
+        )
     prompt = fmt.prompt(record.instruction, record.input, tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=fmt.add_special_tokens)["input_ids"]
     response_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"]
@@ -107,6 +123,116 @@ def encode_record(
     return Example(input_ids, labels, index, truncated)
 
 
+def conversation_segments(record: Record, fmt: PromptFormat, tokenizer: Any) -> list[tuple[str, bool]]:
+    """A conversation as `(text, is_answer)` pieces in order: the masked text the format writes
+    before each assistant turn, then that turn. Each piece is read off the format's rendering of
+    the conversation up to the turn, so it must render earlier turns as a prefix of later ones."""
+    turns = list(record.messages or ())
+    eos_text = getattr(tokenizer, "eos_token", None) or ""
+    pieces: list[tuple[str, bool]] = []
+    prompt_before = answer_before = None
+    for a, turn in enumerate(turns):
+        if turn.role != "assistant":
+            continue
+        prompt = fmt.render(turns[:a], tokenizer)
+        if prompt_before is None:
+            pieces.append((prompt, False))
+        else:
+            pieces.append(
+                (_after_answer(prompt, prompt_before, answer_before or "", eos_text, record, fmt), False)
+            )
+        pieces.append((turn.content, True))
+        prompt_before, answer_before = prompt, turn.content
+    return pieces
+
+
+def _after_answer(
+    prompt: str, before: str, answer: str, eos_text: str, record: Record, fmt: PromptFormat
+) -> str:
+    """What `prompt` (the conversation up to the next assistant turn) writes after `answer`, the
+    previous one: the end of its turn and the next user turn, less the EOS text already learnt."""
+    rest = prompt[len(before) :] if prompt.startswith(before) else None
+    if rest is not None:
+        stripped = rest.lstrip()  # whitespace a template puts between its prompt and the answer
+        rest = stripped[len(answer) :] if stripped.startswith(answer) else None
+    if rest is None:
+        where = record.where or "a conversation"
+        raise UserError(
+            f"{where}: the '{fmt.name}' prompt format does not write the earlier turns of a conversation "
+            "as they were before (its rendering of the turns up to one answer is not the start of its "
+            "rendering up to the next), so which tokens are the assistant's cannot be told apart",
+            "use a chat template that renders a conversation by appending turns (ChatML, Llama 3, Gemma, "
+            "...), or --format user-assistant",
+        )
+    return rest[len(eos_text) :] if eos_text and rest.startswith(eos_text) else rest
+
+
+def encode_conversation(
+    record: Record,
+    index: int,
+    tokenizer: Any,
+    fmt: PromptFormat,
+    max_seq_len: int,
+    train_on_inputs: bool = False,
+    assistant_turns: AssistantTurns = "all",
+) -> Example | None:
+    """A conversation as one example (see the module's docstring), or None when the window
+    leaves no room for a learnt answer token and its EOS."""
+    eos = eos_id(tokenizer)
+    pieces = conversation_segments(record, fmt, tokenizer)
+    answers = [i for i, (_, is_answer) in enumerate(pieces) if is_answer]
+    learnt = set(answers if assistant_turns == "all" else answers[-1:])
+    input_ids: list[int] = []
+    labels: list[int] = []
+    truncated = learnt_kept = False
+    for i, (text, is_answer) in enumerate(pieces):
+        if not is_answer:
+            ids = tokenizer(text, add_special_tokens=fmt.add_special_tokens and i == 0)["input_ids"]
+            if len(input_ids) + len(ids) + 2 > max_seq_len:  # no room for one answer token and the EOS
+                truncated = bool(input_ids)
+                break
+            input_ids += ids
+            labels += ids if train_on_inputs else [IGNORE_INDEX] * len(ids)
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        room = max_seq_len - len(input_ids) - 1  # answer tokens that fit before the EOS
+        cut = len(ids) > room
+        ids = [*ids[:room], eos]
+        input_ids += ids
+        labels += ids if (i in learnt or train_on_inputs) else [IGNORE_INDEX] * len(ids)
+        learnt_kept = learnt_kept or i in learnt
+        if cut:
+            truncated = True
+            break
+    if not learnt_kept:  # the window ends before any answer that is learnt
+        return None
+    labels[0] = IGNORE_INDEX
+    return Example(input_ids, labels, index, truncated)
+
+
+def check_format_fits(records: Sequence[Record], fmt: PromptFormat) -> None:
+    """Conversations need a multi-turn format, and system messages one that shows them: refused
+    here, naming the records, rather than trained as something else than what was written."""
+    if fmt.multi_turn and fmt.takes_system:
+        return
+    if fmt.multi_turn:
+        bad = [(i, r) for i, r in enumerate(records) if r.messages and r.messages[0].role == "system"]
+        what = f"has a system message, and the '{fmt.name}' prompt format writes none"
+    else:
+        bad = [(i, r) for i, r in enumerate(records) if r.is_conversation]
+        what = f"is a conversation, and the '{fmt.name}' prompt format is single-turn"
+    if not bad:
+        return
+    places = ", ".join(r.where or f"record {i + 1}" for i, r in bad[:5])
+    more = "" if len(bad) <= 5 else f" and {len(bad) - 5} more"
+    raise UserError(
+        f"{places}{more}: {'this record' if len(bad) == 1 else f'{len(bad)} records'} {what} "
+        "(it would read only the last user turn, or lose the system message)",
+        "use --format chat (the model's own chat template), or make the records single exchanges "
+        "without a system message (`alpaca-forge data convert --to alpaca` names those it cannot convert)",
+    )
+
+
 def tokenize_records(
     records: Sequence[Record],
     tokenizer: Any,
@@ -114,13 +240,15 @@ def tokenize_records(
     max_seq_len: int,
     train_on_inputs: bool = False,
     progress: Callable[[int], None] | None = None,
+    assistant_turns: AssistantTurns = "all",
 ) -> tuple[list[Example], TokenizeReport]:
     if max_seq_len < 2:
         raise UserError(f"max_seq_len {max_seq_len} is too small", "use at least 2 (512 is the original's)")
+    check_format_fits(records, fmt)
     report = TokenizeReport(records=len(records))
     examples: list[Example] = []
     for i, record in enumerate(records):
-        example = encode_record(record, i, tokenizer, fmt, max_seq_len, train_on_inputs)
+        example = encode_record(record, i, tokenizer, fmt, max_seq_len, train_on_inputs, assistant_turns)
         if progress:
             progress(1)
         if example is None:
@@ -138,7 +266,10 @@ def fingerprint(records: Sequence[Record]) -> str:
     """A hash of the records' text, in order: a resumed run must train on the same data."""
     h = hashlib.sha256()
     for r in records:
-        for part in (r.instruction, r.input, r.output):
+        parts = (r.instruction, r.input, r.output)
+        if r.messages is not None:  # every turn, with its role (plain records hash as they did)
+            parts = tuple(f"{m.role}\x02{m.content}" for m in r.messages)
+        for part in parts:
             h.update(part.encode("utf-8"))
             h.update(b"\x00")
         h.update(b"\x01")

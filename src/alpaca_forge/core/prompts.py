@@ -110,6 +110,8 @@ class PromptFormat:
     # Whether the tokenizer should add its own special tokens (e.g. BOS) when encoding the prompt.
     # A chat template writes every special token itself, so it must not.
     add_special_tokens: ClassVar[bool] = True
+    # Whether a system message reaches the model (a conversation's own, or --system).
+    takes_system: ClassVar[bool] = False
 
     def __init__(self, system: str | None = None):
         self.system = system
@@ -158,6 +160,7 @@ class ChatFormat(PromptFormat):
     help = "the model's own chat template (multi-turn; needs a model whose tokenizer has one)"
     multi_turn = True
     add_special_tokens = False
+    takes_system = True
 
     def render(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):

@@ -12,6 +12,7 @@ from typing import Literal
 
 from ..core.config import REQUIRED, Config, setting
 from ..core.devices import DTYPES
+from ..core.examples import AssistantTurns
 from ..core.models import DEFAULT_MODEL
 from ..core.prompts import FORMATS
 from ..core.shipped import or_shipped
@@ -105,6 +106,11 @@ class TrainConfig(Config):
     system: str | None = setting(None, "system message for the chat format", metavar="TEXT")
     max_seq_len: int = setting(512, "longest example in tokens; longer responses are cut, EOS kept", ge=2)
     train_on_inputs: bool = setting(False, "also learn the prompt tokens (off: prompts are masked)")
+    assistant_turns: AssistantTurns = setting(
+        "all",
+        "conversations: learn every assistant turn (all) or only the last (last: the earlier ones "
+        "are context); every other token is masked",
+    )
     batching: Batching = setting("packed", "packed | grouped (by length) | padded (random, as the original)")
     epochs: float = setting(3.0, "passes over the data", gt=0)
     max_steps: int = setting(-1, "stop after this many optimiser steps (-1: run the epochs)", ge=-1)
@@ -212,6 +218,13 @@ class TrainConfig(Config):
                 f"--train-on-inputs learns the prompt in SFT; --method {self.method} compares answers "
                 "to one prompt, whose tokens are never learnt",
                 "drop --train-on-inputs",
+            )
+        if self.assistant_turns != "all" and self.objective != "sft":
+            yield (
+                "assistant_turns",
+                f"--assistant-turns chooses what SFT learns of a conversation; --method {self.method} "
+                "learns from pairs of answers",
+                "drop --assistant-turns",
             )
         if self.method == "kto" and self.batch_size < 2:
             yield (

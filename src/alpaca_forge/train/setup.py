@@ -78,7 +78,12 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     eos_id(tokenizer)  # no EOS: an error now, not a model that never learns to stop
     examples, report = tokenize_records(
-        train_records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs
+        train_records,
+        tokenizer,
+        fmt,
+        config.max_seq_len,
+        config.train_on_inputs,
+        assistant_turns=config.assistant_turns,
     )
     if not examples:
         raise UserError(
@@ -87,7 +92,12 @@ def prepare(config: TrainConfig, *, resume: bool) -> Prepared:
         )
     log.info("data: %s", report.summary())
     val_examples, val_report = tokenize_records(
-        val_records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs
+        val_records,
+        tokenizer,
+        fmt,
+        config.max_seq_len,
+        config.train_on_inputs,
+        assistant_turns=config.assistant_turns,
     )
     if val_records and not val_examples:
         raise UserError(
