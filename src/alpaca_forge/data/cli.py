@@ -92,6 +92,25 @@ example:
         c.ConvertConfig,
     ),
     (
+        "score",
+        "a judge rates every record: accuracy and helpfulness, 1-5 (AlpaGasus-style); cached, resumable",
+        """\
+Ask a judge (any engine: a server, a local model, or a rule judge for offline demos) to rate each
+record's output for accuracy and helpfulness, 1 to 5, with our rubric. Writes every row as read
+plus "score": {accuracy, helpfulness, overall (their mean), judge} ("score": null where the reply
+held no readable rating after --retries), and draws the score histograms. Replies are cached
+(append-only, beside the output): a rerun asks nothing, and a killed run resumes where it stopped.
+A server judge is kept --judge-batch-size requests in flight. Then keep the best with
+`data clean SCORED --min-score 4.5 --checks none`. Rule judges: rule:longer rates long outputs
+high, rule:shorter short ones (1 for an empty output): lengths, not quality.
+
+examples:
+  alpaca-forge data score data.jsonl --output scored.jsonl --judge-engine openai \\
+      --judge-base-url http://127.0.0.1:8000/v1 --judge-model my-judge --judge-batch-size 32
+  alpaca-forge data score data.jsonl --output scored.jsonl --judge-model rule:longer""",
+        c.ScoreConfig,
+    ),
+    (
         "tokenize",
         "write the exact input_ids and labels training will use; --show prints masked vs trained",
         """\
@@ -213,6 +232,34 @@ def _tokenize(config: c.TokenizeConfig, args: Any) -> int:
     return 0
 
 
+def _score(config: c.ScoreConfig, args: Any) -> int:
+    from .score import run_score
+
+    r = run_score(config, progress=not args.quiet)
+    mean = f"{r.mean_overall:.2f}" if r.mean_overall is not None else "-"
+    say(
+        "%d of %d records rated by %s (%d asked now, %d from the cache); mean overall %s",
+        r.rated,
+        r.records,
+        r.judge,
+        r.asked,
+        r.cached,
+        mean,
+    )
+    if r.unreadable:
+        say("%d records left unrated (no readable rating after the retries): \"score\": null", r.unreadable)
+    print("overall  records  kept by --min-score at it")
+    for value, count in r.overall_counts.items():
+        print(f"{value:>7}  {count:>7}  {r.kept_at(value):>7}")
+    say("judge tokens: %d prompt + %d completion", r.prompt_tokens, r.completion_tokens)
+    say("scored: %s; cache: %s", r.output, r.cache)
+    if r.plot:
+        say("histograms: %s", r.plot)
+    else:
+        say("histograms skipped: matplotlib is not installed (pip install 'alpaca-forge[plot]')")
+    return 0
+
+
 HANDLERS = {
     "validate": _validate,
     "stats": _stats,
@@ -222,4 +269,5 @@ HANDLERS = {
     "split": _split,
     "convert": _convert,
     "tokenize": _tokenize,
+    "score": _score,
 }

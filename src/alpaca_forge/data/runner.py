@@ -30,6 +30,7 @@ from .config import (
     TokenizeConfig,
     ValidateConfig,
 )
+from .score import below_min_score, read_rows, score_problems
 from .tools import convert, dedupe, describe_stats, dropped_path_for, plot_lengths, pyplot, quality, stats
 
 
@@ -141,11 +142,22 @@ class CleanResult:
 def run_clean(config: CleanConfig, *, progress: bool = True) -> CleanResult:
     output = check_output(config.output, inputs=[config.file])
     removed_path = check_output(dropped_path_for(output), flag="--output", inputs=[config.file])
-    records = read_records(config.file, require_output=False)
-    with _bar(len(records), "near duplicates", progress and "near_duplicate" in config.checks) as bar:
-        flagged = quality(records, config.checks, config.threshold, progress=bar.update).flagged_positions()
-    kept = [r for i, r in enumerate(records) if i not in flagged]
-    removed = [{"index": i, "checks": found, "record": records[i].to_dict()} for i, found in flagged.items()]
+    # With --min-score the rows are kept as read (their scores and any lineage go through).
+    rows = read_rows(config.file) if config.min_score is not None else None
+    if rows is not None and (problems := score_problems(rows)):
+        raise ValidationError(problems, what=config.file)
+    records = [r.record for r in rows] if rows is not None else read_records(config.file, require_output=False)
+    checks = tuple(c for c in config.checks if c != "none")
+    with _bar(len(records), "near duplicates", progress and "near_duplicate" in checks) as bar:
+        flagged = quality(records, checks, config.threshold, progress=bar.update).flagged_positions() if checks else {}
+    if rows is not None and config.min_score is not None:
+        for i, row in enumerate(rows):
+            if why := below_min_score(row, config.min_score):
+                flagged.setdefault(i, []).append(why)
+        flagged = dict(sorted(flagged.items()))
+    as_written = [r.row for r in rows] if rows is not None else [r.to_dict() for r in records]
+    kept = [as_written[i] for i in range(len(records)) if i not in flagged]
+    removed = [{"index": i, "checks": found, "record": as_written[i]} for i, found in flagged.items()]
     write_records(output, kept)
     write_records(removed_path, removed)
     return CleanResult(len(kept), len(removed), output, removed_path)
