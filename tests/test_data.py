@@ -139,8 +139,8 @@ def test_messages_input_problems_are_reported(tmp_path):
     )
     r = run_cli("data", "convert", str(bad), "--to", "alpaca", "--output", str(tmp_path / "o.jsonl"))
     assert_user_error(
-        r, f"{bad}:1: 'messages' must start with a user message", f"{bad}:2: 'messages' has 3 turns"
-    )
+        r, f"{bad}:1 messages[0].role: the conversation starts with an assistant turn", "1 problem in"
+    )  # line 2, two exchanges, is a conversation (tests/test_conversations.py)
 
 
 @pytest.mark.integration

@@ -61,10 +61,12 @@ class Record:
         return cls(turns[last_user].content, "", reply, id, turns, where)
 
     def conversation(self) -> tuple[Message, ...]:
-        """Every turn: a conversation's own, or a plain record's user message and its reply."""
+        """Every turn: a conversation's own, or a plain record's user message and its reply (none
+        when its output is empty: an instruction still to answer)."""
         if self.messages is not None:
             return self.messages
-        return (Message.from_record(self.instruction, self.input), Message("assistant", self.output))
+        user = Message.from_record(self.instruction, self.input)
+        return (user, Message("assistant", self.output)) if self.output else (user,)
 
     def prompt_messages(self) -> list[Message]:
         """What a model answers: the turns up to and including the last user turn."""

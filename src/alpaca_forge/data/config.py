@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..core.config import REQUIRED, Config, nested, setting
+from ..core.examples import AssistantTurns
 from ..core.models import BUILTIN_MODELS, DEFAULT_MODEL
 from ..core.prompts import FORMATS
 from ..core.shipped import or_shipped
@@ -97,7 +98,9 @@ class DedupeConfig(Config):
         0.7, "drop when ROUGE-L F1 with an earlier kept record is above this", gt=0, le=1
     )
     key: Literal["instruction", "instruction+input", "output"] = setting(
-        "instruction", "which text is compared"
+        "instruction",
+        "which text is compared; of a conversation: its user turns joined (instruction keys) or its "
+        "assistant turns joined (output)",
     )
 
 
@@ -115,10 +118,15 @@ class SplitConfig(Config):
 class ConvertConfig(Config):
     file: str = setting(
         REQUIRED,
-        "the dataset: Alpaca records, chat messages or seed tasks" + or_shipped("demo-seeds.jsonl"),
+        "the dataset: Alpaca records, conversations (OpenAI messages, ShareGPT) or seed tasks"
+        + or_shipped("demo-seeds.jsonl"),
         positional=True,
     )
-    to: Literal["alpaca", "messages", "seed"] = setting(REQUIRED, "output format")
+    to: Literal["alpaca", "messages", "sharegpt", "seed"] = setting(
+        REQUIRED,
+        "output format: alpaca, messages (OpenAI), sharegpt, seed; a conversation (several exchanges, or "
+        "a system message) has no alpaca or seed form and is refused, named by file:line",
+    )
     output: str = setting(REQUIRED, "where to write (.json array or .jsonl)", metavar="FILE")
 
 
@@ -131,6 +139,9 @@ class TokenizeConfig(Config):
     show: int = setting(0, "print the first N examples, masking visible", ge=0)
     max_seq_len: int = setting(512, "the training window, in tokens", ge=2)
     train_on_inputs: bool = setting(False, "also learn the prompt tokens (as `train --train-on-inputs`)")
+    assistant_turns: AssistantTurns = setting(
+        "all", "conversations: learn every assistant turn or only the last (as `train --assistant-turns`)"
+    )
     model: str = setting(
         DEFAULT_MODEL,
         f"whose tokenizer: a built-in model ({', '.join(BUILTIN_MODELS)}), a model folder, a .gguf file or a "

@@ -250,7 +250,14 @@ def run_tokenize(config: TokenizeConfig, *, color: bool = False) -> TokenizeResu
     records = read_records(config.file)
     tokenizer = load_tokenizer(config.model)
     fmt = model_format(config.model, config.format, config.system, tokenizer, for_training=True)
-    examples, report = tokenize_records(records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs)
+    examples, report = tokenize_records(
+        records,
+        tokenizer,
+        fmt,
+        config.max_seq_len,
+        config.train_on_inputs,
+        assistant_turns=config.assistant_turns,
+    )
     if output:
         write_records(
             output, ({"index": e.record, "input_ids": e.input_ids, "labels": e.labels} for e in examples)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.prompts import user_message
+from ..core.conversations import OPENAI, SHAREGPT, to_rows
+from ..core.errors import Problem, ValidationError
 from ..core.records import Record
 from ..core.rouge import greedy_dedupe
 
@@ -58,6 +59,21 @@ def stats(records: Sequence[Record]) -> dict[str, Any]:
             "output": _summary([_words(r.output) for r in records]),
         },
         "top_first_words": dict(first_words.most_common(15)),
+        **conversation_stats(records),
+    }
+
+
+def conversation_stats(records: Sequence[Record]) -> dict[str, Any]:
+    """How many records are conversations, their turns (user and assistant, the system message
+    aside) and the share of records with a system message."""
+    conversations = [r.messages for r in records if r.messages is not None]
+    with_system = sum(1 for m in conversations if m[0].role == "system")
+    return {
+        "conversations": len(conversations),
+        "conversation_share": round(len(conversations) / len(records), 4) if records else 0.0,
+        "turns_per_conversation": _summary([sum(t.role != "system" for t in m) for m in conversations]),
+        "with_system": with_system,
+        "with_system_share": round(with_system / len(records), 4) if records else 0.0,
     }
 
 
@@ -71,6 +87,14 @@ def describe_stats(numbers: dict[str, Any]) -> list[str]:
         s = numbers["words"][name]
         lines.append(
             f"  {name:<12} words: mean {s['mean']}, median {s['median']:g}, p90 {s['p90']:g}, max {s['max']}"
+        )
+    if numbers.get("conversations"):
+        t = numbers["turns_per_conversation"]
+        lines.append(
+            f"  {numbers['conversations']} conversations ({numbers['conversation_share']:.1%}; instruction and "
+            f"output above are their last user turn and its reply): turns mean {t['mean']}, median "
+            f"{t['median']:g}, p90 {t['p90']:g}, max {t['max']}; {numbers['with_system']} with a system "
+            f"message ({numbers['with_system_share']:.1%} of records)"
         )
     lines.append(
         "  most common first words: " + ", ".join(f"{k} {v}" for k, v in numbers["top_first_words"].items())
@@ -140,14 +164,27 @@ def _looks_truncated(output: str) -> bool:
     return _words(text) >= 8 and not text.endswith(_CLOSED) and not text[-1:].isdigit()
 
 
+def _answers(r: Record) -> list[Any]:
+    """The assistant turns: a conversation's every one, a plain record's output."""
+    return [m for m in r.conversation() if m.role == "assistant"]
+
+
+def _turns_text(r: Record, role: str) -> str:
+    """A conversation's turns of one role, joined: what dedupe compares of a conversation."""
+    return "\n".join(m.content for m in r.messages or () if m.role == role)
+
+
 # One record at a time; `near_duplicate` looks at the whole dataset and is run apart (`quality`).
 RECORD_CHECKS: dict[str, Callable[[Record], bool]] = {
     "empty_output": lambda r: not r.output.strip(),
     "output_equals_input": lambda r: bool(r.input.strip()) and r.output.strip() == r.input.strip(),
     "truncated_output": lambda r: bool(r.output.strip()) and _looks_truncated(r.output),
-    "refusal": lambda r: bool(_REFUSAL.search(r.output)),
+    "refusal": lambda r: any(_REFUSAL.search(m.content) for m in _answers(r)),
     "noinput_leftover": lambda r: any(
-        _NOINPUT_LEFTOVER.search(t) for t in (r.instruction, r.input, r.output)
+        _NOINPUT_LEFTOVER.search(t)
+        for t in (
+            (r.instruction, r.input, r.output) if r.messages is None else (m.content for m in r.messages)
+        )
     ),
     "non_english_start": lambda r: bool(r.instruction.strip()) and not r.instruction.strip()[0].isascii(),
 }
@@ -201,10 +238,13 @@ def quality(
 # dedupe
 
 # What `dedupe` compares: the instruction alone (as self-instruct does), or more of the record.
+# Of a conversation: all its user turns joined (both instruction keys), or all its assistant turns.
 DEDUPE_KEYS: dict[str, Callable[[Record], str]] = {
-    "instruction": lambda r: r.instruction,
-    "instruction+input": lambda r: f"{r.instruction}\n{r.input}",
-    "output": lambda r: r.output,
+    "instruction": lambda r: r.instruction if r.messages is None else _turns_text(r, "user"),
+    "instruction+input": lambda r: (
+        f"{r.instruction}\n{r.input}" if r.messages is None else _turns_text(r, "user")
+    ),
+    "output": lambda r: r.output if r.messages is None else _turns_text(r, "assistant"),
 }
 
 
@@ -248,22 +288,21 @@ def dropped_path_for(output: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------
 # convert
 
-CONVERT_FORMATS = ("alpaca", "messages", "seed")
+CONVERT_FORMATS = ("alpaca", "messages", "sharegpt", "seed")
 
 
 def convert(records: Sequence[Record], to: str) -> list[dict[str, Any]]:
-    """Alpaca records as Alpaca, chat `messages` or seed-task rows."""
+    """Records as Alpaca, OpenAI `messages`, ShareGPT `conversations` or seed-task rows. A
+    conversation (several exchanges, or a system message) has no Alpaca or seed form: every such
+    record is named, and nothing is written."""
+    if to in ("alpaca", "seed"):
+        _refuse_conversations(records, to)
     if to == "alpaca":
         return [r.to_dict() for r in records]
-    if to == "messages":
+    if to in ("messages", "sharegpt"):
+        layout = OPENAI if to == "messages" else SHAREGPT
         return [
-            {
-                **({"id": r.id} if r.id is not None else {}),
-                "messages": [
-                    {"role": "user", "content": user_message(r.instruction, r.input)},
-                    {"role": "assistant", "content": r.output},
-                ],
-            }
+            {**({"id": r.id} if r.id is not None else {}), layout.field: to_rows(r.conversation(), layout)}
             for r in records
         ]
     if to == "seed":
@@ -278,3 +317,27 @@ def convert(records: Sequence[Record], to: str) -> list[dict[str, Any]]:
             for i, r in enumerate(records)
         ]
     raise ValueError(f"unknown format {to!r}; one of {CONVERT_FORMATS}")
+
+
+def _refuse_conversations(records: Sequence[Record], to: str) -> None:
+    problems = []
+    for i, r in enumerate(records):
+        if r.messages is None:
+            continue
+        turns = sum(m.role != "system" for m in r.messages)
+        system = r.messages[0].role == "system"
+        what = (
+            f"{turns} turns" + (" and a system message" if system else "")
+            if turns > 2
+            else "a system message"
+        )
+        problems.append(
+            Problem(
+                r.where or f"record {i + 1}",
+                f"a conversation ({what}); {'an' if to == 'alpaca' else 'a'} {to} record holds one exchange and no system message",
+                "convert to messages or sharegpt instead, or split the conversation into single exchanges "
+                "(dropping the system message) yourself",
+            )
+        )
+    if problems:
+        raise ValidationError(problems, what=f"records to convert --to {to}")
