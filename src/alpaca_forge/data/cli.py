@@ -28,7 +28,9 @@ example:
         "counts, share with input, length histograms (PNG)",
         """\
 Print counts, the share of records with an input, word-length summaries and the most common
-first words, and write them as JSON (--json); then draw length histograms as a PNG (needs
+first words (of conversations: how many, turns per conversation, the share with a system
+message; their instruction and output are the last user turn and its reply), and write them as
+JSON (--json); then draw length histograms as a PNG (needs
 matplotlib: without it the default picture is skipped, and an explicit --plot is an error).
 
 example:
@@ -62,8 +64,9 @@ example:
         "drop near-duplicates by ROUGE-L (exact, greedy in file order)",
         """\
 Keep each record unless its ROUGE-L F1 with an earlier kept record is above the threshold
-(self-instruct's filter; scores identical to the rouge-score package). Writes the kept records,
-and the dropped ones with the record each collided with.
+(self-instruct's filter; scores identical to the rouge-score package). Of a conversation, --key
+instruction compares all its user turns joined, --key output all its assistant turns. Writes the
+kept records, and the dropped ones with the record each collided with.
 
 example:
   alpaca-forge data dedupe data.jsonl --output data.dedup.jsonl --threshold 0.7""",
@@ -82,13 +85,17 @@ example:
     ),
     (
         "convert",
-        "Alpaca <-> chat messages <-> seed-task format",
+        "Alpaca <-> OpenAI messages <-> ShareGPT <-> seed-task format",
         """\
-Rewrite a dataset in another format. Input may be Alpaca records, chat `messages` (one exchange
-each), or seed/evaluation tasks; output is the --to format.
+Rewrite a dataset in another format. Input may be Alpaca records, conversations (OpenAI
+`messages` or ShareGPT `conversations`, system message and several turns kept), or
+seed/evaluation tasks; output is the --to format. A conversation of several exchanges, or with
+a system message, has no alpaca or seed form: every such record is named (file:line) and
+nothing is written.
 
-example:
-  alpaca-forge data convert alpaca_data.json --to messages --output chat.jsonl""",
+examples:
+  alpaca-forge data convert alpaca_data.json --to messages --output chat.jsonl
+  alpaca-forge data convert sharegpt.json --to messages --output chat.jsonl""",
         c.ConvertConfig,
     ),
     (
@@ -116,8 +123,9 @@ examples:
         """\
 Tokenise records exactly as `train` does (prompt format, masking, truncation that keeps the EOS)
 and write one JSON line per example, in input order, with input_ids and labels (-100 = masked,
-not learnt). --show N prints N examples with masked text dimmed (or in ⟦brackets⟧ when not a
-terminal) and trained text bright, to check masking before paying for GPUs.
+not learnt; a conversation learns its assistant turns, see --assistant-turns). --show N prints
+N examples with masked text dimmed (or in ⟦brackets⟧ when not a terminal) and trained text
+bright, to check masking before paying for GPUs.
 
 example:
   alpaca-forge data tokenize --model smollm2-135m-instruct train.jsonl --output ids.jsonl --show 2""",

@@ -198,7 +198,9 @@ def _answer(
         with out:
             for i in range(0, len(todo), config.batch_size):
                 batch = todo[i : i + config.batch_size]
-                conversations = [[Message.from_record(r.instruction, r.input)] for r in batch]
+                # A conversation is answered at its last user turn, the turns before it sent as
+                # context (a single-turn format reads only that last turn).
+                conversations = [r.prompt_messages() for r in batch]
                 if chooser is None:
                     samples = [[c] for c in engine.chat(conversations, settings)]
                     choices = [None] * len(batch)
