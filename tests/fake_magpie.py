@@ -1,0 +1,103 @@
+"""A scripted OpenAI-compatible server on loopback for `generate --method magpie`: /v1/completions
+writes a user's query after a chat template's pre-query text (then the end-of-turn marker and a new
+turn, which the request's `stop` cuts off, as a real server does), /v1/chat/completions answers it.
+
+What it writes is a function of the request's `seed` (the request number is `seed // 32` for run
+seed 0), so a resumed run gets the replies an uninterrupted one got. Scriptable: latency, no
+/v1/completions at all (404, as a chat-only API), fixed queries or answers cycled by request
+number, and "<<LENGTH>>" for a reply cut at its token limit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+
+from fake_teacher import invented_word
+from loopback import Loopback
+
+END_OF_TURN = "<|im_end|>"
+LENGTH = "<<LENGTH>>"
+
+
+@dataclass
+class MagpieScript:
+    latency_s: float = 0.0
+    no_completions: bool = False  # /v1/completions answers 404
+    queries: list[str] | None = None  # cycled by request number; None: invented questions
+    answers: list[str] | None = None  # cycled by request number; None: invented answers
+    seen: list[tuple[str, dict]] = field(default_factory=list)  # (path, body), in order of arrival
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def invented_query(rng: random.Random) -> str:
+    words = " ".join(invented_word(rng) for _ in range(5))
+    return f"How does the {words} work, and why does it matter?"
+
+
+class FakeMagpieServer(Loopback):
+    """`with FakeMagpieServer(MagpieScript(...)) as url:` gives the API base."""
+
+    def __init__(self, script: MagpieScript | None = None):
+        self.script = script or MagpieScript()
+        s = self.script
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                with s.lock:
+                    s.seen.append((self.path, body))
+                time.sleep(s.latency_s)
+                chat = self.path.endswith("/chat/completions")
+                if not chat and s.no_completions:
+                    return self._send(404, {"error": {"message": "This is a chat model, not a completions one"}})
+                seed = int(body.get("seed", 0))
+                rng = random.Random(seed)
+                request = seed // 32
+                if chat:
+                    asked = body["messages"][-1]["content"]
+                    text = (
+                        s.answers[request % len(s.answers)]
+                        if s.answers
+                        else f"Here is an answer to that: {' '.join(invented_word(rng) for _ in range(10))}."
+                    )
+                    text = text.replace("{query}", asked)
+                else:
+                    query = s.queries[request % len(s.queries)] if s.queries else invented_query(rng)
+                    text = f"{query}{END_OF_TURN}\n<|im_start|>assistant\nSure."
+                finish = "stop"
+                if LENGTH in text:
+                    text, finish = text.replace(LENGTH, "").split(END_OF_TURN)[0], "length"
+                cuts = [i for i in (text.find(t) for t in body.get("stop") or []) if i >= 0]
+                text = text[: min(cuts)] if cuts else text
+                choice = {"index": 0, "finish_reason": finish}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                prompt = json.dumps(body.get("messages") or body.get("prompt"))
+                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+                self._send(200, {"id": f"x-{seed}", "choices": [choice], "usage": usage})
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        super().__init__(Handler)
