@@ -175,11 +175,18 @@ def _quality(config: c.QualityConfig, args: Any) -> int:
     for name, found in r.report["checks"].items():
         print(f"  {name:<20} {found['count']:>7}")
         for ex in found["examples"]:
-            snippet = (ex["instruction"] + " -> " + ex["output"]).replace("\n", " ")[:110]
+            snippet = _snippet(ex).replace("\n", " ")[:110]
             print(f"      [{ex['index']}] {snippet}")
     if r.report_path:
         say("report: %s", r.report_path)
     return 0
+
+
+def _snippet(row: dict[str, Any]) -> str:
+    """A record row as one line: instruction -> output (a conversation's: its turns, in order)."""
+    if "messages" in row:
+        return " -> ".join(m["content"] for m in row["messages"] if m["role"] != "system")
+    return row["instruction"] + " -> " + row["output"]
 
 
 def _clean(config: c.CleanConfig, args: Any) -> int:
