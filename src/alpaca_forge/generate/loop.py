@@ -37,7 +37,10 @@ The loop: top up to --concurrency in flight (unless a limit says stop, or the yi
 what is in flight covers the target), take the first reply that arrives (an `EngineError` stops
 the run there), fsync both files at most once a second and at the end, stop on the target,
 --max-cost-usd, --max-requests (resumed runs count), --max-barren-requests in a row that moved
-nothing on, or when the method has nothing more to ask.
+nothing on, or when the method has nothing more to ask. A batch teacher (`--batch-dir`) answers
+only what its results files hold: a request still waiting (`BatchPending`) is not taken or logged,
+counts against --max-requests, and is asked again by the rerun; the run then ends with the
+summary written and `BatchPending` raised (exit status 3).
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..core.errors import UserError
 from ..core.files import open_append, read_appended_jsonl, sync, write_json_atomic
 from ..engines import Completion, Engine
+from ..engines.batch import BatchPending, price_factor, waiting_error
 from .config import GenerateConfig
 
 RESUME_FIX = "choose another --output, or move this file away to start over"
@@ -138,10 +143,12 @@ class Tally:
     dropped: Counter = field(default_factory=Counter)  # reason -> count
 
     def cost_usd(self, config: GenerateConfig) -> float:
-        return (
+        """At the list prices, less a batch teacher's discount."""
+        list_price = (
             self.prompt_tokens * config.price_prompt_usd_per_1m
             + self.completion_tokens * config.price_completion_usd_per_1m
         ) / 1e6
+        return list_price * price_factor(config.teacher)
 
     def add(self, row: dict[str, Any]) -> None:
         self.requests += 1
@@ -217,6 +224,14 @@ class Loop:
         self.stop: StopReason | None = None
         self.stop_detail = ""
         self.in_flight = 0
+        self.waiting = 0  # requests written for a batch teacher whose results are not in yet
+        if config.teacher.batch_dir and config.max_requests is None and method.name != "evol":
+            raise UserError(
+                f"generate --method {method.name} --batch-dir writes its requests up front, as one batch "
+                "(request k is fixed by --seed and k): it needs --max-requests",
+                "add --max-requests N (self-instruct gives about 1.5 records a request; the rerun that "
+                "reads the results stops at the target)",
+            )
 
     def may_ask(self) -> bool:
         """Whether to send another request now; sets `stop` once the job should end."""
@@ -229,7 +244,7 @@ class Loop:
             self._stop(
                 StopReason.COST_LIMIT, f"cost limit reached (${t.cost_usd(c):.4f} of ${c.max_cost_usd:g})"
             )
-        elif c.max_requests is not None and t.requests + self.in_flight >= c.max_requests:
+        elif c.max_requests is not None and t.requests + self.in_flight + self.waiting >= c.max_requests:
             self._stop(StopReason.REQUEST_LIMIT, f"request limit reached ({c.max_requests})")
         if self.stop is not None:
             return False
@@ -299,7 +314,12 @@ class Loop:
                 future = arrived.get()
                 pending.discard(future)
                 self.in_flight -= 1
-                taken = self._take(*future.result(), out, log_file)  # an EngineError stops the run here
+                try:
+                    asked = future.result()  # an EngineError stops the run here
+                except BatchPending:  # written for a batch teacher: asked again by the rerun
+                    self.waiting += 1
+                    continue
+                taken = self._take(*asked, out, log_file)
                 if time.monotonic() - synced_at >= 1.0:  # on disk too: a power cut costs at most ~1 s
                     sync(out)
                     sync(log_file)
@@ -326,7 +346,11 @@ class Loop:
             for f in (out, log_file):
                 sync(f)
                 f.close()
-        return self._finish(engine.name, time.perf_counter() - start)
+        result = self._finish(engine.name, time.perf_counter() - start)
+        waiting = waiting_error(engine)  # a batch teacher's requests without results: exit status 3
+        if waiting is not None:
+            raise waiting
+        return result
 
     def _finish(self, teacher: str, elapsed_s: float) -> GenerateResult:
         t, c = self.tally, self.config
@@ -363,8 +387,10 @@ class Loop:
 def teacher_settings(config: GenerateConfig) -> dict[str, Any]:
     """What the summary records of how the teacher ran: the values used, whoever chose them."""
     s = config.settings
+    batch = {"batch_dir": config.teacher.batch_dir, "price_factor": price_factor(config.teacher)}
     return {
         "engine": config.teacher.engine,
+        **(batch if config.teacher.batch_dir else {}),
         "api": config.api,
         "max_new_tokens": s.max_new_tokens,
         "temperature": s.temperature,
