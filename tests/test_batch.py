@@ -6,6 +6,7 @@ Failed result lines come back as new requests; a results file of other requests 
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -296,3 +297,40 @@ def test_prefer_answers_and_judge_by_batch(tmp_path):
     third = run_cli(*args)
     assert third.returncode == 0, third.stderr
     assert out.exists()
+
+
+@pytest.mark.integration
+def test_generate_writes_max_requests_as_one_batch_then_takes_the_results(tmp_path):
+    from fake_teacher import tasks_text
+
+    seeds = write_jsonl(
+        tmp_path / "seeds.jsonl",
+        [{"instruction": f"Explain the idea number {w} in simple words.", "input": "", "output": f"Idea {w}."}
+         for w in "abcdefgh"],
+    )  # fmt: skip
+    out, folder = tmp_path / "gen.jsonl", tmp_path / "batch"
+    args = [
+        "generate", "--seeds", str(seeds), "--output", str(out), "--engine", "openai", "--model", "gpt-4o-mini",
+        "--batch-dir", str(folder), "--num-instructions", "20", "--concurrency", "4",
+        "--price-prompt-per-1m", "2", "--price-completion-per-1m", "8",
+    ]  # fmt: skip
+    assert_user_error(run_cli(*args), "needs --max-requests")
+    first = run_cli(*args, "--max-requests", "5")
+    assert first.returncode == EXIT_WAITING, first.stderr
+    assert "5 requests wait for batch results" in first.stderr and "Traceback" not in first.stderr
+    lines = request_lines(folder)
+    assert len({line["body"]["seed"] for line in lines}) == 5 and not (out.exists() and out.read_text())
+
+    def teacher(body: dict) -> str:  # a continuation of the prompt's numbered list, as a model writes it
+        first_number = int(re.search(r"(\d+)\. Instruction:\s*$", prompt_of(body)).group(1))
+        return tasks_text(first_number, random.Random(body["seed"]), count=8)
+
+    play_provider(folder, teacher)
+    second = run_cli(*args, "--max-requests", "5")
+    assert second.returncode == 0, second.stderr
+    rows = [json.loads(t) for t in out.read_text().splitlines()]
+    summary = json.loads((tmp_path / "gen.summary.json").read_text())
+    assert len(rows) == 20 == summary["accepted"] and summary["teacher_settings"]["price_factor"] == 0.5
+    n = summary["requests"]
+    assert 3 <= n <= 5 and summary["cost_usd"] == pytest.approx((n * 100 * 2 + n * 10 * 8) / 1e6 * 0.5)
+    assert len(request_lines(folder)) == 5 and not (folder / "requests-2.jsonl").exists()
