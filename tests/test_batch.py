@@ -334,3 +334,32 @@ def test_generate_writes_max_requests_as_one_batch_then_takes_the_results(tmp_pa
     n = summary["requests"]
     assert 3 <= n <= 5 and summary["cost_usd"] == pytest.approx((n * 100 * 2 + n * 10 * 8) / 1e6 * 0.5)
     assert len(request_lines(folder)) == 5 and not (folder / "requests-2.jsonl").exists()
+
+
+@pytest.mark.integration
+def test_data_score_rates_by_batch(tmp_path):
+    data = write_jsonl(
+        tmp_path / "data.jsonl",
+        [{"instruction": f"Add {k} and {k}.", "input": "", "output": f"{2 * k}" if k % 2 else "no idea"}
+         for k in range(4)],
+    )  # fmt: skip
+    out, folder = tmp_path / "scored.jsonl", tmp_path / "batch"
+    args = [
+        "data", "score", str(data), "--output", str(out), "--judge-engine", "openai",
+        "--judge-model", "gpt-4o", "--judge-batch-dir", str(folder),
+    ]  # fmt: skip
+    first = run_cli(*args)
+    assert first.returncode == EXIT_WAITING and "4 requests wait" in first.stderr, first.stderr
+    assert not out.exists()
+
+    def rater(body: dict) -> str:
+        good = "no idea" not in prompt_of(body)
+        return f"Accuracy: {5 if good else 1}\nHelpfulness: {4 if good else 1}\nThe sum is right." if good else (
+            "Accuracy: 1\nHelpfulness: 1\nIt does not answer."
+        )
+
+    play_provider(folder, rater)
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    scores = [json.loads(t)["score"] for t in out.read_text().splitlines()]
+    assert [s["overall"] for s in scores] == [1.0, 4.5, 1.0, 4.5]

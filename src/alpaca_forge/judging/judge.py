@@ -316,12 +316,12 @@ def _ask(
         waiting = set(out)
         while waiting:
             done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-            yield [(out[f], c) for f in done for c in _answered(f)]
+            yield [(out[f], c) for f in done for c in answered_or_waiting(f)]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _answered(future: Future) -> list[Completion]:
+def answered_or_waiting(future: Future) -> list[Completion]:
     """A request's reply, or none where a batch judge wrote it to be answered later."""
     try:
         return [future.result()]

@@ -30,6 +30,8 @@ from ..core.files import open_append, read_appended_jsonl, sync
 from ..core.prompts import Message
 from ..core.records import Record
 from ..engines import Completion, Engine, FinishReason, GenerationSettings
+from ..engines.batch import waiting_error
+from .judge import answered_or_waiting
 from .rules import PREFIX, RuleJudge
 
 # Bump when the rubric's wording changes: ratings made under another wording are not reused.
@@ -251,7 +253,7 @@ def _ask(
         waiting = set(out)
         while waiting:
             done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-            yield [(out[f], f.result()) for f in done]
+            yield [(out[f], c) for f in done for c in answered_or_waiting(f)]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -290,6 +292,7 @@ def score_records(
 
     pending = todo()
     asked = 0
+    waiting = None  # a batch judge's requests without results: the command stops after this round
     engine = open_judge() if pending else None
     bar = tqdm(
         total=len(pending), desc="score", unit="record", disable=not progress or not pending, file=sys.stderr
@@ -314,6 +317,9 @@ def score_records(
                 asked += len(done)
                 bar.update(len(done))
             pending = todo()
+            waiting = waiting_error(engine)
+            if waiting is not None:
+                break
             if pending:  # unreadable replies, asked again
                 bar.total += len(pending)
                 bar.refresh()
@@ -321,6 +327,8 @@ def score_records(
         bar.close()
         if engine is not None:
             engine.close()
+    if waiting is not None:
+        raise waiting
     ratings = [cache.rating(k) for k in keys]
     spent = [cache.costs.get(k, (0, 0)) for k in unique]
     return Scored(
