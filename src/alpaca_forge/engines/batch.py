@@ -312,11 +312,13 @@ class BatchEngine(OpenAIEngine):
     ) -> list[Completion]:
         url = URLS[endpoint]
         got = [self.store.ask(url, b) for b in bodies]
-        if any(g is None for g in got):
+        if any(g is None for g in got):  # a stage that goes on past it ends with `pending_error`
             missing = sum(g is None for g in got)
+            where = self.store.file_of[request_id(url, bodies[got.index(None)])]
             raise BatchPending(
-                f"{missing} of {len(bodies)} requests wait for their batch results in {self.store.folder}",
-                "rerun the same command once the batch's results are in its results/ folder",
+                f"{missing} of {len(bodies)} requests wait for their batch results ({where})",
+                f"submit {where} (OpenAI Batch API, completion_window 24h; or vLLM's run_batch), put the "
+                f"output file in {self.store.folder / 'results'}/, then rerun this same command",
             )
         return [completion_of(g, url, settings) for g in got if g is not None]
 
