@@ -236,7 +236,7 @@ class BatchStore:
             submits.append(
                 f"OpenAI: upload {path} with purpose 'batch', then batches.create(input_file_id=<its id>, "
                 f"endpoint='{url}', completion_window='24h'); vLLM: `python -m "
-                f"vllm.entrypoints.openai.run_batch -i {path} -o {self.folder / 'results' / path.name} "
+                f"vllm.entrypoints.openai.run_batch -i {path} -o {self.folder / 'results' / (path.stem + '-results.jsonl')} "
                 f"--model {model}`"
             )
         fix = (
