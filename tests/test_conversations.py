@@ -59,6 +59,18 @@ def _chatml_tokenizer():
     return tok
 
 
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny model saved with the chat format: its tokenizer keeps the tiny test template
+    (the tiny_model_dir fixture's is the Alpaca template, single-turn)."""
+    from alpaca_forge import save_model
+
+    from conftest import build_tiny_model
+
+    tok = build_tiny_tokenizer()
+    return save_model(build_tiny_model(tok), tok, tmp_path_factory.mktemp("tiny-chat"), get_format("chat"))
+
+
 def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -341,11 +353,16 @@ def test_cli_train_refuses_conversations_in_a_single_turn_format_before_any_mode
 
 
 @pytest.mark.integration
-def test_cli_tokenize_shows_masked_turns_and_train_learns_them(tmp_path, tiny_model_dir):
+def test_cli_tokenize_shows_masked_turns_and_train_learns_them(tmp_path, tiny_model_dir, chat_model_dir):
     rows = [{"messages": [dict(m) for m in TWO_EXCHANGES]}, SHAREGPT]
     data = _write(tmp_path / "chat.jsonl", rows)
+    # A model whose template is the Alpaca one (single-turn) cannot show which tokens are answers.
     r = run_cli(
         "data", "tokenize", "--model", str(tiny_model_dir), str(data), "--format", "chat", "--show", "1"
+    )
+    assert_user_error(r, f"{data}:1: the 'chat' prompt format does not write the earlier turns")
+    r = run_cli(
+        "data", "tokenize", "--model", str(chat_model_dir), str(data), "--format", "chat", "--show", "1"
     )
     assert r.returncode == 0, r.stderr
     shown = r.stdout
@@ -358,7 +375,7 @@ def test_cli_tokenize_shows_masked_turns_and_train_learns_them(tmp_path, tiny_mo
         "data",
         "tokenize",
         "--model",
-        str(tiny_model_dir),
+        str(chat_model_dir),
         str(data),
         "--format",
         "chat",
@@ -377,7 +394,7 @@ def test_cli_tokenize_shows_masked_turns_and_train_learns_them(tmp_path, tiny_mo
         "-q",
         "train",
         "--model",
-        str(tiny_model_dir),
+        str(chat_model_dir),
         "--data",
         str(data),
         "--output",
@@ -385,12 +402,19 @@ def test_cli_tokenize_shows_masked_turns_and_train_learns_them(tmp_path, tiny_mo
         "--format",
         "chat",
         "--max-steps",
-        "2",
+        "1",
         "--batch-size",
         "2",
     )
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "prompt_format.json").read_text())["format"] == "chat"
+    # What it learnt: each assistant turn's tokens and its EOS, nothing else.
+    tok = build_tiny_tokenizer()
+    answers = [m["content"] for m in TWO_EXCHANGES if m["role"] == "assistant"]
+    answers += [t["value"] for t in SHAREGPT["conversations"][1::2]]
+    facts = json.loads((out / "alpaca_forge_train.json").read_text())
+    assert facts["config"]["assistant_turns"] == "all"
+    assert facts["tokenized"]["trained_tokens"] == sum(len(_ids(tok, a)) + 1 for a in answers)
 
 
 @pytest.mark.integration
