@@ -320,6 +320,8 @@ def test_generate_writes_max_requests_as_one_batch_then_takes_the_results(tmp_pa
     assert "5 requests wait for batch results" in first.stderr and "Traceback" not in first.stderr
     lines = request_lines(folder)
     assert len({line["body"]["seed"] for line in lines}) == 5 and not (out.exists() and out.read_text())
+    waited = json.loads((tmp_path / "gen.summary.json").read_text())
+    assert (waited["stopped_by"], waited["stop_reason"]) == ("batch_waiting", "5 requests wait for their batch results")
 
     def teacher(body: dict) -> str:  # a continuation of the prompt's numbered list, as a model writes it
         first_number = int(re.search(r"(\d+)\. Instruction:\s*$", prompt_of(body)).group(1))
@@ -363,3 +365,4 @@ def test_data_score_rates_by_batch(tmp_path):
     assert second.returncode == 0, second.stderr
     scores = [json.loads(t)["score"] for t in out.read_text().splitlines()]
     assert [s["overall"] for s in scores] == [1.0, 4.5, 1.0, 4.5]
+

@@ -70,6 +70,7 @@ class StopReason(str, enum.Enum):
     DONE = "done"  # the target is reached, or the method has nothing more to ask
     COST_LIMIT = "cost_limit"  # --max-cost-usd spent
     REQUEST_LIMIT = "request_limit"  # --max-requests sent
+    BATCH_WAITING = "batch_waiting"  # a batch teacher's requests wait for their results (exit status 3)
     BARREN = "barren"  # --max-barren-requests in a row gave nothing: the teacher is not following
 
     @property
@@ -356,6 +357,8 @@ class Loop:
         t, c = self.tally, self.config
         if t.accepted >= c.num_instructions:
             self._stop(StopReason.DONE, "done")
+        elif self.waiting and self.stop in (None, StopReason.REQUEST_LIMIT):
+            self._stop(StopReason.BATCH_WAITING, f"{self.waiting} requests wait for their batch results")
         elif self.stop is None:  # the method had nothing more to ask
             self._stop(StopReason.DONE, self.method.finished_detail())
         result = GenerateResult(
