@@ -52,6 +52,7 @@ class BatchPending(UserError):
 
     exit_status = EXIT_WAITING
     label = "waiting"
+    engine: BatchEngine | None = None  # the engine whose request waits (set on a single request's)
 
 
 def request_id(url: str, body: dict[str, Any]) -> str:
@@ -315,11 +316,13 @@ class BatchEngine(OpenAIEngine):
         if any(g is None for g in got):  # a stage that goes on past it ends with `pending_error`
             missing = sum(g is None for g in got)
             where = self.store.file_of[request_id(url, bodies[got.index(None)])]
-            raise BatchPending(
+            error = BatchPending(
                 f"{missing} of {len(bodies)} requests wait for their batch results ({where})",
                 f"submit {where} (OpenAI Batch API, completion_window 24h; or vLLM's run_batch), put the "
                 f"output file in {self.store.folder / 'results'}/, then rerun this same command",
             )
+            error.engine = self
+            raise error
         return [completion_of(g, url, settings) for g in got if g is not None]
 
     def stream(self, conversation: Sequence[Message], settings: GenerationSettings) -> Any:
@@ -336,7 +339,11 @@ class BatchEngine(OpenAIEngine):
         super().close()
 
 
-def waiting_error(engine: Any) -> BatchPending | None:
-    """The error that ends a stage whose batch engine has requests waiting, else None (any other
-    engine: None). Stages raise it once they have done everything they could."""
-    return engine.pending_error() if isinstance(engine, BatchEngine) else None
+def waiting_error(*engines: Any) -> BatchPending | None:
+    """The error that ends a stage whose batch engines have requests waiting, else None (other
+    engines, and None, are passed over). Stages raise it once they have done all they could."""
+    errors = [e.pending_error() for e in dict.fromkeys(engines) if isinstance(e, BatchEngine)]
+    found = [e for e in errors if e is not None]
+    if len(found) <= 1:
+        return found[0] if found else None
+    return BatchPending("; ".join(e.message for e in found), " || ".join(e.fix or "" for e in found))

@@ -226,6 +226,7 @@ class Loop:
         self.stop_detail = ""
         self.in_flight = 0
         self.waiting = 0  # requests written for a batch teacher whose results are not in yet
+        self.batch_engines: list[Engine] = []  # the engines they wait on (a method may use two)
         if config.teacher.batch_dir and config.max_requests is None and method.name != "evol":
             raise UserError(
                 f"generate --method {method.name} --batch-dir writes its requests up front, as one batch "
@@ -317,8 +318,9 @@ class Loop:
                 self.in_flight -= 1
                 try:
                     asked = future.result()  # an EngineError stops the run here
-                except BatchPending:  # written for a batch teacher: asked again by the rerun
+                except BatchPending as e:  # written for a batch teacher: asked again by the rerun
                     self.waiting += 1
+                    self.batch_engines.append(e.engine)
                     continue
                 taken = self._take(*asked, out, log_file)
                 if time.monotonic() - synced_at >= 1.0:  # on disk too: a power cut costs at most ~1 s
@@ -348,7 +350,7 @@ class Loop:
                 sync(f)
                 f.close()
         result = self._finish(engine.name, time.perf_counter() - start)
-        waiting = waiting_error(engine)  # a batch teacher's requests without results: exit status 3
+        waiting = waiting_error(engine, *self.batch_engines)  # requests without results: exit status 3
         if waiting is not None:
             raise waiting
         return result
