@@ -366,3 +366,65 @@ def test_data_score_rates_by_batch(tmp_path):
     scores = [json.loads(t)["score"] for t in out.read_text().splitlines()]
     assert [s["overall"] for s in scores] == [1.0, 4.5, 1.0, 4.5]
 
+
+
+@pytest.mark.integration
+def test_generate_evol_goes_round_by_round_through_the_batch(tmp_path):
+    from fake_evol_teacher import EvolScript, handle
+
+    seeds = write_jsonl(
+        tmp_path / "seeds.jsonl",
+        [{"instruction": f"Explain why the sky of planet {w} looks blue at noon.", "input": "", "output": "x"}
+         for w in "abc"],
+    )  # fmt: skip
+    out, folder = tmp_path / "evol.jsonl", tmp_path / "batch"
+    args = [
+        "generate", "--method", "evol", "--seeds", str(seeds), "--output", str(out), "--engine", "openai",
+        "--model", "gpt-4o-mini", "--batch-dir", str(folder), "--evol-rounds", "2", "--num-instructions", "100",
+    ]  # fmt: skip
+    trips = 0
+    while (result := run_cli(*args)).returncode == EXIT_WAITING:
+        assert "requests wait for batch results" in result.stderr
+        trips += 1
+        assert trips <= 6, result.stderr
+        play_provider(folder, lambda body: handle(EvolScript(), body, 1)[1])
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(t) for t in out.read_text().splitlines()]
+    assert rows and {row["evol"]["round"] for row in rows} >= {1, 2} and trips >= 2
+    written = [line["custom_id"] for path in folder.glob("requests*.jsonl") for line in request_lines(folder, path.name)]
+    assert len(written) == len(set(written))  # nothing asked twice, over all the round trips
+
+
+@pytest.mark.integration
+def test_generate_magpie_queries_then_answers_by_batch(tmp_path):
+    from conftest import TINY_CHAT_TEMPLATE
+    from fake_teacher import invented_word
+
+    (tmp_path / "chat.jinja").write_text(TINY_CHAT_TEMPLATE)
+    out, folder = tmp_path / "magpie.jsonl", tmp_path / "batch"
+    args = [
+        "generate", "--method", "magpie", "--output", str(out), "--engine", "openai", "--model", "m",
+        "--magpie-template", str(tmp_path / "chat.jinja"), "--batch-dir", str(folder),
+        "--num-instructions", "3", "--max-requests", "3",
+    ]  # fmt: skip
+
+    def model(body: dict) -> str:  # a query after the template's user prefix, or an answer to one
+        rng = random.Random(body["seed"])
+        words = " ".join(invented_word(rng) for _ in range(5))
+        if "prompt" in body:
+            assert body["prompt"].endswith("<|user|>\n")
+            return f"How does the {words} work, and why does it matter?\n<|assistant|>\nIt"
+        return f"Here is an answer about {words}: " + " ".join(invented_word(rng) for _ in range(20)) + "."
+
+    first = run_cli(*args)
+    assert first.returncode == EXIT_WAITING and "3 requests wait" in first.stderr, first.stderr
+    assert [line["url"] for line in request_lines(folder, "requests.completions.jsonl")] == [COMPLETIONS] * 3
+    play_provider(folder, model)
+    second = run_cli(*args)  # the queries are in: their answers are asked, in a file of their own
+    assert second.returncode == EXIT_WAITING and "3 answered from" in second.stderr, second.stderr
+    assert [line["url"] for line in request_lines(folder, "requests-2.jsonl")] == [CHAT] * 3
+    play_provider(folder, model)
+    third = run_cli(*args)
+    assert third.returncode == 0, third.stderr
+    rows = [json.loads(t) for t in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(row["output"].startswith("Here is an answer about") for row in rows)
