@@ -29,7 +29,12 @@ examples:
   # any OpenAI-compatible server, 32 requests in flight, priced:
   alpaca-forge generate --seeds seed_tasks.jsonl --output data/alpaca-52k.jsonl --num-instructions 52000 \\
       --engine openai --base-url https://api.openai.com/v1 --model gpt-4o-mini --concurrency 32 \\
-      --price-prompt-per-1m 0.15 --price-completion-per-1m 0.60 --max-cost-usd 50"""
+      --price-prompt-per-1m 0.15 --price-completion-per-1m 0.60 --max-cost-usd 50
+  # the same as one OpenAI Batch API job at half price: writes batch/gen/requests.jsonl and exits 3;
+  # submit it, put its output file in batch/gen/results/, then rerun the same command:
+  alpaca-forge generate --seeds seed_tasks.jsonl --output data/gen.jsonl --num-instructions 5000 \\
+      --engine openai --model gpt-4o-mini --batch-dir batch/gen --max-requests 4000 \\
+      --price-prompt-per-1m 0.15 --price-completion-per-1m 0.60"""
 
 
 def register(sub: Any) -> None:
@@ -59,11 +64,13 @@ def _main(config: GenerateConfig, args: Any) -> int:
         r.wall_time_s,
     )
     say("dropped: %s", ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items())) or "none")
+    factor = r.teacher_settings.get("price_factor", 1.0)
     say(
-        "tokens: %d prompt + %d completion = $%.4f; summary: %s",
+        "tokens: %d prompt + %d completion = $%.4f%s; summary: %s",
         r.prompt_tokens,
         r.completion_tokens,
         r.cost_usd,
+        f" (batch: {factor:g} x the list price)" if factor != 1.0 else "",
         r.summary_path,
     )
     return 0 if r.stop.as_asked else 1
