@@ -52,8 +52,9 @@ example:
         "remove what `quality` flags (checks configurable)",
         """\
 Remove every record flagged by the chosen quality checks (only those run: near_duplicate, the
-costly one, only when chosen); the removed ones are written beside the output with the checks
-that flagged them.
+costly one, only when chosen: it compares instructions, a conversation's user turns joined);
+the removed ones are written beside the output with the checks that flagged them. Of a
+conversation, refusal looks at every assistant turn.
 
 example:
   alpaca-forge data clean data.jsonl --output clean.jsonl --checks refusal,empty_output,near_duplicate""",
