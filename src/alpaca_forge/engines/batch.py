@@ -275,7 +275,12 @@ def _result_body(row: dict[str, Any], url: str) -> tuple[dict[str, Any] | None, 
             raise TypeError
     except (KeyError, IndexError, TypeError):
         return None, f"HTTP 200 but field 'response.body' is not a {url} response"
-    return body, ""
+    # Kept small (a results file of 50,000 answers is held whole): the answer, why it ended, usage.
+    kept = {"finish_reason": choice.get("finish_reason")}
+    kept.update({"message": {"content": text}} if url == URLS["chat/completions"] else {"text": text})
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    counts = {k: usage[k] for k in ("prompt_tokens", "completion_tokens") if isinstance(usage.get(k), int)}
+    return {"choices": [kept], "usage": counts}, ""
 
 
 def completion_of(body: dict[str, Any], url: str, settings: GenerationSettings) -> Completion:
