@@ -449,3 +449,17 @@ def test_cli_infer_sends_a_conversation_up_to_its_last_user_turn(tmp_path, tiny_
     assert sent == [[{"role": "user", "content": "Hi"}], [*TWO_EXCHANGES, user]]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert (rows[0]["id"], rows[0]["instruction"]) == ("c1", "And the dog?")
+
+
+@pytest.mark.unit
+def test_an_evaluation_item_of_a_conversation_is_its_last_user_turn_with_the_turns_before(tmp_path):
+    from alpaca_forge.judging.items import read_set
+
+    user = {"role": "user", "content": "And the dog?"}
+    path = _write(
+        tmp_path / "set.jsonl", [{"id": "c1", "messages": [*TWO_EXCHANGES, user]}, {"instruction": "Hi"}]
+    )
+    conversation, plain = read_set(path)
+    assert (conversation.id, conversation.instruction, conversation.input) == ("c1", "And the dog?", "")
+    assert conversation.prompt() == list(_messages([*TWO_EXCHANGES, user]))
+    assert plain.context == () and plain.prompt() == [Message("user", "Hi")]

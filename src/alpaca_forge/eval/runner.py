@@ -31,7 +31,6 @@ from ..core.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from ..core.prompts import Message
 from ..engines import EngineConfig, open_engine
 from ..judging.items import (
     Item,
@@ -127,9 +126,7 @@ def answer_with_model(
             with open_append(path) as out:
                 for start in range(0, len(todo), cfg.batch_size):
                     batch = todo[start : start + cfg.batch_size]
-                    done = engine.chat(
-                        [[Message.from_record(it.instruction, it.input)] for it in batch], settings
-                    )
+                    done = engine.chat([it.prompt() for it in batch], settings)
                     for it, c in zip(batch, done, strict=True):
                         answers[it.id] = c.text
                         row = {

@@ -1,7 +1,8 @@
 """What is judged, shared by `eval` and `prefer`: the set's items, and each system's answers to them.
 
 A set is any file `read_records` understands (Alpaca records, seed tasks, the 252 user-oriented
-evaluation tasks with their `motivation_app` category). A system is a predictions file (JSONL or a
+evaluation tasks with their `motivation_app` category, conversations: the item is the last user
+turn, the turns before it go to the model as context, the judge reads the item alone). A system is a predictions file (JSONL or a
 JSON array: `infer`'s output, or `{instruction, input, response}` rows as the self-instruct
 predictions are) or a model, answered first. Answers are matched to items by `id` where a row
 has one, else by instruction and input (whitespace aside). Every mismatch is an error that names
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.json_items import iter_json_items
+from ..core.prompts import Message
 from ..core.records import records_from_item
 
 # Fields a set's item may name its category by (the self-instruct evaluation set: motivation_app).
@@ -33,6 +35,12 @@ class Item:
     input: str = ""
     category: str | None = None
     where: str = ""  # file:line, for messages
+    # A conversation's turns before its last user turn (the instruction), sent with it to a model.
+    context: tuple[Message, ...] = ()
+
+    def prompt(self) -> list[Message]:
+        """What a model answers: the earlier turns, then the instruction."""
+        return [*self.context, Message.from_record(self.instruction, self.input)]
 
     @property
     def key(self) -> tuple[str, str]:
@@ -82,7 +90,8 @@ def read_set(path: str | os.PathLike, *, limit: int | None = None, flag: str = "
                 )
                 continue
             first_at[item_id] = where
-            items.append(Item(item_id, rec.instruction, rec.input, category, where))
+            context = tuple(rec.prompt_messages()[:-1])
+            items.append(Item(item_id, rec.instruction, rec.input, category, where, context))
     if problems:
         raise ValidationError(
             problems, what=f"instructions {path}" if flag != "--set" else f"evaluation set {path}"
