@@ -211,6 +211,9 @@ def test_every_drop_is_counted_by_its_reason(tmp_path, smollm2_jinja):
     assert summary["requests"] == 8 and summary["stopped_by"] == "request_limit"
     # a query that fails is not answered: 8 queries, answers only for the 4 that passed
     assert summary["details"]["engine_calls"] == 12
+    logged = _rows(tmp_path / "d.requests.jsonl")
+    assert logged[2]["dropped_text"] == "Sure! I can help with that."  # to tune the filters by
+    assert logged[7]["dropped_text"] == "Birds such as"
 
 
 @pytest.mark.integration
@@ -329,3 +332,30 @@ def test_kill_9_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path, sm
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == whole.read_bytes()
     assert max(Counter(row["magpie"]["request"] for row in _rows(out)).values()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded model
+
+
+@pytest.mark.real_model
+@pytest.mark.llamacpp
+def test_the_embedded_smollm2_writes_and_answers_its_own_queries(tmp_path):
+    """Three requests on llama.cpp: what the small model writes is its business (the yield per
+    request is printed); that each request drew its query from SmolLM2's template, was answered
+    or dropped for a counted reason, and that nothing kept holds template tokens, is ours."""
+    out = tmp_path / "s.jsonl"
+    r = run_cli(
+        "generate", "--method", "magpie", "--engine", "llamacpp", "--model", "smollm2-135m-instruct",
+        "--context-tokens", "1024", "--output", str(out), "--num-instructions", "3", "--max-requests", "3",
+        "--magpie-query-max-new-tokens", "48", "--max-new-tokens", "128",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = _summary(out)
+    assert summary["requests"] == 3 and summary["accepted"] + sum(summary["dropped"].values()) == 3
+    assert summary["details"]["pre_query"].endswith("<|im_start|>user\n")
+    assert summary["details"]["query_temperature"] == 0.7
+    rows = _rows(out) if out.exists() else []
+    assert len(rows) == summary["accepted"]
+    assert not any("<|" in row["instruction"] + row["output"] for row in rows)
+    print(f"magpie on SmolLM2: {len(rows)} kept of 3 asked; dropped {summary['dropped']}")

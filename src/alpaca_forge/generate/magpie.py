@@ -59,6 +59,7 @@ class Conversation(Completion):
     calls: int = 0
     queries: int = 0  # queries the teacher wrote
     retries: int = 0
+    dropped_text: str = ""  # the query or answer a filter dropped (logged, to tune the filters by)
 
 
 def run_magpie(
@@ -135,6 +136,8 @@ class Magpie:
         self.calls = sum(row.get("calls", 0) for row in logged)
         answer_cfg = config.magpie.answer if config.magpie.answer.engine else config.teacher
         self.answer_penalty = repetition_penalty_for(answer_cfg, config.repetition_penalty)
+        asked = config.magpie.query_temperature
+        self.query_temperature = asked if asked is not None else (1.0 if config.on_server else 0.7)
 
     # -- the loop's side --------------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class Magpie:
         m = self.config.magpie
         turns: list[tuple[str, str]] = []
         calls = queries = retries = prompt_tokens = completion_tokens = 0
-        problem = None
+        problem, dropped_text = None, ""
         for turn in range(m.turns):
             place = pre_query(self.render, conversation_of(turns))
             reply = self._complete(engine, place.text, self._query_settings(key, turn, place.stops))
@@ -160,6 +163,7 @@ class Magpie:
                 query, reply.finish_reason == FinishReason.LENGTH, self.config.filters, self.blacklist
             )
             if problem:
+                dropped_text = reply.text
                 break
             asked = [*conversation_of(turns), Message("user", query)]
             answer = self.answerer.chat([asked], self._answer_settings(key, turn))[0]
@@ -169,18 +173,20 @@ class Magpie:
                 answer.text, answer.finish_reason == FinishReason.LENGTH, m.min_answer_words
             )
             if problem:
+                dropped_text = answer.text
                 break
             turns.append((query, answer.text))
         cut = problem in ("query_cut", "answer_cut")
         return Conversation(
             "", FinishReason.LENGTH if cut else FinishReason.STOP, prompt_tokens, completion_tokens,
-            tuple(turns), problem, calls, queries, retries,
+            tuple(turns), problem, calls, queries, retries, dropped_text[:500],
         )  # fmt: skip
 
     def take(self, key: int, reply: Conversation, room: int) -> Taken:  # type: ignore[override]
         fields = {"calls": reply.calls, "retries": reply.retries}
         self.calls += reply.calls
         if reply.problem:
+            fields["dropped_text"] = reply.dropped_text
             return Taken(parsed=reply.queries, dropped={reply.problem: 1}, fields=fields)
         opening = Record(reply.turns[0][0])
         kept, similar, _over = accept_into(self.pool, [opening], self.config.filters.rouge_threshold, room)
@@ -197,7 +203,7 @@ class Magpie:
             "engine_calls": self.calls,
             "answerer": self.answerer.name,
             "query_max_new_tokens": m.query_max_new_tokens,
-            "query_temperature": m.query_temperature,
+            "query_temperature": self.query_temperature,
             "pre_query": pre_query(self.render).text,  # what the teacher continued for a first query
         }
 
@@ -210,7 +216,7 @@ class Magpie:
         m = self.config.magpie
         return GenerationSettings(
             max_new_tokens=m.query_max_new_tokens,
-            temperature=m.query_temperature,
+            temperature=self.query_temperature,
             top_p=m.query_top_p,
             repetition_penalty=self.config.settings.repetition_penalty,
             seed=_call_seed(self.config.seed, key, 2 * turn),

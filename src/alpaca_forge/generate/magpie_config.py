@@ -55,8 +55,11 @@ class MagpieConfig(Config):
     query_max_new_tokens: int = setting(
         96, "longest query, in tokens; a query that runs past it without ending its turn is dropped", ge=8
     )
-    query_temperature: float = setting(
-        1.0, "the queries' sampling temperature (Magpie's 1.0: the variety comes from sampling alone)", ge=0
+    query_temperature: float | None = setting(
+        None,
+        "the queries' sampling temperature (their variety comes from sampling alone); default: 1.0 for a "
+        "server (Magpie's), 0.7 in-process (a small model's queries ramble at 1.0)",
+        ge=0,
     )
     query_top_p: float = setting(1.0, "the queries' nucleus sampling", gt=0, le=1)
     min_answer_words: int = setting(
