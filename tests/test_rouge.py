@@ -9,7 +9,9 @@ from rapidfuzz.distance import LCSseq
 
 from alpaca_forge import read_records
 from alpaca_forge.core.rouge import (
+    Vocabulary,
     _as_strings,
+    _code_point,
     _GreedyDeduper,
     f1_from_lcs,
     greedy_dedupe,
@@ -90,6 +92,22 @@ def test_token_strings_skip_the_surrogates():
         a, b, sa, sb = seqs[k], seqs[k + 1], strings[k], strings[k + 1]
         assert len(sa) == len(a) and len(set(sa)) == len(set(a))
         assert LCSseq.similarity(sa, sb) == LCSseq.similarity(a, b)
+
+
+def test_vocabulary_strings_score_as_token_lists(dataset):
+    """A Vocabulary encodes a text as one code point per token: equal tokens, equal code points,
+    and the LCS of two encodings is that of their token lists; ids skip the surrogates."""
+    vocab = Vocabulary()
+    texts = TRICKY + _short_texts(dataset)[:120]
+    encoded = [vocab.encode(t) for t in texts]
+    for text, ids in zip(texts, encoded, strict=True):
+        assert len(ids) == len(rouge_tokens(text))
+    for a, b, ea, eb in zip(texts, texts[1:], encoded, encoded[1:], strict=False):
+        assert LCSseq.similarity(ea, eb) == LCSseq.similarity(rouge_tokens(a), rouge_tokens(b)), (a, b)
+    assert vocab.encode("Hello, hello WORLD") == vocab.encode("hello hello world")
+    assert [ord(_code_point(k)) for k in (0, 0xD7FF, 0xD800, 0xF7FF)] == [0, 0xD7FF, 0xE000, 0xFFFF]
+    with pytest.raises(ValueError):
+        _code_point(0x110000)
 
 
 def test_f1_matches_rouge_score_bit_for_bit(dataset):

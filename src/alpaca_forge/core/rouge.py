@@ -58,14 +58,24 @@ def rouge_l(a: str, b: str) -> float:
 
 
 class Vocabulary:
-    """Token -> small integer id (rapidfuzz compares integer sequences fastest)."""
+    """Token -> one code point: a text becomes the str of its token ids, which rapidfuzz compares
+    ~1.6x faster than a list of the same integers (generate's pool: 16 candidates against 10K
+    accepted instructions, every reply) and holds in a fraction of the memory. Ids from the
+    surrogate range up move past it, as in `_as_strings`."""
 
     def __init__(self) -> None:
-        self.ids: dict[bytes, int] = {}
+        self.ids: dict[bytes, str] = {}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> str:
         ids = self.ids
-        return [ids.setdefault(t, len(ids)) for t in _token_bytes(text)]
+        return "".join([ids.get(t) or ids.setdefault(t, _code_point(len(ids))) for t in _token_bytes(text)])
+
+
+def _code_point(token_id: int) -> str:
+    point = token_id + (token_id >= 0xD800) * 0x800
+    if point >= 0x110000:
+        raise ValueError("more than 1.1 million distinct tokens: too many for one Vocabulary")
+    return chr(point)
 
 
 def lcs_matrix(queries: Sequence[Sequence[int]], choices: Sequence[Sequence[int]]) -> np.ndarray:
