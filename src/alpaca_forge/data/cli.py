@@ -119,6 +119,22 @@ examples:
         c.ScoreConfig,
     ),
     (
+        "decontaminate",
+        "drop training records that overlap an evaluation set (shared 13-gram, or ROUGE-L F1 > 0.7)",
+        """\
+Drop every training record whose text (instruction and input, by default) overlaps an item of
+an evaluation set: a shared run of --ngram words (13: GPT-3's test; items shorter than that are
+left to ROUGE-L), or a ROUGE-L F1 above --threshold (0.7), computed exactly as rouge-score does.
+Words are ROUGE-L's: lower-case letters and digits. Writes the kept records, and the dropped ones
+(OUTPUT's name + .dropped.jsonl) each with the evaluation item it matched (file, line, id), the
+method, the ROUGE-L F1 and the shared words.
+
+example:
+  alpaca-forge data decontaminate train.jsonl --against eval.jsonl --against more-eval.jsonl \\
+      --output train.clean.jsonl""",
+        c.DecontaminateConfig,
+    ),
+    (
         "tokenize",
         "write the exact input_ids and labels training will use; --show prints masked vs trained",
         """\
@@ -276,6 +292,19 @@ def _score(config: c.ScoreConfig, args: Any) -> int:
     return 0
 
 
+def _decontaminate(config: c.DecontaminateConfig, args: Any) -> int:
+    from .decontaminate import run_decontaminate
+
+    r = run_decontaminate(config)
+    against = ", ".join(f"{path} ({n} items)" for path, n in r.against.items())
+    say("kept %d of %d records; %d dropped for overlapping %s", r.kept, r.records, r.dropped, against)
+    if r.dropped:
+        methods = ", ".join(f"{name}: {n}" for name, n in sorted(r.by_method.items()))
+        say("by method: %s; %d evaluation items matched", methods, r.matched_items)
+    say("checked in %.1f s; kept: %s; dropped, each with its match: %s", r.elapsed_s, r.output, r.dropped_path)
+    return 0
+
+
 HANDLERS = {
     "validate": _validate,
     "stats": _stats,
@@ -286,4 +315,5 @@ HANDLERS = {
     "convert": _convert,
     "tokenize": _tokenize,
     "score": _score,
+    "decontaminate": _decontaminate,
 }

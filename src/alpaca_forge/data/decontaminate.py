@@ -35,10 +35,11 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.files import check_output, user_paths
-from ..core.records import Record, read_records, write_records
+from ..core.records import Record, write_records
 from ..core.rouge import f1_from_lcs_array
 from ..judging.items import Item, read_set
 from .config import DecontaminateConfig
+from .score import Row, read_rows
 from .tools import dropped_path_for
 
 # rouge-score lower-cases, then treats every character other than a-z and 0-9 as a separator.
@@ -357,19 +358,20 @@ def check_records(
     )
 
 
-def dropped_row(hit: Hit, record: Record, item: Item, item_file: str) -> dict[str, Any]:
-    row: dict[str, Any] = {
+def dropped_row(hit: Hit, row: Row, item: Item, item_file: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "index": hit.index,
+        "where": row.where,
         "method": "+".join(hit.methods),
         "rouge_l": round(hit.rouge_l, 4),
     }
     if hit.ngram is not None:
-        row["ngram"] = hit.ngram
-    row["against"] = {"file": item_file, "where": item.where, "id": item.id, "instruction": item.instruction}
+        out["ngram"] = hit.ngram
+    out["against"] = {"file": item_file, "where": item.where, "id": item.id, "instruction": item.instruction}
     if item.input:
-        row["against"]["input"] = item.input
-    row["record"] = record.to_dict()
-    return row
+        out["against"]["input"] = item.input
+    out["record"] = row.row
+    return out
 
 
 @user_paths()
@@ -393,15 +395,18 @@ def run_decontaminate(config: DecontaminateConfig) -> DecontaminateResult:
         counts[path] = len(found)
         items += found
         files += [path] * len(found)
-    records = read_records(config.file, require_output=False)
+    rows = read_rows(config.file)  # kept as read: scores, lineage and ids go through
+    records = [r.record for r in rows]
     start = time.perf_counter()
     hits = check_records(
         records, items, ngram=config.ngram, threshold=config.threshold if config.rouge else None, key=config.key
     )
     elapsed = time.perf_counter() - start
     dropped = {h.index for h in hits}
-    write_records(output, (r for i, r in enumerate(records) if i not in dropped))
-    write_records(dropped_path, (dropped_row(h, records[h.index], items[h.against], files[h.against]) for h in hits))
+    write_records(output, (r.row for i, r in enumerate(rows) if i not in dropped))
+    write_records(
+        dropped_path, (dropped_row(h, rows[h.index], items[h.against], files[h.against]) for h in hits)
+    )
     by_method: dict[str, int] = {}
     for h in hits:
         name = "+".join(h.methods)
