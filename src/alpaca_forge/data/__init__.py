@@ -1,15 +1,19 @@
-"""`alpaca-forge data TOOL`: validate, stats, quality, clean, dedupe, split, convert, tokenize."""
+"""`alpaca-forge data TOOL`: validate, stats, quality, clean, dedupe, split, convert, tokenize, score,
+decontaminate."""
 
 from .config import (
     CleanConfig,
     ConvertConfig,
+    DecontaminateConfig,
     DedupeConfig,
     QualityConfig,
+    ScoreConfig,
     SplitConfig,
     StatsConfig,
     TokenizeConfig,
     ValidateConfig,
 )
+from .decontaminate import DecontaminateResult, check_records, run_decontaminate
 from .runner import (
     CleanResult,
     ConvertResult,
@@ -28,16 +32,21 @@ from .runner import (
     run_tokenize,
     run_validate,
 )
+from .score import ScoreResult, run_score
 
 __all__ = [
     "CleanConfig",
     "CleanResult",
     "ConvertConfig",
     "ConvertResult",
+    "DecontaminateConfig",
+    "DecontaminateResult",
     "DedupeConfig",
     "DedupeResult",
     "QualityConfig",
     "QualityResult",
+    "ScoreConfig",
+    "ScoreResult",
     "SplitConfig",
     "SplitResult",
     "StatsConfig",
@@ -46,10 +55,13 @@ __all__ = [
     "TokenizeResult",
     "ValidateConfig",
     "ValidateResult",
+    "check_records",
     "run_clean",
     "run_convert",
+    "run_decontaminate",
     "run_dedupe",
     "run_quality",
+    "run_score",
     "run_split",
     "run_stats",
     "run_tokenize",
