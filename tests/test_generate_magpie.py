@@ -123,7 +123,9 @@ def test_answer_filters_and_rows():
     assert answer_problem("Tides come from the moon", True, 2) == "answer_cut"
     assert answer_problem("Yes.", False, 2) == "answer_too_short"
     assert answer_problem("Yes it is.<|im_end|>", False, 2) == "answer_markup"
-    assert answer_problem("The moon pulls the sea.", False, 2) is None
+    assert answer_problem("I'm sorry for any misunderstanding, but I cannot browse.", False, 2) == "answer_refusal"
+    assert answer_problem("As an AI, I have no opinion on pizza.", False, 2) == "answer_refusal"
+    assert answer_problem("The moon pulls the sea. I'm sorry it is wet.", False, 2) is None
     assert is_repetitive("a b c " * 5) and not is_repetitive("one two three four five six seven eight nine ten eleven twelve")
     meta = {"request": 3}
     assert magpie_row([("Q?", "A.")], meta) == {"instruction": "Q?", "input": "", "output": "A.", "magpie": meta}

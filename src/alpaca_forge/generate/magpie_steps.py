@@ -46,6 +46,7 @@ DROPS = (
     "answer_too_short",
     "answer_markup",
     "answer_repetitive",
+    "answer_refusal",  # "I'm sorry, but ...": the answerer declined (or could not) and said so
     "over_target",
 )
 
@@ -54,6 +55,13 @@ _SPECIAL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?[a-z_]{1,30}>|\[/?[A-Z_]{2,20}\]
 _OPENER = re.compile(
     r"^(?:sure|certainly|of course|absolutely|great question|i'?m sorry|i am sorry|as an ai|"
     r"hello|hi|hey|greetings|thank you|thanks)\b",
+    re.IGNORECASE,
+)
+
+# An answer that opens by declining: nothing to learn from but the refusal itself.
+_REFUSAL = re.compile(
+    r"^(?:i'?m sorry|i am sorry|i apologi[sz]e|sorry,|as an ai|as a language model|i'?m an ai|"
+    r"i can(?:'|no)t|i am (?:not able|unable)|i'?m (?:not able|unable)|unfortunately,? i)",
     re.IGNORECASE,
 )
 
@@ -155,6 +163,8 @@ def answer_problem(answer: str, cut_short: bool, min_words: int) -> str | None:
         return "answer_markup"
     if is_repetitive(answer):
         return "answer_repetitive"
+    if _REFUSAL.match(answer.lstrip()):
+        return "answer_refusal"
     return None
 
 
