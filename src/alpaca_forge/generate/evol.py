@@ -139,6 +139,7 @@ class Evol:
         self.kept_by_operation: Counter = Counter()
         self.requests: Counter = Counter()  # by stage
         self.passed = 0  # rewrites that reached the answer stage
+        self.most_records = len(seeds) * self.evol.rounds  # one a round per chain at most
         self._rebuild(accepted, logged)
         self.ready: list[tuple[int, int, int]] = []  # (0 answer | 1 evolve, round, chain): a heap
         for chain in self.chains:

@@ -25,6 +25,7 @@ A method is any object with these (see `Method`):
                                        target still needs) and what to log. The loop writes both.
     details() -> dict                  the method's own counts for the summary ({} for none)
     finished_detail() -> str           the stop reason shown when the method ran out of requests
+    most_records: int (optional)       the most records it can make (the bar's end, if below the target)
 
 Every reply's log line is `{"request": key, "prompt_tokens", "completion_tokens", "retries",
 "finish_reason", "parsed", "accepted", "dropped": {reason: n}, **Taken.fields}`; a method puts
@@ -290,8 +291,9 @@ class Loop:
         c = self.config
         start = time.perf_counter()
         barren = 0
+        total = min(c.num_instructions, getattr(self.method, "most_records", c.num_instructions))
         bar = tqdm(
-            total=c.num_instructions, initial=min(self.tally.accepted, c.num_instructions),
+            total=total, initial=min(self.tally.accepted, total),
             desc=f"generate ({self.method.name})", unit="record", disable=not progress, file=sys.stderr,
         )  # fmt: skip
         out, log_file = open_append(self.output), open_append(self.log_path)
