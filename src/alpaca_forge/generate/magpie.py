@@ -90,13 +90,13 @@ def run_magpie(
     ):
         m = config.magpie
         render = template_renderer(teacher, m.template, config.teacher.system, m.query_max_new_tokens)
-        pre_query(render)  # a template with no user turn to continue is refused here, before any request
         if m.turns > 1 and not answerer.multi_turn:
             raise UserError(
                 f"--magpie-turns {m.turns} needs an answerer that reads several turns, and {answerer.name} "
                 f"prompts with the single-turn {answerer.format_name!r} format",
                 "answer with a chat model (--magpie-answer-engine / --magpie-answer-model), or --magpie-turns 1",
             )
+        # Renders the first pre-query: a template with no user turn to continue is refused here.
         method = Magpie(config, render, teacher.name, answerer, accepted, logged)
         return Loop(config, method, output, log_path, summary_path, accepted, logged).run(teacher, progress)
 
@@ -136,6 +136,7 @@ class Magpie:
         self.calls = sum(row.get("calls", 0) for row in logged)
         answer_cfg = config.magpie.answer if config.magpie.answer.engine else config.teacher
         self.answer_penalty = repetition_penalty_for(answer_cfg, config.repetition_penalty)
+        self.opening = pre_query(render)  # every first turn's: rendered once
         asked = config.magpie.query_temperature
         self.query_temperature = asked if asked is not None else (1.0 if config.on_server else 0.7)
 
@@ -154,7 +155,7 @@ class Magpie:
         calls = queries = retries = prompt_tokens = completion_tokens = 0
         problem, dropped_text = None, ""
         for turn in range(m.turns):
-            place = pre_query(self.render, conversation_of(turns))
+            place = pre_query(self.render, conversation_of(turns)) if turns else self.opening
             reply = self._complete(engine, place.text, self._query_settings(key, turn, place.stops))
             calls, queries, retries = calls + 1, queries + 1, retries + engine.last_retries
             prompt_tokens, completion_tokens = prompt_tokens + reply.prompt_tokens, completion_tokens + reply.completion_tokens
@@ -204,7 +205,7 @@ class Magpie:
             "answerer": self.answerer.name,
             "query_max_new_tokens": m.query_max_new_tokens,
             "query_temperature": self.query_temperature,
-            "pre_query": pre_query(self.render).text,  # what the teacher continued for a first query
+            "pre_query": self.opening.text,  # what the teacher continued for a first query
         }
 
     def finished_detail(self) -> str:
