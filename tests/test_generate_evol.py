@@ -124,6 +124,18 @@ def test_evolutions_are_eliminated_for_copied_prompt_text_no_gain_and_the_filter
 
 
 @pytest.mark.unit
+def test_an_in_depth_evolution_that_drops_its_parent_is_not_a_rewrite():
+    f, bl = FilterConfig(), blacklist_pattern(FilterConfig().blacklist)
+    parent = "Summarise the causes of the French Revolution briefly."
+    answered = "The French Revolution began in 1789, caused by debt, hunger and the ideas of the age."
+    deeper = "Summarise the economic and social causes of the French Revolution briefly, ranking them."
+    for child, kept, reason in ((answered, 0.5, "not_a_rewrite"), (answered, 0.0, None), (deeper, 0.5, None)):
+        assert (
+            evolved_reason(child, parent, min_new_words=3, filters=f, blacklist=bl, min_kept=kept) == reason
+        )
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("answer", "finish", "reason"),
     [

@@ -258,6 +258,7 @@ class Evol:
             min_new_words=self.evol.min_new_words,
             filters=self.config.filters,
             blacklist=self.blacklist,
+            min_kept=self.evol.min_kept if operation in IN_DEPTH else 0.0,
         )
         if reason is None and reply.finish_reason.value == "length":
             reason = "truncated"

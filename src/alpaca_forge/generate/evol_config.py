@@ -35,6 +35,13 @@ class EvolConfig(Config):
         "longest common subsequence with its parent (a copy, a trim or a reordering)",
         ge=1,
     )
+    min_kept: float = setting(
+        0.5,
+        "not a rewrite: eliminate an in-depth evolution that keeps less than this share of its parent's "
+        "words in order (ROUGE-L recall; a teacher that answered the task or wrote another one); 0 = off",
+        ge=0,
+        le=1,
+    )
     min_answer_words: int = setting(
         3, "the teacher cannot answer: eliminate an evolution whose answer has fewer words", ge=1
     )

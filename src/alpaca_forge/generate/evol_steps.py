@@ -2,7 +2,8 @@
 elimination rules. Nothing here talks to a teacher or touches a file.
 
     a parent instruction -> choose_operation (seeded) -> evolve_prompt -> the teacher -> read_evolved
-    -> evolved_reason (copied prompt text, no information gain, self-instruct's filters; the pool's
+    -> evolved_reason (copied prompt text, no information gain, not a rewrite, self-instruct's
+    filters; the pool's
     ROUGE-L is checked by the caller) -> answer_prompt -> the teacher -> answer_reason (cannot
     answer, refusal, cut off) -> an evolved record with its lineage
 
@@ -128,26 +129,42 @@ def read_evolved(reply: str) -> str:
     return text.strip("*").strip()
 
 
-def new_words(child: str, parent: str) -> int:
-    """How many of the child's words lie outside its longest common subsequence with the parent
-    (ROUGE-L's tokens): what the evolution added."""
+def overlap(child: str, parent: str) -> tuple[int, float]:
+    """(new words, kept share): how many of the child's words lie outside its longest common
+    subsequence with the parent (ROUGE-L's tokens: what the evolution added), and the share of
+    the parent's words that subsequence keeps (ROUGE-L recall of the parent)."""
     from rapidfuzz.distance import LCSseq
 
     c, p = rouge_tokens(child), rouge_tokens(parent)
-    return len(c) - (LCSseq.similarity(c, p) if c and p else 0)
+    lcs = LCSseq.similarity(c, p) if c and p else 0
+    return len(c) - lcs, (lcs / len(p) if p else 1.0)
+
+
+def new_words(child: str, parent: str) -> int:
+    return overlap(child, parent)[0]
 
 
 def evolved_reason(
-    child: str, parent: str, *, min_new_words: int, filters: FilterConfig, blacklist: re.Pattern[str] | None
+    child: str,
+    parent: str,
+    *,
+    min_new_words: int,
+    filters: FilterConfig,
+    blacklist: re.Pattern[str] | None,
+    min_kept: float = 0.0,
 ) -> str | None:
-    """Why an evolved instruction is eliminated before it is answered, or None."""
+    """Why an evolved instruction is eliminated before it is answered, or None. `min_kept`: the
+    least share of the parent's words an in-depth rewrite keeps (0 for in-breadth: a new task)."""
     if not child:
         return "empty"
     lowered = child.lower()
     if any(marker in lowered for marker in COPY_MARKERS):
         return "copied_prompt"
-    if new_words(child, parent) < min_new_words:
+    added, kept = overlap(child, parent)
+    if added < min_new_words:
         return "no_information_gain"
+    if kept < min_kept:
+        return "not_a_rewrite"
     return filter_reason(child, filters, blacklist)
 
 
