@@ -130,3 +130,19 @@ def test_a_bad_evaluation_set_is_named_with_its_line_before_anything_is_written(
     assert not out.exists()
     missing = run_cli("data", "decontaminate", str(data), "--output", str(out))
     assert missing.returncode == 2 and "--against" in missing.stderr
+
+
+@pytest.mark.unit
+def test_a_conversation_goes_when_any_of_its_user_turns_overlaps():
+    from alpaca_forge.core.prompts import Message
+    from alpaca_forge.core.records import Record
+    from alpaca_forge.data.decontaminate import check_records
+    from alpaca_forge.judging.items import Item
+
+    turns = [("system", "Be brief."), ("user", "Write a short poem about the sea"), ("assistant", "Waves."),
+             ("user", "Now make it rhyme, please"), ("assistant", "Waves, caves.")]
+    conversation = Record.from_messages([Message(role, text) for role, text in turns])
+    records = [Record("Tell me a joke", "", "no"), conversation]
+    items = [Item("sea", "write a short poem about the sea", "", None, "eval.jsonl:1")]
+    hits = check_records(records, items)
+    assert [(h.index, h.against, h.methods, h.rouge_l) for h in hits] == [(1, 0, ("rouge_l",), 1.0)]

@@ -346,16 +346,37 @@ class DecontaminateResult:
 
 
 def check_records(
-    records: Sequence[Record], items: Sequence[Item], *, ngram: int = 13, threshold: float | None = 0.7,
+    records: Sequence[Record],
+    items: Sequence[Item],
+    *,
+    ngram: int = 13,
+    threshold: float | None = 0.7,
     key: str = "instruction+input",
 ) -> list[Hit]:
-    """The pure step for a pipeline: the hits of `records` against evaluation `items`."""
-    return decontaminate(
-        [compared_text(r.instruction, r.input, key) for r in records],
+    """The pure step for a pipeline: the hits of `records` against evaluation `items`, one per
+    overlapping record, in record order. A conversation is checked turn by turn: each of its user
+    turns is compared on its own, and the record goes if any overlaps."""
+    texts: list[str] = []
+    owner: list[int] = []
+    for i, r in enumerate(records):
+        turns = [m.content for m in getattr(r, "messages", None) or () if m.role == "user"]
+        for text in turns or [compared_text(r.instruction, r.input, key)]:
+            texts.append(text)
+            owner.append(i)
+    hits = decontaminate(
+        texts,
         [compared_text(it.instruction, it.input, key) for it in items],
         ngram=ngram,
         threshold=threshold,
     )
+    best: dict[int, Hit] = {}
+    for h in hits:
+        i = owner[h.index]
+        mine = Hit(i, h.against, h.methods, h.rouge_l, h.ngram)
+        seen = best.get(i)
+        if seen is None or (len(mine.methods), mine.rouge_l) > (len(seen.methods), seen.rouge_l):
+            best[i] = mine
+    return [best[i] for i in sorted(best)]
 
 
 def dropped_row(hit: Hit, row: Row, item: Item, item_file: str) -> dict[str, Any]:
