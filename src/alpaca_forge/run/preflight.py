@@ -89,7 +89,9 @@ def check(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     fmt = model_format(config.model, config.format, config.system, tokenizer, for_training=True)
     eos = eos_id(tokenizer)
-    examples, report = tokenize_records(records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs)
+    examples, report = tokenize_records(
+        records, tokenizer, fmt, config.max_seq_len, config.train_on_inputs, assistant_turns=config.assistant_turns
+    )
     if not examples:
         raise UserError(
             f"{where}: none of the {len(records)} records fits --max-seq-len {config.max_seq_len} with room for an answer",

@@ -388,7 +388,9 @@ def _tokens_per_example(t: Any, records: list[Any]) -> tuple[float, str]:
 
         tok = _tokenizer(t.model)
         fmt = model_format(t.model, t.format, t.system, tok, for_training=True)
-        examples, _ = tokenize_records(records, tok, fmt, t.max_seq_len, t.train_on_inputs)
+        examples, _ = tokenize_records(
+            records, tok, fmt, t.max_seq_len, t.train_on_inputs, assistant_turns=t.assistant_turns
+        )
         if examples:
             return sum(len(e.input_ids) for e in examples) / len(examples), "tokenizer"
     except (UserError, OSError, ValueError):
