@@ -270,6 +270,8 @@ class Evol:
                 reason = "rouge_similar"
         fields = {"operation": operation, "evolved": None if reason else child}
         if reason:
+            fields["rejected"] = child  # for people reading the log: what the teacher wrote
+        if reason:
             chain.round += 1  # the chain's instruction stays as it was for the next round
             return Taken(parsed=1 if child else 0, dropped={reason: 1}, fields=fields, progress=False)
         chain.candidate, chain.candidate_at, chain.operation = child, len(self.pool.texts), operation
