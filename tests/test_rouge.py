@@ -15,6 +15,7 @@ from alpaca_forge.core.rouge import (
     _GreedyDeduper,
     f1_from_lcs,
     greedy_dedupe,
+    greedy_dedupe_stream,
     rouge_l,
     rouge_tokens,
     tokenize_corpus,
@@ -153,14 +154,17 @@ def test_greedy_dedupe_is_exact_on_near_duplicates(threshold):
     expected = _brute_force_greedy(texts, threshold, score)
     # Blocks and groups of several sizes, so that every path (joins with earlier blocks, with
     # earlier groups of one block, and inside a group) decides some of the drops.
-    for block, group in [(2048, 64), (50, 7), (7, 3), (1, 1)]:
-        kept, dropped = _GreedyDeduper(texts, threshold, block=block, group=group).run()
-        assert kept == expected, (block, group)
+    # A sample shorter than the input leaves elements out of the learnt order (ranked as rarest).
+    for block, group, sample in [(2048, 64, 65536), (50, 7, 65536), (7, 3, 30), (1, 1, 0), (64, 64, 200)]:
+        kept, dropped = _GreedyDeduper(texts, threshold, block=block, group=group, sample=sample).run()
+        assert kept == expected, (block, group, sample)
         assert sorted(kept + [d.index for d in dropped]) == list(range(len(texts)))
         for d in dropped:
             assert d.kept_index in kept and d.kept_index < d.index
             assert d.score == score(texts[d.index], texts[d.kept_index]) > threshold
     assert greedy_dedupe(texts, threshold)[0] == expected
+    fates = list(greedy_dedupe_stream((t for t in texts), threshold))  # a stream, read once
+    assert [k for k, fate in fates if fate is None] == expected
 
 
 def test_greedy_dedupe_matches_the_rouge_score_reference(dataset):

@@ -18,9 +18,9 @@ Nothing is approximated: the result is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import islice, pairwise
 
 import numpy as np
 
@@ -115,13 +115,13 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, counts) + np.arange(total)
 
 
-def tokenize_corpus(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """rouge-score's tokens of many texts as dense integer ids, vectorised (no Python per token).
+def _token_keys(texts: Sequence[str], long_names: dict[bytes, int]) -> tuple[np.ndarray, np.ndarray]:
+    """rouge-score's tokens of many texts as uint64 keys, vectorised (no Python per token).
 
-    Returns `(tokens, ptr)`: text k's token ids are `tokens[ptr[k]:ptr[k+1]]`. A token is a run of
-    a-z0-9 bytes, so one of at most 8 bytes packs exactly into a uint64 (little-endian, zero-padded;
-    its top bit is clear, every byte being < 0x80). Longer ones (a few percent) get ids from a dict,
-    stored with the top bit set. Sorting the keys then names every distinct token.
+    Returns `(keys, ptr)`: text k's are `keys[ptr[k]:ptr[k+1]]`. A token is a run of a-z0-9 bytes,
+    so one of at most 8 bytes packs exactly into a uint64 (little-endian, zero-padded; its top bit
+    is clear, every byte being < 0x80). Longer ones (a few percent) are numbered by `long_names`
+    (kept by the caller, so that numbers agree between calls), stored with the top bit set.
     """
     parts = [t.lower().encode("utf-8") for t in texts]
     blob = b" ".join(parts).translate(_SEPARATE).replace(b"\x00", b" ") + b" " * 8
@@ -133,7 +133,7 @@ def tokenize_corpus(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     text_start = np.cumsum([0] + [len(p) + 1 for p in parts])
     ptr = np.searchsorted(starts, text_start)
     if not len(starts):
-        return np.zeros(0, dtype=np.int64), ptr
+        return np.zeros(0, dtype=np.uint64), ptr
     size = ends - starts
     # Eight bytes read at every token start (an unaligned view of the blob), cut to the token.
     words = np.ndarray(shape=(len(blob) - 7,), dtype="<u8", buffer=blob, strides=(1,))[starts]
@@ -141,46 +141,70 @@ def tokenize_corpus(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     keys = words & np.where(size >= 8, np.uint64(2**64 - 1), (np.uint64(1) << bits) - np.uint64(1))
     long = np.flatnonzero(size > 8)
     if len(long):
-        names: dict[bytes, int] = {}
         bounds = zip(starts[long].tolist(), ends[long].tolist(), strict=True)
-        ids = [names.setdefault(blob[a:b], len(names)) for a, b in bounds]
+        ids = [long_names.setdefault(blob[a:b], len(long_names)) for a, b in bounds]
         keys[long] = np.array(ids, dtype=np.uint64) | np.uint64(2**63)
+    return keys, ptr
+
+
+def tokenize_corpus(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """rouge-score's tokens of many texts as dense integer ids: text k's token ids are
+    `tokens[ptr[k]:ptr[k+1]]`, equal ids for equal tokens (sorting the keys names every one)."""
+    keys, ptr = _token_keys(texts, {})
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64), ptr
     ordered = np.sort(keys)
     distinct = ordered[np.r_[True, ordered[1:] != ordered[:-1]]]
     return np.searchsorted(distinct, keys), ptr
 
 
-def element_ranks(tokens: np.ndarray, ptr: np.ndarray) -> np.ndarray:
-    """Each text as a set of elements, in the CSR layout of `ptr`: `flat[ptr[k]:ptr[k+1]]`.
+class _TokenTable:
+    """Token key -> id, first come first numbered, across every block of a stream."""
 
-    An element is a (token, occurrence) pair, so that bags of tokens become sets and the shared
-    elements of two texts number exactly the tokens they share. Elements are named by their rank
-    (how many texts hold them, rarest first), and each text's are sorted, rarest first. Vectorised:
-    two sorts of one integer key over every token of every text.
-    """
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.uint64)  # sorted
+        self.ids = np.zeros(0, dtype=np.int64)  # of each key
+        self.long_names: dict[bytes, int] = {}
+
+    def ids_of(self, keys: np.ndarray) -> np.ndarray:
+        if not len(keys):
+            return np.zeros(0, dtype=np.int64)
+        distinct = np.unique(keys)
+        at = np.minimum(np.searchsorted(self.keys, distinct), max(len(self.keys) - 1, 0))
+        new = distinct[self.keys[at] != distinct] if len(self.keys) else distinct
+        if len(new):
+            if len(self.ids) + len(new) > _TOKEN_LIMIT:
+                raise ValueError(f"more than {_TOKEN_LIMIT} distinct tokens: too many to dedupe at once")
+            where = np.searchsorted(self.keys, new)
+            self.ids = np.insert(self.ids, where, np.arange(len(self.ids), len(self.ids) + len(new)))
+            self.keys = np.insert(self.keys, where, new)
+        return self.ids[np.searchsorted(self.keys, keys)]
+
+
+# An element is a (token, occurrence) pair, so that bags of tokens become sets and the shared
+# elements of two texts number exactly the tokens they share: id = token << 18 | occurrence.
+_OCC_BITS = 18
+_TOKEN_LIMIT = 1 << 23
+# Elements are ordered rarest first: those never seen in the sample (numbered by their id, all
+# below _SEEN), then the sample's by how many of its texts hold them. Any fixed order is exact;
+# rarest first keeps the prefixes' postings short.
+_SEEN = 1 << 41
+_RANK_MASK = (1 << 42) - 1
+_LEN_BITS = 21  # a posting's key: rank << 21 | its text's length
+_MAX_LEN = (1 << _LEN_BITS) - 2
+
+
+def _elements(tokens: np.ndarray, ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each token as its element, grouped by text: (text of each, element ids), vectorised."""
     total = len(tokens)
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    vocab = int(tokens.max()) + 1
     doc = np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
-    doc_token = np.sort(doc * vocab + tokens)
-    doc, token = np.divmod(doc_token, vocab)
-    # Occurrence number within each run of one (text, token) pair.
+    doc_token = np.sort((doc << 23) | tokens)
     new_run = np.r_[True, doc_token[1:] != doc_token[:-1]]
     run_start = np.flatnonzero(new_run)
     occurrence = np.arange(total) - np.repeat(run_start, np.diff(np.r_[run_start, total]))
-    # Token t has elements (t, 0) .. (t, c-1), c its largest count in one text: dense ids at once.
-    run_size = np.diff(np.r_[run_start, total])
-    size_key = np.sort(token[run_start] * (total + 1) + run_size)  # by token, then size
-    last = np.r_[size_key[1:] // (total + 1) != size_key[:-1] // (total + 1), True]
-    most = np.zeros(vocab, dtype=np.int64)
-    most[size_key[last] // (total + 1)] = size_key[last] % (total + 1)
-    element = (np.cumsum(most) - most)[token] + occurrence
-    # An element occurs once per text at most, so its count is the number of texts holding it.
-    counts = np.bincount(element)
-    rank = np.empty(len(counts), dtype=np.int64)
-    rank[np.lexsort((np.arange(len(counts)), counts))] = np.arange(len(counts))
-    return np.sort(doc * len(counts) + rank[element]) % len(counts)  # grouped by text, rarest first
+    if total and occurrence.max() >= 1 << _OCC_BITS:
+        raise ValueError(f"a token occurs over {1 << _OCC_BITS} times in one text: too long to dedupe")
+    return doc_token >> 23, ((doc_token & ((1 << 23) - 1)) << _OCC_BITS) | occurrence
 
 
 @dataclass(frozen=True)
@@ -192,12 +216,16 @@ class Dropped:
 
 @dataclass
 class _Postings:
-    """Prefix postings sorted by `key` = element * span + text length, with each one's text.
+    """Prefix postings sorted by `key` = element rank << 21 | text length, with each one's text.
     Sorting by length second makes the length filter a binary search."""
 
     key: np.ndarray
     doc: np.ndarray
     pos: np.ndarray  # the element's position in its text
+
+    @classmethod
+    def empty(cls) -> _Postings:
+        return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32))
 
     def merge(self, other: _Postings) -> None:
         """Add `other` (sorted too) to these, keeping the order."""
@@ -209,24 +237,39 @@ class _Postings:
 
 def _as_strings(tokens: np.ndarray, ptr: np.ndarray) -> list[str] | list[list[int]]:
     """Each text's token ids as one code point per token: rapidfuzz compares str fastest. Ids
-    from the surrogate range up move past it; a vocabulary too large for Unicode stays lists."""
+    from the surrogate range up move past it; a vocabulary too large for Unicode stays lists
+    (of the same shifted numbers, so that the two forms compare alike)."""
     points = tokens + (tokens >= 0xD800) * 0x800
     bounds = ptr.tolist()
     if len(points) and points.max() >= 0x110000:
-        ids = tokens.tolist()
+        ids = points.tolist()
         return [ids[a:b] for a, b in pairwise(bounds)]
     whole = points.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
     return [whole[a:b] for a, b in pairwise(bounds)]
 
 
-class _GreedyDeduper:
-    """One greedy pass, in blocks of texts, every step vectorised over a whole block.
+class _Block:
+    """One block of texts, tokenized: what is needed of them as queries and to index them."""
+
+    def __init__(self, start: int, tokens: np.ndarray, ptr: np.ndarray, rank: np.ndarray, doc: np.ndarray):
+        self.start, self.ptr = start, ptr
+        n_texts = len(ptr) - 1
+        # Each text's elements by rank, rarest first (the block is small: doc << 42 fits).
+        self.flat = np.sort((doc << 42) | rank) & _RANK_MASK
+        self.strings = _as_strings(tokens, ptr)
+        counts = np.bincount(doc * _GreedyStream.BUCKETS + self.flat % _GreedyStream.BUCKETS,
+                             minlength=n_texts * _GreedyStream.BUCKETS)  # fmt: skip
+        self.buckets = counts.reshape(n_texts, _GreedyStream.BUCKETS)
+
+
+class _GreedyStream:
+    """One greedy pass over a stream of texts, in blocks, every step vectorised over a block.
 
     For text x (m tokens) and an earlier kept text y (n tokens), these exact filters run before
     any LCS is computed, cheapest first:
     1. prefix: x and y must share one of the first `m - min_overlap(m) + 1` elements of x, and of
-       the first `n - min_overlap(n) + 1` of y (elements sorted rarest first), so only the
-       postings of the kept texts' prefixes are searched;
+       the first `n - min_overlap(n) + 1` of y (elements in one fixed order, rarest first), so only
+       the postings of the kept texts' prefixes are searched;
     2. length: F1 ≤ 2·min(m, n)/(m + n), so n lies in a window around m (a range of the postings);
     3. position: the LCS is at most the number of shared elements. None comes before the first
        shared element the prefixes reveal, and every one they do not reveal comes after the last
@@ -237,89 +280,171 @@ class _GreedyDeduper:
 
     A block is first joined with every text kept before it; its survivors then go through in small
     groups, each joined with the block's texts kept so far, and then decided pair by pair.
+
+    Memory: only the kept texts stay (their token strings, bucket counts and prefix postings), with
+    4 bytes of length per text; the input is read once, block by block. The element order comes
+    from the first `sample` texts (read ahead): elements they never hold count as rarest.
     """
 
     BLOCK = 2048
     GROUP = 64
     BUCKETS = 128
+    SAMPLE = 65536
 
-    def __init__(self, texts: Sequence[str], threshold: float, block: int = BLOCK, group: int = GROUP):
+    def __init__(self, threshold: float, block: int = BLOCK, group: int = GROUP, sample: int = SAMPLE):
         self.tau = threshold
-        self.block, self.group = block, group
-        tokens, self.ptr = tokenize_corpus(texts)
-        self.strings = _as_strings(tokens, self.ptr)
-        self.flat = element_ranks(tokens, self.ptr)
-        self.lengths = np.diff(self.ptr)
-        n_texts = len(self.lengths)
-        docs = np.repeat(np.arange(n_texts), self.lengths)
+        self.block, self.group, self.sample = block, group, sample
+        self.table = _TokenTable()
+        self.seen_keys = np.zeros(0, dtype=np.int64)  # the sample's elements, sorted
+        self.seen_rank = np.zeros(0, dtype=np.int64)
+        self.lengths = np.zeros(1024, dtype=np.int32)  # of every text so far (grows by doubling)
+        self.slot = np.full(1024, -1, dtype=np.int32)  # text -> its row among the kept texts' data
+        self.kept_strings: list = []
+        self.kept_buckets = np.zeros((1024, self.BUCKETS), dtype=np.int32)  # first len(kept_strings) real
+        self.kept = _Postings.empty()
+        self.current: _Block | None = None
+
+    # -- per-text numbers, from lengths ---------------------------------------------------------
+
+    def prefix_len(self, m: np.ndarray) -> np.ndarray:
         # Fewest shared tokens any partner of an m-token text needs: the best partner has just the
         # shared tokens (n = L), and 2L/(m+L) > τ <=> L > τm/(2-τ). The epsilon only lowers the
         # bound, so the prefix stays long enough under rounding and the filter stays exact.
-        need_any = np.floor(threshold * self.lengths / (2 - threshold) - 1e-9).astype(np.int64) + 1
-        self.prefix_len = np.where(self.lengths > 0, self.lengths - need_any + 1, 0)
-        self.span = int(self.lengths.max()) + 2 if n_texts else 2
-        # Partner lengths that can reach the threshold: 2n/(m+n) > τ and 2m/(m+n) > τ.
-        self.n_lo = np.floor(threshold * self.lengths / (2 - threshold)).astype(np.int64) + 1
-        n_hi = np.ceil((2 - threshold) * self.lengths / threshold)
-        self.n_hi = np.minimum(n_hi, self.span - 2).astype(np.int64)
-        # Positions in a prefix are below `width`; a block's sort key needs block·texts·width² < 2⁶³.
-        self.width = int(self.prefix_len.max()) + 1 if n_texts else 1
-        self.block = max(1, min(self.block, 2**62 // max(1, n_texts * self.width**2)))
-        counts = np.bincount(docs * self.BUCKETS + self.flat % self.BUCKETS, minlength=n_texts * self.BUCKETS)
-        dtype = np.uint16 if self.span < 2**16 else np.uint32
-        self.buckets = counts.astype(dtype).reshape(n_texts, self.BUCKETS)
-        self.kept = _Postings(*(np.zeros(0, dtype=np.int64),) * 3)
+        need_any = np.floor(self.tau * m / (2 - self.tau) - 1e-9).astype(np.int64) + 1
+        return np.where(m > 0, m - need_any + 1, 0)
+
+    def n_range(self, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Partner lengths that can reach the threshold: 2n/(m+n) > τ and 2m/(m+n) > τ."""
+        lo = np.floor(self.tau * m / (2 - self.tau)).astype(np.int64) + 1
+        hi = np.minimum(np.ceil((2 - self.tau) * m / self.tau), _MAX_LEN).astype(np.int64)
+        return lo, hi
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        keys, ptr = _token_keys(texts, self.table.long_names)
+        return self.table.ids_of(keys), ptr
+
+    def learn_order(self, texts: Sequence[str]) -> None:
+        """Rank the elements of these texts by how many of them hold each, rarest first."""
+        keys, counts = [], []
+        for at in range(0, len(texts), 8192):
+            tokens, ptr = self._tokens(texts[at : at + 8192])
+            k, c = np.unique(_elements(tokens, ptr)[1], return_counts=True)  # one per text each
+            keys.append(k)
+            counts.append(c)
+        if not keys:
+            return
+        k, c = np.concatenate(keys), np.concatenate(counts)
+        order = np.argsort(k, kind="stable")
+        k, c = k[order], c[order]
+        first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        self.seen_keys, total = k[first], np.add.reduceat(c, first) if len(k) else c
+        rank = np.empty(len(total), dtype=np.int64)
+        rank[np.lexsort((self.seen_keys, total))] = np.arange(len(total))
+        self.seen_rank = rank
+
+    def _rank(self, element: np.ndarray) -> np.ndarray:
+        if not len(self.seen_keys):
+            return element
+        at = np.minimum(np.searchsorted(self.seen_keys, element), len(self.seen_keys) - 1)
+        return np.where(self.seen_keys[at] == element, _SEEN + self.seen_rank[at], element)
+
+    def _open(self, texts: Sequence[str], start: int) -> _Block:
+        tokens, ptr = self._tokens(texts)
+        doc, element = _elements(tokens, ptr)
+        lengths = np.diff(ptr)
+        if len(lengths) and lengths.max() > _MAX_LEN:
+            raise ValueError(f"a text of over {_MAX_LEN} tokens: too long to dedupe")
+        end = start + len(lengths)
+        while end > len(self.lengths):
+            self.lengths = np.concatenate([self.lengths, np.zeros_like(self.lengths)])
+            self.slot = np.concatenate([self.slot, np.full_like(self.slot, -1)])
+        self.lengths[start:end] = lengths
+        return _Block(start, tokens, ptr, self._rank(element), doc)
+
+    # -- joins ------------------------------------------------------------------------------------
+
+    def _strings(self, docs: np.ndarray) -> list:
+        b = self.current
+        assert b is not None
+        return [
+            b.strings[k - b.start] if k >= b.start else self.kept_strings[self.slot[k]] for k in docs.tolist()
+        ]
+
+    def _buckets(self, docs: np.ndarray) -> np.ndarray:
+        b = self.current
+        assert b is not None
+        here = docs >= b.start
+        out = np.empty((len(docs), self.BUCKETS), dtype=np.int64)
+        out[here] = b.buckets[docs[here] - b.start]
+        out[~here] = self.kept_buckets[self.slot[docs[~here]]]
+        return out
 
     def postings(self, docs: np.ndarray) -> _Postings:
-        """The prefix postings of these texts, sorted."""
-        plen = self.prefix_len[docs]
+        """The prefix postings of these texts of the current block, sorted."""
+        b = self.current
+        assert b is not None
+        local = docs - b.start
+        plen = self.prefix_len(self.lengths[docs].astype(np.int64))
         doc = np.repeat(docs, plen)
-        where = _ranges(self.ptr[docs], plen)
-        key = self.flat[where] * self.span + self.lengths[doc]
+        where = _ranges(b.ptr[local], plen)
+        key = (b.flat[where] << _LEN_BITS) | self.lengths[doc].astype(np.int64)
         order = np.argsort(key, kind="stable")
-        return _Postings(key[order], doc[order], (where - self.ptr[doc])[order])
+        pos = (where - np.repeat(b.ptr[local], plen)).astype(np.int32)
+        return _Postings(key[order], doc[order].astype(np.int64), pos[order])
 
     def join(self, queries: np.ndarray, index: _Postings, earlier_only: bool) -> tuple[np.ndarray, ...]:
         """Every (query, indexed text) pair with F1 above the threshold, as (query, text, F1) arrays;
-        with `earlier_only`, only pairs whose indexed text comes first."""
-        n_texts = len(self.lengths)
-        plen = self.prefix_len[queries]
+        with `earlier_only`, only pairs whose indexed text comes first. Queries are of the current
+        block."""
+        b = self.current
+        assert b is not None
+        lengths = self.lengths
+        plen = self.prefix_len(lengths[queries].astype(np.int64))
         local = np.repeat(np.arange(len(queries)), plen)
-        where = _ranges(self.ptr[queries], plen)
-        qi = where - np.repeat(self.ptr[queries], plen)  # each prefix element's position in its query
-        probe = self.flat[where] * self.span
+        starts = b.ptr[queries - b.start]
+        where = _ranges(starts, plen)
+        qi = where - np.repeat(starts, plen)  # each prefix element's position in its query
+        probe = b.flat[where] << _LEN_BITS
         order = np.argsort(probe)  # sorted needles search faster
         probe, local, qi = probe[order], local[order], qi[order]
-        q = queries[local]
-        lo = np.searchsorted(index.key, probe + self.n_lo[q])
-        hi = np.searchsorted(index.key, probe + self.n_hi[q] + 1)
+        n_lo, n_hi = self.n_range(lengths[queries[local]].astype(np.int64))
+        lo = np.searchsorted(index.key, probe + n_lo)
+        hi = np.searchsorted(index.key, probe + n_hi + 1)
         hit = _ranges(lo, hi - lo)
-        d, j = index.doc[hit], index.pos[hit]
+        d, j = index.doc[hit], index.pos[hit].astype(np.int64)
         local, qi = np.repeat(local, hi - lo), np.repeat(qi, hi - lo)
         if earlier_only:
             keep = d < queries[local]
             local, qi, d, j = local[keep], qi[keep], d[keep], j[keep]
         if not len(d):
             return d, d, np.zeros(0)
-        # Group the hits by pair, each group in element order: one sort of one integer key (the
-        # block size keeps it within 63 bits). Both texts list elements in one order, so a pair's
-        # first and last hits are its first and last shared prefix elements in both texts.
-        w = self.width
-        pair, at = np.divmod(np.sort(((local * n_texts + d) * w + qi) * w + j), w * w)
-        qi, j = np.divmod(at, w)
+        # Group the hits by pair, each group in element order. Both texts list elements in one
+        # order, so a pair's first and last hits are its first and last shared prefix elements in
+        # both texts. One sort of one integer key where it fits in 63 bits, else a lexsort.
+        texts, inverse = np.unique(d, return_inverse=True)
+        w = int(max(qi.max(), j.max())) + 1
+        pair = local * len(texts) + inverse
+        if len(queries) * len(texts) * w * w < 2**62:
+            pair, at = np.divmod(np.sort((pair * w + qi) * w + j), w * w)
+            qi, j = np.divmod(at, w)
+        else:
+            order = np.lexsort((j, qi, pair))
+            pair, qi, j = pair[order], qi[order], j[order]
         first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
         last = np.r_[first[1:], len(pair)] - 1
-        q_local, d = np.divmod(pair[first], n_texts)
-        q = queries[q_local]
-        m, n = self.lengths[q], self.lengths[d]
+        q_local, d = np.divmod(pair[first], len(texts))
+        q, d = queries[q_local], texts[d]
+        m, n = lengths[q].astype(np.int64), lengths[d].astype(np.int64)
         need = np.floor(self.tau * (m + n) / 2 - 1e-9).astype(np.int64) + 1
         ok = 1 + np.minimum(m - qi[first] - 1, n - j[first] - 1) >= need
         ok &= (last - first + 1) + np.minimum(m - qi[last] - 1, n - j[last] - 1) >= need
         q, d, need = q[ok], d[ok], need[ok]
-        ok = np.minimum(self.buckets[q], self.buckets[d]).sum(axis=1, dtype=np.int64) >= need
+        ok = np.minimum(self._buckets(q), self._buckets(d)).sum(axis=1) >= need
         q, d = q[ok], d[ok]
-        lcs = _pair_lcs([self.strings[k] for k in q.tolist()], [self.strings[k] for k in d.tolist()])
-        f1 = f1_from_lcs_array(lcs, self.lengths[q], self.lengths[d])
+        lcs = _pair_lcs(self._strings(q), self._strings(d))
+        f1 = f1_from_lcs_array(lcs, lengths[q], lengths[d])
         above = f1 > self.tau
         return q[above], d[above], f1[above]
 
@@ -346,28 +471,72 @@ class _GreedyDeduper:
                 kept.add(k)
         return sorted(kept)
 
-    def run(self, progress: Callable[[int], None] | None = None) -> tuple[list[int], list[Dropped]]:
+    def decide(self, texts: Sequence[str], start: int) -> list[Dropped | None]:
+        """The next block of the stream (its first text is text `start`): each text's fate."""
+        self.current = b = self._open(texts, start)
         best: dict[int, tuple[int, float]] = {}  # dropped text -> (kept text, F1)
-        total = len(self.lengths)
-        for start in range(0, total, self.block):
-            block = np.arange(start, min(start + self.block, total))
-            block = block[self.lengths[block] > 0]  # rouge-score scores an empty text 0: always kept
-            best.update(self._matches(block, self.kept))
-            survivors = np.array([k for k in block.tolist() if k not in best], dtype=np.int64)
-            here = _Postings(*(np.zeros(0, dtype=np.int64),) * 3)
-            kept_here: list[int] = []
-            for at in range(0, len(survivors), self.group):
-                group = survivors[at : at + self.group]
-                best.update(self._matches(group, here))
-                group = np.array([k for k in group.tolist() if k not in best], dtype=np.int64)
-                new = np.array(self._greedy_group(group, best), dtype=np.int64)
-                here.merge(self.postings(new))
-                kept_here += new.tolist()
-            self.kept.merge(self.postings(np.array(kept_here, dtype=np.int64)))
+        block = np.arange(start, start + len(texts))
+        block = block[self.lengths[block] > 0]  # rouge-score scores an empty text 0: always kept
+        best.update(self._matches(block, self.kept))
+        survivors = np.array([k for k in block.tolist() if k not in best], dtype=np.int64)
+        here = _Postings.empty()
+        kept_here: list[int] = []
+        for at in range(0, len(survivors), self.group):
+            group = survivors[at : at + self.group]
+            best.update(self._matches(group, here))
+            group = np.array([k for k in group.tolist() if k not in best], dtype=np.int64)
+            new = np.array(self._greedy_group(group, best), dtype=np.int64)
+            here.merge(self.postings(new))
+            kept_here += new.tolist()
+        kept = np.array(kept_here, dtype=np.int64)
+        self.kept.merge(self.postings(kept))
+        rows = np.arange(len(self.kept_strings), len(self.kept_strings) + len(kept))
+        while len(rows) and rows[-1] >= len(self.kept_buckets):
+            self.kept_buckets = np.concatenate([self.kept_buckets, np.zeros_like(self.kept_buckets)])
+        self.slot[kept] = rows
+        self.kept_buckets[rows] = b.buckets[kept - start]
+        self.kept_strings += [b.strings[k - start] for k in kept_here]
+        self.current = None
+        return [
+            Dropped(k, *best[k]) if k in best else None for k in range(start, start + len(texts))
+        ]
+
+    def run(
+        self, texts: Iterable[str], progress: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, Dropped | None]]:
+        it = iter(texts)
+        ahead = list(islice(it, self.sample))
+        self.learn_order(ahead)
+        start = 0
+        while True:
+            if ahead:
+                texts_now, ahead = ahead[: self.block], ahead[self.block :]
+            else:
+                texts_now = list(islice(it, self.block))
+            if not texts_now:
+                return
+            yield from enumerate(self.decide(texts_now, start), start)
+            start += len(texts_now)
             if progress:
-                progress(min(start + self.block, total) - start)
-        kept = [k for k in range(total) if k not in best]
-        return kept, [Dropped(k, d, f1) for k, (d, f1) in sorted(best.items())]
+                progress(len(texts_now))
+
+
+class _GreedyDeduper:
+    """`greedy_dedupe` on a list, with the block and group sizes given (tests vary them)."""
+
+    def __init__(self, texts: Sequence[str], threshold: float, block: int = _GreedyStream.BLOCK,
+                 group: int = _GreedyStream.GROUP, sample: int = _GreedyStream.SAMPLE):  # fmt: skip
+        self.texts, self.stream = texts, _GreedyStream(threshold, block, group, sample)
+
+    def run(self, progress: Callable[[int], None] | None = None) -> tuple[list[int], list[Dropped]]:
+        kept: list[int] = []
+        dropped: list[Dropped] = []
+        for k, fate in self.stream.run(self.texts, progress):
+            if fate is None:
+                kept.append(k)
+            else:
+                dropped.append(fate)
+        return kept, dropped
 
 
 def _pair_lcs(a: list, b: list) -> np.ndarray:
@@ -390,3 +559,13 @@ def greedy_dedupe(
     the filters only skip pairs that provably cannot score above the threshold.
     """
     return _GreedyDeduper(texts, threshold).run(progress)
+
+
+def greedy_dedupe_stream(
+    texts: Iterable[str], threshold: float = 0.7, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, Dropped | None]]:
+    """`greedy_dedupe` over a stream, read once: each text's position and fate, in input order
+    (None: kept; else its `Dropped`), yielded block by block. What stays in memory is the kept
+    texts' token data, not the input: a caller writes kept and dropped records as they come (a
+    dropped one names an earlier kept one by position)."""
+    return _GreedyStream(threshold).run(texts, progress)
