@@ -428,3 +428,19 @@ def test_generate_magpie_queries_then_answers_by_batch(tmp_path):
     assert third.returncode == 0, third.stderr
     rows = [json.loads(t) for t in out.read_text().splitlines()]
     assert len(rows) == 3 and all(row["output"].startswith("Here is an answer about") for row in rows)
+
+
+@pytest.mark.unit
+def test_a_request_that_keeps_failing_stops_the_run_naming_the_error(tmp_path):
+    from alpaca_forge.engines.batch import MAX_FAILED_RESULTS
+
+    chat = [[Message("user", "refused every time")]]
+    for k in range(MAX_FAILED_RESULTS):
+        engine = BatchEngine(tmp_path, "m")
+        with pytest.raises(BatchPending):
+            engine.chat(chat, GenerationSettings())
+        engine.close()
+        play_provider(tmp_path, lambda b: "", fail=lambda b: True, name=f"r{k}.jsonl")
+    assert len(list(tmp_path.glob("requests*.jsonl"))) == MAX_FAILED_RESULTS  # each failure re-queued once
+    with pytest.raises(UserError, match=f"failed in {MAX_FAILED_RESULTS} batch results.*the model crashed"):
+        BatchEngine(tmp_path, "m").chat(chat, GenerationSettings())

@@ -43,6 +43,7 @@ from .openai_http import OpenAIEngine
 
 URLS = {"chat/completions": "/v1/chat/completions", "completions": "/v1/completions"}
 EXIT_WAITING = 3  # the command stopped to wait for batch results; rerun it once they are in
+MAX_FAILED_RESULTS = 4  # a request that failed this often is not re-queued again: the run stops on it
 _REQUESTS = re.compile(r"requests(?:-(\d+))?(\.completions)?\.jsonl")
 
 
@@ -164,7 +165,15 @@ class BatchStore:
             if got is not None:
                 self.answered.add(cid)
                 return got
-            if len(self.failures.get(cid, ())) >= self.written[cid]:  # never written, or failed
+            failed = self.failures.get(cid, [])
+            if len(failed) >= MAX_FAILED_RESULTS:
+                raise EngineError(
+                    f"a request failed in {len(failed)} batch results; the last: {failed[-1]}",
+                    "see the provider's error above (a request it refuses fails the same way each time); "
+                    "once fixed, move the results files holding these failures out of "
+                    f"{self.folder / 'results'} and rerun",
+                )
+            if len(failed) >= self.written[cid]:  # never written, or every line of it failed
                 if self.written[cid]:
                     self.requeued.add(cid)
                 self._write(cid, url, body)
