@@ -19,8 +19,9 @@ Files in DIR, all append-only:
   `requests[-N].completions.jsonl`, since a batch takes one endpoint.
 - `results/*.jsonl`: what the provider gave back, in any number of files. A line that failed
   (an `error`, or a status other than 200) is counted and its request written again into the next
-  run's file: a failure is never lost, and never asked twice at once. A line whose custom_id is
-  in no requests file of DIR stops the run, naming the file and line.
+  run's file: a failure is never lost, and never asked twice at once (after MAX_FAILED_RESULTS
+  failures the run stops with the provider's error: a request it refuses fails alike each time).
+  A line whose custom_id is in no requests file of DIR stops the run, naming the file and line.
 """
 
 from __future__ import annotations
