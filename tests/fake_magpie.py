@@ -35,8 +35,8 @@ class MagpieScript:
 
 
 def invented_query(rng: random.Random) -> str:
-    words = " ".join(invented_word(rng) for _ in range(5))
-    return f"How does the {words} work, and why does it matter?"
+    words = " ".join(invented_word(rng) for _ in range(6))
+    return f"Why do {words} grow?"  # few words in common: distinct queries stay far apart under ROUGE-L
 
 
 class FakeMagpieServer(Loopback):
