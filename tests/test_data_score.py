@@ -35,6 +35,7 @@ class RatingJudge(Loopback):
 
     def __init__(self, policy: Callable[[str, str], str], delay_s: float = 0.0):
         self.asked: list[str] = []
+        self.turns: list[int] = []  # messages per request: a retry adds two turns
         self.most_in_flight = 0
         now = [0]
         lock = threading.Lock()
@@ -49,11 +50,12 @@ class RatingJudge(Loopback):
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
-                prompt = body["messages"][-1]["content"]
+                prompt = body["messages"][0]["content"]  # a retry adds turns after the rubric
                 m = _RECORD.search(prompt)
                 assert m, prompt[:300]
                 with lock:
                     outer.asked.append(m["instruction"])
+                    outer.turns.append(len(body["messages"]))
                     now[0] += 1
                     outer.most_in_flight = max(outer.most_in_flight, now[0])
                 time.sleep(delay_s)
@@ -172,10 +174,13 @@ def test_unreadable_ratings_are_asked_again_then_left_unrated_and_counted(tmp_pa
             return "I would rate it highly."  # never readable
         return "Accuracy: 5\nHelpfulness: 5"
 
-    with RatingJudge(flaky) as url:
+    judge = RatingJudge(flaky)
+    with judge as url:
         r = run_cli("data", "score", str(data), "--output", str(out), *judge_args(url, "--retries", "2"))
     assert r.returncode == 0, r.stderr
     assert tries == {"task 0": 1, "task 1": 2, "task 2": 3, "task 3": 1}
+    # A retry is a follow-up: the rubric, the unreadable reply, and the form asked for again.
+    assert sorted(judge.turns) == [1, 1, 1, 1, 3, 3, 3]
     scores = [json.loads(line)["score"] for line in out.read_text().splitlines()]
     assert scores[2] is None and all(s["overall"] == 5.0 for k, s in enumerate(scores) if k != 2)
     assert "1 records left unrated" in r.stderr

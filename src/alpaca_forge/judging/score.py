@@ -63,6 +63,11 @@ then one short sentence of reason."""
 
 CUT_MARK = "\n[... the rest of this response is cut]"
 
+FOLLOW_UP = (
+    "Your reply did not give the two ratings in the form asked. Reply again with exactly these two "
+    "lines, each with one whole number from 1 to 5:\nAccuracy: <1-5>\nHelpfulness: <1-5>"
+)
+
 
 @dataclass(frozen=True)
 class Rating:
@@ -107,6 +112,11 @@ def score_messages(record: Record, max_output_chars: int | None = None) -> list[
         context=context, instruction=record.instruction.strip(), input_block=input_block, output=output
     )
     return [Message("user", text)]
+
+
+def retry_messages(messages: list[Message], unreadable: str) -> list[Message]:
+    """The rubric, the judge's reply that held no readable rating, and the form asked again."""
+    return [*messages, Message("assistant", unreadable), Message("user", FOLLOW_UP)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +309,13 @@ def score_records(
     )
     try:
         while pending and engine is not None:
-            for done in _ask(engine, prompts, outputs, pending, settings, batch_size):
+            # A retry is a follow-up turn: the unreadable reply, and the form asked for again
+            # (the same request again would get the same reply from a greedy judge).
+            asking = {
+                k: retry_messages(prompts[k], cache.replies[k]) if k in cache.replies else prompts[k]
+                for k in pending
+            }
+            for done in _ask(engine, asking, outputs, pending, settings, batch_size):
                 cache.add(
                     [
                         {
