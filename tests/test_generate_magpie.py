@@ -343,21 +343,23 @@ def test_kill_9_then_resume_writes_what_an_uninterrupted_run_writes(tmp_path, sm
 @pytest.mark.real_model
 @pytest.mark.llamacpp
 def test_the_embedded_smollm2_writes_and_answers_its_own_queries(tmp_path):
-    """Three requests on llama.cpp: what the small model writes is its business (the yield per
-    request is printed); that each request drew its query from SmolLM2's template, was answered
-    or dropped for a counted reason, and that nothing kept holds template tokens, is ours."""
+    """Two short requests on llama.cpp: what the small model writes is its business (the yield
+    per request is printed; its answers run past 96 tokens, and at the default 768 it kept 7 of
+    8); that each request drew its query from SmolLM2's template, was answered or dropped for a
+    counted reason, and that nothing kept holds template tokens, is ours."""
     out = tmp_path / "s.jsonl"
     r = run_cli(
         "generate", "--method", "magpie", "--engine", "llamacpp", "--model", "smollm2-135m-instruct",
-        "--context-tokens", "1024", "--output", str(out), "--num-instructions", "3", "--max-requests", "3",
-        "--magpie-query-max-new-tokens", "48", "--max-new-tokens", "128",
+        "--context-tokens", "1024", "--output", str(out), "--num-instructions", "2", "--max-requests", "2",
+        "--magpie-query-max-new-tokens", "48", "--max-new-tokens", "96",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     summary = _summary(out)
-    assert summary["requests"] == 3 and summary["accepted"] + sum(summary["dropped"].values()) == 3
+    assert summary["requests"] == 2 and summary["accepted"] + sum(summary["dropped"].values()) == 2
+    assert 2 <= summary["details"]["engine_calls"] <= 4 and summary["completion_tokens"] > 0
     assert summary["details"]["pre_query"].endswith("<|im_start|>user\n")
     assert summary["details"]["query_temperature"] == 0.7
     rows = _rows(out) if out.exists() else []
     assert len(rows) == summary["accepted"]
     assert not any("<|" in row["instruction"] + row["output"] for row in rows)
-    print(f"magpie on SmolLM2: {len(rows)} kept of 3 asked; dropped {summary['dropped']}")
+    print(f"magpie on SmolLM2: {len(rows)} kept of 2 asked; dropped {summary['dropped']}")
