@@ -95,6 +95,7 @@ def test_each_prompt_shows_the_task_and_its_own_directive_and_ends_where_the_rew
         "New task: List three winter health tips for night-shift nurses.",
         "Sure! Here is the new task:\n**Rewritten instruction:** List three winter health tips for night-shift nurses.",
         '"List three winter health tips for night-shift nurses."',
+        "The new task is: List three winter health tips for night-shift nurses.",
         "### New Task:\nList three winter health tips for night-shift nurses.\n\nAnswer: Sleep well, eat well.",
     ],
 )

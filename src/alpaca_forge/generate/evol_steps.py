@@ -72,8 +72,8 @@ COPY_MARKERS = (
     "new task:", "the new task", "task above", "add at most", "well-informed person",
 )  # fmt: skip
 _LEADING_LABEL = re.compile(
-    r"^(?:[\s*_\"']|#+\s)*(?:new|rewritten|evolved|created|revised|more complex)?\s*(?:task|instruction|prompt)"
-    r"[*_#\s]*:[*_\s]*",
+    r"^(?:[\s*_\"']|#+\s)*(?:(?:the|my|your|a)\s+)?(?:new|rewritten|evolved|created|revised|more complex)?"
+    r"\s*(?:task|instruction|prompt)(?:\s+(?:is|would be))?[*_#\s]*:[*_\s]*",
     re.IGNORECASE,
 )
 _PREAMBLE = re.compile(r"^(?:sure|here|okay|ok|certainly|of course)\b[^\n]*:\s*\n", re.IGNORECASE)
