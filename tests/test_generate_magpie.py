@@ -149,6 +149,21 @@ def test_a_servers_template_from_a_jinja_file_or_a_model_folder(tmp_path):
         read_template(tmp_path / "empty")
 
 
+@pytest.mark.unit
+def test_answerer_settings_without_an_answer_engine_are_refused():
+    from alpaca_forge import ValidationError
+    from alpaca_forge.core.config import build_config
+    from alpaca_forge.generate import GenerateConfig
+
+    base = {"output": "o.jsonl", "num_instructions": 2, "method": "magpie"}
+    with pytest.raises(ValidationError, match="--magpie-answer-model given with no --magpie-answer-engine"):
+        build_config(GenerateConfig, {**base, "magpie_answer_model": "other"})
+    config = build_config(GenerateConfig, {**base, "magpie_answer_engine": "openai",
+                                           "magpie_answer_base_url": "http://127.0.0.1:9/v1",
+                                           "magpie_answer_model": "m"})  # fmt: skip
+    assert config.magpie.answer.engine == "openai" and config.magpie.turns == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # the CLI against a scripted server
 
@@ -264,13 +279,17 @@ def test_refusals_before_any_request(tmp_path, tiny_model_dir, smollm2_jinja):
         r = run_cli("generate", "--method", "magpie", "--output", str(tmp_path / "c.jsonl"), "--num-instructions",
                     "2", "--engine", "transformers", "--model", str(tiny_model_dir), "--device", "cpu")  # fmt: skip
         assert_user_error(r, "needs an aligned chat model", "single-turn 'alpaca' format")
+        r = run_cli("generate", "--method", "magpie", "--output", str(tmp_path / "e.jsonl"), "--num-instructions",
+                    "2", "--engine", "transformers", "--model", str(tiny_model_dir), "--device", "cpu",
+                    "--format", "user-assistant", "--magpie-template", str(smollm2_jinja))  # fmt: skip
+        assert_user_error(r, "--magpie-template is for --engine openai")
         # several turns answered by a single-turn model
         r = run_cli(*_magpie(tmp_path / "d.jsonl", url, smollm2_jinja, "--num-instructions", "2", "--magpie-turns",
                              "2", "--magpie-answer-engine", "transformers", "--magpie-answer-model",
                              str(tiny_model_dir), "--magpie-answer-device", "cpu"))  # fmt: skip
         assert_user_error(r, "--magpie-turns 2 needs an answerer that reads several turns")
     assert script.seen == []
-    assert not any((tmp_path / n).exists() for n in ("a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl"))
+    assert not any((tmp_path / n).exists() for n in ("a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl", "e.jsonl"))
 
 
 @pytest.mark.integration
