@@ -110,7 +110,8 @@ held no readable rating after --retries), and draws the score histograms. Replie
 (append-only, beside the output): a rerun asks nothing, and a killed run resumes where it stopped.
 A server judge is kept --judge-batch-size requests in flight. Then keep the best with
 `data clean SCORED --min-score 4.5 --checks none`. Rule judges: rule:longer rates long outputs
-high, rule:shorter short ones (1 for an empty output): lengths, not quality.
+high, rule:shorter short ones (1 for an empty output): lengths, not quality. The embedded 135M
+model does not follow the rubric (its replies hold no rating): rate with a capable model.
 
 examples:
   alpaca-forge data score data.jsonl --output scored.jsonl --judge-engine openai \\
