@@ -128,7 +128,8 @@ an evaluation set: a shared run of --ngram words (13: GPT-3's test; items shorte
 left to ROUGE-L), or a ROUGE-L F1 above --threshold (0.7), computed exactly as rouge-score does.
 Words are ROUGE-L's: lower-case letters and digits. Writes the kept records, and the dropped ones
 (OUTPUT's name + .dropped.jsonl) each with the evaluation item it matched (file, line, id), the
-method, the ROUGE-L F1 and the shared words.
+method, the ROUGE-L F1 and the shared words. A conversation is checked turn by turn: it goes
+when any of its user turns overlaps.
 
 example:
   alpaca-forge data decontaminate train.jsonl --against eval.jsonl --against more-eval.jsonl \\
