@@ -19,6 +19,7 @@ Nothing is approximated: the result is exact.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice, pairwise
 
@@ -259,7 +260,7 @@ class _Block:
         self.strings = _as_strings(tokens, ptr)
         counts = np.bincount(doc * _GreedyStream.BUCKETS + self.flat % _GreedyStream.BUCKETS,
                              minlength=n_texts * _GreedyStream.BUCKETS)  # fmt: skip
-        self.buckets = counts.reshape(n_texts, _GreedyStream.BUCKETS)
+        self.buckets = counts.reshape(n_texts, _GreedyStream.BUCKETS).astype(np.int32)
 
 
 class _GreedyStream:
@@ -303,6 +304,12 @@ class _GreedyStream:
         self.kept_buckets = np.zeros((1024, self.BUCKETS), dtype=np.int32)  # first len(kept_strings) real
         self.kept = _Postings.empty()
         self.current: _Block | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="dedupe")
+        return self._pool
 
     # -- per-text numbers, from lengths ---------------------------------------------------------
 
@@ -376,7 +383,7 @@ class _GreedyStream:
         b = self.current
         assert b is not None
         here = docs >= b.start
-        out = np.empty((len(docs), self.BUCKETS), dtype=np.int64)
+        out = np.empty((len(docs), self.BUCKETS), dtype=np.int32)
         out[here] = b.buckets[docs[here] - b.start]
         out[~here] = self.kept_buckets[self.slot[docs[~here]]]
         return out
@@ -415,18 +422,25 @@ class _GreedyStream:
         hit = _ranges(lo, hi - lo)
         d, j = index.doc[hit], index.pos[hit].astype(np.int64)
         local, qi = np.repeat(local, hi - lo), np.repeat(qi, hi - lo)
+        # Every shared element bounds the pair's shared count: at most min(qi, j) are before it (in
+        # both texts) and min(m - qi, n - j) - 1 after. A hit whose bound is short of what the pair
+        # needs proves the pair below the threshold; a pair that can reach it keeps all its hits.
+        m = lengths[queries[local]].astype(np.int64)
+        n = index.key[hit] & ((1 << _LEN_BITS) - 1)
+        need = np.floor(self.tau * (m + n) / 2 - 1e-9).astype(np.int64) + 1
+        keep = np.minimum(qi, j) + np.minimum(m - qi, n - j) >= need
         if earlier_only:
-            keep = d < queries[local]
-            local, qi, d, j = local[keep], qi[keep], d[keep], j[keep]
+            keep &= d < queries[local]
+        local, qi, d, j = local[keep], qi[keep], d[keep], j[keep]
         if not len(d):
             return d, d, np.zeros(0)
         # Group the hits by pair, each group in element order. Both texts list elements in one
         # order, so a pair's first and last hits are its first and last shared prefix elements in
         # both texts. One sort of one integer key where it fits in 63 bits, else a lexsort.
-        texts, inverse = np.unique(d, return_inverse=True)
+        n_texts = b.start + len(b.ptr) - 1  # every text read so far
         w = int(max(qi.max(), j.max())) + 1
-        pair = local * len(texts) + inverse
-        if len(queries) * len(texts) * w * w < 2**62:
+        pair = local * n_texts + d
+        if len(queries) * n_texts * w * w < 2**62:
             pair, at = np.divmod(np.sort((pair * w + qi) * w + j), w * w)
             qi, j = np.divmod(at, w)
         else:
@@ -434,14 +448,14 @@ class _GreedyStream:
             pair, qi, j = pair[order], qi[order], j[order]
         first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
         last = np.r_[first[1:], len(pair)] - 1
-        q_local, d = np.divmod(pair[first], len(texts))
-        q, d = queries[q_local], texts[d]
+        q_local, d = np.divmod(pair[first], n_texts)
+        q = queries[q_local]
         m, n = lengths[q].astype(np.int64), lengths[d].astype(np.int64)
         need = np.floor(self.tau * (m + n) / 2 - 1e-9).astype(np.int64) + 1
         ok = 1 + np.minimum(m - qi[first] - 1, n - j[first] - 1) >= need
         ok &= (last - first + 1) + np.minimum(m - qi[last] - 1, n - j[last] - 1) >= need
         q, d, need = q[ok], d[ok], need[ok]
-        ok = np.minimum(self._buckets(q), self._buckets(d)).sum(axis=1) >= need
+        ok = np.minimum(self._buckets(q), self._buckets(d)).sum(axis=1, dtype=np.int64) >= need
         q, d = q[ok], d[ok]
         lcs = _pair_lcs(self._strings(q), self._strings(d))
         f1 = f1_from_lcs_array(lcs, lengths[q], lengths[d])
@@ -477,7 +491,11 @@ class _GreedyStream:
         best: dict[int, tuple[int, float]] = {}  # dropped text -> (kept text, F1)
         block = np.arange(start, start + len(texts))
         block = block[self.lengths[block] > 0]  # rouge-score scores an empty text 0: always kept
-        best.update(self._matches(block, self.kept))
+        # Against the texts kept before: the costly join, in halves on two threads (numpy's sorts
+        # and searches release the interpreter's lock).
+        halves = [block[: len(block) // 2], block[len(block) // 2 :]]
+        for found in self.pool().map(lambda half: self._matches(half, self.kept), halves):
+            best.update(found)
         survivors = np.array([k for k in block.tolist() if k not in best], dtype=np.int64)
         here = _Postings.empty()
         kept_here: list[int] = []
@@ -501,6 +519,11 @@ class _GreedyStream:
             Dropped(k, *best[k]) if k in best else None for k in range(start, start + len(texts))
         ]
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
     def run(
         self, texts: Iterable[str], progress: Callable[[int], None] | None = None
     ) -> Iterator[tuple[int, Dropped | None]]:
@@ -508,17 +531,20 @@ class _GreedyStream:
         ahead = list(islice(it, self.sample))
         self.learn_order(ahead)
         start = 0
-        while True:
-            if ahead:
-                texts_now, ahead = ahead[: self.block], ahead[self.block :]
-            else:
-                texts_now = list(islice(it, self.block))
-            if not texts_now:
-                return
-            yield from enumerate(self.decide(texts_now, start), start)
-            start += len(texts_now)
-            if progress:
-                progress(len(texts_now))
+        try:
+            while True:
+                if ahead:
+                    texts_now, ahead = ahead[: self.block], ahead[self.block :]
+                else:
+                    texts_now = list(islice(it, self.block))
+                if not texts_now:
+                    return
+                yield from enumerate(self.decide(texts_now, start), start)
+                start += len(texts_now)
+                if progress:
+                    progress(len(texts_now))
+        finally:  # also when the caller stops early
+            self.close()
 
 
 class _GreedyDeduper:
