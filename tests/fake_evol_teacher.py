@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler
 from fake_teacher import invented_word
 from loopback import Loopback
 
-_TASK = re.compile(r"\nTask:\n(.*)\n\nNew task:\s*$", re.DOTALL)
+_TASK = re.compile(r"\nTask:\n((?:(?!\nTask:\n).)*)\n\nNew task:\s*$", re.DOTALL)  # the last task shown
 _ANSWER_LAYOUT = re.compile(r"^Task:\n(.*)\n\nA complete and helpful answer:\n$", re.DOTALL)
 
 

@@ -17,6 +17,7 @@ from alpaca_forge.generate.evol import root_ids
 from alpaca_forge.generate.evol_config import OPERATIONS
 from alpaca_forge.generate.evol_steps import (
     DIRECTIVES,
+    EXAMPLES,
     answer_prompt,
     answer_reason,
     choose_operation,
@@ -83,6 +84,7 @@ def test_each_prompt_shows_the_task_and_its_own_directive_and_ends_where_the_rew
     for op, prompt in prompts.items():
         assert f"Task:\n{task}\n\nNew task:" in prompt and prompt.endswith("New task:")
         assert op == "breadth" or DIRECTIVES[op] in prompt
+        assert prompt.index(EXAMPLES[op][1]) < prompt.index(task), "one worked example, before the task"
     assert "same subject area" in prompts["breadth"] and "more skill" not in prompts["breadth"]
     assert answer_prompt(task) == f"Task:\n{task}\n\nA complete and helpful answer:\n"
 

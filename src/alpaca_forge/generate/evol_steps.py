@@ -39,9 +39,31 @@ DIRECTIVES = {
     "a list of figures or a longer passage), written out in full inside the task.",
 }
 
+# One worked example per operation, ours: a small teacher copies a layout it is shown far more
+# reliably than it follows directions (the embedded 135M model answered the task instead).
+EXAMPLES = {
+    "constraints": ("Suggest a weekend activity.", "Suggest a weekend activity for a family with a toddler "
+                    "that costs under 20 euros and works on a rainy day."),
+    "deepen": ("Why do leaves change colour?", "Why do leaves change colour in autumn, and why do some trees "
+               "turn red while others turn yellow?"),
+    "concretise": ("Give advice on saving money.", "Give a university student in a shared flat three ways to "
+                   "spend less on food each week."),
+    "reasoning": ("How many legs do 3 spiders have?", "A box holds 3 spiders and 4 beetles. How many legs are "
+                  "in the box? Show each step of the count."),
+    "complicate_input": ("Find the largest number.", "Find the largest number in this list and say how far it "
+                         "is from the mean: 14, 3, 27, 9, 18."),
+    "breadth": ("Name three kinds of cheese.", "Explain how the rind of a washed-rind cheese forms while it ripens."),
+}  # fmt: skip
+
 EVOLVE_TEMPLATE = """Rewrite the task below for an AI assistant so that answering it takes more skill.
 {directive}
 The new task must stand on its own, make sense, and be something a well-informed person could answer in writing. Add at most about 20 words to it. Write only the new task: no answer, no heading, no comment on what changed.
+
+Task:
+{example}
+
+New task:
+{example_new}
 
 Task:
 {text}
@@ -51,6 +73,12 @@ New task:"""
 # In-breadth: a new instruction of the same domain, rarer.
 BREADTH_TEMPLATE = """Below is a task for an AI assistant. Write one new task from the same subject area, about something less common, with about the same length and difficulty.
 The new task must stand on its own, make sense, and be something a well-informed person could answer in writing. Write only the new task: no answer, no heading, no comment.
+
+Task:
+{example}
+
+New task:
+{example_new}
 
 Task:
 {text}
@@ -103,9 +131,12 @@ def choose_operation(seed: int, root: str, round_: int, operations: tuple[str, .
 
 
 def evolve_prompt(operation: str, text: str) -> str:
+    example, example_new = EXAMPLES[operation]
     if operation == "breadth":
-        return BREADTH_TEMPLATE.format(text=text)
-    return EVOLVE_TEMPLATE.format(directive=DIRECTIVES[operation], text=text)
+        return BREADTH_TEMPLATE.format(text=text, example=example, example_new=example_new)
+    return EVOLVE_TEMPLATE.format(
+        directive=DIRECTIVES[operation], text=text, example=example, example_new=example_new
+    )
 
 
 def answer_prompt(text: str) -> str:
