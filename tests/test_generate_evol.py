@@ -238,6 +238,23 @@ def test_num_instructions_stops_early_and_the_completions_api_uses_its_layout(tm
 
 
 @pytest.mark.integration
+def test_the_cost_cap_and_a_teacher_that_never_rewrites_stop_the_run(tmp_path, seeds):
+    with FakeEvolTeacher(EvolScript()) as url:
+        r = run_cli(*_evol(seeds, tmp_path / "c.jsonl", url, "--num-instructions", "100",
+                           "--price-prompt-per-1m", "1000", "--max-cost-usd", "0.5"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "c.summary.json").read_text())
+    assert s["stopped_by"] == "cost_limit" and 0.5 <= s["cost_usd"] < 0.5 + 0.2 and s["accepted"] < 16
+    with FakeEvolTeacher(EvolScript(copy_rate=1.0)) as url:
+        r = run_cli(
+            *_evol(seeds, tmp_path / "b.jsonl", url, "--num-instructions", "5", "--max-barren-requests", "6")
+        )
+    assert r.returncode == 1, r.stderr
+    s = json.loads((tmp_path / "b.summary.json").read_text())
+    assert s["stopped_by"] == "barren" and s["requests"] == 6 and s["dropped"] == {"no_information_gain": 6}
+
+
+@pytest.mark.integration
 def test_kill_9_then_resume_writes_the_same_bytes_as_an_uninterrupted_run(tmp_path, seeds):
     whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
     script = EvolScript(latency_s=0.02, copy_rate=0.1, refuse_rate=0.1)
