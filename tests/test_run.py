@@ -119,7 +119,21 @@ def _actions(result) -> dict[str, str]:
 @pytest.mark.llamacpp
 def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path, tiny_model_dir, servers):
     teacher, judge = servers.teacher, servers.judge
-    recipe = write_recipe(tmp_path, tiny_model_dir, teacher, judge)
+    # the evaluation set holds one seed task, reworded a little: the data stage keeps it out of training
+    leaked = json.loads(SEEDS.read_text().splitlines()[3])
+    eval_set = tmp_path / "eval.jsonl"
+    eval_set.write_text(
+        json.dumps({"instruction": leaked["instruction"].replace(".", "!"), "input": leaked["instances"][0]["input"]})
+        + "\n"
+        + EVAL_SET.read_text()
+    )
+    def tiny(**changes):
+        return write_recipe(
+            tmp_path, tiny_model_dir, teacher, judge, stages__infer__input=str(eval_set),
+            stages__data__min_score=3, stages__data__judge_model="rule:longer", **changes,
+        )  # fmt: skip
+
+    recipe = tiny()
     first = run_cli("run", str(recipe))
     assert first.returncode == 0, first.stderr
     run_dir = tmp_path / "run"
@@ -127,7 +141,18 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
     state = _state(run_dir)
     assert all(s["status"] == "done" for s in state["stages"].values())
     data = state["stages"]["data"]["figures"]
-    assert data["from_teacher"] == 12 and data["from_seeds"] == 24 and data["records"] == 36
+    found = data["decontamination"]
+    assert found["dropped"] == 1 and found["checked"] == 36 and found["matched_items"] == 1
+    (dropped,) = [json.loads(line) for line in (run_dir / "data" / "contaminated.jsonl").read_text().splitlines()]
+    assert leaked["instruction"] in json.dumps(dropped)
+    # the judge (a rule: longer outputs rate higher) rated the 35 left; those under 3 are out
+    scored = [json.loads(line) for line in (run_dir / "data" / "scored.jsonl").read_text().splitlines()]
+    best = [r for r in scored if r["score"] and r["score"]["overall"] >= 3]
+    assert len(scored) == 35 and data["score"]["rated"] == 35 and 0 < len(best) < 35
+    assert data["records"] == len(best) == data["from_teacher"] + data["from_seeds"]
+    assert data["score"]["scored_out"] == 35 - len(best)
+    html = (run_dir / "report.html").read_text()
+    assert "overlapping the evaluation set" in html and "rule:longer" in html
     # every stage's product is where the recipe put it
     for rel in ("generate/records.jsonl", "data/train.jsonl", "train/config.json", "infer/before.jsonl",
                 "infer/after.jsonl", "eval/report.json", "export/model.f32.gguf", "preflight.txt",
@@ -135,7 +160,7 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
         assert (run_dir / rel).exists(), rel
     assert "⟦" in (run_dir / "preflight.txt").read_text()  # the masked prompt is shown
     pre = json.loads((run_dir / "preflight.json").read_text())
-    assert pre["ok"] and pre["eos_trained"] == pre["examples"] == 36
+    assert pre["ok"] and pre["eos_trained"] == pre["examples"] == data["records"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["versions"]["alpaca-forge"] and manifest["versions"]["torch"]
     assert manifest["tokens"]["teacher_completion"] > 0 and manifest["cost"]["teacher_usd"] > 0
@@ -158,7 +183,7 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
     assert len(servers.script.seen) == asked
 
     # a training setting changes: train and everything after it rerun; generate and data do not
-    recipe = write_recipe(tmp_path, tiny_model_dir, teacher, judge, stages__train__learning_rate=1e-2)
+    recipe = tiny(stages__train__learning_rate=1e-2)
     changed = run_cli("run", str(recipe))
     assert changed.returncode == 0, changed.stderr
     assert _actions(changed) == {
@@ -173,14 +198,7 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
     }  # fmt: skip
 
     # a data setting changes but its output does not: data reruns, and what follows is skipped
-    recipe = write_recipe(
-        tmp_path,
-        tiny_model_dir,
-        teacher,
-        judge,
-        stages__train__learning_rate=1e-2,
-        stages__data__quality={"examples": 5},
-    )
+    recipe = tiny(stages__train__learning_rate=1e-2, stages__data__quality={"examples": 5})
     same = run_cli("run", str(recipe))
     assert same.returncode == 0, same.stderr
     assert _actions(same) == {
@@ -613,7 +631,10 @@ def test_every_wired_field_set_by_hand_is_listed_and_the_plan_holds_the_tables_p
     assert works["generate"].configs["generate"].output == str(run_dir / "generate" / "records.jsonl")
     assert works["data"].configs["clean"].file == works["data"].configs["quality"].file
     assert works["data"].configs["dedupe"].file == works["data"].configs["clean"].output
-    assert works["train"].configs["train"].data == works["data"].configs["dedupe"].output
+    assert works["data"].configs["decontaminate"].file == works["data"].configs["dedupe"].output
+    assert works["data"].configs["decontaminate"].against == (before_set := works["infer"].configs["before"].input,)
+    assert works["data"].inputs["evaluation set"] == Path(before_set)  # a new eval set reruns the data stage
+    assert works["train"].configs["train"].data == str(run_dir / "data" / "train.jsonl") == str(works["data"].outputs[0])
     before, after = works["infer"].configs["before"], works["infer"].configs["after"]
     assert before.engine.model == model and after.engine.model == str(run_dir / "train")
     judged = works["eval"].configs["eval"]

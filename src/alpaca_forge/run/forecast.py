@@ -40,6 +40,8 @@ class TeacherForecast:
     cost_usd: float
     capped_by_max_cost: bool
     counted_with: str  # "tokenizer" or "4 characters per token"
+    price_factor: float = 1.0  # a batch teacher's share of the list price (1 - batch_discount)
+    method: str = "self-instruct"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class JudgeForecast:
     completion_tokens: int
     cost_usd: float
     counted_with: str
+    price_factor: float = 1.0  # a batch judge's share of the list price
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,12 @@ class Forecast:
         t = self.teacher
         if t:
             cap = " (capped by max_cost_usd)" if t.capped_by_max_cost else ""
+            batch = f" (batch: {t.price_factor:g} x the list price)" if t.price_factor != 1 else ""
+            method = f" [{t.method}]" if t.method != "self-instruct" else ""
             out.append(
-                f"teacher: {t.requests} requests x ({t.prompt_tokens_per_request:.0f} prompt + "
+                f"teacher{method}: {t.requests} requests x ({t.prompt_tokens_per_request:.0f} prompt + "
                 f"{t.completion_tokens_per_request} completion tokens) = {t.prompt_tokens:,} + "
-                f"{t.completion_tokens:,} tokens, {_usd_or_unpriced(t.cost_usd, TEACHER_PRICES)}{cap} "
+                f"{t.completion_tokens:,} tokens, {_usd_or_unpriced(t.cost_usd, TEACHER_PRICES)}{batch}{cap} "
                 f"[{t.counted_with}]"
             )
         tr = self.train
@@ -115,10 +120,11 @@ class Forecast:
             )
         j = self.judge
         if j:
+            batch = f" (batch: {j.price_factor:g} x the list price)" if j.price_factor != 1 else ""
             out.append(
                 f"judge: {j.judgements} judgements x ({j.prompt_tokens_per_judgement:.0f} prompt + "
                 f"{j.completion_tokens_per_judgement} completion tokens) = {j.prompt_tokens:,} + "
-                f"{j.completion_tokens:,} tokens, {_usd_or_unpriced(j.cost_usd, JUDGE_PRICES)} [{j.counted_with}]"
+                f"{j.completion_tokens:,} tokens, {_usd_or_unpriced(j.cost_usd, JUDGE_PRICES)}{batch} [{j.counted_with}]"
             )
         if self.inference_tokens:
             out.append(f"inference: at most {self.inference_tokens:,} tokens (before and after fine-tuning)")
@@ -153,8 +159,13 @@ def teacher(
     price_prompt_per_1m: float,
     price_completion_per_1m: float,
     max_cost_usd: float | None,
+    price_factor: float = 1.0,
+    method: str = "self-instruct",
 ) -> TeacherForecast:
-    """`prompts`: the first requests' real prompts (their mean length stands for all)."""
+    """`prompts`: the first requests' real prompts (their mean length stands for all);
+    `price_factor`: the share of the list prices paid (a batch teacher's 1 - discount)."""
+    price_prompt_per_1m *= price_factor
+    price_completion_per_1m *= price_factor
     requests = math.ceil(num_instructions / records_per_request)
     if max_requests is not None:
         requests = min(requests, max_requests)
@@ -176,6 +187,8 @@ def teacher(
         _usd(prompt_tokens, completion_tokens, price_prompt_per_1m, price_completion_per_1m),
         capped,
         counted_with,
+        price_factor,
+        method,
     )
 
 
@@ -237,7 +250,10 @@ def judge(
     completion_tokens: int,
     price_prompt_per_1m: float,
     price_completion_per_1m: float,
+    price_factor: float = 1.0,
 ) -> JudgeForecast:
+    price_prompt_per_1m *= price_factor
+    price_completion_per_1m *= price_factor
     n = items * (2 if both_orders else 1)
     prompt = round(n * prompt_tokens_per_judgement)
     completion = n * completion_tokens
@@ -249,4 +265,5 @@ def judge(
         completion,
         _usd(prompt, completion, price_prompt_per_1m, price_completion_per_1m),
         counted_with,
+        price_factor,
     )

@@ -137,7 +137,8 @@ def build_manifest(
         licences["base_model"] = {"model": s["train"].model, "licence": model_licence(s["train"].model)}
     if "generate" in s:
         licences["teacher"] = engine_identity(s["generate"].teacher)  # the engine that runs it
-        licences["seeds"] = {"file": s["generate"].seeds, "licence": data_licence(Path(s["generate"].seeds))}
+        if s["generate"].seeds:  # magpie reads none
+            licences["seeds"] = {"file": s["generate"].seeds, "licence": data_licence(Path(s["generate"].seeds))}
     if "data" in s and s["data"].input:
         licences["data"] = {"file": s["data"].input, "licence": data_licence(Path(s["data"].input))}
     if "prefer" in s:

@@ -371,6 +371,15 @@ def _joins(stages: dict[str, Any], where: dict[str, str], p: Path) -> list[Probl
                 "add a generate stage, or give data.input: FILE (Alpaca records)",
             )
         )
+    generate = stages.get("generate")
+    if data is not None and data.include_seeds and generate is not None and not generate.seeds:
+        problems.append(
+            Problem(
+                where["data"],
+                "'include_seeds' takes the generate stage's seeds, and its method (magpie) reads none",
+                "remove include_seeds, or give the generate stage seeds and method self-instruct or evol",
+            )
+        )
     if data is not None and data.include_seeds and "generate" not in stages:
         problems.append(
             Problem(

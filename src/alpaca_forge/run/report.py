@@ -86,6 +86,8 @@ def _data(state: RunState) -> str:
         ("records from the seed tasks", d.get("from_seeds_in")),
         ("removed by cleaning (" + ", ".join(d.get("clean_checks", [])) + ")", d.get("cleaned_out")),
         ("removed as near duplicates (ROUGE-L)", d.get("deduped_out")),
+        *_decontamination_row(d),
+        *_score_rows(d),
         (Html("<b>training records</b>"), d.get("records")),
         ("… of which from the teacher", d.get("from_teacher")),
         ("… of which seed tasks", d.get("from_seeds")),
@@ -107,7 +109,41 @@ def _data(state: RunState) -> str:
         if flat:
             parts.append(table(flat, ("statistic", "value")))
     parts.append(png(Path(d["lengths_plot"]) if d.get("lengths_plot") else None))
+    score = d.get("score") or {}
+    if score.get("plot"):
+        parts.append(f"<h3>The judge's ratings ({esc(score.get('judge'))})</h3>")
+        parts.append(png(Path(score["plot"])))
     return "".join(parts)
+
+
+def _decontamination_row(d: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """What the check against the recipe's own evaluation set found (or that it did not run)."""
+    found = d.get("decontamination")
+    if not found:
+        return [("checked against the evaluation set", "no (decontaminate off, or no infer stage)")]
+    methods = ", ".join(f"{k} {v}" for k, v in sorted((found.get("by_method") or {}).items())) or "none"
+    sets = ", ".join(Path(f).name for f in found.get("against", {}))
+    return [
+        (
+            f"removed as overlapping the evaluation set ({sets}; {methods}; "
+            f"{found.get('matched_items', 0)} evaluation items matched; listed in {Path(found.get('dropped_file', '')).name})",
+            found.get("dropped"),
+        )
+    ]
+
+
+def _score_rows(d: dict[str, Any]) -> list[tuple[Any, Any]]:
+    score = d.get("score")
+    if not score:
+        return []
+    return [
+        (
+            f"rated by the judge {score.get('judge')} (mean overall {score.get('mean_overall')}, "
+            f"{score.get('unreadable', 0)} unreadable)",
+            score.get("rated"),
+        ),
+        (f"removed as rated below {score.get('min_score')}", score.get("scored_out")),
+    ]
 
 
 _MASK = re.compile(r"⟦(.*?)⟧", re.DOTALL)
@@ -179,7 +215,9 @@ def _eval_report(recipe: Recipe, output: str = "report") -> PairwiseReport | Non
     path = run_file(recipe.run_dir, "eval", output)
     if not path.is_file():
         return None
-    return read_pairwise_report(path, flag=f"the eval stage's {output}", fix="run the recipe with --from eval")
+    return read_pairwise_report(
+        path, flag=f"the eval stage's {output}", fix="run the recipe with --from eval"
+    )
 
 
 def _evaluation(state: RunState, r: PairwiseReport | None) -> str:
@@ -227,7 +265,9 @@ def _answer(row: dict[str, Any]) -> str:
         return '<span class="muted">(no answer in the file)</span>'
     text = row.get("output", "")
     return (
-        esc(text) if text.strip() else '<span class="muted">(empty: the model ended its answer at once)</span>'
+        esc(text)
+        if text.strip()
+        else '<span class="muted">(empty: the model ended its answer at once)</span>'
     )
 
 
@@ -320,12 +360,24 @@ def _alignment_cost(state: RunState) -> list[tuple[str, Any, Any]]:
     p = stage_figures(state, "prefer").get("summary") or {}
     if p.get("judge_cost"):
         c = p["judge_cost"]
-        rows.append(("prefer: judge prompt / completion tokens", "—", f"{fmt(c['prompt_tokens'])} / {fmt(c['completion_tokens'])}"))
+        rows.append(
+            (
+                "prefer: judge prompt / completion tokens",
+                "—",
+                f"{fmt(c['prompt_tokens'])} / {fmt(c['completion_tokens'])}",
+            )
+        )
     if "align" in state.stages:
         rows.append(("align: training wall time, s", "—", round(state.stages["align"].wall_s, 1)))
     e = stage_figures(state, "eval").get("aligned")
     if e:
-        rows.append(("eval (aligned): judge prompt / completion tokens", "—", f"{fmt(e['prompt_tokens'])} / {fmt(e['completion_tokens'])}"))
+        rows.append(
+            (
+                "eval (aligned): judge prompt / completion tokens",
+                "—",
+                f"{fmt(e['prompt_tokens'])} / {fmt(e['completion_tokens'])}",
+            )
+        )
     return rows
 
 
@@ -348,7 +400,9 @@ def _provenance(manifest: dict[str, Any]) -> str:
 
 def render(recipe: Recipe, state: RunState, forecast: Forecast, manifest: dict[str, Any]) -> str:
     judged = _eval_report(recipe) if "eval" in state.stages else None
-    aligned = _eval_report(recipe, "aligned report") if recipe.has("align") and "eval" in state.stages else None
+    aligned = (
+        _eval_report(recipe, "aligned report") if recipe.has("align") and "eval" in state.stages else None
+    )
     bodies = {
         "run": ("The run", _run(recipe, state)),
         "data": ("Data", _data(state)),

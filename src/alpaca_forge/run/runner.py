@@ -174,7 +174,8 @@ def dry_plan(
 
 def _sample_records(recipe: Recipe) -> list[Any]:
     if recipe.has("generate"):
-        return _records(recipe.stages["generate"].seeds)
+        seeds = recipe.stages["generate"].seeds  # none for magpie: its records are not known before
+        return _records(seeds) if seeds else []
     if recipe.has("data"):
         return _records(recipe.stages["data"].input)
     return []
@@ -293,33 +294,34 @@ def _local_engine_model(engine: Any) -> str | None:
 
 
 def make_forecast(recipe: Recipe) -> fc.Forecast:
+    from ..engines.batch import price_factor
+
     s = recipe.stages
     f = recipe.forecast
     teacher = train = judge = None
     records_expected = 0
     if "generate" in s:
-        from ..generate.teacher_prompt import build_prompt, sample_demos
-
         g = s["generate"]
-        seeds = _records(g.seeds)
+        seeds = _records(g.seeds) if g.seeds else []
         count, how = _token_counter(_local_engine_model(g.engine))
-        prompts = [build_prompt(sample_demos(seeds, k, g.seed)) for k in range(8)]
+        prompts, completion, per_request, most = _teacher_requests(g, seeds, f)
         teacher = fc.teacher(
             prompts,
             count,
             how,
             num_instructions=g.num_instructions,
-            records_per_request=f.teacher_records_per_request,
-            max_requests=g.max_requests,
-            completion_tokens_per_request=f.teacher_completion_tokens_per_request
-            or g.settings.max_new_tokens,  # the teacher's, resolved for where it runs
+            records_per_request=per_request,
+            max_requests=min(x for x in (g.max_requests, most) if x is not None)
+            if (g.max_requests or most)
+            else None,
+            completion_tokens_per_request=completion,
             price_prompt_per_1m=g.price_prompt_usd_per_1m,
             price_completion_per_1m=g.price_completion_usd_per_1m,
             max_cost_usd=g.max_cost_usd,
+            price_factor=price_factor(g.teacher),
+            method=g.method,
         )
-        expected_from_teacher = min(
-            g.num_instructions, math.floor(teacher.requests * f.teacher_records_per_request)
-        )
+        expected_from_teacher = min(g.num_instructions, math.floor(teacher.requests * per_request))
         include = "data" in s and s["data"].include_seeds
         records_expected = expected_from_teacher + (len(seeds) if include else 0)
     elif "data" in s:
@@ -371,8 +373,43 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
                 completion_tokens=e.judging.judge_generation.max_new_tokens,
                 price_prompt_per_1m=f.judge_price_prompt_per_1m,
                 price_completion_per_1m=f.judge_price_completion_per_1m,
+                price_factor=price_factor(e.judging.judge),
             )
     return fc.Forecast(teacher, train, judge, inference_tokens)
+
+
+def _teacher_requests(g: Any, seeds: list[Any], f: Any) -> tuple[list[str], int, float, int | None]:
+    """What one teacher request of the recipe's method looks like: sample prompts (their mean
+    length stands for all), completion tokens (an upper bound), records it can yield, and the most
+    requests the method can send (evol's chains are finite).
+
+    self-instruct: one numbered 20-task prompt, up to forecast.teacher_records_per_request records.
+    evol: a rewrite and then its answer, two requests for at most one record, seeds x rounds x 2 at
+    most. magpie: one conversation a request (turns x (query + answer) calls, each prompt the
+    conversation so far, counted here as its generated text), at most one record."""
+    completion = f.teacher_completion_tokens_per_request or g.settings.max_new_tokens
+    if g.method == "evol":
+        from ..generate.evol_steps import answer_prompt, choose_operation, evolve_prompt, parent_text
+
+        ops = g.evol.operations
+        texts = [parent_text(r) for r in seeds[:8]]
+        prompts = [evolve_prompt(choose_operation(g.seed, str(k), 1, ops), t) for k, t in enumerate(texts)]
+        prompts += [answer_prompt(t) for t in texts]
+        return prompts, completion, min(f.teacher_records_per_request, 0.5), len(seeds) * g.evol.rounds * 2
+    if g.method == "magpie":
+        m = g.magpie
+        per_turn = m.query_max_new_tokens + g.settings.max_new_tokens
+        calls = " ".join(["word"] * (per_turn * m.turns))  # the conversation so far, at most
+        return (
+            [calls],
+            completion * m.turns + m.query_max_new_tokens * m.turns,
+            min(f.teacher_records_per_request, 1.0),
+            None,
+        )
+    from ..generate.teacher_prompt import build_prompt, sample_demos
+
+    prompts = [build_prompt(sample_demos(seeds, k, g.seed)) for k in range(8)]
+    return prompts, completion, f.teacher_records_per_request, None
 
 
 def _tokens_per_example(t: Any, records: list[Any]) -> tuple[float, str]:

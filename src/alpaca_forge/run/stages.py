@@ -26,7 +26,9 @@ from typing import Any
 
 from ..core.errors import UserError
 from ..core.files import read_appended_jsonl, write_json_atomic, write_text_atomic
+from ..data.config import CleanConfig
 from .recipe import Recipe
+from .wiring import run_file
 
 log = logging.getLogger("alpaca_forge")
 
@@ -52,9 +54,8 @@ def plan(recipe: Recipe) -> list[StageWork]:
     works: list[StageWork] = []
     if "generate" in s:
         g = s["generate"]
-        works.append(
-            StageWork("generate", run / "generate", c["generate"], {"seeds": Path(g.seeds)}, [Path(g.output)])
-        )
+        inputs = {"seeds": Path(g.seeds)} if g.seeds else {}  # magpie reads none
+        works.append(StageWork("generate", run / "generate", c["generate"], inputs, [Path(g.output)]))
     if "data" in s:
         d = s["data"]
         source = Path(s["generate"].output) if "generate" in s else Path(d.input)
@@ -62,8 +63,17 @@ def plan(recipe: Recipe) -> list[StageWork]:
         if d.include_seeds:
             inputs["seeds"] = Path(s["generate"].seeds)
         configs = {"quality": d.quality, "clean": d.clean, "dedupe": d.dedupe}
-        extra = {"include_seeds": d.include_seeds}
-        works.append(StageWork("data", run / "data", configs, inputs, [Path(d.dedupe.output)], extra))
+        train_data = run_file(run, "data", "train data")
+        if d.decontaminate and "infer" in s:  # the set the recipe evaluates on stays out of training
+            inputs["evaluation set"] = Path(s["infer"].input)
+            configs["decontaminate"] = dataclasses.replace(d.decontamination, against=(s["infer"].input,))
+        if d.min_score is not None:
+            configs["score"] = d.score
+            configs["keep"] = CleanConfig(
+                file=d.score.output, output=str(train_data), checks=("none",), min_score=d.min_score
+            )
+        extra = {"include_seeds": d.include_seeds, "decontaminate": d.decontaminate, "min_score": d.min_score}
+        works.append(StageWork("data", run / "data", configs, inputs, [train_data], extra))
     if "train" in s:
         t = s["train"]
         launch = recipe.launch
@@ -108,7 +118,9 @@ def plan(recipe: Recipe) -> list[StageWork]:
         gguf = s["export"]
         final = s["align"] if "align" in s else s["train"]  # the last model trained
         works.append(
-            StageWork("export", run / "export", c["export"], {"model": Path(final.output)}, [Path(gguf.output)])
+            StageWork(
+                "export", run / "export", c["export"], {"model": Path(final.output)}, [Path(gguf.output)]
+            )
         )
     return works
 
@@ -156,22 +168,57 @@ def _generate(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> 
 def _data(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict[str, Any]:
     from ..core.records import read_records, write_records
     from ..data.config import StatsConfig
+    from ..data.decontaminate import run_decontaminate
     from ..data.runner import run_clean, run_dedupe, run_quality, run_stats
+    from ..data.score import run_score
 
+    c = work.configs
     teacher = read_records(work.inputs["records"], require_output=True)
     seeds = read_records(work.inputs["seeds"]) if "seeds" in work.inputs else []
-    combined = Path(work.configs["quality"].file)
+    combined = Path(c["quality"].file)
     write_records(combined, [*seeds, *teacher])
-    quality = run_quality(work.configs["quality"], progress=progress)
-    clean = run_clean(work.configs["clean"], progress=progress)
-    dedupe = run_dedupe(work.configs["dedupe"], progress=progress)
-    final = read_records(dedupe.output)
+    quality = run_quality(c["quality"], progress=progress)
+    clean = run_clean(c["clean"], progress=progress)
+    dedupe = run_dedupe(c["dedupe"], progress=progress)
+    figures: dict[str, Any] = {}
+    last = dedupe.output
+    if "decontaminate" in c:
+        found = run_decontaminate(c["decontaminate"])
+        last = found.output
+        figures["decontamination"] = {
+            "against": found.against,
+            "checked": found.records,
+            "dropped": found.dropped,
+            "by_method": found.by_method,
+            "matched_items": found.matched_items,
+            "dropped_file": str(found.dropped_path),
+            "elapsed_s": round(found.elapsed_s, 3),
+        }
+    train_data = work.outputs[0]
+    if "score" in c:
+        scored = run_score(c["score"], progress=progress)
+        kept = run_clean(c["keep"], progress=False)
+        figures["score"] = {
+            "judge": scored.judge,
+            "rated": scored.rated,
+            "unreadable": scored.unreadable,
+            "mean_overall": scored.mean_overall,
+            "overall_counts": {str(k): v for k, v in sorted(scored.overall_counts.items())},
+            "min_score": work.extra["min_score"],
+            "scored_out": kept.removed,
+            "prompt_tokens": scored.prompt_tokens,
+            "completion_tokens": scored.completion_tokens,
+            "plot": str(scored.plot) if scored.plot else None,
+        }
+    else:
+        write_records(train_data, read_records(last, require_output=True))
+    final = read_records(train_data)
     seed_keys = {(r.instruction, r.input, r.output) for r in seeds}
     from_seeds = sum(1 for r in final if (r.instruction, r.input, r.output) in seed_keys)
     folder = work.folder
     stats = run_stats(
         StatsConfig(
-            file=str(dedupe.output), plot=str(folder / "lengths.png"), json_path=str(folder / "stats.json")
+            file=str(train_data), plot=str(folder / "lengths.png"), json_path=str(folder / "stats.json")
         )
     )
     return {
@@ -179,10 +226,11 @@ def _data(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict
         "from_seeds_in": len(seeds),
         "quality": {name: check["count"] for name, check in quality.report["checks"].items()},
         "cleaned_out": clean.removed,
-        "clean_checks": list(work.configs["clean"].checks),
+        "clean_checks": list(c["clean"].checks),
         "deduped_out": dedupe.dropped,
-        "records": dedupe.kept,
-        "from_teacher": dedupe.kept - from_seeds,
+        **figures,
+        "records": len(final),
+        "from_teacher": len(final) - from_seeds,
         "from_seeds": from_seeds,
         "stats": stats.numbers,
         "lengths_plot": str(stats.plot) if stats.plot else None,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import Config, FieldPath, nested, setting
-from ..data.config import CleanConfig, DedupeConfig, QualityConfig
+from ..data.config import CleanConfig, DecontaminateConfig, DedupeConfig, QualityConfig, ScoreConfig
 from ..eval.config import PairwiseConfig
 from ..export.config import GgufConfig, MergeConfig
 from ..generate.config import GenerateConfig
@@ -36,7 +36,8 @@ from ..train.config import TrainConfig
 
 @dataclass(frozen=True)
 class DataStage(Config):
-    """The data stage: the teacher's records (and the seeds) -> quality report -> clean -> dedupe."""
+    """The data stage: the teacher's records (and the seeds) -> quality report -> clean -> dedupe
+    -> decontaminate (against the recipe's evaluation set) -> [score, keep the best] -> train data."""
 
     input: str | None = setting(
         None, "records to start from when the recipe has no generate stage", metavar="FILE"
@@ -50,10 +51,37 @@ class DataStage(Config):
     quality: QualityConfig = nested(
         QualityConfig, "quality", lambda: QualityConfig(file=""), prefix="quality"
     )
-    clean: CleanConfig = nested(CleanConfig, "clean", lambda: CleanConfig(file="", output=""), prefix="clean")
+    clean: CleanConfig = nested(
+        CleanConfig,
+        "clean",
+        lambda: CleanConfig(file="", output=""),
+        prefix="clean",
+        exclude=("min_score",),  # the records are rated later: min_score below
+    )
     dedupe: DedupeConfig = nested(
         DedupeConfig, "dedupe", lambda: DedupeConfig(file="", output=""), prefix="dedupe"
     )
+    decontaminate: bool = setting(
+        True,
+        "drop training records that overlap the recipe's evaluation set (the infer stage's input), by "
+        "n-gram and ROUGE-L as `data decontaminate`; the report lists what was found",
+    )
+    decontamination: DecontaminateConfig = nested(
+        DecontaminateConfig,
+        "decontamination",
+        lambda: DecontaminateConfig(file="", against=("",), output=""),
+        prefix="decontaminate",
+        exclude=("against",),  # the recipe's own evaluation set
+    )
+    min_score: float | None = setting(
+        None,
+        "rate every record with a judge (`data score`, the judge_* settings) and train on those whose "
+        "overall score is at least X, 1-5 (AlpaGasus); none: no rating",
+        ge=1,
+        le=5,
+        metavar="X",
+    )
+    score: ScoreConfig = nested(ScoreConfig, "score", lambda: ScoreConfig(file="", output=""), prefix="score")
 
 
 # Each stage's section of the recipe, read into its command's config; in the order they run.
@@ -98,8 +126,12 @@ OUTPUTS: dict[str, dict[str, str | Setting]] = {
         "combined records": "data/input.jsonl",  # the seeds and the teacher's records, as the checks read them
         "quality report": "data/quality.json",
         "clean records": "data/clean.jsonl",
+        "deduped records": "data/deduped.jsonl",
+        "dropped records": "data/deduped.dropped.jsonl",
+        "decontaminated records": "data/decontaminated.jsonl",
+        "contaminated records": "data/contaminated.jsonl",
+        "scored records": "data/scored.jsonl",
         "train data": "data/train.jsonl",
-        "dropped records": "data/train.dropped.jsonl",
     },
     "train": {"model": "train", "base model": Setting(("model",))},
     "prefer": {"pairs": "prefer/pairs.jsonl", "judge": Setting(("judge",))},
@@ -172,8 +204,13 @@ WIRES: tuple[Wire, ...] = (
     Wire("data", "combined records", "data", ("clean", "file")),
     Wire("data", "clean records", "data", ("clean", "output")),
     Wire("data", "clean records", "data", ("dedupe", "file")),
-    Wire("data", "train data", "data", ("dedupe", "output")),
+    Wire("data", "deduped records", "data", ("dedupe", "output")),
     Wire("data", "dropped records", "data", ("dedupe", "dropped")),
+    Wire("data", "deduped records", "data", ("decontamination", "file")),
+    Wire("data", "decontaminated records", "data", ("decontamination", "output")),
+    Wire("data", "contaminated records", "data", ("decontamination", "dropped")),
+    Wire("data", "decontaminated records", "data", ("score", "file")),
+    Wire("data", "scored records", "data", ("score", "output")),
     Wire("data", "train data", "train", ("data",)),
     Wire("train", "model", "train", ("output",)),
     Wire("train", "model", "prefer", ("engine", "model")),
@@ -192,8 +229,12 @@ WIRES: tuple[Wire, ...] = (
     Wire("infer", "base answers", "eval", ("b",), label="base"),
     Wire("eval", "report folder", "eval", ("output",)),
     Wire("infer", "set", "eval", ("set",), role="aligned", when="the recipe aligns"),
-    Wire("infer", "aligned answers", "eval", ("a",), role="aligned", label="aligned", when="the recipe aligns"),
-    Wire("infer", "tuned answers", "eval", ("b",), role="aligned", label="fine-tuned", when="the recipe aligns"),
+    Wire(
+        "infer", "aligned answers", "eval", ("a",), role="aligned", label="aligned", when="the recipe aligns"
+    ),
+    Wire(
+        "infer", "tuned answers", "eval", ("b",), role="aligned", label="fine-tuned", when="the recipe aligns"
+    ),
     Wire("eval", "aligned report folder", "eval", ("output",), role="aligned", when="the recipe aligns"),
     # the aligned model is judged by the judge whose preferences it learned (AlpacaFarm's simulated
     # win rate), whatever judge compares the fine-tuned model with its base
