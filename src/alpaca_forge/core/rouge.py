@@ -92,14 +92,22 @@ def lcs_matrix(queries: Sequence[Sequence[int]], choices: Sequence[Sequence[int]
 
 def f1_from_lcs_array(lcs: np.ndarray, target_lens: np.ndarray, prediction_lens: np.ndarray) -> np.ndarray:
     """ROUGE-L F1 element-wise (arrays broadcast), with `f1_from_lcs`'s exact float operations."""
-    lcs = np.asarray(lcs, dtype=np.float64)
     m = np.asarray(target_lens, dtype=np.float64)
     n = np.asarray(prediction_lens, dtype=np.float64)
+    lcs = np.asarray(lcs)
+    recall = np.empty(np.broadcast_shapes(lcs.shape, m.shape, n.shape))  # ours, worked on in place
+    recall[...] = lcs
+    # Few passes and temporaries over what can be 16 x 10K scores per call (generate's pool),
+    # each operation the scalar formula's own, in its order: the same bits.
     with np.errstate(divide="ignore", invalid="ignore"):
-        precision = lcs / n
-        recall = lcs / m
-        f1 = 2 * precision * recall / (precision + recall)
-    return np.where((lcs > 0) & (n > 0) & (m > 0), f1, 0.0)
+        precision = np.divide(recall, n, out=np.empty_like(recall))
+        np.divide(recall, m, out=recall)
+        total = precision + recall
+        precision *= 2
+        precision *= recall
+        precision /= total
+    # A zero LCS or length gives 0/0 somewhere (NaN) and nothing else does: those score 0.
+    return np.nan_to_num(precision, copy=False, nan=0.0)
 
 
 def f1_from_lcs_matrix(lcs: np.ndarray, query_lens: np.ndarray, choice_lens: np.ndarray) -> np.ndarray:
