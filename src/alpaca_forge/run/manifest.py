@@ -171,7 +171,8 @@ def build_manifest(
             "training_seen": train_summary.get("tokens_seen_this_run"),
         },
         "cost": {
-            "teacher_usd": gen.get("cost_usd"),
+            "teacher_usd": gen.get("cost_usd"),  # at the batch price where the teacher was a batch
+            "teacher_price_factor": (gen.get("teacher_settings") or {}).get("price_factor", 1.0),
             "compute_hours": round(train_s * processes / 3600, 4),
             "compute_kind": "GPU" if recipe.forecast.gpu != "cpu" else "CPU",
             "forecast_usd": round(forecast.cost_usd, 4),

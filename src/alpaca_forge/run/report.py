@@ -307,8 +307,9 @@ def _cost(recipe: Recipe, state: RunState, forecast: Forecast, report: PairwiseR
             ("teacher requests", f.requests, g.get("requests")),
             ("teacher prompt tokens", f.prompt_tokens, g.get("prompt_tokens")),
             ("teacher completion tokens", f.completion_tokens, g.get("completion_tokens")),
-            ("teacher USD", round(f.cost_usd, 4), g.get("cost_usd")),
-        ]
+            ("teacher USD" + (f" (batch: {f.price_factor:g} x the list price)" if f.price_factor != 1 else ""),
+             round(f.cost_usd, 4), g.get("cost_usd")),
+        ]  # fmt: skip
     if forecast.train:
         f2 = forecast.train
         actual_hours = (
@@ -337,11 +338,12 @@ def _cost(recipe: Recipe, state: RunState, forecast: Forecast, report: PairwiseR
             ("judge prompt tokens", f3.prompt_tokens, e.get("prompt_tokens")),
             ("judge completion tokens", f3.completion_tokens, e.get("completion_tokens")),
             (
-                "judge USD",
+                "judge USD" + (f" (batch: {f3.price_factor:g} x the list price)" if f3.price_factor != 1 else ""),
                 round(f3.cost_usd, 4),
                 round(
-                    (e.get("prompt_tokens", 0) * prices.judge_price_prompt_per_1m
-                     + e.get("completion_tokens", 0) * prices.judge_price_completion_per_1m) / 1e6,
+                    f3.price_factor
+                    * (e.get("prompt_tokens", 0) * prices.judge_price_prompt_per_1m
+                       + e.get("completion_tokens", 0) * prices.judge_price_completion_per_1m) / 1e6,
                     4,
                 ) if e else None,
             ),
@@ -357,6 +359,15 @@ def _cost(recipe: Recipe, state: RunState, forecast: Forecast, report: PairwiseR
 def _alignment_cost(state: RunState) -> list[tuple[str, Any, Any]]:
     """What learning from preferences cost: not forecast, counted."""
     rows: list[tuple[str, Any, Any]] = []
+    score = stage_figures(state, "data").get("score") or {}
+    if score:
+        rows.append(
+            (
+                "data score: judge prompt / completion tokens",
+                "—",
+                f"{fmt(score['prompt_tokens'])} / {fmt(score['completion_tokens'])}",
+            )
+        )
     p = stage_figures(state, "prefer").get("summary") or {}
     if p.get("judge_cost"):
         c = p["judge_cost"]
