@@ -8,7 +8,19 @@ from ..core.cli import add_command, say
 from .config import GenerateConfig
 
 DESCRIPTION = """\
-Make new Alpaca records the self-instruct way: each request shows the teacher 3 seed tasks and
+Make new instruction records with a teacher model, by one of three methods (--method):
+
+  self-instruct (default, Alpaca's): new tasks from 3 seed tasks a request;
+  evol (Evol-Instruct): each --seeds instruction rewritten harder (in depth) or into a new task of
+    its domain (in breadth) for --evol-rounds rounds, then answered; failed evolutions are
+    eliminated by rule and counted; each record keeps its lineage (parent, round, operation);
+  magpie: an aligned model writes the user's queries itself from its chat template's user-turn
+    opening (raw completions), then answers them; no seeds; --magpie-turns for conversations.
+
+All three share one request loop: resume after kill -9, --concurrency, --max-cost-usd,
+--max-requests, the progress bar, --batch-dir (an OpenAI Batch API file at half price).
+
+Self-instruct: each request shows the teacher 3 seed tasks and
 asks for 20 more; as in the original, the stop strings end each reply where task 20 would begin,
 so a reply yields at most 16 new tasks (4 to 19). Candidates are parsed, filtered (length,
 blacklist, prefixes, first character) and dropped when their ROUGE-L F1 with any seed or accepted
@@ -30,7 +42,13 @@ examples:
   alpaca-forge generate --seeds seed_tasks.jsonl --output data/alpaca-52k.jsonl --num-instructions 52000 \\
       --engine openai --base-url https://api.openai.com/v1 --model gpt-4o-mini --concurrency 32 \\
       --price-prompt-per-1m 0.15 --price-completion-per-1m 0.60 --max-cost-usd 50
-  # the same as one OpenAI Batch API job at half price: writes batch/gen/requests.jsonl and exits 3;
+  # Evol-Instruct: 3 rounds of rewrites of the seed tasks by a server teacher
+  alpaca-forge generate --method evol --seeds package:demo-seeds.jsonl --output data/evol.jsonl \
+      --num-instructions 500 --evol-rounds 3 --engine openai --base-url https://api.openai.com/v1 \
+      --model gpt-4o-mini --concurrency 32
+  # Magpie: the embedded model asks and answers (~30 s a conversation on 2 cores)
+  alpaca-forge generate --method magpie --output data/magpie.jsonl --num-instructions 4
+  # the self-instruct server run as one OpenAI Batch API job at half price: writes batch/gen/requests.jsonl and exits 3;
   # submit it, put its output file in batch/gen/results/, then rerun the same command:
   alpaca-forge generate --seeds seed_tasks.jsonl --output data/gen.jsonl --num-instructions 5000 \\
       --engine openai --model gpt-4o-mini --batch-dir batch/gen --max-requests 4000 \\
@@ -41,7 +59,7 @@ def register(sub: Any) -> None:
     add_command(
         sub,
         "generate",
-        "self-instruct: new instruction records from seed tasks and a teacher model",
+        "new instruction records from a teacher: self-instruct, Evol-Instruct or Magpie",
         DESCRIPTION,
         GenerateConfig,
         _main,
