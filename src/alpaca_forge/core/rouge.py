@@ -13,7 +13,9 @@ and the same F1 arithmetic. Speed comes from three places:
    could qualify, and bounds on the shared count discard most of those; only the rest are scored.
 3. Tokenising, indexing and filtering are vectorised over whole blocks of texts (numpy), so Python
    runs a few dozen operations per block rather than per text or per token.
-Nothing is approximated: the result is exact.
+The dedupe reads its input once, block by block (`greedy_dedupe_stream`), and keeps only what the
+kept texts need to be compared with later ones: a million T0 instructions, most of them near-copies,
+in ~7 min and ~650 MB (bench/bench_dedupe_1m.py). Nothing is approximated: the result is exact.
 """
 
 from __future__ import annotations
