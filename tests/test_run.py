@@ -129,7 +129,7 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
     )
     def tiny(**changes):
         return write_recipe(
-            tmp_path, tiny_model_dir, teacher, judge, stages__infer__input=str(eval_set),
+            tmp_path, tiny_model_dir, teacher, judge, stages__infer__input="eval.jsonl",  # beside the recipe
             stages__data__min_score=3, stages__data__judge_model="rule:longer", **changes,
         )  # fmt: skip
 
@@ -219,6 +219,7 @@ def test_a_tiny_recipe_end_to_end_then_skipped_then_rerun_from_a_change(tmp_path
     elsewhere.mkdir()
     shutil.move(str(run_dir), str(elsewhere / "run"))
     shutil.move(str(recipe), str(elsewhere / "recipe.yaml"))
+    shutil.move(str(eval_set), str(elsewhere / "eval.jsonl"))
     moved = run_cli("run", str(elsewhere / "recipe.yaml"))
     assert moved.returncode == 0, moved.stderr
     assert set(_actions(moved).values()) == {"skipped"}
