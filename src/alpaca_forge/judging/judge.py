@@ -16,7 +16,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,8 @@ from ..core.files import open_append, read_appended_jsonl, sync
 from ..core.models import DEFAULT_MODEL
 from ..core.prompts import Message
 from ..engines import Completion, Engine, EngineConfig, FinishReason, GenerationSettings, open_engine
-from ..engines.batch import BatchPending, waiting_error
+from ..engines.batch import waiting_error
+from ..engines.in_flight import chat_in_flight
 from .items import Item
 from .rules import RuleJudge, rule_name
 
@@ -305,28 +305,7 @@ def _ask(
         t = tasks[i]
         return judge_messages(t.item, t.a, t.b, max_answer_chars, t.prompt)
 
-    if not engine.upstream:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            yield list(zip(batch, engine.chat([messages(i) for i in batch], settings), strict=True))
-        return
-    pool = ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="judge")
-    try:
-        out = {pool.submit(lambda i=i: engine.chat([messages(i)], settings)[0]): i for i in pending}
-        waiting = set(out)
-        while waiting:
-            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-            yield [(out[f], c) for f in done for c in answered_or_waiting(f)]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def answered_or_waiting(future: Future) -> list[Completion]:
-    """A request's reply, or none where a batch judge wrote it to be answered later."""
-    try:
-        return [future.result()]
-    except BatchPending:
-        return []
+    yield from chat_in_flight(engine, pending, messages, settings, batch_size)
 
 
 def judge_all(

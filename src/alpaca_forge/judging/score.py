@@ -21,7 +21,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from ..core.prompts import Message
 from ..core.records import Record
 from ..engines import Completion, Engine, FinishReason, GenerationSettings
 from ..engines.batch import waiting_error
-from .judge import answered_or_waiting
+from ..engines.in_flight import chat_in_flight
 from .rules import PREFIX, RuleJudge
 
 # Bump when the rubric's wording changes: ratings made under another wording are not reused.
@@ -252,20 +251,7 @@ def _ask(
     if isinstance(engine, RuleJudge):
         yield [(k, Completion(rule_reply(engine.rule, outputs[k]), FinishReason.STOP)) for k in keys]
         return
-    if not engine.upstream:
-        for start in range(0, len(keys), batch_size):
-            batch = keys[start : start + batch_size]
-            yield list(zip(batch, engine.chat([prompts[k] for k in batch], settings), strict=True))
-        return
-    pool = ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="score")
-    try:
-        out = {pool.submit(lambda k=k: engine.chat([prompts[k]], settings)[0]): k for k in keys}
-        waiting = set(out)
-        while waiting:
-            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-            yield [(out[f], c) for f in done for c in answered_or_waiting(f)]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    yield from chat_in_flight(engine, keys, prompts.__getitem__, settings, batch_size)
 
 
 def _pair(rating: Rating | None) -> list[int] | None:
