@@ -18,10 +18,11 @@ records, whatever its shape; these are understood:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,27 @@ def records_from_item(value: Any, where: str, *, require_output: bool) -> tuple[
     return [Record(instruction or "", inp or "", out or "", rec_id)], []
 
 
+def iter_records(
+    path: str | os.PathLike, problems: list[Problem], *, require_output: bool = True
+) -> Iterator[Record]:
+    """The records of a JSON or JSONL file (gzip too) one at a time, as it is read: a stream for a
+    tool that need not hold the whole file (`data dedupe`). Each problem goes into `problems`,
+    with file, line and field, and leaves its item's records out; the caller reports them."""
+    for where, value in iter_json_items(path, problems):
+        recs, probs = records_from_item(value, where, require_output=require_output)
+        problems.extend(probs)
+        yield from recs
+
+
+def _raise_problems(path: str | os.PathLike, problems: list[Problem], count: int) -> None:
+    if problems:
+        raise ValidationError(problems, what=str(path))
+    if not count:
+        raise UserError(
+            f"{path}: holds no records", f"add records, one JSON object per line: {RECORD_EXAMPLE}"
+        )
+
+
 def read_records(path: str | os.PathLike, *, require_output: bool = True) -> list[Record]:
     """Read and validate every record of a JSON or JSONL file (gzip too).
 
@@ -178,18 +200,30 @@ def read_records(path: str | os.PathLike, *, require_output: bool = True) -> lis
     dropped silently. With `require_output=False` (inference inputs) 'output' may be absent.
     """
     problems: list[Problem] = []
-    records: list[Record] = []
-    for where, value in iter_json_items(path, problems):
-        recs, probs = records_from_item(value, where, require_output=require_output)
-        records.extend(recs)
-        problems.extend(probs)
-    if problems:
-        raise ValidationError(problems, what=str(path))
-    if not records:
-        raise UserError(
-            f"{path}: holds no records", f"add records, one JSON object per line: {RECORD_EXAMPLE}"
-        )
+    records = list(iter_records(path, problems, require_output=require_output))
+    _raise_problems(path, problems, len(records))
     return records
+
+
+def check_records(
+    path: str | os.PathLike,
+    *,
+    require_output: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Validate a file as `read_records` does, holding no record: how many it holds, or the same
+    errors (every problem at once). A streaming tool runs it first, so that bad input is reported
+    before anything is computed or written. `progress` hears of every 1,024 records."""
+    problems: list[Problem] = []
+    count = 0
+    for _ in iter_records(path, problems, require_output=require_output):
+        count += 1
+        if progress and not count % 1024:
+            progress(1024)
+    if progress and count % 1024:
+        progress(count % 1024)
+    _raise_problems(path, problems, count)
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,21 +233,36 @@ def read_records(path: str | os.PathLike, *, require_output: bool = True) -> lis
 def write_records(path: str | os.PathLike, records: Iterable[Record | dict]) -> Path:
     """Write records atomically: a `.json` path gets a JSON array (indented like `alpaca_data.json`),
     anything else JSONL (gzip when the name ends in `.gz`). A crash never leaves half a file."""
+    with record_writer(path) as write:
+        for rec in records:
+            write(rec)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def record_writer(path: str | os.PathLike) -> Iterator[Callable[[Record | dict], None]]:
+    """`write_records` one record at a time: the writer takes each record as it comes, into a
+    temporary file that replaces `path` when the block ends (and is removed if it raises)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     as_array = path.suffix == ".json"
     with atomic_writer(path) as f:
-        if as_array:
-            f.write("[")
-        for i, rec in enumerate(records):
+        first = True
+
+        def write(rec: Record | dict) -> None:
+            nonlocal first
             d = rec.to_dict() if isinstance(rec, Record) else rec
             if as_array:
-                f.write(("," if i else "") + "\n" + _indent(json.dumps(d, ensure_ascii=False, indent=4)))
+                f.write(("\n" if first else ",\n") + _indent(json.dumps(d, ensure_ascii=False, indent=4)))
             else:
                 f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            first = False
+
+        if as_array:
+            f.write("[")
+        yield write
         if as_array:
             f.write("\n]\n")
-    return path
 
 
 def _indent(text: str) -> str:
