@@ -449,3 +449,14 @@ def test_a_request_that_keeps_failing_stops_the_run_naming_the_error(tmp_path):
     assert len(list(tmp_path.glob("requests*.jsonl"))) == MAX_FAILED_RESULTS  # each failure re-queued once
     with pytest.raises(UserError, match=f"failed in {MAX_FAILED_RESULTS} batch results.*the model crashed"):
         BatchEngine(tmp_path, "m").chat(chat, GenerationSettings())
+
+
+@pytest.mark.unit
+def test_serve_refuses_a_batch_engine_before_it_starts():
+    from alpaca_forge.core.errors import ValidationError
+    from alpaca_forge.engines import EngineConfig
+    from alpaca_forge.serve.config import ServeConfig
+
+    with pytest.raises(ValidationError) as e:
+        ServeConfig(engine=EngineConfig(engine="openai", model="m", batch_dir="batch"))
+    assert "answers requests hours later" in str(e.value) and "drop --batch-dir" in str(e.value)

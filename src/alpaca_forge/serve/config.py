@@ -163,6 +163,12 @@ class ServeConfig(Config):
         )
 
     def check(self):
+        if self.engine.batch_dir:
+            yield (
+                "engine.batch_dir",
+                "--batch-dir answers requests hours later, in a batch: a server answers its clients now",
+                "drop --batch-dir (it is for generate, eval, prefer, infer and data score)",
+            )
         if self.api_key and self.api_keys_file:
             yield (
                 "api_key",
