@@ -245,6 +245,10 @@ def test_clean_min_score_refuses_rows_never_scored_naming_each_line(tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
     none = run_cli("data", "clean", str(data), "--output", str(tmp_path / "o.jsonl"), "--checks", "none")
     assert_user_error(none, "--min-score")
+    # a file never scored at all is said once, not once per record
+    raw = run_cli("data", "clean", "package:demo-seeds.jsonl", "--output", str(tmp_path / "o.jsonl"), "--min-score", "4")
+    assert_user_error(raw, "none of its 32 records has a 'score' field", "data score")
+    assert raw.stderr.count("never scored") == 1
 
 
 @pytest.mark.integration

@@ -193,6 +193,10 @@ _NO_SCORE_FIX = (
 
 def score_problems(rows: list[Row]) -> list[Problem]:
     """Rows that `--min-score` cannot judge: no "score" (not scored), or one that is not ours."""
+    unscored = [row for row in rows if "score" not in row.row]
+    if unscored and len(unscored) == len(rows):  # a file never scored: said once, not per record
+        where = unscored[0].where.rsplit(":", 1)[0]
+        return [Problem(where, f"none of its {len(rows)} records has a 'score' field: it was never scored", _NO_SCORE_FIX)]
     problems = []
     for row in rows:
         if "score" not in row.row:
