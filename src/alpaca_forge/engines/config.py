@@ -119,13 +119,17 @@ class EngineConfig(Config):
         elif self.batch_dir:
             yield (
                 "batch_dir",
-                f"--batch-dir is for --engine=openai; the {self.engine} engine runs the model in this process",
+                "--batch-dir is for --engine=openai; "
+                + (f"the {self.engine} engine" if self.engine else "with no --engine, the model")
+                + " runs in this process",
                 "add --engine=openai --model=NAME, or drop --batch-dir",
             )
         elif self.base_url:
             yield (
                 "base_url",
-                f"--base-url is for --engine=openai; the {self.engine} engine runs the model in this process",
+                "--base-url is for --engine=openai; "
+                + (f"the {self.engine} engine" if self.engine else "with no --engine, the model")
+                + " runs in this process",
                 "add --engine=openai, or drop --base-url",
             )
 
