@@ -9,16 +9,29 @@ a different result, and every caller (the CLI, tests, a pipeline) knows which to
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import sys
+import tempfile
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..core.errors import Problem, UserError, ValidationError
 from ..core.files import check_output, user_paths, write_json_atomic
-from ..core.records import Record, read_records, split_records, write_records
+from ..core.records import (
+    Record,
+    check_records,
+    iter_records,
+    read_records,
+    record_writer,
+    split_records,
+    write_records,
+)
 from ..core.shipped import PACKAGE_PREFIX
 from .config import (
     CleanConfig,
@@ -31,10 +44,20 @@ from .config import (
     ValidateConfig,
 )
 from .score import below_min_score, read_rows, score_problems
-from .tools import convert, dedupe, describe_stats, dropped_path_for, plot_lengths, pyplot, quality, stats
+from .tools import (
+    convert,
+    dedupe_stream,
+    describe_stats,
+    dropped_path_for,
+    dropped_row,
+    plot_lengths,
+    pyplot,
+    quality,
+    stats,
+)
 
 
-def _bar(total: int, desc: str, progress: bool) -> Any:
+def _bar(total: int | None, desc: str, progress: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="record", disable=not progress, file=sys.stderr)
@@ -170,11 +193,51 @@ class DedupeResult:
     dropped: int
     output: Path
     dropped_path: Path  # each dropped record with the kept one it collided with, and their score
-    elapsed_s: float
+    elapsed_s: float  # the whole job: validating, deduping, writing
+
+
+class _KeptSpill:
+    """The kept records, as written, in an unnamed temporary file beside the output (gone once
+    closed, after a kill -9 too), each found again by its position: what a dropped record's line
+    quotes. In memory: 16 bytes per record read, whatever the records hold."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.fd = file.fileno()
+        self.offset, self.size = array("q"), array("q")  # per position; -1: dropped
+        self.end = 0
+        self.get = functools.lru_cache(maxsize=4096)(self._read)
+
+    def add(self, row: dict[str, Any] | None) -> None:
+        """The next record's row when kept, None when dropped (records come in input order)."""
+        if row is None:
+            self.offset.append(-1)
+            self.size.append(-1)
+            return
+        data = json.dumps(row).encode("ascii")  # ASCII: any string round-trips, lone surrogates too
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self.fd, data[written:], self.end + written)
+        self.offset.append(self.end)
+        self.size.append(len(data))
+        self.end += len(data)
+
+    def _read(self, index: int) -> dict[str, Any]:
+        at, size = self.offset[index], self.size[index]
+        if at < 0:
+            raise ValueError(f"record {index} was not kept")
+        data = b""
+        while len(data) < size:
+            data += os.pread(self.fd, size - len(data), at + len(data))
+        return json.loads(data)
 
 
 @user_paths()
 def run_dedupe(config: DedupeConfig, *, progress: bool = True) -> DedupeResult:
+    """Two passes over the file, which is never held whole: the first validates every record,
+    holding none (every problem reported at once, before anything is computed or written); the
+    second dedupes as it reads, each record written out as its fate arrives, into temporary
+    files that replace the outputs at the end. Held: the kept texts' token data (`core.rouge`),
+    the records read ahead of their fate, 16 bytes per record (`_KeptSpill`)."""
     output = check_output(config.output, inputs=[config.file])
     dropped_path = check_output(
         config.dropped or dropped_path_for(output),
@@ -186,14 +249,33 @@ def run_dedupe(config: DedupeConfig, *, progress: bool = True) -> DedupeResult:
             f"--dropped {dropped_path}: is the --output file too; the dropped records would replace the kept ones",
             f"give --dropped another file, or leave it out (then: {dropped_path_for(output)})",
         )
-    records = read_records(config.file, require_output=False)
     start = time.perf_counter()
-    with _bar(len(records), "dedupe", progress) as bar:
-        result = dedupe(records, config.threshold, config.key, progress=bar.update)
+    with _bar(None, "validate", progress) as bar:
+        total = check_records(config.file, require_output=False, progress=bar.update)
+    problems: list[Problem] = []
+    kept = dropped = 0
+    with (
+        _bar(total, "dedupe", progress) as bar,
+        record_writer(output) as keep,
+        record_writer(dropped_path) as drop,
+        tempfile.TemporaryFile(dir=output.parent) as spill_file,
+    ):
+        spill = _KeptSpill(spill_file)
+        records = iter_records(config.file, problems, require_output=False)
+        for _, record, fate in dedupe_stream(records, config.threshold, config.key, progress=bar.update):
+            if fate is None:
+                row = record.to_dict()
+                keep(row)
+                spill.add(row)
+                kept += 1
+            else:
+                drop(dropped_row(fate, record, spill.get(fate.kept_index)))
+                spill.add(None)
+                dropped += 1
+        if problems:  # the file changed after the first pass: nothing is written
+            raise ValidationError(problems, what=str(config.file))
     elapsed = time.perf_counter() - start
-    write_records(output, result.kept)
-    write_records(dropped_path, result.dropped)
-    return DedupeResult(len(records), len(result.kept), len(result.dropped), output, dropped_path, elapsed)
+    return DedupeResult(kept + dropped, kept, dropped, output, dropped_path, elapsed)
 
 
 @dataclass(frozen=True)

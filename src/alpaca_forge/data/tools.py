@@ -12,7 +12,7 @@ import os
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from ..core.conversations import OPENAI, SHAREGPT, to_rows
 from ..core.errors import Problem, ValidationError
 from ..core.records import Record
-from ..core.rouge import greedy_dedupe
+from ..core.rouge import Dropped, greedy_dedupe, greedy_dedupe_stream
 
 # ---------------------------------------------------------------------------------------------
 # stats
@@ -265,17 +265,40 @@ def dedupe(
     kept, dropped = greedy_dedupe([DEDUPE_KEYS[key](r) for r in records], threshold, progress=progress)
     return Deduped(
         kept=[records[i] for i in kept],
-        dropped=[
-            {
-                "index": d.index,
-                "record": records[d.index].to_dict(),
-                "duplicate_of_index": d.kept_index,
-                "duplicate_of": records[d.kept_index].to_dict(),
-                "rouge_l": round(d.score, 6),
-            }
-            for d in dropped
-        ],
+        dropped=[dropped_row(d, records[d.index], records[d.kept_index].to_dict()) for d in dropped],
     )
+
+
+def dedupe_stream(
+    records: Iterable[Record],
+    threshold: float = 0.7,
+    key: str = "instruction",
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, Record, Dropped | None]]:
+    """`dedupe` over a stream, read once: each record with its position and its fate (None: kept;
+    else the `Dropped` that names the earlier kept record by position), in input order. Only the
+    records read ahead of their fate are held: a block, or the first blocks the engine samples."""
+    key_of = DEDUPE_KEYS[key]
+    pending: dict[int, Record] = {}
+
+    def texts() -> Iterator[str]:
+        for i, r in enumerate(records):
+            pending[i] = r
+            yield key_of(r)
+
+    for k, fate in greedy_dedupe_stream(texts(), threshold, progress=progress):
+        yield k, pending.pop(k), fate
+
+
+def dropped_row(dropped: Dropped, record: Record, kept: dict[str, Any]) -> dict[str, Any]:
+    """A dropped record's line: it, the kept record (as written) it collided with, their score."""
+    return {
+        "index": dropped.index,
+        "record": record.to_dict(),
+        "duplicate_of_index": dropped.kept_index,
+        "duplicate_of": kept,
+        "rouge_l": round(dropped.score, 6),
+    }
 
 
 def dropped_path_for(output: str | os.PathLike) -> Path:
