@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Loopback:
     def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        handler.disable_nagle_algorithm = True  # TCP_NODELAY: no ~40 ms delayed-ACK stall a reply
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

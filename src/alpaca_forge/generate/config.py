@@ -146,6 +146,13 @@ class GenerateConfig(TextStageConfig):
     max_barren_requests: int = setting(
         100, "stop once this many requests in a row gave no accepted record", ge=1
     )
+    similarity_details: bool = setting(
+        False,
+        "self-instruct: give each accepted record its 10 most similar pool instructions and its mean "
+        "ROUGE-L with the whole pool (Alpaca's most_similar_instructions, avg_similarity_score); costs "
+        "an exact score of every candidate against the whole pool (O(pool) a record). Off: records "
+        "carry no such fields, and only pairs that could be too similar are scored (the same records kept)",
+    )
     filters: FilterConfig = nested(FilterConfig, "filters")
     evol: EvolConfig = nested(EvolConfig, "evol (--method evol)", prefix="evol")
     magpie: MagpieConfig = nested(MagpieConfig, "magpie (--method magpie)", prefix="magpie")

@@ -29,10 +29,10 @@ A method is any object with these (see `Method`):
 
 Every reply's log line is `{"request": key, "prompt_tokens", "completion_tokens", "retries",
 "finish_reason", "parsed", "accepted", "dropped": {reason: n}, **Taken.fields}`; a method puts
-in `fields` whatever it needs to rebuild its state on resume. Accepted rows are appended and
-flushed one by one before the log line, so a kill between the two leaves a record whose request
-is redone: a method must then not add it twice (self-instruct's pool has it; evol knows its
-records by their lineage).
+in `fields` whatever it needs to rebuild its state on resume. A reply's accepted rows are
+appended and flushed (one write) before its log line, so a kill between the two leaves records
+whose request is redone: a method must then not add them twice (self-instruct's pool has them;
+evol knows its records by their lineage).
 
 The loop: top up to --concurrency in flight (unless a limit says stop, or the yield so far says
 what is in flight covers the target), take the first reply that arrives (an `EngineError` stops
@@ -266,9 +266,9 @@ class Loop:
     def _take(self, key: Any, reply: Completion, retries: int, out, log_file) -> Taken:
         room = self.config.num_instructions - self.tally.accepted
         taken = self.method.take(key, reply, room)
-        for row in taken.rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()  # in the OS's hands: survives a kill of this process from here on
+        if taken.rows:
+            out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in taken.rows))
+            out.flush()  # in the OS's hands before the log says the request is done: survives a kill
         entry = {
             "request": key,
             "prompt_tokens": reply.prompt_tokens,

@@ -2,8 +2,8 @@
 
 Data flow: the seeds file -> (resuming: the output and the request log rebuild the pool and the
 accounting) -> requests kept in flight, each: 3 demonstrations -> prompt -> the teacher (an
-`Engine`) -> parse -> filters -> ROUGE-L against the pool -> accepted records appended and flushed
-one by one, the request logged -> a summary. The pure steps are in `teacher_prompt.py` and
+`Engine`) -> parse -> filters -> ROUGE-L against the pool -> the reply's accepted records appended
+and flushed, the request logged -> a summary. The pure steps are in `teacher_prompt.py` and
 `steps.py`; the files, threads and limits are the shared request loop's (`loop.py`), which
 evol and magpie drive too; this module is self-instruct's side of it.
 
@@ -112,7 +112,9 @@ class SelfInstruct:
                 dropped[reason] += 1
             else:
                 candidates.append(record)
-        accepted, similar, over = accept_into(self.pool, candidates, filters.rouge_threshold, room)
+        accepted, similar, over = accept_into(
+            self.pool, candidates, filters.rouge_threshold, room, self.config.similarity_details
+        )
         dropped.update(rouge_similar=similar, over_target=over)
         rows = [{**record.to_dict(), **neighbours, "request": request} for record, neighbours in accepted]
         return Taken(rows=rows, parsed=len(parsed.records), dropped=dropped)
