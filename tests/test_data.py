@@ -59,6 +59,94 @@ def test_dedupe_keeps_the_first_and_names_the_collision(tmp_path):
     )
 
 
+def _conversation(system, *turns):
+    from alpaca_forge.core.prompts import Message
+
+    said = [Message(("user", "assistant")[i % 2], t) for i, t in enumerate(turns)]
+    return Record.from_messages([Message("system", system), *said])
+
+
+@pytest.mark.integration
+def test_dedupe_streams_the_same_bytes_as_the_whole_list(tmp_path):
+    """The streamed command writes what the in-memory step gives, byte for byte, in every form; a
+    dropped line quotes its kept record as written (a conversation's turns, non-ASCII text)."""
+    import gzip
+
+    from alpaca_forge.data.tools import dedupe
+
+    hello = "Hello, we land in France next week with two children and a dog"
+    chat = _conversation("Be brief.", f"{hello}.", "Welcome!", "Name a café in Paris, please.", "Café de Flore ☕.")
+    records = [
+        Record("Name a café in Paris, please ☕.", "", "Les Deux Magots."),
+        chat,
+        Record("Name a café in Paris please.", "", "Le Procope."),  # a near-copy of record 0
+        Record("Summarise the text.", "A long text about whales.", "Whales."),
+        _conversation("Be terse.", f"{hello}!", "Hey.", "Name a café in Paris.", "Flore."),  # a near-copy of 1
+        Record("Summarise the text.", "Three lines on the history of Rome.", "x"),  # another input
+    ]
+    src = write_records(tmp_path / "in.jsonl", records)
+    for key, kept_name, dropped_name in [
+        ("instruction", "kept.json", "gone.jsonl.gz"),
+        ("instruction+input", "kept.jsonl.gz", "gone.json"),
+    ]:
+        r = run_cli(
+            "data", "dedupe", str(src), "--output", str(tmp_path / kept_name),
+            "--dropped", str(tmp_path / dropped_name), "--key", key,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        whole = dedupe(records, 0.7, key)
+        want_kept = write_records(tmp_path / f"want.{kept_name}", whole.kept)
+        want_dropped = write_records(tmp_path / f"want.{dropped_name}", whole.dropped)
+
+        def text(path):
+            return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+        assert text(tmp_path / kept_name) == text(want_kept)
+        assert text(tmp_path / dropped_name) == text(want_dropped)
+        assert f"kept {len(whole.kept)} of 6 records ({len(whole.dropped)} dropped" in r.stderr
+    kept = read_records(tmp_path / "kept.json", require_output=False)
+    assert kept == [records[0], chat, records[3]]  # --key instruction: 2, 4 and 5 dropped
+    quoted = {d["index"]: d["duplicate_of"] for d in json.loads(text(tmp_path / "gone.json"))}
+    assert quoted == {2: records[0].to_dict(), 4: chat.to_dict()}, "instruction+input: 5 differs from 3"
+
+
+@pytest.mark.integration
+def test_dedupe_reports_every_problem_before_writing_anything(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"instruction": "Add.", "output": "2"}\n{"input": "no instruction"}\n'
+        '{"instruction": "Add.", "output": "3"}\nnot json\n'
+    )
+    assert_user_error(
+        run_cli("data", "dedupe", str(bad), "--output", str(tmp_path / "out" / "kept.jsonl")),
+        f"{bad}:2: field 'instruction' is missing",
+        f"{bad}:4: not valid JSON",
+    )
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["bad.jsonl"], "nothing written"
+
+
+@pytest.mark.unit
+def test_records_stream_one_by_one_and_validate_holding_none(tmp_path):
+    from alpaca_forge.core.errors import ValidationError
+    from alpaca_forge.core.records import check_records, iter_records
+
+    good = write_records(tmp_path / "good.json", [Record(f"Task {i}.", "", "a") for i in range(3)])
+    assert check_records(good) == 3
+    seen = []
+    assert check_records(good, progress=seen.append) == 3 and sum(seen) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "First.", "output": "a"}\n{"instruction": 3}\n')
+    problems = []
+    stream = iter_records(bad, problems)
+    assert next(stream) == Record("First.", "", "a") and problems == []  # line 2 not read yet
+    assert list(stream) == [] and {p.where for p in problems} == {f"{bad}:2"}
+    with pytest.raises(ValidationError) as e:
+        check_records(bad)
+    with pytest.raises(ValidationError) as f:
+        read_records(bad)
+    assert str(e.value) == str(f.value) and "field 'instruction' must be a string" in str(e.value)
+
+
 @pytest.mark.integration
 def test_split_is_seeded_disjoint_and_complete(tmp_path):
     records = [Record(f"Task {i}.", "", str(i)) for i in range(100)]
