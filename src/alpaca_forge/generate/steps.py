@@ -10,8 +10,10 @@ which records a run produces, so they are what the unit tests pin down.
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..core.records import Record
-from ..core.rouge import Vocabulary, f1_from_lcs_array, f1_from_lcs_matrix, lcs_matrix
+from ..core.rouge import Vocabulary, f1_from_lcs, f1_from_lcs_matrix, lcs_matrix
 from .config import FilterConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -129,9 +131,6 @@ def filter_reason(
 # ---------------------------------------------------------------------------------------------
 # The pool: seeds plus everything accepted, scored against each candidate
 
-# The shared-token bound's index keeps the newest pool entries in a small tail of its own, merged
-# into the rest once it holds this many: indexing them costs a sort of the tail alone per reply.
-_TAIL = 256
 # A pair is scored exactly when its bound is above the threshold less this: far above the
 # rounding of either F1 formula, so a float near the threshold is never decided by the bound.
 _MARGIN = 1e-9
@@ -143,10 +142,10 @@ class Pool:
     `scores_many` scores candidates against every entry (exact; O(pool) LCS per candidate).
     `too_similar` answers only whether a candidate scores above a threshold against some entry,
     with the same result, scoring exactly only the entries that could: ROUGE-L F1 = 2·LCS/(m+n),
-    and LCS <= S, the tokens the two share (Σ min(count in one, count in the other)), so an entry
-    with 2·min(S, m, n)/(m+n) <= the threshold cannot score above it. S is found from a
-    token -> entries index (postings sorted by token) looked up by the candidate's rarer tokens:
-    the work follows their postings, not the pool's size times the LCS cost.
+    and LCS <= S = Σ, over the candidate's tokens that the entry holds, of their count in the
+    candidate, so an entry with 2·min(S, m, n)/(m+n) <= the threshold cannot score above it. S
+    comes from a token -> entries index looked up by the candidate's rarer tokens: the work
+    follows their postings (a few entries each), not the pool's size times the LCS cost.
     """
 
     def __init__(self, instructions: Sequence[str]):
@@ -154,11 +153,8 @@ class Pool:
         self.texts: list[str] = []
         self.ids: list[str] = []  # each text's tokens, one code point per token (`Vocabulary`)
         self._lens = np.zeros(1024, dtype=np.int64)  # grows by doubling; first len(texts) are real
-        # too_similar's index: `_head` holds the first `_indexed` entries, `_tail` those up to
-        # `_tail_end`; newer entries join the tail when asked, the tail joins the head by _TAIL.
-        self._indexed = self._tail_end = 0
-        self._head: _Index | None = None
-        self._tail: _Index | None = None
+        self._postings: dict[str, list[int]] = {}  # too_similar's index of the first `_indexed` entries
+        self._indexed = 0
         for text in instructions:
             self.add(text)
 
@@ -195,113 +191,60 @@ class Pool:
 
         A query's most common tokens (in the pool) are left out of the lookup, as many as keep
         their count F <= level·m/(2 − level) (level: the threshold less _MARGIN; m: the query's
-        length): an entry sharing none of the others shares at most F tokens, so it scores at most
+        length): an entry holding none of the others has S <= F, so it scores at most
         2·min(F, n)/(m + n) <= 2F/(m + F) <= level whatever its length n. The entries found through
-        the other (rarer) tokens, with S_rare shared, are bounded by 2·min(S_rare + F, m, n)/(m + n);
-        only those above the level are scored exactly.
+        the other (rarer) tokens, with S_rare of S from them, are bounded by
+        2·min(S_rare + F, m, n)/(m + n); only those above the level are scored exactly.
         """
         return self.too_similar_encoded(self.encode(instructions), threshold)
 
     def too_similar_encoded(self, queries: Sequence[str], threshold: float) -> np.ndarray:
         """`too_similar` of instructions given as their `encode`."""
-        result = np.zeros(len(queries), dtype=bool)
-        size = len(self.ids)
-        if not queries or not size:
-            return result
-        indexes = [ix for ix in self._index(size) if len(ix.token)]
-        asked = _postings(queries, 0)  # its "entries" are the queries
-        tokens, rows, counts = asked.token, asked.entry, asked.count
-        spans = [(ix.token.searchsorted(tokens, "left"), ix.token.searchsorted(tokens, "right")) for ix in indexes]
-        held_by = sum((hi - lo for lo, hi in spans), np.zeros(len(tokens), dtype=np.int64))
-        m = np.array([len(q) for q in queries], dtype=np.int64)
+        return np.array([self.close_to_any(query, threshold) for query in queries], dtype=bool)
+
+    def close_to_any(self, query: str, threshold: float) -> bool:
+        """`too_similar` of one instruction given as its `encode`."""
+        # Plain Python on a few hundred postings: numpy or rapidfuzz's batch calls would each let
+        # the teacher's threads take the interpreter lock, and the reply wait for it back.
+        postings = self._index(len(self.ids))
+        m = len(query)
+        if not m:
+            return False
         level = threshold - _MARGIN
+        counts = Counter(query)
+        tokens = sorted(counts, key=lambda t: len(postings.get(t, ())), reverse=True)  # most held first
         limit = level * m / (2 - level)
-        # Each query's tokens, most held first; the common ones are a prefix within the limit.
-        order = np.lexsort((-held_by, rows))
-        ordered_counts = counts[order]
-        running = np.cumsum(ordered_counts)
-        first = np.searchsorted(rows[order], np.arange(len(queries)))
-        before = (running - ordered_counts)[np.minimum(first, len(order) - 1)]
-        common = np.empty(len(order), dtype=bool)
-        common[order] = running - before[rows[order]] <= limit[rows[order]]
-        common_count = np.bincount(rows[common], weights=counts[common], minlength=len(queries))
-        rare = ~common
-        keys, shared = [], []
-        for ix, (lo, hi) in zip(indexes, spans, strict=True):
-            hits = (hi - lo)[rare]
-            at = _ranges(lo[rare], hits)
-            shared.append(np.minimum(np.repeat(counts[rare], hits), ix.count[at]))
-            keys.append(np.repeat(rows[rare], hits) * size + ix.entry[at])
-        pairs, where = np.unique(np.concatenate(keys), return_inverse=True)
-        if not len(pairs):
-            return result
-        query, entry = pairs // size, pairs % size
-        bound = np.bincount(where, weights=np.concatenate(shared)) + common_count[query]
-        qlen, elen = m[query], self.lengths[entry]
-        bound = np.minimum(np.minimum(bound, qlen), elen)
-        close = np.flatnonzero(2 * bound > level * (qlen + elen))
-        if len(close):
-            query, entry = query[close], entry[close]
-            lcs = _pair_lcs([queries[k] for k in query.tolist()], [self.ids[j] for j in entry.tolist()])
-            f1 = f1_from_lcs_array(lcs, m[query], self.lengths[entry])
-            result[query[f1 > threshold]] = True
-        return result
+        left_out = common = 0  # F, and how many tokens it covers
+        while common < len(tokens) and left_out + counts[tokens[common]] <= limit:
+            left_out += counts[tokens[common]]
+            common += 1
+        rare = [postings[t] * counts[t] for t in tokens[common:] if t in postings]  # a token's count: repeats
+        ids = self.ids
+        for j, shared in Counter(itertools.chain.from_iterable(rare)).items():
+            n = len(ids[j])
+            if 2 * min(shared + left_out, m, n) > level * (m + n) and _f1(query, ids[j]) > threshold:
+                return True
+        return False
 
-    def _index(self, size: int) -> tuple[_Index, ...]:
-        """The postings of the first `size` entries (the head's and the tail's), brought up to date."""
-        if size > self._tail_end:
-            new = _postings(self.ids[self._tail_end : size], self._tail_end)
-            self._tail = new if self._tail is None else self._tail.merged(new)
-            self._tail_end = size
-            if size - self._indexed >= _TAIL or self._head is None:
-                self._head = self._tail if self._head is None else self._head.merged(self._tail)
-                self._indexed, self._tail = size, None
-        return tuple(ix for ix in (self._head, self._tail) if ix is not None)
+    def _index(self, size: int) -> dict[str, list[int]]:
+        """Token -> the entries holding it (in pool order), brought up to the first `size` entries."""
+        postings = self._postings
+        for j in range(self._indexed, size):
+            for token in set(self.ids[j]):
+                entries = postings.get(token)
+                if entries is None:
+                    postings[token] = [j]
+                else:
+                    entries.append(j)
+        self._indexed = size
+        return postings
 
 
-@dataclass
-class _Index:
-    """Postings of some pool entries: one per (token, entry) holding it, sorted by token then
-    entry, with the token's count in that entry."""
-
-    token: np.ndarray  # int64 code points
-    entry: np.ndarray  # int64 pool positions
-    count: np.ndarray  # int64
-
-    def merged(self, later: _Index) -> _Index:
-        """These and `later`'s (entries all after these), still sorted."""
-        at = np.searchsorted(self.token, later.token, side="right")
-        return _Index(
-            np.insert(self.token, at, later.token),
-            np.insert(self.entry, at, later.entry),
-            np.insert(self.count, at, later.count),
-        )
-
-
-def _postings(ids: list[str], first: int) -> _Index:
-    """The `_Index` of token strings `ids` (pool entries first, first + 1, ...), vectorised."""
-    lens = np.array([len(s) for s in ids], dtype=np.int64)
-    points = np.frombuffer("".join(ids).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-    entry = np.repeat(np.arange(len(ids), dtype=np.int64), lens)
-    keys, count = np.unique((points << 32) | entry, return_counts=True)  # sorted by token, then entry
-    return _Index(keys >> 32, (keys & 0xFFFFFFFF) + first, count.astype(np.int64))
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenated index ranges [s, s+c) for each (s, c), vectorised."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(starts - offsets, counts) + np.arange(total)
-
-
-def _pair_lcs(a: list[str], b: list[str]) -> np.ndarray:
-    """LCS lengths of a[k] and b[k] for every k."""
-    from rapidfuzz import process
+def _f1(query: str, other: str) -> float:
+    """ROUGE-L F1 of two encoded texts, `query` the target (as a row of `Pool.scores_many`)."""
     from rapidfuzz.distance import LCSseq
 
-    return process.cpdist(a, b, scorer=LCSseq.similarity, dtype=np.int32, workers=1).astype(np.int64)
+    return f1_from_lcs(LCSseq.similarity(query, other), len(query), len(other))
 
 
 def similarity_summary(pool: Pool, scores: np.ndarray, top: int = 10) -> dict[str, Any]:
@@ -332,10 +275,8 @@ def accept_into(
     queries = pool.encode(texts)
     if details:
         vs_pool = pool.scores_many(texts)  # (candidates, pool before this reply)
-    else:
-        near_pool = pool.too_similar_encoded(queries, threshold)
-    lengths = np.array([len(q) for q in queries], dtype=np.int64)
-    vs_batch = f1_from_lcs_matrix(lcs_matrix(queries, queries), lengths, lengths)  # (candidates, candidates)
+        lengths = np.array([len(q) for q in queries], dtype=np.int64)
+        vs_batch = f1_from_lcs_matrix(lcs_matrix(queries, queries), lengths, lengths)  # (candidates, candidates)
     picked: list[int] = []
     accepted: list[tuple[Record, dict[str, Any]]] = []
     similar = over = 0
@@ -347,7 +288,7 @@ def accept_into(
             scores = np.concatenate([vs_pool[k], vs_batch[k, picked]])  # in pool order, as it grows
             close = bool(len(scores)) and scores.max() > threshold
         else:
-            close = bool(near_pool[k]) or (bool(picked) and vs_batch[k, picked].max() > threshold)
+            close = pool.close_to_any(queries[k], threshold)  # the pool holds this reply's accepted ones
         if close:
             similar += 1
             continue
