@@ -219,10 +219,12 @@ class Pool:
             left_out += counts[tokens[common]]
             common += 1
         rare = [postings[t] * counts[t] for t in tokens[common:] if t in postings]  # a token's count: repeats
+        # An entry of n tokens, `shared` of them counted here, is bounded above the level only if
+        # limit < n < 2·min(shared + F, m)/level − m (2·min(S, m, n) > level·(m + n), solved for n).
+        reach = [2 * min(shared + left_out, m) / level - m for shared in range(m + 1)]
         ids = self.ids
         for j, shared in Counter(itertools.chain.from_iterable(rare)).items():
-            n = len(ids[j])
-            if 2 * min(shared + left_out, m, n) > level * (m + n) and _f1(query, ids[j]) > threshold:
+            if limit < len(ids[j]) < reach[shared] and _f1(query, ids[j]) > threshold:
                 return True
         return False
 
