@@ -15,8 +15,12 @@ runs in this process (the real CLI, in-process) against that one server:
    (32 / 0.2 s = 160/s). The goal is >= 90% of the bound. (A magpie request is two calls in a
    row, a query and its answer: the summary's engine_calls.)
 
-The fake servers answer with TCP_NODELAY (as uvicorn and vLLM do): without it every reply waits
-~40 ms for the client's delayed ACK between its headers and its body.
+The fake servers answer with TCP_NODELAY (tests/loopback.py, as uvicorn and vLLM do): without it
+every reply waits ~40 ms for the client's delayed ACK between its headers and its body.
+Self-instruct runs as generate does by default, without --similarity-details (its per-record
+neighbour fields score every candidate against the whole pool); `--similarity-details` here
+measures that too. The 1-minute load average before each method's runs is recorded with it: the
+machine's 2 cores are shared, and the share of the bound falls with their load.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import threading
@@ -43,9 +48,6 @@ METHODS = ("self-instruct", "evol", "magpie")
 
 
 def serve(method: str, latency_s: float, urls) -> None:
-    from http.server import BaseHTTPRequestHandler
-
-    BaseHTTPRequestHandler.disable_nagle_algorithm = True  # every fake's handler, in this process
     if method == "self-instruct":
         from fake_teacher import FakeTeacher, Script
 
@@ -110,6 +112,7 @@ def run_once(method: str, url: str, seeds: Path, extra: list[str], requests: int
 
 
 def bench(method: str, args: argparse.Namespace, seeds: Path, extra: list[str]) -> dict:
+    load = os.getloadavg()[0]
     # The server runs in a process of its own, as a real one would: its threads must not compete
     # with the generator's for this interpreter's lock.
     ctx = multiprocessing.get_context("spawn")
@@ -139,6 +142,8 @@ def bench(method: str, args: argparse.Namespace, seeds: Path, extra: list[str]) 
     print(f"  {share:.1%} of the in-flight bound {bound:g} calls/s (goal: >= {GOAL:.0%})")
     return {
         "method": method,
+        **({"similarity_details": True} if "--similarity-details" in extra else {}),
+        "load_average_1min_before": round(load, 2),
         "one_call_ms": round(per_call_ms, 1),
         "ours_ms_per_call": round(ours_ms, 1),
         "runs": [short, long, many],
@@ -154,6 +159,9 @@ def main() -> int:
     ap.add_argument("--waves", type=int, default=20, help="the fast run sends concurrency x waves requests")
     ap.add_argument("--single", type=int, default=10, help="requests of the one-in-flight run")
     ap.add_argument("--out", default="bench/results/generate.json", help="where to write the numbers")
+    ap.add_argument(
+        "--similarity-details", action="store_true", help="self-instruct also runs with --similarity-details"
+    )
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,6 +181,8 @@ def main() -> int:
                     continue
                 extra = ["--magpie-template", str(template)]
             results.append(bench(method, args, seeds, extra))
+            if method == "self-instruct" and args.similarity_details:
+                results.append(bench(method, args, seeds, ["--similarity-details"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
