@@ -196,11 +196,7 @@ class Pool:
         the other (rarer) tokens, with S_rare of S from them, are bounded by
         2·min(S_rare + F, m, n)/(m + n); only those above the level are scored exactly.
         """
-        return self.too_similar_encoded(self.encode(instructions), threshold)
-
-    def too_similar_encoded(self, queries: Sequence[str], threshold: float) -> np.ndarray:
-        """`too_similar` of instructions given as their `encode`."""
-        return np.array([self.close_to_any(query, threshold) for query in queries], dtype=bool)
+        return np.array([self.close_to_any(q, threshold) for q in self.encode(instructions)], dtype=bool)
 
     def close_to_any(self, query: str, threshold: float) -> bool:
         """`too_similar` of one instruction given as its `encode`."""
