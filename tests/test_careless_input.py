@@ -294,6 +294,36 @@ def dropped_file_is_the_output(w: Workspace) -> Attempt:
 
 
 @case
+def decontaminate_against_a_folder(w: Workspace) -> Attempt:
+    data, folder = w.records(), w.folder("eval")
+    return Attempt(
+        ["data", "decontaminate", str(data), "--against", str(folder), "--output", str(w.path("kept.jsonl"))],
+        [str(folder)],
+        untouched=(data,),
+    )
+
+
+@case
+def score_output_is_the_input(w: Workspace) -> Attempt:
+    data = w.records()
+    return Attempt(
+        ["data", "score", str(data), "--output", str(data), "--judge-model", "rule:longer"],
+        [f"--output {data}"],
+        untouched=(data,),
+    )
+
+
+@case
+def score_with_a_rule_that_is_not_one(w: Workspace) -> Attempt:
+    data = w.records()
+    return Attempt(
+        ["data", "score", str(data), "--output", str(w.path("s.jsonl")), "--judge-model", "rule:nicest"],
+        ["rule:nicest", "rule:longer"],
+        untouched=(data,),
+    )
+
+
+@case
 def train_output_is_the_data_file(w: Workspace) -> Attempt:
     data = w.records("train.jsonl")
     args = ["train", "--model", w.model, "--data", str(data), "--output", str(data)]
