@@ -12,7 +12,7 @@ By default they are written once to a temporary .jsonl.gz (~1.1 GB of JSON), and
 `alpaca-forge data dedupe` runs on that file in a subprocess, as a user runs it: it validates the
 file, then streams it, writing kept and dropped records as it goes (the dropped file, each record
 with the one it collided with, is ~2 GB). Its wall time and peak RSS (getrusage of the child) go
-to --out under "cli". With --core the engine alone (`core.rouge.greedy_dedupe_stream`) dedupes the
+to --out under "cli". With --core the engine alone (`core.rouge_dedupe.greedy_dedupe_stream`) dedupes the
 instructions as they are generated, never written, and its figures go under "core"; the other
 entry of --out is kept.
 
@@ -84,7 +84,7 @@ def head_check(kept: list[int], corpus_size: int) -> tuple[int, bool]:
 def run_core(rows: list[dict], records: int) -> dict:
     from tqdm import tqdm
 
-    from alpaca_forge.core.rouge import greedy_dedupe_stream
+    from alpaca_forge.core.rouge_dedupe import greedy_dedupe_stream
 
     texts = [r["instruction"] for r in rows]
     kept: list[int] = []
@@ -100,7 +100,7 @@ def run_core(rows: list[dict], records: int) -> dict:
     elapsed = time.perf_counter() - start
     head, same = head_check(kept, len(texts))
     return {
-        "what": "core.rouge.greedy_dedupe_stream on the instructions, generated as it reads them",
+        "what": "core.rouge_dedupe.greedy_dedupe_stream on the instructions, generated as it reads them",
         "seconds": round(elapsed, 1),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "kept": len(kept),

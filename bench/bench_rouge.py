@@ -23,7 +23,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from alpaca_forge.core.rouge import greedy_dedupe, rouge_tokens
+from alpaca_forge.core.rouge import rouge_tokens
+from alpaca_forge.core.rouge_dedupe import greedy_dedupe
 from machine import describe  # bench/ is this script's folder
 
 CORPUS = (

@@ -10,18 +10,15 @@ from rapidfuzz.distance import LCSseq
 from alpaca_forge import read_records
 from alpaca_forge.core.rouge import (
     Vocabulary,
-    _as_strings,
     _code_point,
-    _GreedyDeduper,
     f1_from_lcs,
     f1_from_lcs_array,
     f1_from_lcs_matrix,
-    greedy_dedupe,
-    greedy_dedupe_stream,
     rouge_l,
     rouge_tokens,
-    tokenize_corpus,
 )
+from alpaca_forge.core.rouge_dedupe import _GreedyDeduper, greedy_dedupe, greedy_dedupe_stream
+from alpaca_forge.core.rouge_index import _as_strings, tokenize_corpus
 
 rouge_scorer = pytest.importorskip(
     "rouge_score.rouge_scorer", reason="rouge-score is a dev dependency (make test installs it)"
@@ -127,10 +124,14 @@ def test_f1_array_is_the_scalar_formula_bit_for_bit():
     m, n, lcs = np.meshgrid(np.arange(0, 41), np.arange(0, 41), np.arange(0, 41), indexing="ij")
     valid = lcs <= np.minimum(m, n)
     m, n, lcs = m[valid], n[valid], lcs[valid]
-    expected = np.array([f1_from_lcs(a, b, c) for a, b, c in zip(lcs.tolist(), m.tolist(), n.tolist(), strict=True)])
+    expected = np.array(
+        [f1_from_lcs(a, b, c) for a, b, c in zip(lcs.tolist(), m.tolist(), n.tolist(), strict=True)]
+    )
     got = f1_from_lcs_array(lcs, m, n)
     assert got.dtype == np.float64 and np.array_equal(got.view(np.int64), expected.view(np.int64))
-    matrix = f1_from_lcs_matrix(np.array([[0, 2], [3, 1]], dtype=np.int32), np.array([3, 4]), np.array([5, 0]))
+    matrix = f1_from_lcs_matrix(
+        np.array([[0, 2], [3, 1]], dtype=np.int32), np.array([3, 4]), np.array([5, 0])
+    )
     assert matrix.tolist() == [[0.0, 0.0], [f1_from_lcs(3, 4, 5), 0.0]]
     assert float(f1_from_lcs_array(3, 4, 5)) == f1_from_lcs(3, 4, 5)
 

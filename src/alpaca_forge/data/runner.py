@@ -236,7 +236,7 @@ def run_dedupe(config: DedupeConfig, *, progress: bool = True) -> DedupeResult:
     """Two passes over the file, which is never held whole: the first validates every record,
     holding none (every problem reported at once, before anything is computed or written); the
     second dedupes as it reads, each record written out as its fate arrives, into temporary
-    files that replace the outputs at the end. Held: the kept texts' token data (`core.rouge`),
+    files that replace the outputs at the end. Held: the kept texts' token data (`core.rouge_dedupe`),
     the records read ahead of their fate, 16 bytes per record (`_KeptSpill`)."""
     output = check_output(config.output, inputs=[config.file])
     dropped_path = check_output(

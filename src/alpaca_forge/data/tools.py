@@ -20,7 +20,7 @@ from typing import Any
 from ..core.conversations import OPENAI, SHAREGPT, to_rows
 from ..core.errors import Problem, ValidationError
 from ..core.records import Record
-from ..core.rouge import Dropped, greedy_dedupe, greedy_dedupe_stream
+from ..core.rouge_dedupe import Dropped, greedy_dedupe, greedy_dedupe_stream
 
 # ---------------------------------------------------------------------------------------------
 # stats
