@@ -378,6 +378,23 @@ def test_the_dry_run_forecast_matches_a_hand_computation(tmp_path):
     assert f"${f.cost_usd:.2f}" in r.stdout and "GPU-hours" in r.stdout
     assert "the EOS check runs when the train stage starts" in r.stdout  # the 7B model is not here
 
+    # the same as batches: a half-price teacher and judge; then evol (two requests a record, at
+    # most seeds x rounds x 2) and magpie (one conversation a record, no seeds)
+    from alpaca_forge.core.records import read_records
+
+    batch = ("stages.generate.batch_dir=batch", "stages.generate.max_requests=40", "stages.eval.judge_batch_dir=jb")
+    priced = make_forecast(load_recipe(recipe, batch))
+    assert priced.teacher.requests == 13 and priced.teacher.cost_usd == pytest.approx(f.teacher.cost_usd / 2)
+    assert priced.judge.cost_usd == pytest.approx(f.judge.cost_usd / 2)
+    assert any("(batch: 0.5 x the list price)" in line for line in priced.lines())
+    evol = make_forecast(load_recipe(recipe, ("stages.generate.method=evol", "stages.generate.evol_rounds=1")))
+    seeds = len(read_records(SEEDS))
+    assert evol.teacher.method == "evol" and evol.teacher.requests == min(math.ceil(100 / 0.5), seeds * 1 * 2)
+    magpie = make_forecast(
+        load_recipe(recipe, ("stages.generate.method=magpie", "stages.generate.seeds=null"))
+    )
+    assert magpie.teacher.requests == 100 and magpie.teacher.method == "magpie"
+
 
 @pytest.mark.integration
 @pytest.mark.parametrize("shipped", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)

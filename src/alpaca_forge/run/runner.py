@@ -311,9 +311,7 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
             how,
             num_instructions=g.num_instructions,
             records_per_request=per_request,
-            max_requests=min(x for x in (g.max_requests, most) if x is not None)
-            if (g.max_requests or most)
-            else None,
+            max_requests=most,
             completion_tokens_per_request=completion,
             price_prompt_per_1m=g.price_prompt_usd_per_1m,
             price_completion_per_1m=g.price_completion_usd_per_1m,
@@ -381,13 +379,14 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
 def _teacher_requests(g: Any, seeds: list[Any], f: Any) -> tuple[list[str], int, float, int | None]:
     """What one teacher request of the recipe's method looks like: sample prompts (their mean
     length stands for all), completion tokens (an upper bound), records it can yield, and the most
-    requests the method can send (evol's chains are finite).
+    requests it may send (max_requests; evol's chains are finite too).
 
     self-instruct: one numbered 20-task prompt, up to forecast.teacher_records_per_request records.
     evol: a rewrite and then its answer, two requests for at most one record, seeds x rounds x 2 at
     most. magpie: one conversation a request (turns x (query + answer) calls, each prompt the
     conversation so far, counted here as its generated text), at most one record."""
     completion = f.teacher_completion_tokens_per_request or g.settings.max_new_tokens
+    per_request = f.teacher_records_per_request
     if g.method == "evol":
         from ..generate.evol_steps import answer_prompt, choose_operation, evolve_prompt, parent_text
 
@@ -395,21 +394,17 @@ def _teacher_requests(g: Any, seeds: list[Any], f: Any) -> tuple[list[str], int,
         texts = [parent_text(r) for r in seeds[:8]]
         prompts = [evolve_prompt(choose_operation(g.seed, str(k), 1, ops), t) for k, t in enumerate(texts)]
         prompts += [answer_prompt(t) for t in texts]
-        return prompts, completion, min(f.teacher_records_per_request, 0.5), len(seeds) * g.evol.rounds * 2
+        chains = len(seeds) * g.evol.rounds * 2
+        return prompts, completion, min(per_request, 0.5), min(g.max_requests or chains, chains)
     if g.method == "magpie":
         m = g.magpie
         per_turn = m.query_max_new_tokens + g.settings.max_new_tokens
         calls = " ".join(["word"] * (per_turn * m.turns))  # the conversation so far, at most
-        return (
-            [calls],
-            completion * m.turns + m.query_max_new_tokens * m.turns,
-            min(f.teacher_records_per_request, 1.0),
-            None,
-        )
+        return [calls], (completion + m.query_max_new_tokens) * m.turns, min(per_request, 1.0), g.max_requests
     from ..generate.teacher_prompt import build_prompt, sample_demos
 
     prompts = [build_prompt(sample_demos(seeds, k, g.seed)) for k in range(8)]
-    return prompts, completion, f.teacher_records_per_request, None
+    return prompts, completion, per_request, g.max_requests
 
 
 def _tokens_per_example(t: Any, records: list[Any]) -> tuple[float, str]:
