@@ -106,16 +106,32 @@ def render_chat(r: dict) -> str:
 
 @renders("generate", "generate.json")
 def render_generate(r: dict) -> str:
-    one, many = r["runs"]
-    return rows(
-        (
+    cells = []
+    for m in r["methods"]:
+        many = m["runs"][-1]
+        name = f"`--method {m['method']}`" + (" `--similarity-details`" if m.get("similarity_details") else "")
+        first = not cells
+        what = (
             f"`generate` against a loopback server with {r['latency_s'] * 1000:.0f} ms latency, "
-            f"{many['concurrency']} requests in flight vs 1, the same {many['records']:,}-record job "
-            f"(`bench/bench_generate.py`, {cpu(r['machine'])})",
-            f"{many['records_per_s']:.1f} vs {one['records_per_s']:.1f} records/s "
-            f"({x(r['ratio'], 1)}; {goal(r['ratio'] >= r['goal'], '≥ ' + str(r['goal']) + '×')})",
+            f"{r['concurrency']} requests in flight for {many['requests']:,} requests, calls/s against the "
+            f"in-flight bound of {r['bound_requests_per_s']:.0f}/s (`bench/bench_generate.py`, {cpu(r['machine'])}): {name}"
+            if first
+            else f"the same, {name}"
         )
-    )
+        cells.append(
+            (
+                what,
+                f"{many['calls_per_s']:.1f} calls/s = {m['share_of_bound']:.0%} of the bound "
+                + (
+                    "(opt-in, no goal)"
+                    if m.get("similarity_details")
+                    else f"({goal(m['share_of_bound'] >= r['goal'], '≥ ' + format(r['goal'], '.0%'))})"
+                )
+                + f"; one call alone "
+                f"{m['one_call_ms']:.0f} ms, {m['ours_ms_per_call']:.1f} ms of it ours; load {m['load_average_1min_before']}",
+            )
+        )
+    return rows(*cells)
 
 
 @renders("rouge", "rouge.json")
@@ -134,6 +150,43 @@ def render_rouge(r: dict) -> str:
             f"{ref['ours_seconds']:.2f} s vs {ref['rouge_score_seconds']:.0f} s "
             f"({ref['speedup']:,.0f}×), kept sets {'identical' if ref['kept_identical'] else 'DIFFERENT'}",
         ),
+    )
+
+
+@renders("decontaminate", "decontaminate.json")
+def render_decontaminate(r: dict) -> str:
+    w, planted, direct = r["whole_tool"], r["planted"], r["direct_comparison"]
+    dropped = ", ".join(f"{planted['dropped'][k]} of {n} {k.replace('_', ' ')}" for k, n in planted["planted"].items())
+    return rows(
+        (
+            f"`data decontaminate` of the {w['records']:,}-record corpus against the {w['eval_items']} "
+            f"evaluation instructions ({r['settings']['ngram']}-grams and ROUGE-L > {r['settings']['rouge_l_threshold']}; "
+            f"`bench/bench_decontaminate.py`, {cpu(r['machine'])})",
+            f"{w['wall_seconds']:.1f} s for the whole command ({goal(w['wall_seconds'] <= w['target_seconds'], '≤ ' + str(w['target_seconds']) + ' s')}); "
+            f"{w['dropped']} dropped: the corpus does not overlap the set",
+        ),
+        (
+            "the same with planted overlaps, and against comparing every pair directly (same bench)",
+            f"dropped {dropped}; {direct['records']:,} records × {w['eval_items']} items pair by pair: "
+            f"{'identical' if direct['identical'] else 'DIFFERENT'} decisions",
+        ),
+    )
+
+
+@renders("dedupe-1m", "dedupe_1m.json")
+def render_dedupe_1m(r: dict) -> str:
+    c, core, g = r["cli"], r["core"], r["goal"]
+    met = c["seconds"] <= g["seconds"] and c["peak_rss_mb"] <= g["peak_rss_mb"]
+    return rows(
+        (
+            f"`data dedupe` of {c['records']:,} records (the corpus and seeded word-level edits of it, "
+            f"{c['input_mb']} MB gzipped), the command in a subprocess (`bench/bench_dedupe_1m.py`, "
+            f"{cpu(c['machine'])})",
+            f"{c['seconds'] / 60:.1f} min, peak RSS {c['peak_rss_mb']} MB "
+            f"({goal(met, '≤ ' + str(g['seconds'] // 60) + ' min, ≤ ' + str(g['peak_rss_mb'] // 1024) + ' GB')}); "
+            f"{c['kept']:,} kept; the streaming engine alone {core['seconds'] / 60:.1f} min, {core['peak_rss_mb']} MB; "
+            f"the corpus's own {c['kept_55k']:,} kept {'unchanged' if c['kept_55k_identical'] else 'CHANGED'}",
+        )
     )
 
 
