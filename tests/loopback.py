@@ -7,10 +7,16 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    # listen()'s backlog: the standard library's 5 drops the SYNs of a client opening 32
+    # connections at once, and each waits a second for its retransmission (uvicorn's is 2048)
+    request_queue_size = 256
+
+
 class Loopback:
     def __init__(self, handler: type[BaseHTTPRequestHandler]):
         handler.disable_nagle_algorithm = True  # TCP_NODELAY: no ~40 ms delayed-ACK stall a reply
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _Server(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

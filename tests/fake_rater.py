@@ -1,0 +1,76 @@
+"""A scripted rating judge on loopback (an OpenAI-compatible chat endpoint) for `data score`: it
+reads the record out of our rubric and replies as `policy(instruction, output)` says, after
+`delay_s`, counting the requests it holds at once. Tests and bench/bench_score.py use it.
+
+    with RatingJudge(lambda instruction, output: "Accuracy: 4\nHelpfulness: 5") as url:
+        ... data score FILE --output OUT --judge-engine openai --judge-base-url url --judge-model rater
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+
+from loopback import Loopback
+
+_RECORD = re.compile(
+    r"### Instruction:\n(?P<instruction>.*?)\n(?:\n### Input:\n(?P<input>.*?)\n)?\n### Response:\n(?P<output>.*?)\n\n"
+    r"Rate the response\.",
+    re.DOTALL,
+)
+
+
+class RatingJudge(Loopback):
+    """An OpenAI-compatible chat server that reads the record out of our rubric and replies as
+    `policy(instruction, output)` says; it counts the requests it holds at once."""
+
+    def __init__(self, policy: Callable[[str, str], str], delay_s: float = 0.0):
+        self.asked: list[str] = []
+        self.turns: list[int] = []  # messages per request: a retry adds two turns
+        self.most_in_flight = 0
+        now = [0]
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else a delayed ACK adds ~40 ms to every reply
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                prompt = body["messages"][0]["content"]  # a retry adds turns after the rubric
+                m = _RECORD.search(prompt)
+                assert m, prompt[:300]
+                with lock:
+                    outer.asked.append(m["instruction"])
+                    outer.turns.append(len(body["messages"]))
+                    now[0] += 1
+                    outer.most_in_flight = max(outer.most_in_flight, now[0])
+                time.sleep(delay_s)
+                reply = policy(m["instruction"], m["output"])
+                with lock:
+                    now[0] -= 1
+                data = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}
+                        ],
+                        "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(reply.split())},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        super().__init__(Handler)
