@@ -173,6 +173,21 @@ def render_decontaminate(r: dict) -> str:
     )
 
 
+@renders("score", "score.json")
+def render_score(r: dict) -> str:
+    many = r["runs"][-1]
+    return rows(
+        (
+            f"`data score` against a rating judge with {r['latency_s'] * 1000:.0f} ms latency, {r['concurrency']} "
+            f"ratings in flight for {many['records']:,} records (`bench/bench_score.py`, {cpu(r['machine'])})",
+            f"{many['ratings_per_s']:.1f} ratings/s = {r['share_of_bound']:.0%} of the in-flight bound for the whole "
+            f"command, {r['steady_share_of_bound']:.0%} beyond its first wave "
+            f"({goal(r['steady_share_of_bound'] >= r['goal'], '≥ ' + format(r['goal'], '.0%'))}); one rating alone "
+            f"{r['one_call_ms']:.0f} ms",
+        )
+    )
+
+
 @renders("dedupe-1m", "dedupe_1m.json")
 def render_dedupe_1m(r: dict) -> str:
     c, core, g = r["cli"], r["core"], r["goal"]
