@@ -121,7 +121,8 @@ def render_generate(r: dict) -> str:
         cells.append(
             (
                 what,
-                f"{many['calls_per_s']:.1f} calls/s = {m['share_of_bound']:.0%} of the bound "
+                f"{many['calls_per_s']:.1f} calls/s = {m['share_of_bound']:.0%} of the bound"
+                + (f" ({m['steady_share_of_bound']:.0%} beyond the first wave) " if "steady_share_of_bound" in m else " ")
                 + (
                     "(opt-in, no goal)"
                     if m.get("similarity_details")
