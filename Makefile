@@ -63,8 +63,9 @@ demo: $(BIN)/.llamacpp
 
 # Every tier: unit, integration (the real CLI, servers on loopback, a browser, llama.cpp) and
 # real_model (the embedded SmolLM2). CI runs this.
+# Two workers, each taking whole test files in their order (the README's examples build on each other).
 test: $(BIN)/.installed $(BIN)/.llamacpp
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The unit tier alone (pure functions, tiny in-process models): about a minute, while you work.
 test-fast: $(BIN)/.installed
