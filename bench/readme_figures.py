@@ -121,12 +121,12 @@ def render_generate(r: dict) -> str:
         cells.append(
             (
                 what,
-                f"{many['calls_per_s']:.1f} calls/s = {m['share_of_bound']:.0%} of the bound"
-                + (f" ({m['steady_share_of_bound']:.0%} beyond the first wave) " if "steady_share_of_bound" in m else " ")
+                f"{many['calls_per_s']:.1f} calls/s = {m['share_of_bound']:.1%} of the bound for the whole command, "
+                f"{m['steady_share_of_bound']:.1%} beyond its first wave "
                 + (
                     "(opt-in, no goal)"
                     if m.get("similarity_details")
-                    else f"({goal(m['share_of_bound'] >= r['goal'], '≥ ' + format(r['goal'], '.0%'))})"
+                    else f"({goal(m['steady_share_of_bound'] >= r['goal'], '≥ ' + format(r['goal'], '.0%'))})"
                 )
                 + f"; one call alone "
                 f"{m['one_call_ms']:.0f} ms, {m['ours_ms_per_call']:.1f} ms of it ours; load {m['load_average_1min_before']}",
@@ -181,8 +181,8 @@ def render_score(r: dict) -> str:
         (
             f"`data score` against a rating judge with {r['latency_s'] * 1000:.0f} ms latency, {r['concurrency']} "
             f"ratings in flight for {many['records']:,} records (`bench/bench_score.py`, {cpu(r['machine'])})",
-            f"{many['ratings_per_s']:.1f} ratings/s = {r['share_of_bound']:.0%} of the in-flight bound for the whole "
-            f"command, {r['steady_share_of_bound']:.0%} beyond its first wave "
+            f"{many['ratings_per_s']:.1f} ratings/s = {r['share_of_bound']:.1%} of the in-flight bound for the whole "
+            f"command, {r['steady_share_of_bound']:.1%} beyond its first wave "
             f"({goal(r['steady_share_of_bound'] >= r['goal'], '≥ ' + format(r['goal'], '.0%'))}); one rating alone "
             f"{r['one_call_ms']:.0f} ms",
         )
