@@ -382,3 +382,32 @@ def test_the_embedded_smollm2_writes_and_answers_its_own_queries(tmp_path):
     assert len(rows) == summary["accepted"]
     assert not any("<|" in row["instruction"] + row["output"] for row in rows)
     print(f"magpie on SmolLM2: {len(rows)} kept of 2 asked; dropped {summary['dropped']}")
+
+
+@pytest.mark.real_model
+@pytest.mark.llamacpp
+def test_magpie_against_llama_cpps_own_server_draws_queries_from_the_named_template(tmp_path, smollm2_jinja):
+    """The server path against a server nobody here wrote: llama.cpp's `python -m llama_cpp.server`
+    on the embedded GGUF. Queries go to its /v1/completions with the pre-query text of the template
+    named by --magpie-template, answers to its /v1/chat/completions; both reach the model."""
+    from llama_server import HAS_SERVER, llama_server
+
+    if not HAS_SERVER:
+        pytest.skip("llama.cpp's server needs llama-cpp-python's `server` extra (the dev install has it)")
+    from alpaca_forge.engines.llamacpp import gguf_path
+
+    out = tmp_path / "srv.jsonl"
+    with llama_server(gguf_path("smollm2-135m-instruct"), "smollm2") as url:
+        r = run_cli(
+            "generate", "--method", "magpie", "--engine", "openai", "--base-url", url, "--model", "smollm2",
+            "--magpie-template", str(smollm2_jinja), "--output", str(out), "--num-instructions", "2",
+            "--max-requests", "2", "--magpie-query-max-new-tokens", "48", "--max-new-tokens", "64",
+            "--magpie-query-temperature", "0.7",
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = _summary(out)
+    assert summary["requests"] == 2 and summary["accepted"] + sum(summary["dropped"].values()) == 2
+    assert 2 <= summary["details"]["engine_calls"] <= 4 and summary["completion_tokens"] > 0
+    assert summary["details"]["pre_query"].endswith("<|im_start|>user\n")
+    rows = _rows(out) if out.exists() else []
+    assert not any("<|" in row["instruction"] + row["output"] for row in rows)
