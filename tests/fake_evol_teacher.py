@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
 from fake_teacher import invented_word
-from loopback import Loopback
+from loopback import Loopback, send_json
 
 _TASK = re.compile(r"\nTask:\n((?:(?!\nTask:\n).)*)\n\nNew task:\s*$", re.DOTALL)  # the last task shown
 _ANSWER_LAYOUT = re.compile(r"^Task:\n(.*)\n\nA complete and helpful answer:\n$", re.DOTALL)
@@ -98,7 +98,7 @@ class FakeEvolTeacher(Loopback):
                 time.sleep(script_ref.latency_s)
                 status, text, finish = handle(script_ref, body, number)
                 if status != 200:
-                    return self._send(status, {"error": {"message": f"scripted {status}"}})
+                    return send_json(self, status, {"error": {"message": f"scripted {status}"}})
                 choice = {"index": 0, "finish_reason": finish}
                 if "messages" in body:
                     choice["message"] = {"role": "assistant", "content": text}
@@ -106,7 +106,8 @@ class FakeEvolTeacher(Loopback):
                     choice["text"] = text
                 prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
                 usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-                self._send(
+                send_json(
+                    self,
                     200,
                     {
                         "id": f"cmpl-{number}",
@@ -115,16 +116,5 @@ class FakeEvolTeacher(Loopback):
                         "usage": usage,
                     },
                 )
-
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         super().__init__(Handler)

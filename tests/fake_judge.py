@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback
+from loopback import Loopback, send_json
 
 _PROMPT = re.compile(
     r"### Instruction:\n(?P<instruction>.*?)\n(?:\n### Input:\n(?P<input>.*?)\n)?\n### Response A:\n(?P<a>.*?)\n\n"
@@ -57,7 +57,9 @@ class FakeJudge(Loopback):
                     ask = Ask(m["instruction"], m["input"] or "", m["a"], m["b"], len(outer.asks) + 1)
                     outer.asks.append(ask)
                 reply = outer.policy(ask)
-                data = json.dumps(
+                send_json(
+                    self,
+                    200,
                     {
                         "id": f"chatcmpl-{ask.number}",
                         "object": "chat.completion",
@@ -72,13 +74,8 @@ class FakeJudge(Loopback):
                             "prompt_tokens": len(prompt.split()),
                             "completion_tokens": len(reply.split()),
                         },
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                    },
+                )
 
         super().__init__(Handler)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
 from fake_teacher import invented_word
-from loopback import Loopback
+from loopback import Loopback, send_json
 
 END_OF_TURN = "<|im_end|>"
 LENGTH = "<<LENGTH>>"
@@ -60,7 +60,9 @@ class FakeMagpieServer(Loopback):
                 time.sleep(s.latency_s)
                 chat = self.path.endswith("/chat/completions")
                 if not chat and s.no_completions:
-                    return self._send(404, {"error": {"message": "This is a chat model, not a completions one"}})
+                    return send_json(
+                        self, 404, {"error": {"message": "This is a chat model, not a completions one"}}
+                    )
                 seed = int(body.get("seed", 0))
                 rng = random.Random(seed)
                 request = seed // 32
@@ -87,17 +89,6 @@ class FakeMagpieServer(Loopback):
                     choice["text"] = text
                 prompt = json.dumps(body.get("messages") or body.get("prompt"))
                 usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-                self._send(200, {"id": f"x-{seed}", "choices": [choice], "usage": usage})
-
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                send_json(self, 200, {"id": f"x-{seed}", "choices": [choice], "usage": usage})
 
         super().__init__(Handler)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback
+from loopback import Loopback, send_json
 
 _RECORD = re.compile(
     r"### Instruction:\n(?P<instruction>.*?)\n(?:\n### Input:\n(?P<input>.*?)\n)?\n### Response:\n(?P<output>.*?)\n\n"
@@ -57,20 +57,24 @@ class RatingJudge(Loopback):
                 reply = policy(m["instruction"], m["output"])
                 with lock:
                     now[0] -= 1
-                data = json.dumps(
+                send_json(
+                    self,
+                    200,
                     {
                         "id": "x",
                         "object": "chat.completion",
                         "choices": [
-                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": reply},
+                            }
                         ],
-                        "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(reply.split())},
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                        "usage": {
+                            "prompt_tokens": len(prompt.split()),
+                            "completion_tokens": len(reply.split()),
+                        },
+                    },
+                )
 
         super().__init__(Handler)

@@ -55,9 +55,8 @@ EXAMPLES = {
     "breadth": ("Name three kinds of cheese.", "Explain how the rind of a washed-rind cheese forms while it ripens."),
 }  # fmt: skip
 
-EVOLVE_TEMPLATE = """Rewrite the task below for an AI assistant so that answering it takes more skill.
-{directive}
-The new task must stand on its own, make sense, and be something a well-informed person could answer in writing. Add at most about 20 words to it. Write only the new task: no answer, no heading, no comment on what changed.
+# Both prompts end alike: one worked example, then the task to rewrite.
+_EXAMPLE_THEN_TASK = """
 
 Task:
 {example}
@@ -69,21 +68,20 @@ Task:
 {text}
 
 New task:"""
+
+EVOLVE_TEMPLATE = (
+    """Rewrite the task below for an AI assistant so that answering it takes more skill.
+{directive}
+The new task must stand on its own, make sense, and be something a well-informed person could answer in writing. Add at most about 20 words to it. Write only the new task: no answer, no heading, no comment on what changed."""
+    + _EXAMPLE_THEN_TASK
+)
 
 # In-breadth: a new instruction of the same domain, rarer.
-BREADTH_TEMPLATE = """Below is a task for an AI assistant. Write one new task from the same subject area, about something less common, with about the same length and difficulty.
-The new task must stand on its own, make sense, and be something a well-informed person could answer in writing. Write only the new task: no answer, no heading, no comment.
-
-Task:
-{example}
-
-New task:
-{example_new}
-
-Task:
-{text}
-
-New task:"""
+BREADTH_TEMPLATE = (
+    """Below is a task for an AI assistant. Write one new task from the same subject area, about something less common, with about the same length and difficulty.
+The new task must stand on its own, make sense, and be something a well-informed person could answer in writing. Write only the new task: no answer, no heading, no comment."""
+    + _EXAMPLE_THEN_TASK
+)
 
 ANSWER_TEMPLATE = "Task:\n{text}\n\nA complete and helpful answer:\n"  # the completions API only
 

@@ -21,7 +21,6 @@ token (said so in the forecast).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -148,8 +147,7 @@ def _usd(prompt: float, completion: float, price_prompt: float, price_completion
 
 
 def teacher(
-    prompts: Sequence[str],
-    count: Callable[[str], int],
+    per_prompt: float,
     counted_with: str,
     *,
     num_instructions: int,
@@ -162,14 +160,13 @@ def teacher(
     price_factor: float = 1.0,
     method: str = "self-instruct",
 ) -> TeacherForecast:
-    """`prompts`: the first requests' real prompts (their mean length stands for all);
+    """`per_prompt`: a request's prompt tokens (the mean of the first requests' real prompts);
     `price_factor`: the share of the list prices paid (a batch teacher's 1 - discount)."""
     price_prompt_per_1m *= price_factor
     price_completion_per_1m *= price_factor
     requests = math.ceil(num_instructions / records_per_request)
     if max_requests is not None:
         requests = min(requests, max_requests)
-    per_prompt = sum(count(p) for p in prompts) / len(prompts)
     per_request_usd = _usd(
         per_prompt, completion_tokens_per_request, price_prompt_per_1m, price_completion_per_1m
     )

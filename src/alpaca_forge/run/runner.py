@@ -304,10 +304,9 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
         g = s["generate"]
         seeds = _records(g.seeds) if g.seeds else []
         count, how = _token_counter(_local_engine_model(g.engine))
-        prompts, completion, per_request, most = _teacher_requests(g, seeds, f)
+        per_prompt, completion, per_request, most = _teacher_requests(g, seeds, f, count)
         teacher = fc.teacher(
-            prompts,
-            count,
+            per_prompt,
             how,
             num_instructions=g.num_instructions,
             records_per_request=per_request,
@@ -376,9 +375,11 @@ def make_forecast(recipe: Recipe) -> fc.Forecast:
     return fc.Forecast(teacher, train, judge, inference_tokens)
 
 
-def _teacher_requests(g: Any, seeds: list[Any], f: Any) -> tuple[list[str], int, float, int | None]:
-    """What one teacher request of the recipe's method looks like: sample prompts (their mean
-    length stands for all), completion tokens (an upper bound), records it can yield, and the most
+def _teacher_requests(
+    g: Any, seeds: list[Any], f: Any, count: Callable[[str], int]
+) -> tuple[float, int, float, int | None]:
+    """What one teacher request of the recipe's method looks like: its prompt tokens (the mean of
+    sample prompts), completion tokens (an upper bound), records it can yield, and the most
     requests it may send (max_requests; evol's chains are finite too).
 
     self-instruct: one numbered 20-task prompt, up to forecast.teacher_records_per_request records.
@@ -395,16 +396,19 @@ def _teacher_requests(g: Any, seeds: list[Any], f: Any) -> tuple[list[str], int,
         prompts = [evolve_prompt(choose_operation(g.seed, str(k), 1, ops), t) for k, t in enumerate(texts)]
         prompts += [answer_prompt(t) for t in texts]
         chains = len(seeds) * g.evol.rounds * 2
-        return prompts, completion, min(per_request, 0.5), min(g.max_requests or chains, chains)
+        return _mean(prompts, count), completion, min(per_request, 0.5), min(g.max_requests or chains, chains)
     if g.method == "magpie":
         m = g.magpie
-        per_turn = m.query_max_new_tokens + g.settings.max_new_tokens
-        calls = " ".join(["word"] * (per_turn * m.turns))  # the conversation so far, at most
-        return [calls], (completion + m.query_max_new_tokens) * m.turns, min(per_request, 1.0), g.max_requests
+        so_far = (m.query_max_new_tokens + g.settings.max_new_tokens) * m.turns  # the conversation, at most
+        return so_far, (completion + m.query_max_new_tokens) * m.turns, min(per_request, 1.0), g.max_requests
     from ..generate.teacher_prompt import build_prompt, sample_demos
 
     prompts = [build_prompt(sample_demos(seeds, k, g.seed)) for k in range(8)]
-    return prompts, completion, per_request, g.max_requests
+    return _mean(prompts, count), completion, per_request, g.max_requests
+
+
+def _mean(prompts: list[str], count: Callable[[str], int]) -> float:
+    return sum(count(p) for p in prompts) / len(prompts)
 
 
 def _tokens_per_example(t: Any, records: list[Any]) -> tuple[float, str]:

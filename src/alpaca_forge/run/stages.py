@@ -210,9 +210,10 @@ def _data(work: StageWork, recipe: Recipe, resume: bool, progress: bool) -> dict
             "completion_tokens": scored.completion_tokens,
             "plot": str(scored.plot) if scored.plot else None,
         }
-    else:
-        write_records(train_data, read_records(last, require_output=True))
-    final = read_records(train_data)
+        final = read_records(train_data)
+    else:  # the last step's records are the training data
+        final = read_records(last, require_output=True)
+        write_records(train_data, final)
     seed_keys = {(r.instruction, r.input, r.output) for r in seeds}
     from_seeds = sum(1 for r in final if (r.instruction, r.input, r.output) in seed_keys)
     folder = work.folder
