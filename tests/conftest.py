@@ -29,6 +29,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _share_the_cores_between_workers() -> None:
+    """`make test` runs pytest-xdist workers side by side. Left alone, each worker's torch and
+    llama.cpp start a thread per core, and spinning threads that outnumber the cores wait on each
+    other (a test of 44 s alone took 344 s beside another). So each worker, and every process it
+    starts, computes on its share of the cores; set before torch loads, which reads it once."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+
+
+_share_the_cores_between_workers()
+
+
 # The tiers (pyproject.toml's markers): `make test-fast` runs the unit one, `make test` all three.
 TIERS = ("unit", "integration", "real_model")
 

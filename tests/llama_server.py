@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def llama_server(gguf: Path, alias: str, *flags: str) -> Iterator[str]:
     """The server on `gguf`, serving it as `alias`, with its chat format left to the file (the
     GGUF's `tokenizer.chat_template`), as a user starting it would; yields the API base."""
     port = _free_port()
+    threads = os.environ.get("OMP_NUM_THREADS")  # a pytest-xdist worker's share of the cores
+    flags = (*(("--n_threads", threads, "--n_threads_batch", threads) if threads else ()), *flags)
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
          "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--verbose", "False", *flags],

@@ -9,6 +9,7 @@ back 64 tokens, transformers' over the whole text, so with a penalty the two may
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import httpx
@@ -220,6 +221,23 @@ def test_eval_judges_on_llamacpp_as_on_transformers(tmp_path, tiny_model_dir, ti
 
 # ---------------------------------------------------------------------------------------------
 # Careless input
+
+
+@pytest.mark.integration
+def test_threads_are_omp_num_threads_unless_named(monkeypatch, tiny_gguf):
+    """A scheduler's or a person's OMP_NUM_THREADS holds for llama.cpp as it does for torch, for
+    prompt and decode threads; --cpu-threads wins; without either, llama.cpp's own choice."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    engine = LlamaCppEngine(tiny_gguf)
+    assert (engine.llm.n_threads, engine.llm.n_threads_batch) == (1, 1)
+    engine.close()
+    engine = LlamaCppEngine(tiny_gguf, threads=3)
+    assert (engine.llm.n_threads, engine.llm.n_threads_batch) == (3, 3)
+    engine.close()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    engine = LlamaCppEngine(tiny_gguf)
+    assert engine.llm.n_threads_batch == os.cpu_count()
+    engine.close()
 
 
 def _infer(tmp_path, *flags: str):

@@ -86,7 +86,7 @@ class EngineConfig(Config):
         "llamacpp: the context window in tokens (prompt + answer); its KV cache takes memory in proportion",
         ge=16,
     )
-    cpu_threads: int | None = setting(None, "llamacpp: CPU threads (default: llama.cpp's choice)", ge=1)
+    cpu_threads: int | None = setting(None, "llamacpp: CPU threads (default: $OMP_NUM_THREADS where set, else llama.cpp's choice)", ge=1)
 
     def check(self):
         if self.engine == "openai":

@@ -132,12 +132,26 @@ class TemplateTokenizer:
 
 
 def open_llama(path: Path, fix: str, **settings: Any) -> Any:
-    """A GGUF file loaded by llama-cpp-python (quietly), or a UserError naming it and `fix`."""
+    """A GGUF file loaded by llama-cpp-python (quietly), or a UserError naming it and `fix`.
+
+    Threads left unnamed are OMP_NUM_THREADS where it is set: the variable schedulers and people
+    set to share a machine between processes, which torch already obeys (llama.cpp's own default
+    counts every core of the machine, and its threads spin). Prompt threads follow decode threads."""
     llama_cpp = import_llama_cpp()
+    threads = settings.get("n_threads") or shared_threads()
+    if threads:
+        settings["n_threads"] = threads
+        settings["n_threads_batch"] = settings.get("n_threads_batch") or threads
     try:
         return llama_cpp.Llama(model_path=str(path), verbose=False, **settings)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{path}: llama.cpp cannot load this GGUF file ({e})", fix) from e
+
+
+def shared_threads() -> int | None:
+    """OMP_NUM_THREADS as a count (its first number, where it lists one per nesting level)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def template_tokenizer(llm: Any) -> TemplateTokenizer | None:
