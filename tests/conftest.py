@@ -47,9 +47,17 @@ _share_the_cores_between_workers()
 TIERS = ("unit", "integration", "real_model")
 
 
+# The files that take longest (the README walk, the proofs of effect on SmolLM2), first: `make
+# test`'s workers take whole files in this order, so the long ones start at once, side by side,
+# and the short ones fill in around them instead of one long file finishing alone at the end.
+LONGEST_FIRST = ("test_readme.py", "test_align_effect.py", "test_engines.py", "test_export.py", "test_train.py")
+
+
 def pytest_collection_modifyitems(config, items):
     _refuse_tests_outside_one_tier(items)
     _skip_llamacpp_without_it(items)
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
 
 
 def _refuse_tests_outside_one_tier(items) -> None:
