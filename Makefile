@@ -15,10 +15,11 @@ TRL_PIN ?= trl==1.16.0
 # it crashes at the first decode, and AVX-512 code dies with "Illegal instruction" on AVX2-only
 # CPUs. These flags build code that runs on any x86-64 CPU with AVX2 (2013 on). The wheel is built
 # once per version and flags, kept in WHEELHOUSE, and reused by every later install on the machine
-# (pip's own wheel cache ignores CMAKE_ARGS, so it cannot be trusted with this).
+# (pip's own wheel cache ignores CMAKE_ARGS, so it cannot be trusted with this). LLAVA_BUILD=OFF
+# leaves out the multimodal library (mtmd: images and audio), which nothing here loads.
 LLAMACPP_PIN ?= llama-cpp-python==0.3.36
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-    -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+    -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
 LLAMACPP_KEY := $(shell printf '%s %s' '$(LLAMACPP_PIN)' '$(LLAMACPP_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 WHEELHOUSE ?= $(HOME)/.cache/alpaca-forge/wheels/llama-cpp-python-$(LLAMACPP_KEY)
 
@@ -63,9 +64,10 @@ demo: $(BIN)/.llamacpp
 
 # Every tier: unit, integration (the real CLI, servers on loopback, a browser, llama.cpp) and
 # real_model (the embedded SmolLM2). CI runs this.
-# Two workers, each taking whole test files in their order (the README's examples build on each other).
+# Two workers, each taking whole test files (the README's examples build on each other), in the
+# order tests/conftest.py gives: the longest first, so the two finish together.
 test: $(BIN)/.installed $(BIN)/.llamacpp
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The unit tier alone (pure functions, tiny in-process models): about a minute, while you work.
 test-fast: $(BIN)/.installed
