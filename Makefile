@@ -44,7 +44,7 @@ $(BIN)/.llamacpp: $(BIN)/.installed
 	@if ! ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	    command -v c++ >/dev/null || { echo "llama-cpp-python is built from source and needs a C++ compiler:" \
 	        "apt-get install build-essential (Debian/Ubuntu), xcode-select --install (macOS)"; exit 1; }; \
-	    echo "building $(LLAMACPP_PIN) for any AVX2 CPU (once per machine, ~7 min on 2 cores) ..."; \
+	    echo "building $(LLAMACPP_PIN) for any AVX2 CPU (once per machine, ~4 min on 2 cores) ..."; \
 	    rm -rf $(WHEELHOUSE).tmp && \
 	    CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip wheel -q --disable-pip-version-check \
 	        --no-cache-dir --no-deps -w $(WHEELHOUSE).tmp "$(LLAMACPP_PIN)" && \
