@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
 from fake_teacher import invented_word
-from loopback import Loopback, send_json
+from loopback import Loopback, completion, send_json
 
 _TASK = re.compile(r"\nTask:\n((?:(?!\nTask:\n).)*)\n\nNew task:\s*$", re.DOTALL)  # the last task shown
 _ANSWER_LAYOUT = re.compile(r"^Task:\n(.*)\n\nA complete and helpful answer:\n$", re.DOTALL)
@@ -99,22 +99,7 @@ class FakeEvolTeacher(Loopback):
                 status, text, finish = handle(script_ref, body, number)
                 if status != 200:
                     return send_json(self, status, {"error": {"message": f"scripted {status}"}})
-                choice = {"index": 0, "finish_reason": finish}
-                if "messages" in body:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
                 prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-                send_json(
-                    self,
-                    200,
-                    {
-                        "id": f"cmpl-{number}",
-                        "object": "chat.completion",
-                        "choices": [choice],
-                        "usage": usage,
-                    },
-                )
+                send_json(self, 200, completion(body, text, prompt, id=f"cmpl-{number}", finish=finish))
 
         super().__init__(Handler)

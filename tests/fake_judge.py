@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback, send_json
+from loopback import Loopback, completion, send_json
 
 _PROMPT = re.compile(
     r"### Instruction:\n(?P<instruction>.*?)\n(?:\n### Input:\n(?P<input>.*?)\n)?\n### Response A:\n(?P<a>.*?)\n\n"
@@ -57,25 +57,7 @@ class FakeJudge(Loopback):
                     ask = Ask(m["instruction"], m["input"] or "", m["a"], m["b"], len(outer.asks) + 1)
                     outer.asks.append(ask)
                 reply = outer.policy(ask)
-                send_json(
-                    self,
-                    200,
-                    {
-                        "id": f"chatcmpl-{ask.number}",
-                        "object": "chat.completion",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": reply},
-                            }
-                        ],
-                        "usage": {
-                            "prompt_tokens": len(prompt.split()),
-                            "completion_tokens": len(reply.split()),
-                        },
-                    },
-                )
+                send_json(self, 200, completion(body, reply, prompt, id=f"chatcmpl-{ask.number}"))
 
         super().__init__(Handler)
 

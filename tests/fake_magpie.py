@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
 from fake_teacher import invented_word
-from loopback import Loopback, send_json
+from loopback import Loopback, completion, send_json
 
 END_OF_TURN = "<|im_end|>"
 LENGTH = "<<LENGTH>>"
@@ -82,13 +82,7 @@ class FakeMagpieServer(Loopback):
                     text, finish = text.replace(LENGTH, "").split(END_OF_TURN)[0], "length"
                 cuts = [i for i in (text.find(t) for t in body.get("stop") or []) if i >= 0]
                 text = text[: min(cuts)] if cuts else text
-                choice = {"index": 0, "finish_reason": finish}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
                 prompt = json.dumps(body.get("messages") or body.get("prompt"))
-                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-                send_json(self, 200, {"id": f"x-{seed}", "choices": [choice], "usage": usage})
+                send_json(self, 200, completion(body, text, prompt, id=f"x-{seed}", finish=finish))
 
         super().__init__(Handler)

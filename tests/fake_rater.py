@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback, send_json
+from loopback import Loopback, completion, send_json
 
 _RECORD = re.compile(
     r"### Instruction:\n(?P<instruction>.*?)\n(?:\n### Input:\n(?P<input>.*?)\n)?\n### Response:\n(?P<output>.*?)\n\n"
@@ -38,7 +38,6 @@ class RatingJudge(Loopback):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # else a delayed ACK adds ~40 ms to every reply
 
             def log_message(self, *args):
                 pass
@@ -57,24 +56,6 @@ class RatingJudge(Loopback):
                 reply = policy(m["instruction"], m["output"])
                 with lock:
                     now[0] -= 1
-                send_json(
-                    self,
-                    200,
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "choices": [
-                            {
-                                "index": 0,
-                                "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": reply},
-                            }
-                        ],
-                        "usage": {
-                            "prompt_tokens": len(prompt.split()),
-                            "completion_tokens": len(reply.split()),
-                        },
-                    },
-                )
+                send_json(self, 200, completion(body, reply, prompt, id="x"))
 
         super().__init__(Handler)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback
+from loopback import Loopback, completion, send_json, send_text
 
 _SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vi", "po", "de", "nu", "fa", "zo", "bre", "ti", "gul"]
 _VERBS = [
@@ -82,10 +82,6 @@ class FakeTeacher(Loopback):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            # The headers and the body leave in two writes: with Nagle's algorithm on, the body
-            # waits for the client's delayed ACK of the headers, ~40 ms on Linux loopback, which
-            # was 44 of every request's 48 ms of overhead. Real servers (uvicorn, vLLM) set it too.
-            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # quiet
                 pass
@@ -100,9 +96,9 @@ class FakeTeacher(Loopback):
                     script_ref.fail_status if number <= script_ref.fail_first else 200
                 )
                 if status != 200:
-                    return self._send(status, {"error": {"message": f"scripted {status}"}})
+                    return send_json(self, status, {"error": {"message": f"scripted {status}"}})
                 if script_ref.garbage:
-                    return self._send(200, "<html>502 Bad Gateway from a proxy</html>", raw=True)
+                    return send_text(self, 200, "<html>502 Bad Gateway from a proxy</html>", "text/html")
                 prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
                 first = int(re.search(r"(\d+)\. Instruction:\s*$", prompt).group(1))
                 rng = random.Random(body.get("seed", number))
@@ -121,31 +117,6 @@ class FakeTeacher(Loopback):
                     script_ref.raw_texts.append(text)
                 cuts = [i for i in (text.find(s) for s in body.get("stop") or []) if i >= 0]
                 text = text[: min(cuts)] if cuts else text
-                choice = {"index": 0, "finish_reason": "stop"}
-                if "messages" in body:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
-                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-                self._send(
-                    200,
-                    {
-                        "id": f"cmpl-{number}",
-                        "object": "chat.completion",
-                        "choices": [choice],
-                        "usage": usage,
-                    },
-                )
-
-            def _send(self, status, payload, raw=False):
-                data = (payload if raw else json.dumps(payload)).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("content-type", "text/html" if raw else "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up waiting (the timeout tests do that on purpose)
+                send_json(self, 200, completion(body, text, prompt, id=f"cmpl-{number}"))
 
         super().__init__(Handler)

@@ -16,7 +16,9 @@ class _Server(ThreadingHTTPServer):
 
 class Loopback:
     def __init__(self, handler: type[BaseHTTPRequestHandler]):
-        handler.disable_nagle_algorithm = True  # TCP_NODELAY: no ~40 ms delayed-ACK stall a reply
+        # TCP_NODELAY: headers and body leave in two writes, and with Nagle's algorithm on the body
+        # waits ~40 ms for the client's delayed ACK (real servers, uvicorn and vLLM, set it too)
+        handler.disable_nagle_algorithm = True
         self.server = _Server(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -34,12 +36,29 @@ class Loopback:
         self.server.server_close()
 
 
+def completion(body: dict, text: str, prompt: str, *, id: str, finish: str = "stop") -> dict:
+    """An OpenAI reply of `text` to the request `body`: a chat message where it sent messages, else
+    a completion's text; its usage counts the words of `prompt` and of `text`."""
+    choice: dict = {"index": 0, "finish_reason": finish}
+    if "messages" in body:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+    return {"id": id, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
 def send_json(handler: BaseHTTPRequestHandler, status: int, payload: object) -> None:
-    """`payload` as a JSON response; a client that went away mid-reply is not the server's error."""
-    data = json.dumps(payload).encode()
+    """`payload` as a JSON response."""
+    send_text(handler, status, json.dumps(payload), "application/json")
+
+
+def send_text(handler: BaseHTTPRequestHandler, status: int, text: str, content_type: str) -> None:
+    """A response of `text`; a client that went away mid-reply is not the server's error."""
+    data = text.encode()
     try:
         handler.send_response(status)
-        handler.send_header("content-type", "application/json")
+        handler.send_header("content-type", content_type)
         handler.send_header("content-length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)

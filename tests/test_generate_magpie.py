@@ -27,6 +27,7 @@ from alpaca_forge.generate.magpie_steps import (
 from alpaca_forge.generate.magpie_template import read_template
 from alpaca_forge.generate.steps import blacklist_pattern
 from fake_magpie import LENGTH, FakeMagpieServer, MagpieScript
+from llama_server import NEEDS_SERVER, llama_server
 
 from conftest import CLI, TINY_CHAT_TEMPLATE, assert_user_error, build_tiny_tokenizer, run_cli
 
@@ -373,27 +374,31 @@ def test_the_embedded_smollm2_writes_and_answers_its_own_queries(tmp_path):
         "--magpie-query-max-new-tokens", "48", "--max-new-tokens", "96",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    summary, rows = _two_requests_from_smollm2s_template(out)
+    assert summary["details"]["query_temperature"] == 0.7
+    assert len(rows) == summary["accepted"]
+    print(f"magpie on SmolLM2: {len(rows)} kept of 2 asked; dropped {summary['dropped']}")
+
+
+def _two_requests_from_smollm2s_template(out) -> tuple[dict, list[dict]]:
+    """The summary and records of two requests that each drew a query from SmolLM2's template and
+    were answered or dropped for a counted reason; nothing kept holds a template token."""
     summary = _summary(out)
     assert summary["requests"] == 2 and summary["accepted"] + sum(summary["dropped"].values()) == 2
     assert 2 <= summary["details"]["engine_calls"] <= 4 and summary["completion_tokens"] > 0
     assert summary["details"]["pre_query"].endswith("<|im_start|>user\n")
-    assert summary["details"]["query_temperature"] == 0.7
     rows = _rows(out) if out.exists() else []
-    assert len(rows) == summary["accepted"]
     assert not any("<|" in row["instruction"] + row["output"] for row in rows)
-    print(f"magpie on SmolLM2: {len(rows)} kept of 2 asked; dropped {summary['dropped']}")
+    return summary, rows
 
 
 @pytest.mark.real_model
 @pytest.mark.llamacpp
+@NEEDS_SERVER
 def test_magpie_against_llama_cpps_own_server_draws_queries_from_the_named_template(tmp_path, smollm2_jinja):
     """The server path against a server nobody here wrote: llama.cpp's `python -m llama_cpp.server`
     on the embedded GGUF. Queries go to its /v1/completions with the pre-query text of the template
     named by --magpie-template, answers to its /v1/chat/completions; both reach the model."""
-    from llama_server import HAS_SERVER, llama_server
-
-    if not HAS_SERVER:
-        pytest.skip("llama.cpp's server needs llama-cpp-python's `server` extra (the dev install has it)")
     from alpaca_forge.engines.llamacpp import gguf_path
 
     out = tmp_path / "srv.jsonl"
@@ -405,9 +410,4 @@ def test_magpie_against_llama_cpps_own_server_draws_queries_from_the_named_templ
             "--magpie-query-temperature", "0.7",
         )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    summary = _summary(out)
-    assert summary["requests"] == 2 and summary["accepted"] + sum(summary["dropped"].values()) == 2
-    assert 2 <= summary["details"]["engine_calls"] <= 4 and summary["completion_tokens"] > 0
-    assert summary["details"]["pre_query"].endswith("<|im_start|>user\n")
-    rows = _rows(out) if out.exists() else []
-    assert not any("<|" in row["instruction"] + row["output"] for row in rows)
+    _two_requests_from_smollm2s_template(out)
