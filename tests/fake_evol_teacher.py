@@ -11,16 +11,14 @@ limit, or fail with a status.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 
 from fake_teacher import invented_word
-from loopback import Loopback, completion, send_json
+from loopback import JsonHandler, Loopback, completion, send_json
 
 _TASK = re.compile(r"\nTask:\n((?:(?!\nTask:\n).)*)\n\nNew task:\s*$", re.DOTALL)  # the last task shown
 _ANSWER_LAYOUT = re.compile(r"^Task:\n(.*)\n\nA complete and helpful answer:\n$", re.DOTALL)
@@ -84,14 +82,9 @@ class FakeEvolTeacher(Loopback):
         self.script = script or EvolScript()
         script_ref = self.script
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                body = self.json_body()
                 with script_ref.lock:
                     script_ref.seen.append(body)
                     number = len(script_ref.seen)

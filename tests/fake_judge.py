@@ -8,14 +8,12 @@ verdict in advance.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback, completion, send_json
+from loopback import JsonHandler, Loopback, completion, send_json
 
 _PROMPT = re.compile(
     r"### Instruction:\n(?P<instruction>.*?)\n(?:\n### Input:\n(?P<input>.*?)\n)?\n### Response A:\n(?P<a>.*?)\n\n"
@@ -42,14 +40,9 @@ class FakeJudge(Loopback):
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                body = self.json_body()
                 prompt = body["messages"][-1]["content"]
                 m = _PROMPT.search(prompt)
                 assert m, f"not our judging prompt: {prompt[:200]!r}"

@@ -15,10 +15,9 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 
 from fake_teacher import invented_word
-from loopback import Loopback, completion, send_json
+from loopback import JsonHandler, Loopback, completion, send_json
 
 END_OF_TURN = "<|im_end|>"
 LENGTH = "<<LENGTH>>"
@@ -46,15 +45,9 @@ class FakeMagpieServer(Loopback):
         self.script = script or MagpieScript()
         s = self.script
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                body = self.json_body()
                 with s.lock:
                     s.seen.append((self.path, body))
                 time.sleep(s.latency_s)

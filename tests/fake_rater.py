@@ -8,14 +8,12 @@ reads the record out of our rubric and replies as `policy(instruction, output)` 
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback, completion, send_json
+from loopback import JsonHandler, Loopback, completion, send_json
 
 _RECORD = re.compile(
     r"### Instruction:\n(?P<instruction>.*?)\n(?:\n### Input:\n(?P<input>.*?)\n)?\n### Response:\n(?P<output>.*?)\n\n"
@@ -36,14 +34,9 @@ class RatingJudge(Loopback):
         lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                body = self.json_body()
                 prompt = body["messages"][0]["content"]  # a retry adds turns after the rubric
                 m = _RECORD.search(prompt)
                 assert m, prompt[:300]

@@ -10,15 +10,13 @@ always refuse with 401, answer garbage or nothing usable, add latency.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 
-from loopback import Loopback, completion, send_json, send_text
+from loopback import JsonHandler, Loopback, completion, send_json, send_text
 
 _SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vi", "po", "de", "nu", "fa", "zo", "bre", "ti", "gul"]
 _VERBS = [
@@ -80,14 +78,9 @@ class FakeTeacher(Loopback):
         self.script = script or Script()
         script_ref = self.script
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                body = self.json_body()
                 with script_ref.lock:
                     script_ref.seen.append(body)
                     number = len(script_ref.seen)

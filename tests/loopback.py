@@ -14,6 +14,19 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """A scripted server's handler: HTTP/1.1 (the clients keep their connections), no access log."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def json_body(self) -> dict:
+        """The request's JSON body ({} for none)."""
+        return json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+
+
 class Loopback:
     def __init__(self, handler: type[BaseHTTPRequestHandler]):
         # TCP_NODELAY: headers and body leave in two writes, and with Nagle's algorithm on the body

@@ -11,12 +11,11 @@ It speaks what our HTTP engine uses: POST /v1/completions and /v1/chat/completio
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
 
 from alpaca_forge.core.prompts import Message
 from alpaca_forge.engines import GenerationSettings
 
-from loopback import Loopback
+from loopback import JsonHandler, Loopback
 
 
 def _settings(body: dict) -> GenerationSettings:
@@ -36,14 +35,9 @@ class LoopbackServer(Loopback):
         self.requests: list[dict] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                body = self.json_body()
                 outer.requests.append(body)
                 if body.get("model") != outer.model:
                     return self._json(404, {"error": {"message": f"model {body.get('model')!r} not found"}})

@@ -28,7 +28,7 @@ from alpaca_forge.engines.openai_http import OpenAIEngine
 from alpaca_forge.engines.transformers_engine import TransformersEngine
 
 from conftest import run_cli
-from loopback import Loopback
+from loopback import JsonHandler, Loopback
 from openai_server import LoopbackServer
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0)
@@ -463,16 +463,10 @@ def test_a_negative_retry_after_waits_not_at_all():
 def test_a_stream_the_server_cuts_off_is_a_clear_error():
     """A server that dies mid-answer: chat ends with an error naming the server, no traceback,
     and the part of the answer that arrived was shown."""
-    from http.server import BaseHTTPRequestHandler
 
     from conftest import assert_user_error
 
-    class CutOff(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
+    class CutOff(JsonHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length", 0)))
             self.send_response(200)

@@ -35,7 +35,7 @@ from alpaca_forge.core.prompts import Message
 from alpaca_forge.engines import Completion, FinishReason
 from alpaca_forge.serve.config import FilterConfig
 
-from loopback import Loopback
+from loopback import JsonHandler, Loopback
 
 SHIPPED = ["weapons", "self_harm", "malware", "sexual_minors", "violent_threats", "drugs"]
 
@@ -404,14 +404,9 @@ class ModerationService(Loopback):
         self.requests: list[tuple[dict, str | None]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(JsonHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                body = self.json_body()
                 outer.requests.append((body, self.headers.get("authorization")))
                 if delay_s:
                     time.sleep(delay_s)
