@@ -30,21 +30,18 @@ machine's 2 cores are shared, and the share of the bound falls with their load.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import multiprocessing
 import os
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from alpaca_forge import Record, read_records, write_records
-from alpaca_forge.cli import main as cli
-from machine import describe  # bench/ is this script's folder
+from in_process import timed_cli  # bench/ is this script's folder
+from machine import describe
 
 SEEDS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "seed_tasks.jsonl"
 GOAL = 0.9  # of the in-flight bound
@@ -94,14 +91,10 @@ def run_once(method: str, url: str, seeds: Path, extra: list[str], requests: int
             "--model", "fake", "--num-instructions", str(requests * 100), "--max-requests", str(requests),
             "--concurrency", str(concurrency), *([] if method == "magpie" else ["--seeds", str(seeds)]), *extra,
         ]  # fmt: skip
-        err = io.StringIO()
-        start = time.perf_counter()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = cli(args)
-        elapsed = time.perf_counter() - start
+        code, elapsed, err = timed_cli(args)
         summary_path = out.with_name("gen.summary.json")
         if code not in (0, None) or not summary_path.is_file():
-            raise SystemExit(f"{method}: generate failed ({code}): {err.getvalue()[-2000:]}")
+            raise SystemExit(f"{method}: generate failed ({code}): {err[-2000:]}")
         summary = json.loads(summary_path.read_text())
     calls = summary.get("details", {}).get("engine_calls", summary["requests"])  # magpie: 2 a request
     return {

@@ -19,20 +19,17 @@ tests/fake_rater.py's scripted judge runs in a process of its own and answers ev
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import multiprocessing
 import os
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from alpaca_forge.cli import main as cli
-from machine import describe  # bench/ is this script's folder
+from in_process import timed_cli  # bench/ is this script's folder
+from machine import describe
 
 GOAL = 0.9
 
@@ -54,13 +51,9 @@ def run_once(url: str, records: int, concurrency: int) -> dict:
             "-q", "data", "score", str(data), "--output", str(Path(tmp) / "scored.jsonl"), "--judge-engine", "openai",
             "--judge-base-url", url, "--judge-model", "rater", "--judge-batch-size", str(concurrency),
         ]  # fmt: skip
-        err = io.StringIO()
-        start = time.perf_counter()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = cli(args)
-        elapsed = time.perf_counter() - start
+        code, elapsed, err = timed_cli(args)
         if code not in (0, None):
-            raise SystemExit(f"data score failed ({code}): {err.getvalue()[-2000:]}")
+            raise SystemExit(f"data score failed ({code}): {err[-2000:]}")
         rated = sum(1 for line in (Path(tmp) / "scored.jsonl").read_text().splitlines() if json.loads(line)["score"])
     return {"concurrency": concurrency, "records": records, "rated": rated, "seconds": round(elapsed, 3),
             "ratings_per_s": round(records / elapsed, 2)}  # fmt: skip
